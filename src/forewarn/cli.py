@@ -1,0 +1,192 @@
+"""The `forewarn` command line."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from collections import Counter, defaultdict
+from collections.abc import Sequence
+from pathlib import Path
+from typing import IO
+
+import msgspec
+
+from forewarn import describe, engine
+from forewarn.errors import ForewarnError, InputError
+from forewarn.model import parse_time_ms
+from forewarn.runner import DEFAULT_LATENESS_MS, Runner
+from forewarn.sources import load_playbooks, read_events
+
+PROGRESS_MIN_BYTES = 8 << 20
+
+
+class Progress:
+    """A one-line progress report on stderr, only when stderr is a terminal."""
+
+    def __init__(self, label: str, total: int, stream: IO[str] = sys.stderr) -> None:
+        self.label = label
+        self.total = total
+        self.stream = stream
+        self.on = stream.isatty() and total >= PROGRESS_MIN_BYTES
+
+    def __call__(self, done: int) -> None:
+        if self.on:
+            share = min(done / self.total, 1.0)
+            bar = "#" * int(share * 30)
+            self.stream.write(f"\r{self.label} [{bar:<30}] {share:4.0%}")
+            self.stream.flush()
+
+    def close(self) -> None:
+        if self.on:
+            self.stream.write("\r" + " " * (len(self.label) + 40) + "\r")
+            self.stream.flush()
+
+
+def _replay(args: argparse.Namespace) -> int:
+    triggers = load_playbooks(args.playbooks)
+    until_ms = None
+    if args.until:
+        try:
+            until_ms = parse_time_ms(args.until)
+        except ValueError:
+            raise InputError(
+                f"--until {args.until!r} is not an ISO 8601 time, e.g. 2026-11-23T00:00:00Z"
+            ) from None
+    size = os.path.getsize(args.events) if args.events != "-" and Path(args.events).is_file() else 0
+    progress = Progress(f"reading {args.events}", size)
+    batch = read_events(args.events, progress)
+    progress.close()
+    for bad in batch.rejected[: args.show_rejected]:
+        print(bad, file=sys.stderr)
+    if len(batch.rejected) > args.show_rejected:
+        more = len(batch.rejected) - args.show_rejected
+        print(f"{args.events}: ... and {more} more invalid lines skipped", file=sys.stderr)
+
+    runner = Runner(engine.State(engine.Playbook(triggers)), lateness_ms=args.lateness_ms)
+    out = sys.stdout
+    table = args.format == "table"
+    rows: dict[str, Counter[str]] = defaultdict(Counter)
+    subjects: dict[str, set[str]] = defaultdict(set)
+    encode = msgspec.json.Encoder().encode
+
+    def emit(firings: list[engine.Firing]) -> None:
+        for f in firings:
+            if table:
+                rows[f.trigger]["firings"] += 1
+                rows[f.trigger][f.decision if f.reason is None else f"suppressed:{f.reason}"] += 1
+                subjects[f.trigger].add(f.subject)
+            else:
+                out.write(encode(f.to_dict()).decode())
+                out.write("\n")
+
+    for event in batch.events:
+        emit(runner.push(event))
+    last = batch.events[-1].timestamp_ms if batch.events else None
+    emit(runner.finish(until_ms if until_ms is not None else last))
+    if table:
+        _print_table(triggers, rows, subjects, out)
+    summary = f"replayed {runner.events} events"
+    if batch.rejected:
+        summary += f", skipped {len(batch.rejected)} invalid lines"
+    print(summary, file=sys.stderr)
+    return 0
+
+
+def _print_table(
+    triggers: Sequence[object],
+    rows: dict[str, Counter[str]],
+    subjects: dict[str, set[str]],
+    out: IO[str],
+) -> None:
+    head = ("trigger", "firings", "subjects", "send", "held_out", "suppressed")
+    lines = [head]
+    for t in triggers:
+        tid = getattr(t, "id", "")
+        row = rows.get(tid, Counter())
+        suppressed = ", ".join(
+            f"{k.split(':', 1)[1]} {v}"
+            for k, v in sorted(row.items())
+            if k.startswith("suppressed:")
+        )
+        lines.append(
+            (
+                tid,
+                str(row["firings"]),
+                str(len(subjects.get(tid, ()))),
+                str(row["send"]),
+                str(row["held_out"]),
+                suppressed or "0",
+            )
+        )
+    widths = [max(len(line[i]) for line in lines) for i in range(len(head))]
+    for line in lines:
+        out.write("  ".join(cell.ljust(w) for cell, w in zip(line, widths, strict=True)).rstrip())
+        out.write("\n")
+
+
+def _check(args: argparse.Namespace) -> int:
+    triggers = load_playbooks(args.playbooks)
+    for t in triggers:
+        print(describe.trigger(t))
+        print()
+    print(f"{len(triggers)} trigger{'s' if len(triggers) != 1 else ''} valid")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="forewarn",
+        description="Proactive support: spot the customer about to hit a problem, reach out first.",
+    )
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    replay = commands.add_parser(
+        "replay",
+        help="run playbooks over recorded events on a virtual clock",
+        description="Run playbooks over recorded Segment-spec events (JSONL, gzip accepted) on a "
+        "virtual clock and print one JSON line per firing.",
+    )
+    replay.add_argument("--playbooks", required=True, help="a playbook file or folder")
+    replay.add_argument(
+        "--events",
+        required=True,
+        help="JSONL of Segment messages (gzip accepted), a folder of them, or - for stdin",
+    )
+    replay.add_argument("--until", help="run the clock on to this ISO 8601 time after the events")
+    replay.add_argument("--format", choices=("jsonl", "table"), default="jsonl")
+    replay.add_argument(
+        "--lateness-ms",
+        type=int,
+        default=DEFAULT_LATENESS_MS,
+        help="how long an event may arrive after newer ones and still be applied in order",
+    )
+    replay.add_argument(
+        "--show-rejected", type=int, default=20, help="how many invalid lines to list on stderr"
+    )
+    replay.set_defaults(run=_replay)
+
+    check = commands.add_parser(
+        "check",
+        help="validate playbooks and say what each trigger will do",
+        description="Validate playbooks; print, per trigger, what it will do in plain words.",
+    )
+    check.add_argument("playbooks", help="a playbook file or folder")
+    check.set_defaults(run=_check)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        code: int = args.run(args)
+    except ForewarnError as exc:
+        print(f"forewarn {args.command}: {exc.message}", file=sys.stderr)
+        return 2
+    except BrokenPipeError:
+        return 0
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,169 @@
+"""Events: Segment-spec messages normalised into one `Event`.
+
+Every source (recorded JSONL, the Segment HTTP API, later PostHog and Sentry adapters) ends here,
+so the engine reads exactly one shape. Decoding goes straight into typed msgspec Structs with
+only the fields the engine needs: that is the fastest JSON path in Python (see PERFORMANCE.md).
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from typing import Any
+
+import msgspec
+
+from forewarn.errors import EventError
+
+KINDS = ("track", "identify", "group", "page", "screen", "alias")
+
+
+class SegmentContext(msgspec.Struct, rename="camel"):
+    group_id: str | int | None = None
+
+
+class SegmentMessage(msgspec.Struct, rename="camel"):
+    """The fields of a Segment-spec message that Forewarn uses; others are ignored."""
+
+    type: str | None = None
+    event: str | None = None
+    name: str | None = None
+    user_id: str | int | None = None
+    anonymous_id: str | int | None = None
+    group_id: str | int | None = None
+    previous_id: str | int | None = None
+    properties: dict[str, Any] | None = None
+    traits: dict[str, Any] | None = None
+    context: SegmentContext | None = None
+    timestamp: str | int | None = None
+    original_timestamp: str | int | None = None
+    message_id: str | int | None = None
+
+
+class Event(msgspec.Struct, gc=False):
+    """One normalised event. Times are integer milliseconds since the Unix epoch, UTC."""
+
+    kind: str
+    name: str
+    user_id: str | None
+    anonymous_id: str | None
+    account_id: str | None
+    properties: dict[str, Any]
+    traits: dict[str, Any]
+    timestamp_ms: int
+    message_id: str = ""
+    previous_id: str | None = None
+
+    @property
+    def person(self) -> str | None:
+        """The user-scoped subject: the user id, else the anonymous id."""
+        return self.user_id if self.user_id is not None else self.anonymous_id
+
+
+_decoder = msgspec.json.Decoder(SegmentMessage)
+_EMPTY: dict[str, Any] = {}
+
+
+def parse_time_ms(value: str | int | float) -> int:
+    """ISO 8601 (a missing zone means UTC) or an integer count of milliseconds since the epoch."""
+    if isinstance(value, bool):
+        raise ValueError("a boolean is not a time")
+    if isinstance(value, int):
+        return value
+    if isinstance(value, float):
+        return round(value)
+    text = value.strip()
+    if text.endswith(("Z", "z")):
+        text = text[:-1] + "+00:00"
+    when = datetime.fromisoformat(text)
+    if when.tzinfo is None:
+        when = when.replace(tzinfo=UTC)
+    return round(when.timestamp() * 1000)
+
+
+def format_time(ms: int) -> str:
+    """Milliseconds since the epoch as ISO 8601 UTC with a Z, to the millisecond when needed."""
+    when = datetime.fromtimestamp(ms / 1000, tz=UTC)
+    if ms % 1000:
+        return when.strftime("%Y-%m-%dT%H:%M:%S.") + f"{ms % 1000:03d}Z"
+    return when.strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def _text(value: str | int | None) -> str | None:
+    if value is None:
+        return None
+    text = str(value)
+    return text if text else None
+
+
+def from_message(msg: SegmentMessage) -> Event:
+    """Validate one decoded Segment message and normalise it; raises EventError with the reason."""
+    kind = msg.type
+    if kind not in KINDS:
+        if kind is None:
+            raise EventError("missing 'type': use one of " + ", ".join(KINDS))
+        raise EventError(f"unknown type '{kind}': use one of " + ", ".join(KINDS))
+    user_id = _text(msg.user_id)
+    anonymous_id = _text(msg.anonymous_id)
+    if user_id is None and anonymous_id is None:
+        raise EventError(f"{kind} has neither 'userId' nor 'anonymousId': set one of them")
+    if kind == "track":
+        name = msg.event
+        if not name:
+            raise EventError("track has no 'event' name: set 'event' to what happened")
+    elif kind in ("page", "screen"):
+        name = msg.name or ""
+    else:
+        name = ""
+    if kind == "group":
+        account_id = _text(msg.group_id)
+        if account_id is None:
+            raise EventError("group has no 'groupId': set it to the account's id")
+    else:
+        account_id = _text(msg.context.group_id) if msg.context is not None else None
+    previous_id = None
+    if kind == "alias":
+        previous_id = _text(msg.previous_id)
+        if previous_id is None or user_id is None:
+            raise EventError("alias needs both 'previousId' and 'userId'")
+    stamp = msg.timestamp if msg.timestamp is not None else msg.original_timestamp
+    if stamp is None:
+        raise EventError("no 'timestamp': set it to when the event happened (ISO 8601)")
+    try:
+        timestamp_ms = parse_time_ms(stamp)
+    except (ValueError, OverflowError):
+        raise EventError(
+            f"timestamp {stamp!r} is not ISO 8601 (e.g. 2026-11-23T10:00:00Z) "
+            "nor milliseconds since the epoch"
+        ) from None
+    return Event(
+        kind=kind,
+        name=name,
+        user_id=user_id,
+        anonymous_id=anonymous_id,
+        account_id=account_id,
+        properties=msg.properties if msg.properties is not None else _EMPTY,
+        traits=msg.traits if msg.traits is not None else _EMPTY,
+        timestamp_ms=timestamp_ms,
+        message_id=_text(msg.message_id) or "",
+        previous_id=previous_id,
+    )
+
+
+def decode_event(data: bytes | str) -> Event:
+    """Decode one JSON Segment message; raises EventError saying what was wrong."""
+    try:
+        msg = _decoder.decode(data)
+    except msgspec.ValidationError as exc:
+        raise EventError(f"not a valid Segment message: {exc}") from None
+    except msgspec.DecodeError as exc:
+        raise EventError(f"not valid JSON: {exc}") from None
+    return from_message(msg)
+
+
+def event_from_dict(data: object) -> Event:
+    """Normalise a Segment message already parsed into Python objects."""
+    try:
+        msg = msgspec.convert(data, SegmentMessage)
+    except msgspec.ValidationError as exc:
+        raise EventError(f"not a valid Segment message: {exc}") from None
+    return from_message(msg)

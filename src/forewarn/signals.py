@@ -1,0 +1,637 @@
+"""Compiled conditions: each condition kind as a small object the engine drives.
+
+A leaf keeps its per-subject state in one slot of the trigger state's `leaves` list and has four
+verbs, all taking time as an argument:
+
+- `feed(ts, event)`       a matching event arrives (only stateful leaves)
+- `test(ctx)`             is the condition true now?
+- `next(ctx, truth)`      the earliest time its truth could change with no new event, or NEVER
+- `explain(ctx)`          the numbers behind the answer (a firing's evidence, `why`)
+
+`next` may answer early (the engine then re-checks and asks again), never late: that is what
+lets a firing happen at its exact moment even when no event arrives.
+
+Windowed counts live in sparse bucketed rings: a flat list `[total, b0, c0, b1, c1, ...]` of
+bucket numbers and counts, oldest first. A bucket is 1/60 of the window, so a window edge moves
+by at most one bucket; an event's bucket leaves the window at `bucket * width + window`.
+"""
+
+from __future__ import annotations
+
+import bisect
+import fnmatch
+import re
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+from urllib.parse import urlsplit
+
+from forewarn import expr, playbook
+from forewarn.model import Event, format_time, parse_time_ms
+from forewarn.playbook import format_duration as dur
+
+if TYPE_CHECKING:
+    from forewarn.engine import State, Subject, TState
+
+NEVER = 1 << 62
+BUCKETS = 60
+Ring = list[int]
+
+
+class Ctx:
+    """What a condition may look at: the subject, its trigger state, the event, the time."""
+
+    __slots__ = ("event", "now", "state", "subject", "ts")
+
+    def __init__(
+        self, state: State, subject: Subject, ts: TState, event: Event | None, now: int
+    ) -> None:
+        self.state = state
+        self.subject = subject
+        self.ts = ts
+        self.event = event
+        self.now = now
+
+    def trait(self, root: str, path: tuple[str, ...]) -> Any:
+        if root == "account":
+            traits = self.state.account_traits_of(self.subject)
+        elif root == "properties":
+            ev = self.event
+            return expr.dig(ev.properties, path) if ev is not None and ev.kind == "track" else None
+        else:
+            traits = self.subject.traits
+        return expr.dig(traits, path) if traits else None
+
+
+# --- rings ------------------------------------------------------------------------------------
+
+
+def ring_add(ring: Ring, t_ms: int, width: int, span: int, now: int) -> None:
+    bucket = t_ms // width
+    if bucket * width <= now - span:
+        return  # a late event already outside the window
+    ring[0] += 1
+    if len(ring) > 1 and ring[-2] == bucket:
+        ring[-1] += 1
+    elif len(ring) == 1 or ring[-2] < bucket:
+        ring.append(bucket)
+        ring.append(1)
+    else:  # late event inside the window: keep buckets ordered
+        starts = ring[1::2]
+        i = bisect.bisect_left(starts, bucket)
+        if starts[i] == bucket:
+            ring[2 + 2 * i] += 1
+        else:
+            ring[1 + 2 * i : 1 + 2 * i] = [bucket, 1]
+
+
+def ring_count(ring: Ring, width: int, span: int, now: int) -> int:
+    """Count in the window (now - span, now]; forgets buckets that have left."""
+    edge = now - span
+    if len(ring) > 1 and ring[1] * width <= edge:
+        i = 1
+        n = len(ring)
+        while i < n and ring[i] * width <= edge:
+            ring[0] -= ring[i + 1]
+            i += 2
+        del ring[1:i]
+    return ring[0]
+
+
+def ring_leaves(ring: Ring, width: int, span: int) -> int:
+    """When the oldest bucket leaves the window."""
+    return ring[1] * width + span if len(ring) > 1 else NEVER
+
+
+def _width(span: int) -> int:
+    return max(1, span // BUCKETS)
+
+
+# --- leaves -----------------------------------------------------------------------------------
+
+
+class Leaf:
+    slot = -1  # index into TState.leaves, for stateful leaves
+    names: tuple[str, ...] = ()  # track event names that feed it
+    pages = False  # fed by page views
+    uses_traits = False
+    uses_properties = False
+
+    def new(self) -> Any:
+        return None
+
+    def feed(self, ts: TState, event: Event, now: int) -> bool:
+        return False
+
+    def test(self, c: Ctx) -> bool:
+        raise NotImplementedError
+
+    def next(self, c: Ctx, truth: bool) -> int:
+        return NEVER
+
+    def explain(self, c: Ctx) -> dict[str, Any]:
+        raise NotImplementedError
+
+    def leaves(self) -> list[Leaf]:
+        return [self]
+
+
+def _where_dict(where: playbook.Where) -> dict[str, Any]:
+    return {k: (v[0] if len(v) == 1 else list(v)) for k, v in where.pairs}
+
+
+class EventLeaf(Leaf):
+    def __init__(self, cond: playbook.EventCond) -> None:
+        self.cond = cond
+        self.names = (cond.name,)
+        self.where = cond.where.matches if cond.where.pairs else None
+        self.within = cond.within_ms
+        self.width = _width(cond.within_ms) if cond.within_ms else 0
+
+    def new(self) -> Ring:
+        return [0]
+
+    def feed(self, ts: TState, event: Event, now: int) -> bool:
+        if self.where is not None and not self.where(event.properties):
+            return False
+        if self.within:
+            ring_add(ts.leaves[self.slot], event.timestamp_ms, self.width, self.within, now)
+        return True
+
+    def _now_matches(self, c: Ctx) -> bool:
+        ev = c.event
+        return (
+            ev is not None
+            and ev.kind == "track"
+            and ev.name == self.cond.name
+            and (self.where is None or self.where(ev.properties))
+        )
+
+    def test(self, c: Ctx) -> bool:
+        if not self.within:
+            return self._now_matches(c)
+        return ring_count(c.ts.leaves[self.slot], self.width, self.within, c.now) >= self.cond.count
+
+    def next(self, c: Ctx, truth: bool) -> int:
+        if not self.within or not truth:
+            return NEVER  # only a new event can make it true
+        ring = c.ts.leaves[self.slot]
+        left = ring[0]
+        for i in range(1, len(ring), 2):
+            left -= ring[i + 1]
+            if left < self.cond.count:
+                leaves_at: int = ring[i] * self.width + self.within
+                return leaves_at
+        return NEVER
+
+    def explain(self, c: Ctx) -> dict[str, Any]:
+        out: dict[str, Any] = {"condition": "event", "name": self.cond.name}
+        if self.cond.where.pairs:
+            out["where"] = _where_dict(self.cond.where)
+        if self.within:
+            count = ring_count(c.ts.leaves[self.slot], self.width, self.within, c.now)
+            out.update(count=count, at_least=self.cond.count, within=dur(self.within))
+        else:
+            out["matched"] = self._now_matches(c)
+        return out
+
+
+class RateLeaf(Leaf):
+    """Shared by spike and drop: the count in the window against the baseline rate.
+
+    A fine ring covers the window; a coarse ring covers window + baseline. The baseline count is
+    coarse minus fine, which is never negative because the coarse buckets are wider.
+    """
+
+    def __init__(self, name: str, where: playbook.Where, window: int, baseline: int) -> None:
+        self.names = (name,)
+        self.where = where.matches if where.pairs else None
+        self.window = window
+        self.baseline = baseline
+        self.fine = _width(window)
+        self.span = window + baseline
+        self.coarse = _width(self.span)
+
+    def new(self) -> list[Any]:
+        return [[0], [0], 0]  # fine ring, coarse ring, a cached answer of `next` (drop)
+
+    def feed(self, ts: TState, event: Event, now: int) -> bool:
+        if self.where is not None and not self.where(event.properties):
+            return False
+        rings = ts.leaves[self.slot]
+        ring_add(rings[0], event.timestamp_ms, self.fine, self.window, now)
+        ring_add(rings[1], event.timestamp_ms, self.coarse, self.span, now)
+        if rings[2] == NEVER:
+            rings[2] = 0  # "no drop ahead" held only while there was nothing to lose
+        return True
+
+    def counts(self, c: Ctx) -> tuple[int, int]:
+        rings = c.ts.leaves[self.slot]
+        current = ring_count(rings[0], self.fine, self.window, c.now)
+        total = ring_count(rings[1], self.coarse, self.span, c.now)
+        return current, total - current
+
+    def eligible_at(self, c: Ctx) -> int:
+        return c.subject.first_seen + self.span
+
+    def rate(self, base: int) -> float:
+        return base * self.window / self.baseline
+
+
+class SpikeLeaf(RateLeaf):
+    def __init__(self, cond: playbook.SpikeCond) -> None:
+        super().__init__(cond.name, cond.where, cond.window_ms, cond.baseline_ms)
+        self.cond = cond
+
+    def test(self, c: Ctx) -> bool:
+        if c.now < self.eligible_at(c):
+            return False
+        current, base = self.counts(c)
+        return current >= self.cond.min_count and current >= self.cond.factor * self.rate(base)
+
+    def next(self, c: Ctx, truth: bool) -> int:
+        eligible = self.eligible_at(c)
+        if c.now < eligible:
+            return eligible
+        rings = c.ts.leaves[self.slot]
+        if truth:  # ends as the window empties
+            return ring_leaves(rings[0], self.fine, self.window)
+        if self.counts(c)[1] == 0:
+            return NEVER
+        return ring_leaves(rings[1], self.coarse, self.span)  # a lower baseline may start it
+
+    def explain(self, c: Ctx) -> dict[str, Any]:
+        current, base = self.counts(c)
+        rate = self.rate(base)
+        out: dict[str, Any] = {"condition": "spike", "name": self.cond.name}
+        if self.cond.where.pairs:
+            out["where"] = _where_dict(self.cond.where)
+        out.update(
+            count=current,
+            window=dur(self.window),
+            baseline_rate=round(rate, 4),
+            baseline=dur(self.baseline),
+            factor=self.cond.factor,
+            threshold=round(max(self.cond.factor * rate, self.cond.min_count), 4),
+            min_count=self.cond.min_count,
+            eligible=c.now >= self.eligible_at(c),
+        )
+        return out
+
+
+class DropLeaf(RateLeaf):
+    def __init__(self, cond: playbook.DropCond) -> None:
+        super().__init__(cond.name, cond.where, cond.window_ms, cond.baseline_ms)
+        self.cond = cond
+
+    def _dropped(self, current: int, base: int) -> bool:
+        # current <= below * base * window / baseline, without rounding
+        return base > 0 and current * self.baseline <= self.cond.below * base * self.window
+
+    def test(self, c: Ctx) -> bool:
+        if c.now < self.eligible_at(c):
+            return False
+        return self._dropped(*self.counts(c))
+
+    def next(self, c: Ctx, truth: bool) -> int:
+        eligible = self.eligible_at(c)
+        if c.now < eligible:
+            return eligible
+        rings = c.ts.leaves[self.slot]
+        if truth:  # baseline buckets leaving can end it
+            rings[2] = 0
+            return ring_leaves(rings[1], self.coarse, self.span)
+        if rings[2] > c.now:
+            cached: int = rings[2]
+            return cached  # new events only delay a drop, so the cached answer holds
+        # Walk the window's buckets as they leave, holding the baseline total fixed: buckets
+        # leaving the baseline only make a drop less likely, so this answer is never late.
+        current, base = self.counts(c)
+        fine = rings[0]
+        answer = NEVER
+        for i in range(1, len(fine), 2):
+            current -= fine[i + 1]
+            base += fine[i + 1]
+            if self._dropped(current, base):
+                answer = fine[i] * self.fine + self.window
+                break
+        rings[2] = answer
+        return answer
+
+    def explain(self, c: Ctx) -> dict[str, Any]:
+        current, base = self.counts(c)
+        rate = self.rate(base)
+        out: dict[str, Any] = {"condition": "drop", "name": self.cond.name}
+        if self.cond.where.pairs:
+            out["where"] = _where_dict(self.cond.where)
+        out.update(
+            count=current,
+            window=dur(self.window),
+            baseline_rate=round(rate, 4),
+            baseline=dur(self.baseline),
+            below=self.cond.below,
+            threshold=round(self.cond.below * rate, 4),
+            eligible=c.now >= self.eligible_at(c),
+        )
+        return out
+
+
+class AbsentLeaf(Leaf):
+    def __init__(self, cond: playbook.AbsentCond) -> None:
+        self.cond = cond
+        self.names = (cond.name,)
+        self.where = cond.where.matches if cond.where.pairs else None
+
+    def new(self) -> int:
+        return -1
+
+    def feed(self, ts: TState, event: Event, now: int) -> bool:
+        if self.where is not None and not self.where(event.properties):
+            return False
+        if event.timestamp_ms > ts.leaves[self.slot]:
+            ts.leaves[self.slot] = event.timestamp_ms
+        return True
+
+    def test(self, c: Ctx) -> bool:
+        last: int = c.ts.leaves[self.slot]
+        return last >= 0 and c.now >= last + self.cond.for_ms
+
+    def next(self, c: Ctx, truth: bool) -> int:
+        last = c.ts.leaves[self.slot]
+        return last + self.cond.for_ms if last >= 0 and not truth else NEVER
+
+    def explain(self, c: Ctx) -> dict[str, Any]:
+        last = c.ts.leaves[self.slot]
+        out: dict[str, Any] = {"condition": "absent", "name": self.cond.name}
+        if self.cond.where.pairs:
+            out["where"] = _where_dict(self.cond.where)
+        out.update(
+            last_seen=format_time(last) if last >= 0 else None,
+            silent_for=dur(c.now - last) if last >= 0 and c.now > last else None,
+            threshold=dur(self.cond.for_ms),
+        )
+        return out
+
+
+class ThresholdLeaf(Leaf):
+    def __init__(self, cond: playbook.ThresholdCond) -> None:
+        self.cond = cond
+        roots = {root for root, _ in cond.value.names}
+        self.uses_traits = bool(roots & {"traits", "account"})
+        self.uses_properties = "properties" in roots
+        self.compare = _COMPARE[cond.op]
+
+    def value(self, c: Ctx) -> float | None:
+        return self.cond.value.evaluate(c.trait)
+
+    def test(self, c: Ctx) -> bool:
+        value = self.value(c)
+        return value is not None and self.compare(value, self.cond.target)
+
+    def explain(self, c: Ctx) -> dict[str, Any]:
+        value = self.value(c)
+        return {
+            "condition": "threshold",
+            "expression": self.cond.value.source,
+            "value": None if value is None else round(value, 6),
+            "op": self.cond.op,
+            "threshold": self.cond.target,
+        }
+
+
+_COMPARE: dict[str, Callable[[float, float], bool]] = {
+    ">=": lambda a, b: a >= b,
+    ">": lambda a, b: a > b,
+    "<=": lambda a, b: a <= b,
+    "<": lambda a, b: a < b,
+    "==": lambda a, b: a == b,
+}
+
+
+def page_path(event: Event) -> str | None:
+    props = event.properties
+    path = props.get("path")
+    if isinstance(path, str) and path:
+        return path
+    url = props.get("url")
+    if isinstance(url, str) and url:
+        return urlsplit(url).path or "/"
+    return None
+
+
+class DwellLeaf(Leaf):
+    def __init__(self, cond: playbook.DwellCond) -> None:
+        self.cond = cond
+        self.pages = True
+        self.names = cond.unless
+        self.pattern = re.compile(fnmatch.translate(cond.page))
+
+    def new(self) -> list[Any]:
+        return [-1, None]  # when the dwell started, and on which path
+
+    def feed(self, ts: TState, event: Event, now: int) -> bool:
+        dwell = ts.leaves[self.slot]
+        if event.kind == "page":
+            path = page_path(event)
+            if path is not None and self.pattern.match(path):
+                dwell[0], dwell[1] = event.timestamp_ms, path
+            else:
+                dwell[0], dwell[1] = -1, None
+        else:  # one of the `unless` events ends the dwell until the next page view
+            dwell[0], dwell[1] = -1, None
+        return True
+
+    def test(self, c: Ctx) -> bool:
+        start: int = c.ts.leaves[self.slot][0]
+        return start >= 0 and c.now >= start + self.cond.for_ms
+
+    def next(self, c: Ctx, truth: bool) -> int:
+        start = c.ts.leaves[self.slot][0]
+        return start + self.cond.for_ms if start >= 0 and not truth else NEVER
+
+    def explain(self, c: Ctx) -> dict[str, Any]:
+        start, path = c.ts.leaves[self.slot]
+        return {
+            "condition": "dwell",
+            "page": self.cond.page,
+            "path": path,
+            "dwell": dur(c.now - start) if start >= 0 and c.now > start else None,
+            "threshold": dur(self.cond.for_ms),
+            "unless": list(self.cond.unless),
+        }
+
+
+def _trait_ms(c: Ctx, ref: tuple[str, tuple[str, ...]]) -> int | None:
+    value = c.trait(*ref)
+    if value is None or isinstance(value, bool):
+        return None
+    try:
+        return parse_time_ms(value) if isinstance(value, str | int | float) else None
+    except (ValueError, OverflowError):
+        return None
+
+
+def _ref_name(ref: tuple[str, tuple[str, ...]]) -> str:
+    return ref[0] + "." + ".".join(ref[1])
+
+
+class DateLeaf(Leaf):
+    uses_traits = True
+
+    def __init__(self, cond: playbook.DateCond) -> None:
+        self.cond = cond
+
+    def test(self, c: Ctx) -> bool:
+        date = _trait_ms(c, self.cond.trait)
+        return date is not None and c.now <= date <= c.now + self.cond.within_ms
+
+    def next(self, c: Ctx, truth: bool) -> int:
+        date = _trait_ms(c, self.cond.trait)
+        if date is None:
+            return NEVER
+        if truth:
+            return date + 1  # inclusive: still true at the date itself
+        opens = date - self.cond.within_ms
+        return opens if opens > c.now else NEVER
+
+    def explain(self, c: Ctx) -> dict[str, Any]:
+        date = _trait_ms(c, self.cond.trait)
+        return {
+            "condition": "date",
+            "trait": _ref_name(self.cond.trait),
+            "date": None if date is None else format_time(date),
+            "in": dur(date - c.now) if date is not None and date > c.now else None,
+            "within": dur(self.cond.within_ms),
+        }
+
+
+class AgeLeaf(Leaf):
+    uses_traits = True
+
+    def __init__(self, cond: playbook.AgeCond) -> None:
+        self.cond = cond
+
+    def test(self, c: Ctx) -> bool:
+        since = _trait_ms(c, self.cond.since)
+        return since is not None and c.now >= since + self.cond.at_least_ms
+
+    def next(self, c: Ctx, truth: bool) -> int:
+        since = _trait_ms(c, self.cond.since)
+        if since is None or truth:
+            return NEVER
+        return since + self.cond.at_least_ms
+
+    def explain(self, c: Ctx) -> dict[str, Any]:
+        since = _trait_ms(c, self.cond.since)
+        return {
+            "condition": "age",
+            "since": _ref_name(self.cond.since),
+            "since_date": None if since is None else format_time(since),
+            "age": dur(c.now - since) if since is not None and c.now > since else None,
+            "at_least": dur(self.cond.at_least_ms),
+        }
+
+
+class EverLeaf(Leaf):
+    def __init__(self, cond: playbook.EverCond) -> None:
+        self.cond = cond
+        self.names = (cond.name,)
+        self.where = cond.where.matches if cond.where.pairs else None
+
+    def new(self) -> bool:
+        return False
+
+    def feed(self, ts: TState, event: Event, now: int) -> bool:
+        if self.where is not None and not self.where(event.properties):
+            return False
+        ts.leaves[self.slot] = True
+        return True
+
+    def test(self, c: Ctx) -> bool:
+        seen: bool = c.ts.leaves[self.slot]
+        return seen
+
+    def explain(self, c: Ctx) -> dict[str, Any]:
+        out: dict[str, Any] = {"condition": "ever", "name": self.cond.name}
+        if self.cond.where.pairs:
+            out["where"] = _where_dict(self.cond.where)
+        out["seen"] = bool(c.ts.leaves[self.slot])
+        return out
+
+
+class TraitsLeaf(Leaf):
+    uses_traits = True
+
+    def __init__(self, cond: playbook.TraitsCond) -> None:
+        self.cond = cond
+
+    def test(self, c: Ctx) -> bool:
+        return all(c.trait(*ref) in allowed for ref, allowed in self.cond.pairs)
+
+    def explain(self, c: Ctx) -> dict[str, Any]:
+        return {
+            "condition": "traits",
+            "values": {_ref_name(ref): c.trait(*ref) for ref, _ in self.cond.pairs},
+            "expected": {
+                _ref_name(ref): (v[0] if len(v) == 1 else list(v)) for ref, v in self.cond.pairs
+            },
+        }
+
+
+class Group(Leaf):
+    def __init__(self, kind: str, children: list[Leaf]) -> None:
+        self.kind = kind
+        self.children = children
+
+    def leaves(self) -> list[Leaf]:
+        return [leaf for child in self.children for leaf in child.leaves()]
+
+    def test(self, c: Ctx) -> bool:
+        if self.kind == "all":
+            return all(child.test(c) for child in self.children)
+        if self.kind == "any":
+            return any(child.test(c) for child in self.children)
+        return not self.children[0].test(c)
+
+    def next(self, c: Ctx, truth: bool) -> int:
+        soonest = NEVER
+        for child in self.children:
+            t = child.next(c, child.test(c))
+            if t < soonest:
+                soonest = t
+        return soonest
+
+    def explain(self, c: Ctx) -> dict[str, Any]:
+        parts = []
+        for child in self.children:
+            part = child.explain(c)
+            part["true"] = child.test(c)
+            parts.append(part)
+        return {"condition": self.kind, "of": parts}
+
+
+def compile_condition(cond: playbook.Condition) -> Leaf:
+    if isinstance(cond, playbook.AllCond):
+        return Group("all", [compile_condition(c) for c in cond.of])
+    if isinstance(cond, playbook.AnyCond):
+        return Group("any", [compile_condition(c) for c in cond.of])
+    if isinstance(cond, playbook.NotCond):
+        return Group("not", [compile_condition(cond.of)])
+    if isinstance(cond, playbook.EventCond):
+        return EventLeaf(cond)
+    if isinstance(cond, playbook.SpikeCond):
+        return SpikeLeaf(cond)
+    if isinstance(cond, playbook.DropCond):
+        return DropLeaf(cond)
+    if isinstance(cond, playbook.AbsentCond):
+        return AbsentLeaf(cond)
+    if isinstance(cond, playbook.ThresholdCond):
+        return ThresholdLeaf(cond)
+    if isinstance(cond, playbook.DwellCond):
+        return DwellLeaf(cond)
+    if isinstance(cond, playbook.DateCond):
+        return DateLeaf(cond)
+    if isinstance(cond, playbook.AgeCond):
+        return AgeLeaf(cond)
+    if isinstance(cond, playbook.EverCond):
+        return EverLeaf(cond)
+    return TraitsLeaf(cond)

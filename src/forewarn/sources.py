@@ -1,0 +1,120 @@
+"""Reading playbooks and recorded events from disk (an edge: the core never touches files)."""
+
+from __future__ import annotations
+
+import gzip
+import sys
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import IO
+
+from forewarn.errors import EventError, InputError
+from forewarn.model import Event, decode_event
+from forewarn.playbook import Trigger, parse_playbooks
+
+PLAYBOOK_SUFFIXES = (".yaml", ".yml")
+
+
+def playbook_files(path: str | Path) -> list[Path]:
+    root = Path(path)
+    if root.is_dir():
+        files = sorted(p for p in root.rglob("*") if p.suffix in PLAYBOOK_SUFFIXES and p.is_file())
+        if not files:
+            raise InputError(f"no playbooks in {root}: add .yaml files with a 'triggers:' list")
+        return files
+    if root.is_file():
+        return [root]
+    raise InputError(f"playbook path {root} does not exist: give a .yaml file or a folder of them")
+
+
+def load_playbooks(path: str | Path) -> list[Trigger]:
+    """Parse a playbook file or every .yaml/.yml file below a folder."""
+    sources = []
+    for file in playbook_files(path):
+        try:
+            sources.append((str(file), file.read_text(encoding="utf-8")))
+        except (OSError, UnicodeDecodeError) as exc:
+            raise InputError(f"cannot read playbook {file}: {exc}") from None
+    return parse_playbooks(sources)
+
+
+@dataclass
+class Rejected:
+    file: str
+    line: int
+    reason: str
+
+    def __str__(self) -> str:
+        return f"{self.file}:{self.line}: skipped: {self.reason}"
+
+
+@dataclass
+class EventBatch:
+    events: list[Event] = field(default_factory=list)
+    rejected: list[Rejected] = field(default_factory=list)
+    lines: int = 0
+
+
+def iter_lines(path: str | Path, progress: Callable[[int], None] | None = None) -> Iterator[bytes]:
+    """The lines of a JSONL file, gzip or plain; `progress` gets compressed bytes read."""
+    file = Path(path)
+    if str(path) == "-":
+        yield from sys.stdin.buffer
+        return
+    if not file.is_file():
+        raise InputError(f"events file {file} does not exist: give a JSONL file (gzip accepted)")
+    try:
+        raw = file.open("rb")
+    except OSError as exc:
+        raise InputError(f"cannot read events file {file}: {exc}") from None
+    with raw:
+        gzipped = raw.read(2) == b"\x1f\x8b"
+        stream: IO[bytes] = gzip.GzipFile(fileobj=raw) if gzipped else raw  # type: ignore[assignment]
+        raw.seek(0)
+        try:
+            for n, line in enumerate(stream):
+                if progress is not None and n % 65536 == 0:
+                    progress(raw.tell())
+                yield line
+        except (OSError, EOFError) as exc:
+            raise InputError(f"events file {file} is damaged: {exc}") from None
+
+
+def event_files(path: str | Path) -> list[Path]:
+    """A JSONL file, or every .jsonl / .jsonl.gz file below a folder, in name order."""
+    root = Path(path)
+    if root.is_dir():
+        files = sorted(
+            p for p in root.rglob("*") if p.is_file() and p.name.endswith((".jsonl", ".jsonl.gz"))
+        )
+        if not files:
+            raise InputError(f"no .jsonl or .jsonl.gz files in {root}")
+        return files
+    return [root]
+
+
+def read_events(
+    path: str | Path, progress: Callable[[int], None] | None = None, sort: bool = True
+) -> EventBatch:
+    """Decode every line of a file (or folder of files, or - for stdin); invalid lines are kept
+    as `rejected` with the reason, never fatal. Sorted by timestamp, stable."""
+    batch = EventBatch()
+    events = batch.events
+    files: list[str | Path] = ["-"] if str(path) == "-" else list(event_files(path))
+    for file in files:
+        for n, line in enumerate(iter_lines(file, progress), start=1):
+            batch.lines += 1
+            if not line.strip():
+                continue
+            try:
+                events.append(decode_event(line))
+            except EventError as exc:
+                batch.rejected.append(Rejected(str(file), n, exc.message))
+    if sort:
+        events.sort(key=_timestamp)
+    return batch
+
+
+def _timestamp(event: Event) -> int:
+    return event.timestamp_ms
