@@ -568,8 +568,15 @@ _TRIGGER_KEYS = (
 def _trigger(node: yaml.Node, file: str, problems: list[Problem]) -> Trigger | None:
     line = node.start_mark.line + 1
     trigger_id: str | None = None
+    if isinstance(node, yaml.MappingNode):  # name the trigger in every problem, if it has an id
+        for key_node, value_node in node.value:
+            if isinstance(key_node, yaml.ScalarNode) and key_node.value == "id":
+                if isinstance(value_node, yaml.ScalarNode) and value_node.value:
+                    trigger_id = str(value_node.value)
     try:
-        f = _fields(node, "a trigger", ("id", "when", "action"), _TRIGGER_KEYS[1:])
+        required = ("id", "when", "action")
+        optional = tuple(k for k in _TRIGGER_KEYS if k not in required)
+        f = _fields(node, "a trigger", required, optional)
         raw_id = _scalar(f["id"])
         if not isinstance(raw_id, str) or not _TRIGGER_ID.match(raw_id):
             raise _Invalid(

@@ -1,0 +1,178 @@
+"""`forewarn replay` and `forewarn check` as a user runs them, including the shipped examples."""
+
+from __future__ import annotations
+
+import gzip
+import json
+from pathlib import Path
+
+import pytest
+
+from forewarn.cli import main
+
+ROOT = Path(__file__).resolve().parent.parent
+PLAYBOOKS = ROOT / "examples" / "playbooks"
+EVENTS = ROOT / "examples" / "events"
+UNTIL = "2026-12-31T00:00:00Z"
+FIELDS = {"trigger", "subject", "scope", "at", "evidence", "decision", "reason", "channel"}
+
+
+def replay(
+    capsys: pytest.CaptureFixture[str], *args: str
+) -> tuple[int, list[dict[str, object]], str]:
+    code = main(["replay", "--playbooks", str(PLAYBOOKS), *args])
+    out, err = capsys.readouterr()
+    return code, [json.loads(line) for line in out.splitlines() if line.startswith("{")], err
+
+
+EXPECTED = {
+    # trigger: (subject, first firing time)
+    "error-spike": ("acme", "2026-11-09T12:03:45Z"),
+    "known-bug": ("carol", "2026-11-01T10:00:00Z"),
+    "usage-drop": ("globex", "2026-12-09T10:00:00Z"),
+    "reports-unused": ("erin", "2026-11-10T15:00:00Z"),
+    "storage-85": ("initech", "2026-11-10T00:00:00Z"),
+    "renewal-at-risk": ("hooli", "2026-11-27T10:00:00Z"),
+    "payment-failed": ("umbrella", "2026-11-04T06:00:00Z"),
+    "onboarding-stalled": ("jack", "2026-11-08T00:00:00Z"),
+    "settings-dwell": ("lea", "2026-11-02T10:03:00Z"),
+}
+
+
+def test_every_example_trigger_has_an_events_file():
+    triggers = {p.stem for p in EVENTS.glob("*.jsonl")}
+    assert triggers == set(EXPECTED)
+
+
+@pytest.mark.parametrize("trigger", sorted(EXPECTED))
+def test_each_example_events_file_makes_its_trigger_fire(capsys, trigger):
+    code, firings, _ = replay(
+        capsys, "--events", str(EVENTS / f"{trigger}.jsonl"), "--until", UNTIL
+    )
+    assert code == 0
+    mine = [f for f in firings if f["trigger"] == trigger]
+    assert mine, f"{trigger} did not fire"
+    subject, first_at = EXPECTED[trigger]
+    assert (mine[0]["subject"], mine[0]["at"]) == (subject, first_at)
+    assert all(set(f) == FIELDS for f in firings)
+    assert mine[0]["evidence"]
+
+
+def test_negative_examples(capsys):
+    _, firings, _ = replay(capsys, "--events", str(EVENTS), "--until", UNTIL)
+    fired = {(f["trigger"], f["subject"]) for f in firings}
+    assert ("settings-dwell", "max") not in fired  # searched before 3 minutes
+    assert ("onboarding-stalled", "kim") not in fired  # completed onboarding
+    assert ("known-bug", "dan") not in fired  # a different fingerprint
+    assert ("reports-unused", "frank") not in fired  # never used reports
+    second = [f for f in firings if f["trigger"] == "known-bug"]
+    assert [(f["decision"], f["reason"]) for f in second] == [
+        ("send", None),
+        ("suppressed", "cooldown"),
+    ]
+
+
+def test_firings_come_out_in_time_order(capsys):
+    _, firings, _ = replay(capsys, "--events", str(EVENTS), "--until", UNTIL)
+    assert [f["at"] for f in firings] == sorted(f["at"] for f in firings)  # type: ignore[type-var]
+
+
+def test_gzip_input_gives_the_same_firings(capsys, tmp_path):
+    plain = EVENTS / "usage-drop.jsonl"
+    packed = tmp_path / "usage-drop.jsonl.gz"
+    packed.write_bytes(gzip.compress(plain.read_bytes()))
+    _, a, _ = replay(capsys, "--events", str(plain), "--until", UNTIL)
+    _, b, _ = replay(capsys, "--events", str(packed), "--until", UNTIL)
+    assert a == b and a
+
+
+def test_invalid_lines_are_reported_and_skipped(capsys, tmp_path):
+    good = (EVENTS / "payment-failed.jsonl").read_text().splitlines()
+    lines = [good[0], "{not json", '{"type": "track", "userId": "u"}', *good[1:], ""]
+    path = tmp_path / "mixed.jsonl"
+    path.write_text("\n".join(lines))
+    code, firings, err = replay(capsys, "--events", str(path))
+    assert code == 0
+    assert [f["trigger"] for f in firings] == ["payment-failed"]
+    assert f"{path}:2: skipped: not valid JSON" in err
+    assert f"{path}:3: skipped: track has no 'event' name" in err
+    assert "skipped 2 invalid lines" in err
+
+
+def test_unsorted_input_is_sorted(capsys, tmp_path):
+    lines = (EVENTS / "settings-dwell.jsonl").read_text().splitlines()
+    path = tmp_path / "reversed.jsonl"
+    path.write_text("\n".join(reversed(lines)))
+    _, firings, _ = replay(capsys, "--events", str(path))
+    assert [(f["trigger"], f["subject"], f["at"]) for f in firings] == [
+        ("settings-dwell", "lea", "2026-11-02T10:03:00Z")
+    ]
+
+
+def test_table_rows(capsys):
+    main(
+        [
+            "replay",
+            "--playbooks",
+            str(PLAYBOOKS),
+            "--events",
+            str(EVENTS / "known-bug.jsonl"),
+            "--format",
+            "table",
+        ]
+    )
+    out = capsys.readouterr().out.splitlines()
+    assert out[0].split() == ["trigger", "firings", "subjects", "send", "held_out", "suppressed"]
+    row = next(line.split() for line in out if line.startswith("known-bug"))
+    assert row == ["known-bug", "2", "1", "1", "0", "cooldown", "1"]
+    quiet = next(line.split() for line in out if line.startswith("storage-85"))
+    assert quiet == ["storage-85", "0", "0", "0", "0", "0"]
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (
+            ["--events", "/nonexistent/events.jsonl"],
+            "events file /nonexistent/events.jsonl does not exist",
+        ),
+        (["--events", str(EVENTS), "--until", "soon"], "--until 'soon' is not an ISO 8601 time"),
+    ],
+)
+def test_unreadable_input_exits_non_zero_with_a_clear_message(capsys, args, message):
+    code = main(["replay", "--playbooks", str(PLAYBOOKS), *args])
+    assert code == 2
+    assert message in capsys.readouterr().err
+
+
+def test_a_damaged_gzip_file_is_a_clear_error(capsys, tmp_path):
+    path = tmp_path / "broken.jsonl.gz"
+    path.write_bytes(gzip.compress(b'{"a": 1}\n' * 1000)[:60])
+    code = main(["replay", "--playbooks", str(PLAYBOOKS), "--events", str(path)])
+    assert code == 2
+    assert "is damaged" in capsys.readouterr().err
+
+
+def test_a_bad_playbook_exits_non_zero_naming_file_and_line(capsys, tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(
+        "triggers:\n  - id: t\n    when: {spike: {name: Error, window: 10x}}\n    action: {channel: email, message: hi}\n"
+    )
+    for argv in (["check", str(bad)], ["replay", "--playbooks", str(bad), "--events", str(EVENTS)]):
+        assert main(argv) == 2
+        err = capsys.readouterr().err
+        assert f"{bad}:3: trigger 't': spike.window: bad duration '10x'" in err
+
+
+def test_missing_playbooks_path(capsys):
+    assert main(["check", "/nonexistent/playbooks"]) == 2
+    assert "does not exist" in capsys.readouterr().err
+
+
+def test_check_describes_each_trigger_in_plain_words(capsys):
+    assert main(["check", str(PLAYBOOKS)]) == 0
+    out = capsys.readouterr().out
+    assert "9 triggers valid" in out
+    assert "settings-dwell" in out and "stays on a page matching /kb/settings* for 3m" in out
+    assert "10% of accounts held out as a control group" in out
+    assert "at most once per 7d per account" in out
