@@ -176,3 +176,10 @@ def test_check_describes_each_trigger_in_plain_words(capsys):
     assert "settings-dwell" in out and "stays on a page matching /kb/settings* for 3m" in out
     assert "10% of accounts held out as a control group" in out
     assert "at most once per 7d per account" in out
+
+
+def test_until_before_the_last_event_stops_the_clock_there(capsys):
+    code, firings, err = replay(capsys, "--events", str(EVENTS), "--until", "2026-11-05T00:00:00Z")
+    assert code == 0
+    assert firings and max(str(f["at"]) for f in firings) <= "2026-11-05T00:00:00Z"
+    assert "events after --until are not replayed" in err

@@ -48,8 +48,9 @@ def _iso(t: int) -> str:
 def streams(draw: st.DrawFn) -> list[Event]:
     n = draw(st.integers(min_value=0, max_value=60))
     messages = []
-    for _ in range(n):
-        t = T0_MS + draw(st.integers(min_value=0, max_value=HORIZON_MS // MINUTE)) * MINUTE
+    for i in range(n):
+        # distinct timestamps (+ i ms): the order of simultaneous events is arrival order
+        t = T0_MS + draw(st.integers(min_value=0, max_value=HORIZON_MS // MINUTE)) * MINUTE + i
         user = draw(st.sampled_from(USERS))
         kind = draw(
             st.sampled_from(["login", "error", "page", "identify", "group", "order", "search"])

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import bisect
 import os
 import sys
 from collections import Counter, defaultdict
@@ -14,7 +15,7 @@ import msgspec
 
 from forewarn import describe, engine
 from forewarn.errors import ForewarnError, InputError
-from forewarn.model import parse_time_ms
+from forewarn.model import Event, parse_time_ms
 from forewarn.runner import DEFAULT_LATENESS_MS, Runner
 from forewarn.sources import load_playbooks, read_events
 
@@ -80,9 +81,14 @@ def _replay(args: argparse.Namespace) -> int:
                 out.write(encode(f.to_dict()).decode())
                 out.write("\n")
 
-    for event in batch.events:
+    replayed = batch.events
+    if until_ms is not None and replayed and replayed[-1].timestamp_ms > until_ms:
+        cut = bisect.bisect_right(replayed, until_ms, key=_timestamp)
+        print(f"{len(replayed) - cut} events after --until are not replayed", file=sys.stderr)
+        replayed = replayed[:cut]
+    for event in replayed:
         emit(runner.push(event))
-    last = batch.events[-1].timestamp_ms if batch.events else None
+    last = replayed[-1].timestamp_ms if replayed else None
     emit(runner.finish(until_ms if until_ms is not None else last))
     if table:
         _print_table(triggers, rows, subjects, out)
@@ -91,6 +97,10 @@ def _replay(args: argparse.Namespace) -> int:
         summary += f", skipped {len(batch.rejected)} invalid lines"
     print(summary, file=sys.stderr)
     return 0
+
+
+def _timestamp(event: Event) -> int:
+    return event.timestamp_ms
 
 
 def _print_table(
