@@ -9,7 +9,7 @@ from typing import Any
 
 from forewarn import engine
 from forewarn.engine import Firing
-from forewarn.model import Event, event_from_dict
+from forewarn.model import Event, event_from_dict, order_key
 from forewarn.playbook import Trigger, parse_playbooks
 from forewarn.runner import Runner
 
@@ -86,7 +86,7 @@ def replay(
     lateness_ms: int = 0,
 ) -> list[Firing]:
     """Run like `forewarn replay`: sort by timestamp, push through a Runner, run on to `until`."""
-    evs = sorted(events(messages), key=lambda e: e.timestamp_ms)
+    evs = sorted(events(messages), key=order_key)
     runner = Runner(engine.State(engine.Playbook(triggers)), lateness_ms=lateness_ms)
     firings = runner.push_many(evs)
     end = None

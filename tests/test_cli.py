@@ -183,3 +183,30 @@ def test_until_before_the_last_event_stops_the_clock_there(capsys):
     assert code == 0
     assert firings and max(str(f["at"]) for f in firings) <= "2026-11-05T00:00:00Z"
     assert "events after --until are not replayed" in err
+
+
+def test_repeated_message_ids_are_replayed_once(capsys, tmp_path):
+    lines = (EVENTS / "payment-failed.jsonl").read_text().splitlines()
+    path = tmp_path / "retried.jsonl"
+    path.write_text("\n".join(lines + lines))  # a client resent the whole batch
+    code, firings, err = replay(capsys, "--events", str(path))
+    assert code == 0
+    assert [f["trigger"] for f in firings] == ["payment-failed"]
+    assert f"skipped {len(lines)} repeated messageIds" in err
+
+
+def test_a_negative_show_rejected_is_refused(capsys):
+    with pytest.raises(SystemExit) as caught:
+        main(
+            [
+                "replay",
+                "--playbooks",
+                str(PLAYBOOKS),
+                "--events",
+                str(EVENTS),
+                "--show-rejected",
+                "-1",
+            ]
+        )
+    assert caught.value.code == 2
+    assert "'-1' is not a whole number of 0 or more" in capsys.readouterr().err

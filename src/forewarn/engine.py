@@ -22,7 +22,7 @@ import msgspec
 
 from forewarn import decide, signals
 from forewarn import playbook as pb
-from forewarn.model import Event, format_time
+from forewarn.model import Event, format_time, parse_time_ms
 from forewarn.playbook import Trigger
 from forewarn.signals import NEVER, Ctx, Leaf
 
@@ -93,7 +93,6 @@ class CompiledTrigger:
         "leaves",
         "spec",
         "stateful",
-        "trait_driven",
     )
 
     def __init__(self, index: int, spec: Trigger) -> None:
@@ -102,7 +101,7 @@ class CompiledTrigger:
         self.account = spec.scope == "account"
         self.cond: Leaf = signals.compile_condition(spec.when)
         self.leaves = self.cond.leaves()
-        stateful = [leaf for leaf in self.leaves if leaf.names or leaf.pages]
+        stateful = [leaf for leaf in self.leaves if leaf.stateful]
         for slot, leaf in enumerate(stateful):
             leaf.slot = slot
         self.stateful = bool(stateful)
@@ -110,7 +109,6 @@ class CompiledTrigger:
             (isinstance(leaf, signals.EventLeaf) and not leaf.within) or leaf.uses_properties
             for leaf in self.leaves
         )
-        self.trait_driven = any(leaf.uses_traits for leaf in self.leaves)
 
     def new_state(self) -> TState:
         if not self.stateful:
@@ -128,9 +126,12 @@ class Playbook:
         self.by_name: tuple[dict[str, list[tuple[CompiledTrigger, list[Leaf]]]], ...] = ({}, {})
         self.pages: list[tuple[CompiledTrigger, list[Leaf]]] = []
         self.on_traits: tuple[list[CompiledTrigger], list[CompiledTrigger]] = ([], [])
+        self.on_account_traits: list[CompiledTrigger] = []  # user triggers reading account.*
         self.on_any_track: tuple[list[CompiledTrigger], list[CompiledTrigger]] = ([], [])
         user_traits: set[str] = set()
         account_traits: set[str] = set()
+        user_dates: set[str] = set()
+        account_dates: set[str] = set()
         for ct in self.triggers:
             scope = int(ct.account)
             names: dict[str, list[Leaf]] = {}
@@ -142,21 +143,29 @@ class Playbook:
             page_leaves = [leaf for leaf in ct.leaves if leaf.pages]
             if page_leaves:
                 self.pages.append((ct, page_leaves))
-            if ct.trait_driven:
-                self.on_traits[scope].append(ct)
+            roots = {root for root, _, _ in _trait_refs(ct.spec)}
+            if ct.account and roots:
+                self.on_traits[1].append(ct)
+            if not ct.account and "traits" in roots:
+                self.on_traits[0].append(ct)
+            if not ct.account and "account" in roots:
+                self.on_account_traits.append(ct)
             if ct.instant and any(leaf.uses_properties for leaf in ct.leaves):
                 self.on_any_track[scope].append(ct)
-            for root, path in _trait_refs(ct.spec):
-                if root == "account" or ct.account:
-                    account_traits.add(path[0])
-                else:
-                    user_traits.add(path[0])
+            for root, path, is_date in _trait_refs(ct.spec):
+                on_account = root == "account" or ct.account
+                (account_traits if on_account else user_traits).add(path[0])
+                if is_date and len(path) == 1:
+                    (account_dates if on_account else user_dates).add(path[0])
         self.user_traits = frozenset(user_traits)
         self.account_traits = frozenset(account_traits)
+        self.user_dates = frozenset(user_dates)
+        self.account_dates = frozenset(account_dates)
 
 
-def _trait_refs(spec: Trigger) -> list[tuple[str, tuple[str, ...]]]:
-    refs: list[tuple[str, tuple[str, ...]]] = []
+def _trait_refs(spec: Trigger) -> list[tuple[str, tuple[str, ...], bool]]:
+    """(root, path, read as a date) for every trait a trigger reads."""
+    refs: list[tuple[str, tuple[str, ...], bool]] = []
 
     def walk(cond: pb.Condition) -> None:
         if isinstance(cond, pb.AllCond | pb.AnyCond):
@@ -165,13 +174,13 @@ def _trait_refs(spec: Trigger) -> list[tuple[str, tuple[str, ...]]]:
         elif isinstance(cond, pb.NotCond):
             walk(cond.of)
         elif isinstance(cond, pb.ThresholdCond):
-            refs.extend(n for n in cond.value.names if n[0] != "properties")
+            refs.extend((r, p, False) for r, p in cond.value.names if r != "properties")
         elif isinstance(cond, pb.DateCond):
-            refs.append(cond.trait)
+            refs.append((*cond.trait, True))
         elif isinstance(cond, pb.AgeCond):
-            refs.append(cond.since)
+            refs.append((*cond.since, True))
         elif isinstance(cond, pb.TraitsCond):
-            refs.extend(ref for ref, _ in cond.pairs)
+            refs.extend((r, p, False) for (r, p), _ in cond.pairs)
 
     walk(spec.when)
     return refs
@@ -185,6 +194,8 @@ class State:
         self.users: dict[str, Subject] = {}
         self.accounts: dict[str, Subject] = {}
         self.aliases: dict[str, str] = {}
+        self.members: dict[str, list[str]] = {}  # kept only when a user trigger reads account.*
+        self.ctx = Ctx(self, Subject(0), TState(_NO_LEAVES), None, 0)
 
     def account_traits_of(self, user: Subject) -> dict[str, Any] | None:
         if not user.accounts:
@@ -196,13 +207,29 @@ class State:
         return self.accounts if account else self.users
 
 
-def _merge_traits(subject: Subject, traits: dict[str, Any], keep: frozenset[str]) -> bool:
+def _merge_traits(
+    subject: Subject,
+    traits: dict[str, Any],
+    keep: frozenset[str],
+    dates: frozenset[str],
+    late: bool,
+) -> bool:
+    """Newest value wins; only traits some trigger reads are kept, dates already parsed. A late
+    update only fills traits not set yet."""
     changed = False
     for key in keep:
         if key in traits:
             if subject.traits is None:
                 subject.traits = {}
-            subject.traits[key] = traits[key]
+            elif late and key in subject.traits:
+                continue
+            value = traits[key]
+            if key in dates and value is not None and not isinstance(value, bool):
+                try:
+                    value = parse_time_ms(value)
+                except (TypeError, ValueError, OverflowError):
+                    value = None  # not a date: date and age conditions stay false
+            subject.traits[key] = value
             changed = True
     return changed
 
@@ -221,56 +248,92 @@ def apply(state: State, event: Event, now_ms: int) -> tuple[State, list[Firing],
     events, whose counts still land in the event's own bucket)."""
     firings: list[Firing] = []
     timers: list[Timer] = []
+    apply_into(state, event, now_ms, firings, timers)
+    return state, firings, timers
+
+
+def apply_into(
+    state: State, event: Event, now: int, firings: list[Firing], timers: list[Timer]
+) -> None:
+    """`apply`, appending to the caller's lists (the runner's hot path)."""
     book = state.book
     t = event.timestamp_ms
+    late = t < now  # a late trait update never overwrites what newer events set
     person = event.user_id
     if person is None:
         anon = event.anonymous_id or ""
         person = state.aliases.get(anon, anon)
     user = _subject(state.users, person, t)
     kind = event.kind
-    user_traits_changed = account_traits_changed = False
-    if kind == "identify":
-        user_traits_changed = _merge_traits(user, event.traits, book.user_traits)
-    elif kind == "group":
-        account_id = event.account_id or ""
-        if user.accounts is None:
-            user.accounts = [account_id]
-        elif account_id not in user.accounts:
-            user.accounts.append(account_id)
-        account = _subject(state.accounts, account_id, t)
-        account_traits_changed = _merge_traits(account, event.traits, book.account_traits)
-    elif kind == "alias" and event.previous_id is not None and event.user_id is not None:
-        state.aliases[event.previous_id] = event.user_id
-    accounts = [event.account_id] if event.account_id is not None else (user.accounts or ())
 
-    # user-scoped triggers
     if kind == "track":
         for ct, leaves in book.by_name[0].get(event.name, ()):
-            _feed_and_check(state, ct, person, user, leaves, event, now_ms, firings, timers)
+            _feed_and_check(state, ct, person, user, leaves, event, now, firings, timers)
         for ct in book.on_any_track[0]:
-            _check(state, ct, person, user, event, now_ms, firings, timers)
+            _check(state, ct, person, user, event, now, firings, timers)
     elif kind == "page":
         for ct, leaves in book.pages:
-            _feed_and_check(state, ct, person, user, leaves, event, now_ms, firings, timers)
-    elif user_traits_changed or account_traits_changed:  # account.* may have changed
-        for ct in book.on_traits[0]:
-            _check(state, ct, person, user, event, now_ms, firings, timers)
+            _feed_and_check(state, ct, person, user, leaves, event, now, firings, timers)
+    elif kind == "identify":
+        if _merge_traits(user, event.traits, book.user_traits, book.user_dates, late):
+            for ct in book.on_traits[0]:
+                _check(state, ct, person, user, event, now, firings, timers)
+    elif kind == "group":
+        _group(state, person, user, event, now, late, firings, timers)
+        return
+    elif kind == "alias" and event.previous_id is not None and event.user_id is not None:
+        state.aliases[event.previous_id] = event.user_id
 
     # account-scoped triggers see the events of all the account's users
+    if event.account_id is not None:
+        accounts: list[str] | tuple[()] = [event.account_id]
+    else:
+        accounts = user.accounts or ()
+    by_name = book.by_name[1].get(event.name, ()) if kind == "track" else ()
     for account_id in accounts:
         account = _subject(state.accounts, account_id, t)
+        for ct, leaves in by_name:
+            _feed_and_check(state, ct, account_id, account, leaves, event, now, firings, timers)
         if kind == "track":
-            for ct, leaves in book.by_name[1].get(event.name, ()):
-                _feed_and_check(
-                    state, ct, account_id, account, leaves, event, now_ms, firings, timers
-                )
             for ct in book.on_any_track[1]:
-                _check(state, ct, account_id, account, event, now_ms, firings, timers)
-        elif account_traits_changed and account_id == event.account_id:
-            for ct in book.on_traits[1]:
-                _check(state, ct, account_id, account, event, now_ms, firings, timers)
-    return state, firings, timers
+                _check(state, ct, account_id, account, event, now, firings, timers)
+
+
+def _group(
+    state: State,
+    person: str,
+    user: Subject,
+    event: Event,
+    now: int,
+    late: bool,
+    firings: list[Firing],
+    timers: list[Timer],
+) -> None:
+    """A user joins an account (if not yet a member) and the account's traits merge."""
+    book = state.book
+    account_id = event.account_id or ""
+    joined = user.accounts is None or account_id not in user.accounts
+    if user.accounts is None:
+        user.accounts = [account_id]
+    elif joined:
+        user.accounts.append(account_id)
+    account = _subject(state.accounts, account_id, event.timestamp_ms)
+    changed = _merge_traits(account, event.traits, book.account_traits, book.account_dates, late)
+    if changed:
+        for ct in book.on_traits[1]:
+            _check(state, ct, account_id, account, event, now, firings, timers)
+    if not book.on_account_traits:
+        return
+    members = state.members.setdefault(account_id, [])
+    if joined:
+        members.append(person)
+    # users whose account.* conditions read this account
+    recheck = members if changed else ([person] if joined else [])
+    for member in recheck:
+        subject = state.users.get(member)
+        if subject is not None and subject.accounts and subject.accounts[-1] == account_id:
+            for ct in book.on_account_traits:
+                _check(state, ct, member, subject, event, now, firings, timers)
 
 
 def on_timer(state: State, timer: Timer, now_ms: int) -> tuple[State, list[Firing], list[Timer]]:
@@ -313,12 +376,20 @@ def _feed_and_check(
     firings: list[Firing],
     timers: list[Timer],
 ) -> None:
-    ts = _tstate(ct, subject)
-    fed = False
+    ts: TState | None = None
     for leaf in leaves:
-        if leaf.feed(ts, event, now):
-            fed = True
-    if fed:
+        if leaf.where is not None and not leaf.where(event.properties):
+            continue
+        if ts is None:
+            states = subject.states
+            if states is None:
+                states = subject.states = {}
+            ts = states.get(ct.index)
+            if ts is None:
+                ts = states[ct.index] = ct.new_state()
+        if leaf.stateful:
+            leaf.feed(ts, event, now)
+    if ts is not None:
         _evaluate(state, ct, key, subject, ts, event, now, firings, timers)
 
 
@@ -346,16 +417,22 @@ def _evaluate(
     firings: list[Firing],
     timers: list[Timer],
 ) -> None:
-    c = Ctx(state, subject, ts, event, now)
-    truth = ct.cond.test(c)
+    c = state.ctx  # one context, re-filled: evaluation is never re-entrant
+    c.subject = subject
+    c.ts = ts
+    c.event = event
+    c.now = now
+    truth, deadline = ct.cond.check(c)
     if truth and not ts.active:
         firings.append(_fire(state, ct, key, ts, c))
     if truth and ct.instant and event is not None:
         c.event = None  # at rest after the instant: re-arms for the next matching event
-        truth = ct.cond.test(c)
+        truth, deadline = ct.cond.check(c)
+    if deadline <= now:  # a condition must name a future moment; never spin on the present
+        deadline = now + 1
     ts.active = truth
-    ts.deadline = ct.cond.next(c, truth)
-    if ts.deadline < ts.filed:
+    ts.deadline = deadline
+    if deadline < ts.filed:
         _file(ct, key, ts, timers)
 
 

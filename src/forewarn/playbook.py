@@ -33,12 +33,21 @@ Scalar = str | int | float | bool
 
 @dataclass(frozen=True, slots=True)
 class Where:
-    """Property equality; a tuple of allowed values means any of them."""
+    """Property equality, as JSON sees it (true is not 1); a tuple of values means any of them."""
 
     pairs: tuple[tuple[str, tuple[Scalar, ...]], ...] = ()
 
     def matches(self, properties: dict[str, Any]) -> bool:
-        return all(properties.get(key) in allowed for key, allowed in self.pairs)
+        for key, allowed in self.pairs:
+            value = properties.get(key)
+            if value not in allowed:
+                return False
+            if (value is True or value is False or True in allowed or False in allowed) and not any(
+                value == a and (value is True or value is False) == (a is True or a is False)
+                for a in allowed
+            ):
+                return False
+        return True
 
 
 @dataclass(frozen=True, slots=True)
@@ -219,13 +228,30 @@ class _Invalid(Exception):
         self.message = message
 
 
+class _Loader(yaml.CSafeLoader):
+    """YAML 1.2 booleans: only true/false. YAML 1.1 also reads yes/no/on/off as booleans, which
+    turns `country: NO` into false."""
+
+
+_Loader.yaml_implicit_resolvers = {
+    first: [(tag, regexp) for tag, regexp in resolvers if tag != "tag:yaml.org,2002:bool"]
+    for first, resolvers in yaml.CSafeLoader.yaml_implicit_resolvers.items()
+}
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:bool", re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"), list("tTfF")
+)
 _constructor = yaml.SafeLoader(stream="")
 
 
 def _scalar(node: yaml.Node) -> Any:
     if not isinstance(node, yaml.ScalarNode):
         raise _Invalid(node, "expected a single value here, not a list or mapping")
-    return _constructor.construct_object(node, deep=True)
+    if node.tag == "tag:yaml.org,2002:merge":
+        raise _Invalid(node, "YAML merge keys (<<) are not supported: write the keys out")
+    try:
+        return _constructor.construct_object(node, deep=True)
+    except yaml.YAMLError as exc:
+        raise _Invalid(node, f"cannot read this value: {exc}") from None
 
 
 def _mapping(node: yaml.Node, what: str) -> list[tuple[str, yaml.Node, yaml.Node]]:
@@ -570,9 +596,13 @@ def _trigger(node: yaml.Node, file: str, problems: list[Problem]) -> Trigger | N
     trigger_id: str | None = None
     if isinstance(node, yaml.MappingNode):  # name the trigger in every problem, if it has an id
         for key_node, value_node in node.value:
-            if isinstance(key_node, yaml.ScalarNode) and key_node.value == "id":
-                if isinstance(value_node, yaml.ScalarNode) and value_node.value:
-                    trigger_id = str(value_node.value)
+            if (
+                isinstance(key_node, yaml.ScalarNode)
+                and key_node.value == "id"
+                and isinstance(value_node, yaml.ScalarNode)
+                and value_node.value
+            ):
+                trigger_id = str(value_node.value)
     try:
         required = ("id", "when", "action")
         optional = tuple(k for k in _TRIGGER_KEYS if k not in required)
@@ -621,7 +651,7 @@ def parse_playbooks(sources: Iterable[tuple[str, str]]) -> list[Trigger]:
     first_seen: dict[str, Trigger] = {}
     for file, text in sources:
         try:
-            root = yaml.compose(text, Loader=yaml.CSafeLoader)
+            root = yaml.compose(text, Loader=_Loader)
         except yaml.MarkedYAMLError as exc:
             mark = exc.problem_mark or exc.context_mark
             line = mark.line + 1 if mark is not None else 1

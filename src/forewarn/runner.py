@@ -16,7 +16,7 @@ from collections.abc import Iterable
 
 from forewarn import engine
 from forewarn.engine import Firing, State, Timer
-from forewarn.model import Event
+from forewarn.model import Event, order_key
 
 DEFAULT_LATENESS_MS = 300_000
 
@@ -31,14 +31,19 @@ class Runner:
         self.events = 0
         self._buffer: list[tuple[int, int, Event]] = []
         self._timers: list[Timer] = []
+        self._new_timers: list[Timer] = []
         self._seq = 0
 
     def push(self, event: Event) -> list[Firing]:
         """Accept one event; returns the firings of whatever this lets the runner apply."""
-        self._seq += 1
-        heapq.heappush(self._buffer, (event.timestamp_ms, self._seq, event))
         if self.newest_ms is None or event.timestamp_ms > self.newest_ms:
             self.newest_ms = event.timestamp_ms
+        if self.lateness_ms == 0 and not self._buffer:  # nothing to wait for: apply now
+            firings: list[Firing] = []
+            self._apply(event, firings)
+            return firings
+        self._seq += 1
+        heapq.heappush(self._buffer, (order_key(event), self._seq, event))
         return self._release(self.newest_ms - self.lateness_ms)
 
     def push_many(self, events: Iterable[Event]) -> list[Firing]:
@@ -85,21 +90,25 @@ class Runner:
     def _release(self, watermark_ms: int | None) -> list[Firing]:
         firings: list[Firing] = []
         buffer = self._buffer
-        state = self.state
-        while buffer and (watermark_ms is None or buffer[0][0] <= watermark_ms):
-            t, _, event = heapq.heappop(buffer)
-            if self._timers and self._timers[0].due_ms <= t:
-                firings.extend(self._run_timers(t))
-            clock = self.clock_ms
-            if clock is None or t >= clock:
-                now = self.clock_ms = t
-            else:
-                now = clock
-                self.late += 1
-            self.events += 1
-            _, fired, timers = engine.apply(state, event, now)
-            if fired:
-                firings.extend(fired)
+        limit = None if watermark_ms is None else watermark_ms * 2 + 1  # in order_key units
+        while buffer and (limit is None or buffer[0][0] <= limit):
+            self._apply(heapq.heappop(buffer)[2], firings)
+        return firings
+
+    def _apply(self, event: Event, firings: list[Firing]) -> None:
+        t = event.timestamp_ms
+        if self._timers and self._timers[0].due_ms <= t:
+            firings.extend(self._run_timers(t))
+        clock = self.clock_ms
+        if clock is None or t >= clock:
+            now = self.clock_ms = t
+        else:
+            now = clock
+            self.late += 1
+        self.events += 1
+        timers = self._new_timers
+        engine.apply_into(self.state, event, now, firings, timers)
+        if timers:
             for timer in timers:
                 heapq.heappush(self._timers, timer)
-        return firings
+            timers.clear()

@@ -111,9 +111,10 @@ def _width(span: int) -> int:
 
 class Leaf:
     slot = -1  # index into TState.leaves, for stateful leaves
+    stateful = False
     names: tuple[str, ...] = ()  # track event names that feed it
+    where: Callable[[dict[str, Any]], bool] | None = None  # the engine checks it before `feed`
     pages = False  # fed by page views
-    uses_traits = False
     uses_properties = False
 
     def new(self) -> Any:
@@ -127,6 +128,11 @@ class Leaf:
 
     def next(self, c: Ctx, truth: bool) -> int:
         return NEVER
+
+    def check(self, c: Ctx) -> tuple[bool, int]:
+        """`test` and `next` in one call."""
+        truth = self.test(c)
+        return truth, self.next(c, truth)
 
     def explain(self, c: Ctx) -> dict[str, Any]:
         raise NotImplementedError
@@ -146,16 +152,30 @@ class EventLeaf(Leaf):
         self.where = cond.where.matches if cond.where.pairs else None
         self.within = cond.within_ms
         self.width = _width(cond.within_ms) if cond.within_ms else 0
+        self.stateful = bool(self.within)  # without a window it only looks at the event itself
 
     def new(self) -> Ring:
         return [0]
 
     def feed(self, ts: TState, event: Event, now: int) -> bool:
-        if self.where is not None and not self.where(event.properties):
-            return False
         if self.within:
             ring_add(ts.leaves[self.slot], event.timestamp_ms, self.width, self.within, now)
         return True
+
+    def check(self, c: Ctx) -> tuple[bool, int]:
+        if not self.within:
+            return self._now_matches(c), NEVER
+        ring = c.ts.leaves[self.slot]
+        count = ring_count(ring, self.width, self.within, c.now)
+        need = self.cond.count
+        if count < need:
+            return False, NEVER  # only a new event can make it true
+        for i in range(1, len(ring), 2):
+            count -= ring[i + 1]
+            if count < need:
+                leaves_at: int = ring[i] * self.width + self.within
+                return True, leaves_at
+        return True, NEVER
 
     def _now_matches(self, c: Ctx) -> bool:
         ev = c.event
@@ -211,12 +231,12 @@ class RateLeaf(Leaf):
         self.span = window + baseline
         self.coarse = _width(self.span)
 
+    stateful = True
+
     def new(self) -> list[Any]:
         return [[0], [0], 0]  # fine ring, coarse ring, a cached answer of `next` (drop)
 
     def feed(self, ts: TState, event: Event, now: int) -> bool:
-        if self.where is not None and not self.where(event.properties):
-            return False
         rings = ts.leaves[self.slot]
         ring_add(rings[0], event.timestamp_ms, self.fine, self.window, now)
         ring_add(rings[1], event.timestamp_ms, self.coarse, self.span, now)
@@ -258,6 +278,22 @@ class SpikeLeaf(RateLeaf):
         if self.counts(c)[1] == 0:
             return NEVER
         return ring_leaves(rings[1], self.coarse, self.span)  # a lower baseline may start it
+
+    def check(self, c: Ctx) -> tuple[bool, int]:
+        eligible = c.subject.first_seen + self.span
+        if c.now < eligible:
+            return False, eligible
+        current, base = self.counts(c)
+        cond = self.cond
+        rings = c.ts.leaves[self.slot]
+        if (
+            current >= cond.min_count
+            and current >= cond.factor * base * self.window / self.baseline
+        ):
+            return True, ring_leaves(rings[0], self.fine, self.window)
+        if base == 0:
+            return False, NEVER
+        return False, ring_leaves(rings[1], self.coarse, self.span)
 
     def explain(self, c: Ctx) -> dict[str, Any]:
         current, base = self.counts(c)
@@ -341,15 +377,22 @@ class AbsentLeaf(Leaf):
         self.names = (cond.name,)
         self.where = cond.where.matches if cond.where.pairs else None
 
+    stateful = True
+
     def new(self) -> int:
         return -1
 
     def feed(self, ts: TState, event: Event, now: int) -> bool:
-        if self.where is not None and not self.where(event.properties):
-            return False
         if event.timestamp_ms > ts.leaves[self.slot]:
             ts.leaves[self.slot] = event.timestamp_ms
         return True
+
+    def check(self, c: Ctx) -> tuple[bool, int]:
+        last: int = c.ts.leaves[self.slot]
+        if last < 0:
+            return False, NEVER
+        due = last + self.cond.for_ms
+        return (True, NEVER) if c.now >= due else (False, due)
 
     def test(self, c: Ctx) -> bool:
         last: int = c.ts.leaves[self.slot]
@@ -376,7 +419,6 @@ class ThresholdLeaf(Leaf):
     def __init__(self, cond: playbook.ThresholdCond) -> None:
         self.cond = cond
         roots = {root for root, _ in cond.value.names}
-        self.uses_traits = bool(roots & {"traits", "account"})
         self.uses_properties = "properties" in roots
         self.compare = _COMPARE[cond.op]
 
@@ -425,8 +467,17 @@ class DwellLeaf(Leaf):
         self.names = cond.unless
         self.pattern = re.compile(fnmatch.translate(cond.page))
 
+    stateful = True
+
     def new(self) -> list[Any]:
         return [-1, None]  # when the dwell started, and on which path
+
+    def check(self, c: Ctx) -> tuple[bool, int]:
+        start: int = c.ts.leaves[self.slot][0]
+        if start < 0:
+            return False, NEVER
+        due = start + self.cond.for_ms
+        return (True, NEVER) if c.now >= due else (False, due)
 
     def feed(self, ts: TState, event: Event, now: int) -> bool:
         dwell = ts.leaves[self.slot]
@@ -462,6 +513,8 @@ class DwellLeaf(Leaf):
 
 def _trait_ms(c: Ctx, ref: tuple[str, tuple[str, ...]]) -> int | None:
     value = c.trait(*ref)
+    if type(value) is int:  # dates the engine stored already parsed
+        return value
     if value is None or isinstance(value, bool):
         return None
     try:
@@ -475,8 +528,6 @@ def _ref_name(ref: tuple[str, tuple[str, ...]]) -> str:
 
 
 class DateLeaf(Leaf):
-    uses_traits = True
-
     def __init__(self, cond: playbook.DateCond) -> None:
         self.cond = cond
 
@@ -505,8 +556,6 @@ class DateLeaf(Leaf):
 
 
 class AgeLeaf(Leaf):
-    uses_traits = True
-
     def __init__(self, cond: playbook.AgeCond) -> None:
         self.cond = cond
 
@@ -537,12 +586,12 @@ class EverLeaf(Leaf):
         self.names = (cond.name,)
         self.where = cond.where.matches if cond.where.pairs else None
 
+    stateful = True
+
     def new(self) -> bool:
         return False
 
     def feed(self, ts: TState, event: Event, now: int) -> bool:
-        if self.where is not None and not self.where(event.properties):
-            return False
         ts.leaves[self.slot] = True
         return True
 
@@ -559,8 +608,6 @@ class EverLeaf(Leaf):
 
 
 class TraitsLeaf(Leaf):
-    uses_traits = True
-
     def __init__(self, cond: playbook.TraitsCond) -> None:
         self.cond = cond
 
@@ -593,12 +640,26 @@ class Group(Leaf):
         return not self.children[0].test(c)
 
     def next(self, c: Ctx, truth: bool) -> int:
-        soonest = NEVER
-        for child in self.children:
-            t = child.next(c, child.test(c))
-            if t < soonest:
-                soonest = t
-        return soonest
+        return self.check(c)[1]
+
+    def check(self, c: Ctx) -> tuple[bool, int]:
+        """Truth, and a time before which it cannot change without an event.
+
+        `all` that is false needs every false part to change: not before the latest of their
+        next changes; `all` that is true ends at the first change of any part. `any` mirrors it.
+        """
+        kind = self.kind
+        if kind == "not":
+            truth, soonest = self.children[0].check(c)
+            return not truth, soonest
+        results = [child.check(c) for child in self.children]
+        if kind == "all":
+            if all(r[0] for r in results):
+                return True, min(r[1] for r in results)
+            return False, max(r[1] for r in results if not r[0])
+        if any(r[0] for r in results):
+            return True, max(r[1] for r in results if r[0])
+        return False, min(r[1] for r in results)
 
     def explain(self, c: Ctx) -> dict[str, Any]:
         parts = []

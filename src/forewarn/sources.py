@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import IO
 
 from forewarn.errors import EventError, InputError
-from forewarn.model import Event, decode_event
+from forewarn.model import Event, decode_event, order_key
 from forewarn.playbook import Trigger, parse_playbooks
 
 PLAYBOOK_SUFFIXES = (".yaml", ".yml")
@@ -54,6 +54,7 @@ class EventBatch:
     events: list[Event] = field(default_factory=list)
     rejected: list[Rejected] = field(default_factory=list)
     lines: int = 0
+    duplicates: int = 0  # messages whose messageId was seen before: clients resend on retry
 
 
 def iter_lines(path: str | Path, progress: Callable[[int], None] | None = None) -> Iterator[bytes]:
@@ -98,9 +99,11 @@ def read_events(
     path: str | Path, progress: Callable[[int], None] | None = None, sort: bool = True
 ) -> EventBatch:
     """Decode every line of a file (or folder of files, or - for stdin); invalid lines are kept
-    as `rejected` with the reason, never fatal. Sorted by timestamp, stable."""
+    as `rejected` with the reason, never fatal; a repeated messageId is counted, not replayed.
+    Sorted by `model.order_key`, stable."""
     batch = EventBatch()
     events = batch.events
+    seen: set[str] = set()
     files: list[str | Path] = ["-"] if str(path) == "-" else list(event_files(path))
     for file in files:
         for n, line in enumerate(iter_lines(file, progress), start=1):
@@ -108,13 +111,16 @@ def read_events(
             if not line.strip():
                 continue
             try:
-                events.append(decode_event(line))
+                event = decode_event(line)
             except EventError as exc:
                 batch.rejected.append(Rejected(str(file), n, exc.message))
+                continue
+            if event.message_id:
+                if event.message_id in seen:
+                    batch.duplicates += 1
+                    continue
+                seen.add(event.message_id)
+            events.append(event)
     if sort:
-        events.sort(key=_timestamp)
+        events.sort(key=order_key)
     return batch
-
-
-def _timestamp(event: Event) -> int:
-    return event.timestamp_ms
