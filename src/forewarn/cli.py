@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import bisect
+import gc
 import os
 import sys
 from collections import Counter, defaultdict
@@ -58,6 +59,7 @@ def _replay(args: argparse.Namespace) -> int:
     progress = Progress(f"reading {args.events}", size)
     batch = read_events(args.events, progress)
     progress.close()
+    gc.freeze()  # the events live to the end: keep the collector from re-scanning them
     for bad in batch.rejected[: args.show_rejected]:
         print(bad, file=sys.stderr)
     if len(batch.rejected) > args.show_rejected:

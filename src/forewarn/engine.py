@@ -263,7 +263,12 @@ def apply_into(
     if person is None:
         anon = event.anonymous_id or ""
         person = state.aliases.get(anon, anon)
-    user = _subject(state.users, person, t)
+    users = state.users
+    user = users.get(person)
+    if user is None:
+        user = users[person] = Subject(t)
+    elif t < user.first_seen:
+        user.first_seen = t
     kind = event.kind
 
     if kind == "track":
@@ -290,8 +295,13 @@ def apply_into(
     else:
         accounts = user.accounts or ()
     by_name = book.by_name[1].get(event.name, ()) if kind == "track" else ()
+    table = state.accounts
     for account_id in accounts:
-        account = _subject(state.accounts, account_id, t)
+        account = table.get(account_id)
+        if account is None:
+            account = table[account_id] = Subject(t)
+        elif t < account.first_seen:
+            account.first_seen = t
         for ct, leaves in by_name:
             _feed_and_check(state, ct, account_id, account, leaves, event, now, firings, timers)
         if kind == "track":

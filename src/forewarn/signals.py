@@ -52,14 +52,16 @@ class Ctx:
         self.now = now
 
     def trait(self, root: str, path: tuple[str, ...]) -> Any:
-        if root == "account":
+        if root == "traits":
+            traits = self.subject.traits
+        elif root == "account":
             traits = self.state.account_traits_of(self.subject)
-        elif root == "properties":
+        else:
             ev = self.event
             return expr.dig(ev.properties, path) if ev is not None and ev.kind == "track" else None
-        else:
-            traits = self.subject.traits
-        return expr.dig(traits, path) if traits else None
+        if not traits:
+            return None
+        return traits.get(path[0]) if len(path) == 1 else expr.dig(traits, path)
 
 
 # --- rings ------------------------------------------------------------------------------------
