@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gzip
+import io
 import json
 from pathlib import Path
 
@@ -210,3 +211,24 @@ def test_a_negative_show_rejected_is_refused(capsys):
         )
     assert caught.value.code == 2
     assert "'-1' is not a whole number of 0 or more" in capsys.readouterr().err
+
+
+class _Terminal(io.StringIO):
+    def isatty(self) -> bool:
+        return True
+
+
+def test_progress_bar_shows_on_a_terminal_for_long_inputs():
+    from forewarn.cli import PROGRESS_MIN_BYTES, Progress
+
+    screen = _Terminal()
+    bar = Progress("reading big.jsonl", PROGRESS_MIN_BYTES * 2, screen)
+    bar(PROGRESS_MIN_BYTES)
+    bar.close()
+    assert "reading big.jsonl [###############               ]  50%" in screen.getvalue()
+    quiet = io.StringIO()  # not a terminal: nothing is written
+    Progress("reading big.jsonl", PROGRESS_MIN_BYTES * 2, quiet)(PROGRESS_MIN_BYTES)
+    assert quiet.getvalue() == ""
+    short = _Terminal()  # a short input: no bar
+    Progress("reading small.jsonl", 100, short)(50)
+    assert short.getvalue() == ""
