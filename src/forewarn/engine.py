@@ -56,20 +56,11 @@ class Firing(msgspec.Struct):
         }
 
 
-_NO_LEAVES: list[Any] = []
-
-
-class TState:
-    """One trigger's state for one subject."""
-
-    __slots__ = ("active", "deadline", "episode", "filed", "leaves")
-
-    def __init__(self, leaves: list[Any]) -> None:
-        self.active = False
-        self.episode = -1  # when the current cooldown started
-        self.deadline = NEVER  # when the condition must be checked again without events
-        self.filed = NEVER  # the earliest timer handed to the host for this key
-        self.leaves = leaves
+# One trigger's state for one subject is a flat list: these four entries, then each stateful
+# leaf's entries (see signals.Leaf.slot). A list costs less memory than an object holding one.
+TState = list[Any]
+ACTIVE, EPISODE, DEADLINE, FILED = range(4)  # EPISODE: when the current cooldown started
+HEAD = 4  # DEADLINE: when to check again without events; FILED: the earliest timer handed out
 
 
 class Subject:
@@ -80,40 +71,35 @@ class Subject:
     def __init__(self, first_seen: int) -> None:
         self.first_seen = first_seen
         self.traits: dict[str, Any] | None = None
-        self.states: dict[int, TState] | None = None
+        self.states: list[TState | None] | None = None  # by the trigger's slot in its scope
         self.accounts: list[str] | None = None  # users: accounts joined, newest last
 
 
 class CompiledTrigger:
-    __slots__ = (
-        "account",
-        "cond",
-        "index",
-        "instant",
-        "leaves",
-        "spec",
-        "stateful",
-    )
+    __slots__ = ("account", "cond", "index", "instant", "leaves", "slot", "spec", "stateful")
 
     def __init__(self, index: int, spec: Trigger) -> None:
         self.index = index
+        self.slot = 0  # its place in a subject's `states`, numbered per scope
         self.spec = spec
         self.account = spec.scope == "account"
         self.cond: Leaf = signals.compile_condition(spec.when)
         self.leaves = self.cond.leaves()
-        stateful = [leaf for leaf in self.leaves if leaf.stateful]
-        for slot, leaf in enumerate(stateful):
-            leaf.slot = slot
-        self.stateful = bool(stateful)
+        self.stateful = [leaf for leaf in self.leaves if leaf.slots]
+        offset = HEAD
+        for leaf in self.stateful:
+            leaf.slot = offset
+            offset += leaf.slots
         self.instant = any(
             (isinstance(leaf, signals.EventLeaf) and not leaf.within) or leaf.uses_properties
             for leaf in self.leaves
         )
 
     def new_state(self) -> TState:
-        if not self.stateful:
-            return TState(_NO_LEAVES)  # shared: triggers without stateful leaves never write it
-        return TState([leaf.new() for leaf in self.leaves if leaf.slot >= 0])
+        ts: TState = [False, -1, NEVER, NEVER]
+        for leaf in self.stateful:
+            ts.extend(leaf.new())
+        return ts
 
 
 class Playbook:
@@ -132,8 +118,11 @@ class Playbook:
         account_traits: set[str] = set()
         user_dates: set[str] = set()
         account_dates: set[str] = set()
+        self.slots = [0, 0]  # triggers per scope
         for ct in self.triggers:
             scope = int(ct.account)
+            ct.slot = self.slots[scope]
+            self.slots[scope] += 1
             names: dict[str, list[Leaf]] = {}
             for leaf in ct.leaves:
                 for name in leaf.names:
@@ -195,7 +184,7 @@ class State:
         self.accounts: dict[str, Subject] = {}
         self.aliases: dict[str, str] = {}
         self.members: dict[str, list[str]] = {}  # kept only when a user trigger reads account.*
-        self.ctx = Ctx(self, Subject(0), TState(_NO_LEAVES), None, 0)
+        self.ctx = Ctx(self, Subject(0), [False, -1, NEVER, NEVER], None, 0)
 
     def account_traits_of(self, user: Subject) -> dict[str, Any] | None:
         if not user.accounts:
@@ -354,24 +343,24 @@ def on_timer(state: State, timer: Timer, now_ms: int) -> tuple[State, list[Firin
     subject = state.subjects(ct.account).get(timer.subject)
     if subject is None or subject.states is None:
         return state, firings, timers
-    ts = subject.states.get(ct.index)
-    if ts is None or ts.filed != timer.due_ms:
+    ts = subject.states[ct.slot]
+    if ts is None or ts[FILED] != timer.due_ms:
         return state, firings, timers
-    ts.filed = NEVER
-    if ts.deadline > now_ms:  # the deadline moved later: hand the host the new one
+    ts[FILED] = NEVER
+    if ts[DEADLINE] > now_ms:  # the deadline moved later: hand the host the new one
         _file(ct, timer.subject, ts, timers)
         return state, firings, timers
     _evaluate(state, ct, timer.subject, subject, ts, None, now_ms, firings, timers)
     return state, firings, timers
 
 
-def _tstate(ct: CompiledTrigger, subject: Subject) -> TState:
+def _tstate(ct: CompiledTrigger, subject: Subject, book: Playbook) -> TState:
     states = subject.states
     if states is None:
-        states = subject.states = {}
-    ts = states.get(ct.index)
+        states = subject.states = [None] * book.slots[ct.account]
+    ts = states[ct.slot]
     if ts is None:
-        ts = states[ct.index] = ct.new_state()
+        ts = states[ct.slot] = ct.new_state()
     return ts
 
 
@@ -391,13 +380,8 @@ def _feed_and_check(
         if leaf.where is not None and not leaf.where(event.properties):
             continue
         if ts is None:
-            states = subject.states
-            if states is None:
-                states = subject.states = {}
-            ts = states.get(ct.index)
-            if ts is None:
-                ts = states[ct.index] = ct.new_state()
-        if leaf.stateful:
+            ts = _tstate(ct, subject, state.book)
+        if leaf.slots:
             leaf.feed(ts, event, now)
     if ts is not None:
         _evaluate(state, ct, key, subject, ts, event, now, firings, timers)
@@ -413,7 +397,9 @@ def _check(
     firings: list[Firing],
     timers: list[Timer],
 ) -> None:
-    _evaluate(state, ct, key, subject, _tstate(ct, subject), event, now, firings, timers)
+    _evaluate(
+        state, ct, key, subject, _tstate(ct, subject, state.book), event, now, firings, timers
+    )
 
 
 def _evaluate(
@@ -433,31 +419,33 @@ def _evaluate(
     c.event = event
     c.now = now
     truth, deadline = ct.cond.check(c)
-    if truth and not ts.active:
+    if truth and not ts[ACTIVE]:
         firings.append(_fire(state, ct, key, ts, c))
     if truth and ct.instant and event is not None:
         c.event = None  # at rest after the instant: re-arms for the next matching event
         truth, deadline = ct.cond.check(c)
     if deadline <= now:  # a condition must name a future moment; never spin on the present
         deadline = now + 1
-    ts.active = truth
-    ts.deadline = deadline
-    if deadline < ts.filed:
+    ts[ACTIVE] = truth
+    ts[DEADLINE] = deadline
+    if deadline < ts[FILED]:
         _file(ct, key, ts, timers)
 
 
 def _file(ct: CompiledTrigger, key: str, ts: TState, timers: list[Timer]) -> None:
-    if ts.deadline != NEVER:
-        ts.filed = ts.deadline
-        timers.append(Timer(ts.deadline, ct.index, key))
+    deadline = ts[DEADLINE]
+    if deadline != NEVER:
+        ts[FILED] = deadline
+        timers.append(Timer(deadline, ct.index, key))
 
 
 def _fire(state: State, ct: CompiledTrigger, key: str, ts: TState, c: Ctx) -> Firing:
     spec = ct.spec
     now = c.now
-    in_cooldown = ts.episode >= 0 and now < ts.episode + spec.cooldown_ms
+    episode = ts[EPISODE]
+    in_cooldown = episode >= 0 and now < episode + spec.cooldown_ms
     if not in_cooldown:
-        ts.episode = now
+        ts[EPISODE] = now
     decision, reason = decide.decide(
         spec.id,
         key,
@@ -488,13 +476,13 @@ def explain(state: State, trigger_id: str, subject_key: str, now_ms: int) -> dic
     subject = state.subjects(ct.account).get(subject_key)
     if subject is None:
         return {"trigger": trigger_id, "subject": subject_key, "known": False}
-    ts = (subject.states or {}).get(ct.index) or ct.new_state()
+    ts = (subject.states[ct.slot] if subject.states else None) or ct.new_state()
     c = Ctx(state, subject, ts, None, now_ms)
     return {
         "trigger": trigger_id,
         "subject": subject_key,
         "known": True,
         "true": ct.cond.test(c),
-        "active": ts.active,
+        "active": ts[ACTIVE],
         "evidence": ct.cond.explain(c),
     }

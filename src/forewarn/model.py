@@ -74,19 +74,24 @@ _EMPTY: dict[str, Any] = {}
 
 def parse_time_ms(value: str | int | float) -> int:
     """ISO 8601 (a missing zone means UTC) or an integer count of milliseconds since the epoch."""
+    if type(value) is str:
+        try:
+            when = datetime.fromisoformat(value)  # Python 3.11 reads Z and most of ISO 8601
+        except ValueError:
+            text = value.strip()
+            if text.endswith("z"):
+                text = text[:-1] + "+00:00"
+            when = datetime.fromisoformat(text)
+        if when.tzinfo is None:
+            when = when.replace(tzinfo=UTC)
+        return round(when.timestamp() * 1000)
     if isinstance(value, bool):
         raise ValueError("a boolean is not a time")
     if isinstance(value, int):
         return value
     if isinstance(value, float):
         return round(value)
-    text = value.strip()
-    if text.endswith(("Z", "z")):
-        text = text[:-1] + "+00:00"
-    when = datetime.fromisoformat(text)
-    if when.tzinfo is None:
-        when = when.replace(tzinfo=UTC)
-    return round(when.timestamp() * 1000)
+    raise ValueError(f"{value!r} is not a time")
 
 
 def format_time(ms: int) -> str:
@@ -111,8 +116,12 @@ def from_message(msg: SegmentMessage) -> Event:
         if kind is None:
             raise EventError("missing 'type': use one of " + ", ".join(KINDS))
         raise EventError(f"unknown type '{kind}': use one of " + ", ".join(KINDS))
-    user_id = _text(msg.user_id)
-    anonymous_id = _text(msg.anonymous_id)
+    user_id = msg.user_id
+    if type(user_id) is not str or not user_id:
+        user_id = _text(user_id)
+    anonymous_id = msg.anonymous_id
+    if anonymous_id is not None:
+        anonymous_id = _text(anonymous_id)
     if user_id is None and anonymous_id is None:
         raise EventError(f"{kind} has neither 'userId' nor 'anonymousId': set one of them")
     if kind == "track":
@@ -127,8 +136,10 @@ def from_message(msg: SegmentMessage) -> Event:
         account_id = _text(msg.group_id)
         if account_id is None:
             raise EventError("group has no 'groupId': set it to the account's id")
+    elif msg.context is not None and msg.context.group_id is not None:
+        account_id = _text(msg.context.group_id)
     else:
-        account_id = _text(msg.context.group_id) if msg.context is not None else None
+        account_id = None
     previous_id = None
     if kind == "alias":
         previous_id = _text(msg.previous_id)
@@ -144,17 +155,18 @@ def from_message(msg: SegmentMessage) -> Event:
             f"timestamp {stamp!r} is not ISO 8601 (e.g. 2026-11-23T10:00:00Z) "
             "nor milliseconds since the epoch"
         ) from None
+    message_id = msg.message_id
     return Event(
-        kind=kind,
-        name=name,
-        user_id=user_id,
-        anonymous_id=anonymous_id,
-        account_id=account_id,
-        properties=msg.properties if msg.properties is not None else _EMPTY,
-        traits=msg.traits if msg.traits is not None else _EMPTY,
-        timestamp_ms=timestamp_ms,
-        message_id=_text(msg.message_id) or "",
-        previous_id=previous_id,
+        kind,
+        name,
+        user_id,
+        anonymous_id,
+        account_id,
+        msg.properties if msg.properties is not None else _EMPTY,
+        msg.traits if msg.traits is not None else _EMPTY,
+        timestamp_ms,
+        message_id if type(message_id) is str else (_text(message_id) or ""),
+        previous_id,
     )
 
 

@@ -38,16 +38,17 @@ class Where:
     pairs: tuple[tuple[str, tuple[Scalar, ...]], ...] = ()
 
     def matches(self, properties: dict[str, Any]) -> bool:
-        for key, allowed in self.pairs:
-            value = properties.get(key)
-            if value not in allowed:
-                return False
-            if (value is True or value is False or True in allowed or False in allowed) and not any(
-                value == a and (value is True or value is False) == (a is True or a is False)
-                for a in allowed
-            ):
-                return False
-        return True
+        return all(one_of(properties.get(key), allowed) for key, allowed in self.pairs)
+
+
+def one_of(value: Any, allowed: tuple[Scalar, ...]) -> bool:
+    """`value in allowed`, as JSON sees equality: true is not 1 and false is not 0."""
+    if value not in allowed:
+        return False
+    if value is True or value is False or True in allowed or False in allowed:
+        is_bool = value is True or value is False
+        return any(value == a and is_bool == (a is True or a is False) for a in allowed)
+    return True
 
 
 @dataclass(frozen=True, slots=True)

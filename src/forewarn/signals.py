@@ -1,14 +1,15 @@
 """Compiled conditions: each condition kind as a small object the engine drives.
 
-A leaf keeps its per-subject state in one slot of the trigger state's `leaves` list and has four
-verbs, all taking time as an argument:
+A trigger's state for one subject is one flat list (see `engine`); a stateful leaf owns
+`slots` consecutive entries of it from index `slot`. A leaf has three verbs, all taking time as
+an argument:
 
-- `feed(ts, event)`       a matching event arrives (only stateful leaves)
-- `test(ctx)`             is the condition true now?
-- `next(ctx, truth)`      the earliest time its truth could change with no new event, or NEVER
+- `feed(ts, event, now)`  a matching event arrives (stateful leaves only)
+- `check(ctx)`            (is it true now?, the earliest time that could change with no new
+                          event, or NEVER)
 - `explain(ctx)`          the numbers behind the answer (a firing's evidence, `why`)
 
-`next` may answer early (the engine then re-checks and asks again), never late: that is what
+The time `check` gives may be early (the engine then checks again), never late: that is what
 lets a firing happen at its exact moment even when no event arrives.
 
 Windowed counts live in sparse bucketed rings: a flat list `[total, b0, c0, b1, c1, ...]` of
@@ -112,29 +113,25 @@ def _width(span: int) -> int:
 
 
 class Leaf:
-    slot = -1  # index into TState.leaves, for stateful leaves
-    stateful = False
+    slot = -1  # where its entries start in the trigger state, for stateful leaves
+    slots = 0  # how many entries it owns
     names: tuple[str, ...] = ()  # track event names that feed it
     where: Callable[[dict[str, Any]], bool] | None = None  # the engine checks it before `feed`
     pages = False  # fed by page views
     uses_properties = False
 
-    def new(self) -> Any:
+    def new(self) -> list[Any]:
+        """Initial values of its entries."""
+        return []
+
+    def feed(self, ts: TState, event: Event, now: int) -> None:
         return None
 
-    def feed(self, ts: TState, event: Event, now: int) -> bool:
-        return False
-
-    def test(self, c: Ctx) -> bool:
+    def check(self, c: Ctx) -> tuple[bool, int]:
         raise NotImplementedError
 
-    def next(self, c: Ctx, truth: bool) -> int:
-        return NEVER
-
-    def check(self, c: Ctx) -> tuple[bool, int]:
-        """`test` and `next` in one call."""
-        truth = self.test(c)
-        return truth, self.next(c, truth)
+    def test(self, c: Ctx) -> bool:
+        return self.check(c)[0]
 
     def explain(self, c: Ctx) -> dict[str, Any]:
         raise NotImplementedError
@@ -147,6 +144,13 @@ def _where_dict(where: playbook.Where) -> dict[str, Any]:
     return {k: (v[0] if len(v) == 1 else list(v)) for k, v in where.pairs}
 
 
+def _named(kind: str, name: str, where: playbook.Where) -> dict[str, Any]:
+    out: dict[str, Any] = {"condition": kind, "name": name}
+    if where.pairs:
+        out["where"] = _where_dict(where)
+    return out
+
+
 class EventLeaf(Leaf):
     def __init__(self, cond: playbook.EventCond) -> None:
         self.cond = cond
@@ -154,30 +158,13 @@ class EventLeaf(Leaf):
         self.where = cond.where.matches if cond.where.pairs else None
         self.within = cond.within_ms
         self.width = _width(cond.within_ms) if cond.within_ms else 0
-        self.stateful = bool(self.within)  # without a window it only looks at the event itself
+        self.slots = 1 if self.within else 0  # without a window it only looks at the event
 
-    def new(self) -> Ring:
-        return [0]
+    def new(self) -> list[Any]:
+        return [[0]]
 
-    def feed(self, ts: TState, event: Event, now: int) -> bool:
-        if self.within:
-            ring_add(ts.leaves[self.slot], event.timestamp_ms, self.width, self.within, now)
-        return True
-
-    def check(self, c: Ctx) -> tuple[bool, int]:
-        if not self.within:
-            return self._now_matches(c), NEVER
-        ring = c.ts.leaves[self.slot]
-        count = ring_count(ring, self.width, self.within, c.now)
-        need = self.cond.count
-        if count < need:
-            return False, NEVER  # only a new event can make it true
-        for i in range(1, len(ring), 2):
-            count -= ring[i + 1]
-            if count < need:
-                leaves_at: int = ring[i] * self.width + self.within
-                return True, leaves_at
-        return True, NEVER
+    def feed(self, ts: TState, event: Event, now: int) -> None:
+        ring_add(ts[self.slot], event.timestamp_ms, self.width, self.within or 1, now)
 
     def _now_matches(self, c: Ctx) -> bool:
         ev = c.event
@@ -188,29 +175,25 @@ class EventLeaf(Leaf):
             and (self.where is None or self.where(ev.properties))
         )
 
-    def test(self, c: Ctx) -> bool:
+    def check(self, c: Ctx) -> tuple[bool, int]:
         if not self.within:
-            return self._now_matches(c)
-        return ring_count(c.ts.leaves[self.slot], self.width, self.within, c.now) >= self.cond.count
-
-    def next(self, c: Ctx, truth: bool) -> int:
-        if not self.within or not truth:
-            return NEVER  # only a new event can make it true
-        ring = c.ts.leaves[self.slot]
-        left = ring[0]
-        for i in range(1, len(ring), 2):
-            left -= ring[i + 1]
-            if left < self.cond.count:
+            return self._now_matches(c), NEVER
+        ring = c.ts[self.slot]
+        count = ring_count(ring, self.width, self.within, c.now)
+        need = self.cond.count
+        if count < need:
+            return False, NEVER  # only a new event can make it true
+        for i in range(1, len(ring), 2):  # true until enough buckets have left
+            count -= ring[i + 1]
+            if count < need:
                 leaves_at: int = ring[i] * self.width + self.within
-                return leaves_at
-        return NEVER
+                return True, leaves_at
+        return True, NEVER
 
     def explain(self, c: Ctx) -> dict[str, Any]:
-        out: dict[str, Any] = {"condition": "event", "name": self.cond.name}
-        if self.cond.where.pairs:
-            out["where"] = _where_dict(self.cond.where)
+        out = _named("event", self.cond.name, self.cond.where)
         if self.within:
-            count = ring_count(c.ts.leaves[self.slot], self.width, self.within, c.now)
+            count = ring_count(c.ts[self.slot], self.width, self.within, c.now)
             out.update(count=count, at_least=self.cond.count, within=dur(self.within))
         else:
             out["matched"] = self._now_matches(c)
@@ -220,9 +203,12 @@ class EventLeaf(Leaf):
 class RateLeaf(Leaf):
     """Shared by spike and drop: the count in the window against the baseline rate.
 
-    A fine ring covers the window; a coarse ring covers window + baseline. The baseline count is
-    coarse minus fine, which is never negative because the coarse buckets are wider.
+    Entries: a fine ring over the window, a coarse ring over window + baseline, and (drop) a
+    cached time of the next possible change. The baseline count is coarse minus fine, never
+    negative because the coarse buckets are wider.
     """
+
+    slots = 3
 
     def __init__(self, name: str, where: playbook.Where, window: int, baseline: int) -> None:
         self.names = (name,)
@@ -233,30 +219,36 @@ class RateLeaf(Leaf):
         self.span = window + baseline
         self.coarse = _width(self.span)
 
-    stateful = True
-
     def new(self) -> list[Any]:
-        return [[0], [0], 0]  # fine ring, coarse ring, a cached answer of `next` (drop)
+        return [[0], [0], 0]
 
-    def feed(self, ts: TState, event: Event, now: int) -> bool:
-        rings = ts.leaves[self.slot]
-        ring_add(rings[0], event.timestamp_ms, self.fine, self.window, now)
-        ring_add(rings[1], event.timestamp_ms, self.coarse, self.span, now)
-        if rings[2] == NEVER:
-            rings[2] = 0  # "no drop ahead" held only while there was nothing to lose
-        return True
+    def feed(self, ts: TState, event: Event, now: int) -> None:
+        s = self.slot
+        ring_add(ts[s], event.timestamp_ms, self.fine, self.window, now)
+        ring_add(ts[s + 1], event.timestamp_ms, self.coarse, self.span, now)
+        if ts[s + 2] == NEVER:
+            ts[s + 2] = 0  # "no drop ahead" held only while there was nothing to lose
 
     def counts(self, c: Ctx) -> tuple[int, int]:
-        rings = c.ts.leaves[self.slot]
-        current = ring_count(rings[0], self.fine, self.window, c.now)
-        total = ring_count(rings[1], self.coarse, self.span, c.now)
+        ts = c.ts
+        current = ring_count(ts[self.slot], self.fine, self.window, c.now)
+        total = ring_count(ts[self.slot + 1], self.coarse, self.span, c.now)
         return current, total - current
-
-    def eligible_at(self, c: Ctx) -> int:
-        return c.subject.first_seen + self.span
 
     def rate(self, base: int) -> float:
         return base * self.window / self.baseline
+
+    def _explain(self, kind: str, c: Ctx, cond: playbook.SpikeCond | playbook.DropCond) -> Any:
+        current, base = self.counts(c)
+        out = _named(kind, cond.name, cond.where)
+        out.update(
+            count=current,
+            window=dur(self.window),
+            baseline_rate=round(self.rate(base), 4),
+            baseline=dur(self.baseline),
+            eligible=c.now >= c.subject.first_seen + self.span,
+        )
+        return out
 
 
 class SpikeLeaf(RateLeaf):
@@ -264,54 +256,26 @@ class SpikeLeaf(RateLeaf):
         super().__init__(cond.name, cond.where, cond.window_ms, cond.baseline_ms)
         self.cond = cond
 
-    def test(self, c: Ctx) -> bool:
-        if c.now < self.eligible_at(c):
-            return False
-        current, base = self.counts(c)
-        return current >= self.cond.min_count and current >= self.cond.factor * self.rate(base)
-
-    def next(self, c: Ctx, truth: bool) -> int:
-        eligible = self.eligible_at(c)
-        if c.now < eligible:
-            return eligible
-        rings = c.ts.leaves[self.slot]
-        if truth:  # ends as the window empties
-            return ring_leaves(rings[0], self.fine, self.window)
-        if self.counts(c)[1] == 0:
-            return NEVER
-        return ring_leaves(rings[1], self.coarse, self.span)  # a lower baseline may start it
-
     def check(self, c: Ctx) -> tuple[bool, int]:
         eligible = c.subject.first_seen + self.span
         if c.now < eligible:
             return False, eligible
         current, base = self.counts(c)
         cond = self.cond
-        rings = c.ts.leaves[self.slot]
-        if (
-            current >= cond.min_count
-            and current >= cond.factor * base * self.window / self.baseline
-        ):
-            return True, ring_leaves(rings[0], self.fine, self.window)
+        ts = c.ts
+        if current >= cond.min_count and current >= cond.factor * self.rate(base):
+            return True, ring_leaves(ts[self.slot], self.fine, self.window)  # ends as it empties
         if base == 0:
             return False, NEVER
-        return False, ring_leaves(rings[1], self.coarse, self.span)
+        return False, ring_leaves(ts[self.slot + 1], self.coarse, self.span)  # lower baseline
 
     def explain(self, c: Ctx) -> dict[str, Any]:
-        current, base = self.counts(c)
-        rate = self.rate(base)
-        out: dict[str, Any] = {"condition": "spike", "name": self.cond.name}
-        if self.cond.where.pairs:
-            out["where"] = _where_dict(self.cond.where)
+        out: dict[str, Any] = self._explain("spike", c, self.cond)
+        rate = out["baseline_rate"]
         out.update(
-            count=current,
-            window=dur(self.window),
-            baseline_rate=round(rate, 4),
-            baseline=dur(self.baseline),
             factor=self.cond.factor,
             threshold=round(max(self.cond.factor * rate, self.cond.min_count), 4),
             min_count=self.cond.min_count,
-            eligible=c.now >= self.eligible_at(c),
         )
         return out
 
@@ -325,26 +289,22 @@ class DropLeaf(RateLeaf):
         # current <= below * base * window / baseline, without rounding
         return base > 0 and current * self.baseline <= self.cond.below * base * self.window
 
-    def test(self, c: Ctx) -> bool:
-        if c.now < self.eligible_at(c):
-            return False
-        return self._dropped(*self.counts(c))
-
-    def next(self, c: Ctx, truth: bool) -> int:
-        eligible = self.eligible_at(c)
+    def check(self, c: Ctx) -> tuple[bool, int]:
+        eligible = c.subject.first_seen + self.span
         if c.now < eligible:
-            return eligible
-        rings = c.ts.leaves[self.slot]
-        if truth:  # baseline buckets leaving can end it
-            rings[2] = 0
-            return ring_leaves(rings[1], self.coarse, self.span)
-        if rings[2] > c.now:
-            cached: int = rings[2]
-            return cached  # new events only delay a drop, so the cached answer holds
+            return False, eligible
+        current, base = self.counts(c)
+        ts = c.ts
+        s = self.slot
+        if self._dropped(current, base):  # baseline buckets leaving can end it
+            ts[s + 2] = 0
+            return True, ring_leaves(ts[s + 1], self.coarse, self.span)
+        if ts[s + 2] > c.now:
+            cached: int = ts[s + 2]
+            return False, cached  # new events only delay a drop, so the cached answer holds
         # Walk the window's buckets as they leave, holding the baseline total fixed: buckets
         # leaving the baseline only make a drop less likely, so this answer is never late.
-        current, base = self.counts(c)
-        fine = rings[0]
+        fine = ts[s]
         answer = NEVER
         for i in range(1, len(fine), 2):
             current -= fine[i + 1]
@@ -352,63 +312,42 @@ class DropLeaf(RateLeaf):
             if self._dropped(current, base):
                 answer = fine[i] * self.fine + self.window
                 break
-        rings[2] = answer
-        return answer
+        ts[s + 2] = answer
+        return False, answer
 
     def explain(self, c: Ctx) -> dict[str, Any]:
-        current, base = self.counts(c)
-        rate = self.rate(base)
-        out: dict[str, Any] = {"condition": "drop", "name": self.cond.name}
-        if self.cond.where.pairs:
-            out["where"] = _where_dict(self.cond.where)
+        out: dict[str, Any] = self._explain("drop", c, self.cond)
         out.update(
-            count=current,
-            window=dur(self.window),
-            baseline_rate=round(rate, 4),
-            baseline=dur(self.baseline),
-            below=self.cond.below,
-            threshold=round(self.cond.below * rate, 4),
-            eligible=c.now >= self.eligible_at(c),
+            below=self.cond.below, threshold=round(self.cond.below * out["baseline_rate"], 4)
         )
         return out
 
 
 class AbsentLeaf(Leaf):
+    slots = 1
+
     def __init__(self, cond: playbook.AbsentCond) -> None:
         self.cond = cond
         self.names = (cond.name,)
         self.where = cond.where.matches if cond.where.pairs else None
 
-    stateful = True
+    def new(self) -> list[Any]:
+        return [-1]  # the last match
 
-    def new(self) -> int:
-        return -1
-
-    def feed(self, ts: TState, event: Event, now: int) -> bool:
-        if event.timestamp_ms > ts.leaves[self.slot]:
-            ts.leaves[self.slot] = event.timestamp_ms
-        return True
+    def feed(self, ts: TState, event: Event, now: int) -> None:
+        if event.timestamp_ms > ts[self.slot]:
+            ts[self.slot] = event.timestamp_ms
 
     def check(self, c: Ctx) -> tuple[bool, int]:
-        last: int = c.ts.leaves[self.slot]
+        last: int = c.ts[self.slot]
         if last < 0:
             return False, NEVER
         due = last + self.cond.for_ms
         return (True, NEVER) if c.now >= due else (False, due)
 
-    def test(self, c: Ctx) -> bool:
-        last: int = c.ts.leaves[self.slot]
-        return last >= 0 and c.now >= last + self.cond.for_ms
-
-    def next(self, c: Ctx, truth: bool) -> int:
-        last = c.ts.leaves[self.slot]
-        return last + self.cond.for_ms if last >= 0 and not truth else NEVER
-
     def explain(self, c: Ctx) -> dict[str, Any]:
-        last = c.ts.leaves[self.slot]
-        out: dict[str, Any] = {"condition": "absent", "name": self.cond.name}
-        if self.cond.where.pairs:
-            out["where"] = _where_dict(self.cond.where)
+        last = c.ts[self.slot]
+        out = _named("absent", self.cond.name, self.cond.where)
         out.update(
             last_seen=format_time(last) if last >= 0 else None,
             silent_for=dur(c.now - last) if last >= 0 and c.now > last else None,
@@ -420,16 +359,15 @@ class AbsentLeaf(Leaf):
 class ThresholdLeaf(Leaf):
     def __init__(self, cond: playbook.ThresholdCond) -> None:
         self.cond = cond
-        roots = {root for root, _ in cond.value.names}
-        self.uses_properties = "properties" in roots
+        self.uses_properties = any(root == "properties" for root, _ in cond.value.names)
         self.compare = _COMPARE[cond.op]
 
     def value(self, c: Ctx) -> float | None:
         return self.cond.value.evaluate(c.trait)
 
-    def test(self, c: Ctx) -> bool:
+    def check(self, c: Ctx) -> tuple[bool, int]:
         value = self.value(c)
-        return value is not None and self.compare(value, self.cond.target)
+        return value is not None and self.compare(value, self.cond.target), NEVER
 
     def explain(self, c: Ctx) -> dict[str, Any]:
         value = self.value(c)
@@ -463,50 +401,42 @@ def page_path(event: Event) -> str | None:
 
 
 class DwellLeaf(Leaf):
+    slots = 2
+    pages = True
+
     def __init__(self, cond: playbook.DwellCond) -> None:
         self.cond = cond
-        self.pages = True
         self.names = cond.unless
-        self.pattern = re.compile(fnmatch.translate(cond.page))
-
-    stateful = True
+        self.match = re.compile(fnmatch.translate(cond.page)).match
 
     def new(self) -> list[Any]:
         return [-1, None]  # when the dwell started, and on which path
 
+    def feed(self, ts: TState, event: Event, now: int) -> None:
+        s = self.slot
+        if event.kind == "page":
+            path = page_path(event)
+            if path is not None and self.match(path):
+                ts[s] = event.timestamp_ms
+                ts[s + 1] = path
+                return
+        # another page, or one of the `unless` events: the dwell ends until the next page view
+        ts[s] = -1
+        ts[s + 1] = None
+
     def check(self, c: Ctx) -> tuple[bool, int]:
-        start: int = c.ts.leaves[self.slot][0]
+        start: int = c.ts[self.slot]
         if start < 0:
             return False, NEVER
         due = start + self.cond.for_ms
         return (True, NEVER) if c.now >= due else (False, due)
 
-    def feed(self, ts: TState, event: Event, now: int) -> bool:
-        dwell = ts.leaves[self.slot]
-        if event.kind == "page":
-            path = page_path(event)
-            if path is not None and self.pattern.match(path):
-                dwell[0], dwell[1] = event.timestamp_ms, path
-            else:
-                dwell[0], dwell[1] = -1, None
-        else:  # one of the `unless` events ends the dwell until the next page view
-            dwell[0], dwell[1] = -1, None
-        return True
-
-    def test(self, c: Ctx) -> bool:
-        start: int = c.ts.leaves[self.slot][0]
-        return start >= 0 and c.now >= start + self.cond.for_ms
-
-    def next(self, c: Ctx, truth: bool) -> int:
-        start = c.ts.leaves[self.slot][0]
-        return start + self.cond.for_ms if start >= 0 and not truth else NEVER
-
     def explain(self, c: Ctx) -> dict[str, Any]:
-        start, path = c.ts.leaves[self.slot]
+        start = c.ts[self.slot]
         return {
             "condition": "dwell",
             "page": self.cond.page,
-            "path": path,
+            "path": c.ts[self.slot + 1],
             "dwell": dur(c.now - start) if start >= 0 and c.now > start else None,
             "threshold": dur(self.cond.for_ms),
             "unless": list(self.cond.unless),
@@ -533,18 +463,14 @@ class DateLeaf(Leaf):
     def __init__(self, cond: playbook.DateCond) -> None:
         self.cond = cond
 
-    def test(self, c: Ctx) -> bool:
-        date = _trait_ms(c, self.cond.trait)
-        return date is not None and c.now <= date <= c.now + self.cond.within_ms
-
-    def next(self, c: Ctx, truth: bool) -> int:
+    def check(self, c: Ctx) -> tuple[bool, int]:
         date = _trait_ms(c, self.cond.trait)
         if date is None:
-            return NEVER
-        if truth:
-            return date + 1  # inclusive: still true at the date itself
+            return False, NEVER
+        if c.now <= date <= c.now + self.cond.within_ms:
+            return True, date + 1  # inclusive: still true at the date itself
         opens = date - self.cond.within_ms
-        return opens if opens > c.now else NEVER
+        return False, (opens if opens > c.now else NEVER)
 
     def explain(self, c: Ctx) -> dict[str, Any]:
         date = _trait_ms(c, self.cond.trait)
@@ -561,15 +487,12 @@ class AgeLeaf(Leaf):
     def __init__(self, cond: playbook.AgeCond) -> None:
         self.cond = cond
 
-    def test(self, c: Ctx) -> bool:
+    def check(self, c: Ctx) -> tuple[bool, int]:
         since = _trait_ms(c, self.cond.since)
-        return since is not None and c.now >= since + self.cond.at_least_ms
-
-    def next(self, c: Ctx, truth: bool) -> int:
-        since = _trait_ms(c, self.cond.since)
-        if since is None or truth:
-            return NEVER
-        return since + self.cond.at_least_ms
+        if since is None:
+            return False, NEVER
+        due = since + self.cond.at_least_ms
+        return (True, NEVER) if c.now >= due else (False, due)
 
     def explain(self, c: Ctx) -> dict[str, Any]:
         since = _trait_ms(c, self.cond.since)
@@ -583,29 +506,25 @@ class AgeLeaf(Leaf):
 
 
 class EverLeaf(Leaf):
+    slots = 1
+
     def __init__(self, cond: playbook.EverCond) -> None:
         self.cond = cond
         self.names = (cond.name,)
         self.where = cond.where.matches if cond.where.pairs else None
 
-    stateful = True
+    def new(self) -> list[Any]:
+        return [False]
 
-    def new(self) -> bool:
-        return False
+    def feed(self, ts: TState, event: Event, now: int) -> None:
+        ts[self.slot] = True
 
-    def feed(self, ts: TState, event: Event, now: int) -> bool:
-        ts.leaves[self.slot] = True
-        return True
-
-    def test(self, c: Ctx) -> bool:
-        seen: bool = c.ts.leaves[self.slot]
-        return seen
+    def check(self, c: Ctx) -> tuple[bool, int]:
+        return c.ts[self.slot] is True, NEVER
 
     def explain(self, c: Ctx) -> dict[str, Any]:
-        out: dict[str, Any] = {"condition": "ever", "name": self.cond.name}
-        if self.cond.where.pairs:
-            out["where"] = _where_dict(self.cond.where)
-        out["seen"] = bool(c.ts.leaves[self.slot])
+        out = _named("ever", self.cond.name, self.cond.where)
+        out["seen"] = c.ts[self.slot] is True
         return out
 
 
@@ -613,8 +532,10 @@ class TraitsLeaf(Leaf):
     def __init__(self, cond: playbook.TraitsCond) -> None:
         self.cond = cond
 
-    def test(self, c: Ctx) -> bool:
-        return all(c.trait(*ref) in allowed for ref, allowed in self.cond.pairs)
+    def check(self, c: Ctx) -> tuple[bool, int]:
+        return all(
+            playbook.one_of(c.trait(*ref), allowed) for ref, allowed in self.cond.pairs
+        ), NEVER
 
     def explain(self, c: Ctx) -> dict[str, Any]:
         return {
@@ -633,16 +554,6 @@ class Group(Leaf):
 
     def leaves(self) -> list[Leaf]:
         return [leaf for child in self.children for leaf in child.leaves()]
-
-    def test(self, c: Ctx) -> bool:
-        if self.kind == "all":
-            return all(child.test(c) for child in self.children)
-        if self.kind == "any":
-            return any(child.test(c) for child in self.children)
-        return not self.children[0].test(c)
-
-    def next(self, c: Ctx, truth: bool) -> int:
-        return self.check(c)[1]
 
     def check(self, c: Ctx) -> tuple[bool, int]:
         """Truth, and a time before which it cannot change without an event.
