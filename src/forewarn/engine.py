@@ -63,16 +63,17 @@ ACTIVE, EPISODE, DEADLINE, FILED = range(4)  # EPISODE: when the current cooldow
 HEAD = 4  # DEADLINE: when to check again without events; FILED: the earliest timer handed out
 
 
-class Subject:
-    """A user or an account: first seen, the traits the playbooks read, trigger states."""
+class Subject(msgspec.Struct, gc=False):
+    """A user or an account: first seen, the traits the playbooks read, trigger states.
 
-    __slots__ = ("accounts", "first_seen", "states", "traits")
+    Not tracked by the garbage collector (it holds no reference cycles): a million subjects
+    would otherwise make every full collection walk them all.
+    """
 
-    def __init__(self, first_seen: int) -> None:
-        self.first_seen = first_seen
-        self.traits: dict[str, Any] | None = None
-        self.states: list[TState | None] | None = None  # by the trigger's slot in its scope
-        self.accounts: list[str] | None = None  # users: accounts joined, newest last
+    first_seen: int
+    traits: list[Any] | None = None  # by Playbook.trait_slots; None: not set
+    states: list[TState | None] | None = None  # by the trigger's slot in its scope
+    accounts: list[str] | None = None  # users: accounts joined, newest last
 
 
 class CompiledTrigger:
@@ -146,10 +147,23 @@ class Playbook:
                 (account_traits if on_account else user_traits).add(path[0])
                 if is_date and len(path) == 1:
                     (account_dates if on_account else user_dates).add(path[0])
-        self.user_traits = frozenset(user_traits)
-        self.account_traits = frozenset(account_traits)
-        self.user_dates = frozenset(user_dates)
-        self.account_dates = frozenset(account_dates)
+        # Only the traits some trigger reads are kept, each in a fixed slot per scope.
+        self.trait_keys = (tuple(sorted(user_traits)), tuple(sorted(account_traits)))
+        self.trait_slots = tuple({k: i for i, k in enumerate(keys)} for keys in self.trait_keys)
+        self.date_slots = (
+            frozenset(self.trait_slots[0][k] for k in user_dates),
+            frozenset(self.trait_slots[1][k] for k in account_dates),
+        )
+        # first seen matters only where spike and drop wait for history
+        self.first_seen = tuple(
+            any(
+                isinstance(leaf, signals.RateLeaf)
+                for ct in self.triggers
+                for leaf in ct.leaves
+                if ct.account == bool(scope)
+            )
+            for scope in (0, 1)
+        )
 
 
 def _trait_refs(spec: Trigger) -> list[tuple[str, tuple[str, ...], bool]]:
@@ -186,7 +200,7 @@ class State:
         self.members: dict[str, list[str]] = {}  # kept only when a user trigger reads account.*
         self.ctx = Ctx(self, Subject(0), [False, -1, NEVER, NEVER], None, 0)
 
-    def account_traits_of(self, user: Subject) -> dict[str, Any] | None:
+    def account_traits_of(self, user: Subject) -> list[Any] | None:
         if not user.accounts:
             return None
         account = self.accounts.get(user.accounts[-1])
@@ -197,39 +211,27 @@ class State:
 
 
 def _merge_traits(
-    subject: Subject,
-    traits: dict[str, Any],
-    keep: frozenset[str],
-    dates: frozenset[str],
-    late: bool,
+    subject: Subject, traits: dict[str, Any], book: Playbook, scope: int, late: bool
 ) -> bool:
-    """Newest value wins; only traits some trigger reads are kept, dates already parsed. A late
-    update only fills traits not set yet."""
+    """Newest value wins; dates are stored parsed. A late update only fills traits not set."""
     changed = False
-    for key in keep:
+    dates = book.date_slots[scope]
+    for i, key in enumerate(book.trait_keys[scope]):
         if key in traits:
-            if subject.traits is None:
-                subject.traits = {}
-            elif late and key in subject.traits:
+            kept = subject.traits
+            if kept is None:
+                kept = subject.traits = [None] * len(book.trait_keys[scope])
+            elif late and kept[i] is not None:
                 continue
             value = traits[key]
-            if key in dates and value is not None and not isinstance(value, bool):
+            if i in dates and value is not None and not isinstance(value, bool):
                 try:
                     value = parse_time_ms(value)
                 except (TypeError, ValueError, OverflowError):
                     value = None  # not a date: date and age conditions stay false
-            subject.traits[key] = value
+            kept[i] = value
             changed = True
     return changed
-
-
-def _subject(table: dict[str, Subject], key: str, t_ms: int) -> Subject:
-    subject = table.get(key)
-    if subject is None:
-        subject = table[key] = Subject(t_ms)
-    elif t_ms < subject.first_seen:
-        subject.first_seen = t_ms
-    return subject
 
 
 def apply(state: State, event: Event, now_ms: int) -> tuple[State, list[Firing], list[Timer]]:
@@ -255,7 +257,7 @@ def apply_into(
     users = state.users
     user = users.get(person)
     if user is None:
-        user = users[person] = Subject(t)
+        user = users[person] = Subject(t if book.first_seen[0] else 0)
     elif t < user.first_seen:
         user.first_seen = t
     kind = event.kind
@@ -269,7 +271,7 @@ def apply_into(
         for ct, leaves in book.pages:
             _feed_and_check(state, ct, person, user, leaves, event, now, firings, timers)
     elif kind == "identify":
-        if _merge_traits(user, event.traits, book.user_traits, book.user_dates, late):
+        if _merge_traits(user, event.traits, book, 0, late):
             for ct in book.on_traits[0]:
                 _check(state, ct, person, user, event, now, firings, timers)
     elif kind == "group":
@@ -288,7 +290,7 @@ def apply_into(
     for account_id in accounts:
         account = table.get(account_id)
         if account is None:
-            account = table[account_id] = Subject(t)
+            account = table[account_id] = Subject(t if book.first_seen[1] else 0)
         elif t < account.first_seen:
             account.first_seen = t
         for ct, leaves in by_name:
@@ -316,8 +318,13 @@ def _group(
         user.accounts = [account_id]
     elif joined:
         user.accounts.append(account_id)
-    account = _subject(state.accounts, account_id, event.timestamp_ms)
-    changed = _merge_traits(account, event.traits, book.account_traits, book.account_dates, late)
+    t = event.timestamp_ms
+    account = state.accounts.get(account_id)
+    if account is None:
+        account = state.accounts[account_id] = Subject(t if book.first_seen[1] else 0)
+    elif t < account.first_seen:
+        account.first_seen = t
+    changed = _merge_traits(account, event.traits, book, 1, late)
     if changed:
         for ct in book.on_traits[1]:
             _check(state, ct, account_id, account, event, now, firings, timers)
@@ -380,7 +387,12 @@ def _feed_and_check(
         if leaf.where is not None and not leaf.where(event.properties):
             continue
         if ts is None:
-            ts = _tstate(ct, subject, state.book)
+            states = subject.states
+            ts = states[ct.slot] if states is not None else None
+            if ts is None:
+                if not leaf.opens(event):
+                    continue  # nothing to end or count: keep no state for it
+                ts = _tstate(ct, subject, state.book)
         if leaf.slots:
             leaf.feed(ts, event, now)
     if ts is not None:
@@ -414,6 +426,7 @@ def _evaluate(
     timers: list[Timer],
 ) -> None:
     c = state.ctx  # one context, re-filled: evaluation is never re-entrant
+    c.account = ct.account
     c.subject = subject
     c.ts = ts
     c.event = event
@@ -478,6 +491,7 @@ def explain(state: State, trigger_id: str, subject_key: str, now_ms: int) -> dic
         return {"trigger": trigger_id, "subject": subject_key, "known": False}
     ts = (subject.states[ct.slot] if subject.states else None) or ct.new_state()
     c = Ctx(state, subject, ts, None, now_ms)
+    c.account = ct.account
     return {
         "trigger": trigger_id,
         "subject": subject_key,

@@ -41,7 +41,7 @@ Ring = list[int]
 class Ctx:
     """What a condition may look at: the subject, its trigger state, the event, the time."""
 
-    __slots__ = ("event", "now", "state", "subject", "ts")
+    __slots__ = ("account", "event", "now", "state", "subject", "ts")
 
     def __init__(
         self, state: State, subject: Subject, ts: TState, event: Event | None, now: int
@@ -51,18 +51,22 @@ class Ctx:
         self.ts = ts
         self.event = event
         self.now = now
+        self.account = False  # the subject is an account
 
     def trait(self, root: str, path: tuple[str, ...]) -> Any:
         if root == "traits":
             traits = self.subject.traits
+            slot = self.state.book.trait_slots[self.account].get(path[0])
         elif root == "account":
             traits = self.state.account_traits_of(self.subject)
+            slot = self.state.book.trait_slots[1].get(path[0])
         else:
             ev = self.event
             return expr.dig(ev.properties, path) if ev is not None and ev.kind == "track" else None
-        if not traits:
+        if traits is None or slot is None:
             return None
-        return traits.get(path[0]) if len(path) == 1 else expr.dig(traits, path)
+        value = traits[slot]
+        return value if len(path) == 1 else expr.dig(value, path[1:])
 
 
 # --- rings ------------------------------------------------------------------------------------
@@ -119,6 +123,10 @@ class Leaf:
     where: Callable[[dict[str, Any]], bool] | None = None  # the engine checks it before `feed`
     pages = False  # fed by page views
     uses_properties = False
+
+    def opens(self, event: Event) -> bool:
+        """Whether this event is worth keeping state for, when the subject has none yet."""
+        return True
 
     def new(self) -> list[Any]:
         """Initial values of its entries."""
@@ -411,6 +419,13 @@ class DwellLeaf(Leaf):
 
     def new(self) -> list[Any]:
         return [-1, None]  # when the dwell started, and on which path
+
+    def opens(self, event: Event) -> bool:
+        # only a matching page starts a dwell; anything else merely ends one
+        if event.kind != "page":
+            return False
+        path = page_path(event)
+        return path is not None and self.match(path) is not None
 
     def feed(self, ts: TState, event: Event, now: int) -> None:
         s = self.slot
