@@ -580,14 +580,25 @@ class Group(Leaf):
         if kind == "not":
             truth, soonest = self.children[0].check(c)
             return not truth, soonest
-        results = [child.check(c) for child in self.children]
-        if kind == "all":
-            if all(r[0] for r in results):
-                return True, min(r[1] for r in results)
-            return False, max(r[1] for r in results if not r[0])
-        if any(r[0] for r in results):
-            return True, max(r[1] for r in results if r[0])
-        return False, min(r[1] for r in results)
+        # soonest change of any part; latest change among the parts that hold the whole where
+        # it is (the false parts of a false `all`, the true parts of a true `any`)
+        want = kind == "all"  # the value every part must have for the whole to have it
+        whole = want
+        soonest = NEVER
+        latest = 0
+        for child in self.children:
+            truth, change = child.check(c)
+            if change < soonest:
+                soonest = change
+            if truth is not want:
+                if whole is want:
+                    whole = not want
+                    latest = change
+                elif change > latest:
+                    latest = change
+        if whole is want:
+            return whole, soonest
+        return whole, latest
 
     def explain(self, c: Ctx) -> dict[str, Any]:
         parts = []
