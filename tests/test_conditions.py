@@ -1424,3 +1424,99 @@ def test_runner_chunking_and_advancing_do_not_change_firings():
         firings += runner.advance(rng.randint(chunk[-1].timestamp_ms, nxt))
     firings += runner.finish(ms(days=1))
     assert _summary(firings) == expected
+
+
+# --- regressions from review ------------------------------------------------------------------
+
+
+def test_an_event_with_a_properties_threshold_fires_once_per_event():
+    for scope, extra in (("user", {}), ("account", {"account": "acme"})):
+        fs = run(
+            '{all: [{event: {name: Purchase}}, {threshold: {value: "properties.amount", ">": 100}}]}',
+            [
+                track("Purchase", at(), amount=200, **extra),
+                track("Purchase", at(minutes=1), amount=50, **extra),
+            ],
+            scope=scope,
+        )
+        assert times(fs) == [at()], scope
+
+
+def test_spike_at_exactly_factor_times_the_rate_despite_float_rounding():
+    # 29 errors over days 1..7, then 29 in the current day: 29 >= 7 * 29 * 1d / 7d exactly,
+    # though 7 * (29 * 1 / 7) is 29.000000000000004 in floating point
+    when = "{spike: {name: Error, window: 1d, baseline: 7d, factor: 7, min_count: 1}}"
+    baseline = [
+        track("Error", at(days=d, hours=12, minutes=m))
+        for d in range(1, 8)
+        for m in range(5 if d == 1 else 4)
+    ]
+    assert len(baseline) == 29
+    burst = [track("Error", at(days=8, hours=12, minutes=30 + m)) for m in range(29)]
+    fs = run(when, [identify(at(), plan="x"), *baseline, *burst])
+    assert times(fs) == [at(days=8, hours=12, minutes=58)]
+
+
+def test_a_trait_read_as_a_date_keeps_its_text_for_other_conditions():
+    triggers = playbook(
+        """
+triggers:
+  - id: stage
+    when: {traits: {stage: "2026-02-01"}}
+    action: {channel: email, message: hi}
+  - id: soon
+    when: {date: {trait: stage, within: 30d}}
+    action: {channel: email, message: hi}
+"""
+    )
+    fs = replay(triggers, [identify(at(), stage="2026-02-01")], until=at(days=40))
+    assert [(f.trigger, f.to_dict()["at"]) for f in fs] == [
+        ("stage", at()),
+        ("soon", "2026-01-05T00:00:00Z"),
+    ]
+
+
+def test_why_does_not_change_the_state():
+    triggers = trigger("{event: {name: Error, count: 2, within: 1h}}")
+    state = engine.State(engine.Playbook(triggers))
+    first, second = events([track("Error", at()), track("Error", at(minutes=30))])
+    engine.apply(state, first, first.timestamp_ms)
+    why = engine.explain(state, "t", "u1", ms(hours=2))
+    assert why["evidence"]["count"] == 0
+    _, fired, _ = engine.apply(state, second, second.timestamp_ms)
+    assert len(fired) == 1  # the first error still counts
+
+
+def test_why_names_the_known_triggers_for_an_unknown_one():
+    from forewarn.errors import NotFoundError
+
+    state = engine.State(engine.Playbook(trigger("{event: {name: X}}")))
+    with pytest.raises(NotFoundError, match="no trigger 'nope'; the playbooks define: t"):
+        engine.explain(state, "nope", "u1", T0_MS)
+
+
+def test_a_late_page_view_from_before_the_dwell_does_not_end_it():
+    triggers = trigger('{dwell: {page: "/settings*", for: 3m}}')
+    fs, _ = run_unsorted(
+        triggers,
+        [page("/settings", at(minutes=10)), page("/home", at(minutes=5))],  # the second is late
+        lateness_ms=0,
+        until=at(hours=1),
+    )
+    assert times(fs) == [at(minutes=13)]
+
+
+def test_an_event_exactly_the_lateness_late_is_still_in_order():
+    triggers = trigger("{event: {name: Export}}", scope="account")
+    fs, runner = run_unsorted(
+        triggers,
+        [
+            track("Export", at(minutes=5)),
+            track("Ping", at(minutes=5, seconds=10)),
+            group(at(minutes=5), "acme"),
+        ],
+        lateness_ms=10_000,
+        until=at(hours=1),
+    )
+    assert runner.late == 0
+    assert seen(fs) == [("acme", at(minutes=5))]

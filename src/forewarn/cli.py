@@ -17,6 +17,7 @@ import msgspec
 from forewarn import describe, engine
 from forewarn.errors import ForewarnError, InputError
 from forewarn.model import Event, parse_time_ms
+from forewarn.playbook import Trigger
 from forewarn.runner import Runner
 from forewarn.sources import load_playbooks, read_events
 
@@ -93,6 +94,7 @@ def _replay(args: argparse.Namespace) -> int:
         emit(runner.push(event))
     last = replayed[-1].timestamp_ms if replayed else None
     emit(runner.finish(until_ms if until_ms is not None else last))
+    gc.unfreeze()
     if table:
         _print_table(triggers, rows, subjects, out)
     summary = f"replayed {runner.events} events"
@@ -109,7 +111,7 @@ def _timestamp(event: Event) -> int:
 
 
 def _print_table(
-    triggers: Sequence[object],
+    triggers: Sequence[Trigger],
     rows: dict[str, Counter[str]],
     subjects: dict[str, set[str]],
     out: IO[str],
@@ -117,7 +119,7 @@ def _print_table(
     head = ("trigger", "firings", "subjects", "send", "held_out", "suppressed")
     lines = [head]
     for t in triggers:
-        tid = getattr(t, "id", "")
+        tid = t.id
         row = rows.get(tid, Counter())
         suppressed = ", ".join(
             f"{k.split(':', 1)[1]} {v}"

@@ -37,7 +37,8 @@ def condition(cond: pb.Condition, scope: str) -> str:
     if isinstance(cond, pb.DropCond):
         return (
             f"'{cond.name}'{_where(cond.where)} in the last {dur(cond.window_ms)} falls to "
-            f"{cond.below:.0%} or less of {who}'s rate over the previous {dur(cond.baseline_ms)}"
+            f"{cond.below * 100:g}% or less of {who}'s rate over the previous "
+            f"{dur(cond.baseline_ms)}"
         )
     if isinstance(cond, pb.AbsentCond):
         return f"{who} did '{cond.name}'{_where(cond.where)} before but not for {dur(cond.for_ms)}"
@@ -86,7 +87,7 @@ def trigger(t: pb.Trigger) -> str:
     else:
         lines.append("  no cooldown: every new episode is acted on")
     if t.holdout:
-        lines.append(f"  {t.holdout:.0%} of {t.scope}s held out as a control group")
+        lines.append(f"  {t.holdout * 100:g}% of {t.scope}s held out as a control group")
     if t.priority:
         lines.append(f"  priority {t.priority}")
     if t.goal:

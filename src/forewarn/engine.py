@@ -15,6 +15,7 @@ suppressed with reason `cooldown`.
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Iterable
 from typing import Any, NamedTuple
 
@@ -22,9 +23,10 @@ import msgspec
 
 from forewarn import decide, signals
 from forewarn import playbook as pb
-from forewarn.model import Event, format_time, parse_time_ms
+from forewarn.errors import NotFoundError
+from forewarn.model import Event, format_time
 from forewarn.playbook import Trigger
-from forewarn.signals import NEVER, Ctx, Leaf
+from forewarn.signals import NEVER, Ctx, Leaf, as_time_ms
 
 
 class Timer(NamedTuple):
@@ -58,9 +60,11 @@ class Firing(msgspec.Struct):
 
 # One trigger's state for one subject is a flat list: these four entries, then each stateful
 # leaf's entries (see signals.Leaf.slot). A list costs less memory than an object holding one.
+# ACTIVE: the condition is true; EPISODE: when the current cooldown started; DEADLINE: when to
+# check again without events; FILED: the earliest timer handed to the host for it.
 TState = list[Any]
-ACTIVE, EPISODE, DEADLINE, FILED = range(4)  # EPISODE: when the current cooldown started
-HEAD = 4  # DEADLINE: when to check again without events; FILED: the earliest timer handed out
+ACTIVE, EPISODE, DEADLINE, FILED = range(4)
+HEAD = 4
 
 
 class Subject(msgspec.Struct, gc=False):
@@ -133,7 +137,8 @@ class Playbook:
             page_leaves = [leaf for leaf in ct.leaves if leaf.pages]
             if page_leaves:
                 self.pages.append((ct, page_leaves))
-            roots = {root for root, _, _ in _trait_refs(ct.spec)}
+            refs = _trait_refs(ct.spec)
+            roots = {root for root, _, _ in refs}
             if ct.account and roots:
                 self.on_traits[1].append(ct)
             if not ct.account and "traits" in roots:
@@ -142,20 +147,21 @@ class Playbook:
                 self.on_account_traits.append(ct)
             if ct.instant and any(leaf.uses_properties for leaf in ct.leaves):
                 self.on_any_track[scope].append(ct)
-            for root, path, is_date in _trait_refs(ct.spec):
+            for root, path, is_date in refs:
                 on_account = root == "account" or ct.account
                 (account_traits if on_account else user_traits).add(path[0])
                 if is_date and len(path) == 1:
                     (account_dates if on_account else user_dates).add(path[0])
-        # Only the traits some trigger reads are kept, each in a fixed slot per scope.
+        # Only the traits some trigger reads are kept, each in a fixed slot per scope; a trait
+        # read as a date also keeps its parsed value, in a slot after all the raw ones.
         self.trait_keys = (tuple(sorted(user_traits)), tuple(sorted(account_traits)))
         self.trait_slots = tuple({k: i for i, k in enumerate(keys)} for keys in self.trait_keys)
-        self.date_slots = (
-            frozenset(self.trait_slots[0][k] for k in user_dates),
-            frozenset(self.trait_slots[1][k] for k in account_dates),
+        self.date_slots = tuple(
+            {k: len(keys) + i for i, k in enumerate(sorted(dates))}
+            for keys, dates in zip(self.trait_keys, (user_dates, account_dates), strict=True)
         )
         # first seen matters only where spike and drop wait for history
-        self.first_seen = tuple(
+        self.needs_first_seen = tuple(
             any(
                 isinstance(leaf, signals.RateLeaf)
                 for ct in self.triggers
@@ -213,23 +219,20 @@ class State:
 def _merge_traits(
     subject: Subject, traits: dict[str, Any], book: Playbook, scope: int, late: bool
 ) -> bool:
-    """Newest value wins; dates are stored parsed. A late update only fills traits not set."""
+    """Newest value wins. A late update only fills traits not set yet."""
     changed = False
+    keys = book.trait_keys[scope]
     dates = book.date_slots[scope]
-    for i, key in enumerate(book.trait_keys[scope]):
+    for i, key in enumerate(keys):
         if key in traits:
             kept = subject.traits
             if kept is None:
-                kept = subject.traits = [None] * len(book.trait_keys[scope])
+                kept = subject.traits = [None] * (len(keys) + len(dates))
             elif late and kept[i] is not None:
                 continue
-            value = traits[key]
-            if i in dates and value is not None and not isinstance(value, bool):
-                try:
-                    value = parse_time_ms(value)
-                except (TypeError, ValueError, OverflowError):
-                    value = None  # not a date: date and age conditions stay false
-            kept[i] = value
+            value = kept[i] = traits[key]
+            if key in dates:
+                kept[dates[key]] = as_time_ms(value)
             changed = True
     return changed
 
@@ -257,16 +260,18 @@ def apply_into(
     users = state.users
     user = users.get(person)
     if user is None:
-        user = users[person] = Subject(t if book.first_seen[0] else 0)
+        user = users[person] = Subject(t if book.needs_first_seen[0] else 0)
     elif t < user.first_seen:
         user.first_seen = t
     kind = event.kind
 
     if kind == "track":
-        for ct, leaves in book.by_name[0].get(event.name, ()):
+        named = book.by_name[0].get(event.name, ())
+        for ct, leaves in named:
             _feed_and_check(state, ct, person, user, leaves, event, now, firings, timers)
         for ct in book.on_any_track[0]:
-            _check(state, ct, person, user, event, now, firings, timers)
+            if not any(ct is seen for seen, _ in named):  # checked once per event
+                _check(state, ct, person, user, event, now, firings, timers)
     elif kind == "page":
         for ct, leaves in book.pages:
             _feed_and_check(state, ct, person, user, leaves, event, now, firings, timers)
@@ -277,8 +282,8 @@ def apply_into(
     elif kind == "group":
         _group(state, person, user, event, now, late, firings, timers)
         return
-    elif kind == "alias" and event.previous_id is not None and event.user_id is not None:
-        state.aliases[event.previous_id] = event.user_id
+    elif kind == "alias":  # the model guarantees both ids
+        state.aliases[event.previous_id or ""] = person
 
     # account-scoped triggers see the events of all the account's users
     if event.account_id is not None:
@@ -290,14 +295,15 @@ def apply_into(
     for account_id in accounts:
         account = table.get(account_id)
         if account is None:
-            account = table[account_id] = Subject(t if book.first_seen[1] else 0)
+            account = table[account_id] = Subject(t if book.needs_first_seen[1] else 0)
         elif t < account.first_seen:
             account.first_seen = t
         for ct, leaves in by_name:
             _feed_and_check(state, ct, account_id, account, leaves, event, now, firings, timers)
         if kind == "track":
             for ct in book.on_any_track[1]:
-                _check(state, ct, account_id, account, event, now, firings, timers)
+                if not any(ct is seen for seen, _ in by_name):  # checked once per event
+                    _check(state, ct, account_id, account, event, now, firings, timers)
 
 
 def _group(
@@ -321,7 +327,7 @@ def _group(
     t = event.timestamp_ms
     account = state.accounts.get(account_id)
     if account is None:
-        account = state.accounts[account_id] = Subject(t if book.first_seen[1] else 0)
+        account = state.accounts[account_id] = Subject(t if book.needs_first_seen[1] else 0)
     elif t < account.first_seen:
         account.first_seen = t
     changed = _merge_traits(account, event.traits, book, 1, late)
@@ -434,7 +440,7 @@ def _evaluate(
     truth, deadline = ct.cond.check(c)
     if truth and not ts[ACTIVE]:
         firings.append(_fire(state, ct, key, ts, c))
-    if truth and ct.instant and event is not None:
+    if truth and ct.instant and event is not None:  # (instant: only true while an event is)
         c.event = None  # at rest after the instant: re-arms for the next matching event
         truth, deadline = ct.cond.check(c)
     if deadline <= now:  # a condition must name a future moment; never spin on the present
@@ -485,11 +491,13 @@ def explain(state: State, trigger_id: str, subject_key: str, now_ms: int) -> dic
         if ct.spec.id == trigger_id:
             break
     else:
-        raise KeyError(trigger_id)
+        known = ", ".join(t.spec.id for t in state.book.triggers)
+        raise NotFoundError(f"no trigger '{trigger_id}'; the playbooks define: {known}")
     subject = state.subjects(ct.account).get(subject_key)
     if subject is None:
         return {"trigger": trigger_id, "subject": subject_key, "known": False}
     ts = (subject.states[ct.slot] if subject.states else None) or ct.new_state()
+    ts = copy.deepcopy(ts)  # reading forgets buckets that have left: never on the live state
     c = Ctx(state, subject, ts, None, now_ms)
     c.account = ct.account
     return {

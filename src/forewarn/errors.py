@@ -3,7 +3,8 @@
     ForewarnError            status 400 unless a subclass says otherwise
     ├── PlaybookError        a playbook does not validate (carries every problem found)
     ├── EventError           one incoming message is not a valid event
-    └── InputError           a file or argument cannot be used
+    ├── InputError           a file or argument cannot be used
+    └── NotFoundError        404: no such trigger (or subject, ...)
 
 Every message says what was wrong and what to do about it.
 """
@@ -66,3 +67,8 @@ class EventError(ForewarnError):
 
 class InputError(ForewarnError):
     code = "invalid_input"
+
+
+class NotFoundError(ForewarnError):
+    status = 404
+    code = "not_found"

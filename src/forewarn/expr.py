@@ -17,6 +17,7 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 ROOTS = ("traits", "properties", "account")
+MAX_TOKENS = 200  # keeps parsing and evaluation far from Python's recursion limit
 
 Lookup = Callable[[str, tuple[str, ...]], Any]
 Compiled = Callable[[Lookup], float | None]
@@ -49,7 +50,10 @@ class Expression:
 def _number(value: Any) -> float | None:
     if isinstance(value, bool) or not isinstance(value, int | float):
         return None
-    return float(value)
+    try:
+        return float(value)
+    except OverflowError:  # an integer too large for a float
+        return None
 
 
 def parse(source: str) -> Expression:
@@ -69,6 +73,10 @@ def parse(source: str) -> Expression:
         pos = m.end()
     if not tokens:
         raise ExpressionError("the expression is empty: write e.g. traits.used / traits.limit")
+    if len(tokens) > MAX_TOKENS:
+        raise ExpressionError(
+            f"the expression has {len(tokens)} parts; at most {MAX_TOKENS} are allowed"
+        )
     names: list[tuple[str, tuple[str, ...]]] = []
     index = 0
 

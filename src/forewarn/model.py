@@ -7,7 +7,8 @@ only the fields the engine needs: that is the fastest JSON path in Python (see P
 
 from __future__ import annotations
 
-from datetime import UTC, datetime
+import math
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import msgspec
@@ -60,6 +61,9 @@ class Event(msgspec.Struct, gc=False):
 
 
 _decoder = msgspec.json.Decoder(SegmentMessage)
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+_ONE_MS = timedelta(milliseconds=1)
+MAX_TIME_MS = 253_402_300_800_000  # 10000-01-01: times are kept within years 1970 to 9999
 _FIRST_AT_A_MOMENT = frozenset(("identify", "group", "alias"))
 
 
@@ -73,7 +77,8 @@ _EMPTY: dict[str, Any] = {}
 
 
 def parse_time_ms(value: str | int | float) -> int:
-    """ISO 8601 (a missing zone means UTC) or an integer count of milliseconds since the epoch."""
+    """ISO 8601 (a missing zone means UTC) or an integer count of milliseconds since the epoch,
+    between 1970 and 9999; ValueError otherwise."""
     if type(value) is str:
         try:
             when = datetime.fromisoformat(value)  # Python 3.11 reads Z and most of ISO 8601
@@ -84,14 +89,18 @@ def parse_time_ms(value: str | int | float) -> int:
             when = datetime.fromisoformat(text)
         if when.tzinfo is None:
             when = when.replace(tzinfo=UTC)
-        return round(when.timestamp() * 1000)
-    if isinstance(value, bool):
+        ms = (when - _EPOCH) // _ONE_MS  # exact, truncating below a millisecond
+    elif isinstance(value, bool):
         raise ValueError("a boolean is not a time")
-    if isinstance(value, int):
-        return value
-    if isinstance(value, float):
-        return round(value)
-    raise ValueError(f"{value!r} is not a time")
+    elif isinstance(value, int):
+        ms = value
+    elif isinstance(value, float) and math.isfinite(value):
+        ms = int(value)
+    else:
+        raise ValueError(f"{value!r} is not a time")
+    if not 0 <= ms < MAX_TIME_MS:
+        raise ValueError(f"{value!r} is outside 1970-01-01 .. 9999-12-31")
+    return ms
 
 
 def format_time(ms: int) -> str:
@@ -153,7 +162,7 @@ def from_message(msg: SegmentMessage) -> Event:
     except (ValueError, OverflowError):
         raise EventError(
             f"timestamp {stamp!r} is not ISO 8601 (e.g. 2026-11-23T10:00:00Z) "
-            "nor milliseconds since the epoch"
+            "nor milliseconds since the epoch, between 1970 and 9999"
         ) from None
     message_id = msg.message_id
     return Event(
@@ -178,6 +187,10 @@ def decode_event(data: bytes | str) -> Event:
         raise EventError(f"not a valid Segment message: {exc}") from None
     except msgspec.DecodeError as exc:
         raise EventError(f"not valid JSON: {exc}") from None
+    except UnicodeDecodeError:
+        raise EventError("not valid JSON: the line is not UTF-8") from None
+    except RecursionError:
+        raise EventError("not valid JSON: nested too deeply") from None
     return from_message(msg)
 
 

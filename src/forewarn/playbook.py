@@ -7,6 +7,7 @@ files: callers hand it `(name, text)` pairs.
 
 from __future__ import annotations
 
+import math
 import re
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -251,8 +252,10 @@ def _scalar(node: yaml.Node) -> Any:
         raise _Invalid(node, "YAML merge keys (<<) are not supported: write the keys out")
     try:
         return _constructor.construct_object(node, deep=True)
-    except yaml.YAMLError as exc:
-        raise _Invalid(node, f"cannot read this value: {exc}") from None
+    except Exception as exc:  # explicit tags (!!int abc) fail in several ways
+        raise _Invalid(node, f"cannot read the value {node.value!r}: {exc}") from None
+    finally:
+        _constructor.constructed_objects.clear()  # the constructor would keep every node
 
 
 def _mapping(node: yaml.Node, what: str) -> list[tuple[str, yaml.Node, yaml.Node]]:
@@ -310,6 +313,12 @@ def _number(
     value = _scalar(node)
     if isinstance(value, bool) or not isinstance(value, int | float):
         raise _Invalid(node, f"{what} must be a number, got {value!r}")
+    try:
+        value = float(value)
+    except OverflowError:
+        value = math.inf
+    if not math.isfinite(value):
+        raise _Invalid(node, f"{what} must be a finite number, got {node.value!r}")
     if (low is not None and value < low) or (high is not None and value > high):
         bounds = f"between {low} and {high}" if high is not None else f"at least {low}"
         raise _Invalid(node, f"{what} must be {bounds}, got {value!r}")
@@ -370,7 +379,9 @@ _PLANNED = ("anomaly", "overdue")
 CONDITION_KINDS = _LEAVES + _COMBINATORS
 
 
-def _condition(node: yaml.Node, scope: str) -> Condition:
+def _condition(node: yaml.Node, scope: str, depth: int = 0) -> Condition:
+    if depth > MAX_DEPTH:
+        raise _Invalid(node, f"conditions are nested more than {MAX_DEPTH} deep")
     items = _mapping(node, "a condition")
     if len(items) != 1:
         raise _Invalid(
@@ -390,10 +401,10 @@ def _condition(node: yaml.Node, scope: str) -> Condition:
     if kind in ("all", "any"):
         if not isinstance(body, yaml.SequenceNode) or not body.value:
             raise _Invalid(body, f"{kind} takes a non-empty list of conditions")
-        children = tuple(_condition(child, scope) for child in body.value)
+        children = tuple(_condition(child, scope, depth + 1) for child in body.value)
         return AllCond(children) if kind == "all" else AnyCond(children)
     if kind == "not":
-        child = _condition(body, scope)
+        child = _condition(body, scope, depth + 1)
         if _instantaneous(child):
             raise _Invalid(
                 body,
@@ -644,6 +655,30 @@ def _trigger(node: yaml.Node, file: str, problems: list[Problem]) -> Trigger | N
         return None
 
 
+MAX_DEPTH = 32  # nesting of conditions; YAML may nest a few levels more around them
+
+
+def _scan(text: str) -> tuple[int, str] | None:
+    """Refuse aliases and deep nesting before building the node tree: both can make a tiny file
+    take exponential time or exhaust the stack. Walks YAML's event stream, so it never
+    recurses."""
+    depth = 0
+    for event in yaml.parse(text, Loader=_Loader):
+        line = event.start_mark.line + 1 if event.start_mark is not None else 1
+        if isinstance(event, yaml.AliasEvent):
+            return (
+                line,
+                f"YAML aliases (*{event.anchor}) are not supported: write the value out",
+            )
+        if isinstance(event, yaml.CollectionStartEvent):
+            depth += 1
+            if depth > MAX_DEPTH * 2 + 8:
+                return line, "the file is nested too deeply"
+        elif isinstance(event, yaml.CollectionEndEvent):
+            depth -= 1
+    return None
+
+
 def parse_playbooks(sources: Iterable[tuple[str, str]]) -> list[Trigger]:
     """Parse playbook texts, given as (file name, YAML text); raises PlaybookError listing every
     problem found in every file."""
@@ -652,6 +687,10 @@ def parse_playbooks(sources: Iterable[tuple[str, str]]) -> list[Trigger]:
     first_seen: dict[str, Trigger] = {}
     for file, text in sources:
         try:
+            trouble = _scan(text)
+            if trouble is not None:
+                problems.append(Problem(file, trouble[0], None, trouble[1]))
+                continue
             root = yaml.compose(text, Loader=_Loader)
         except yaml.MarkedYAMLError as exc:
             mark = exc.problem_mark or exc.context_mark

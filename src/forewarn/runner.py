@@ -68,6 +68,7 @@ class Runner:
 
     @property
     def pending_timers(self) -> int:
+        """Timers handed out and not yet due (some may be stale)."""
         return len(self._timers)
 
     def _run_timers(self, upto_ms: int) -> list[Firing]:
@@ -90,7 +91,8 @@ class Runner:
     def _release(self, watermark_ms: int | None) -> list[Firing]:
         firings: list[Firing] = []
         buffer = self._buffer
-        limit = None if watermark_ms is None else watermark_ms * 2 + 1  # in order_key units
+        # strictly before the watermark: an event exactly `lateness` late is still in time
+        limit = None if watermark_ms is None else watermark_ms * 2 - 1  # in order_key units
         while buffer and (limit is None or buffer[0][0] <= limit):
             self._apply(heapq.heappop(buffer)[2], firings)
         return firings

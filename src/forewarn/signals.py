@@ -113,6 +113,14 @@ def _width(span: int) -> int:
     return max(1, span // BUCKETS)
 
 
+def _since(start: int, length: int, now: int) -> tuple[bool, int]:
+    """True from `start + length` on (a start below 0: never); the time it turns true."""
+    if start < 0:
+        return False, NEVER
+    due = start + length
+    return (True, NEVER) if now >= due else (False, due)
+
+
 # --- leaves -----------------------------------------------------------------------------------
 
 
@@ -172,7 +180,7 @@ class EventLeaf(Leaf):
         return [[0]]
 
     def feed(self, ts: TState, event: Event, now: int) -> None:
-        ring_add(ts[self.slot], event.timestamp_ms, self.width, self.within or 1, now)
+        ring_add(ts[self.slot], event.timestamp_ms, self.width, self.cond.within_ms or 0, now)
 
     def _now_matches(self, c: Ctx) -> bool:
         ev = c.event
@@ -211,12 +219,12 @@ class EventLeaf(Leaf):
 class RateLeaf(Leaf):
     """Shared by spike and drop: the count in the window against the baseline rate.
 
-    Entries: a fine ring over the window, a coarse ring over window + baseline, and (drop) a
-    cached time of the next possible change. The baseline count is coarse minus fine, never
-    negative because the coarse buckets are wider.
+    Entries: a fine ring over the window and a coarse ring over window + baseline, with buckets
+    of 1/60 of each (a baseline bucket is 1/60 of window + baseline). The baseline count is
+    coarse minus fine, never negative because the coarse buckets are wider.
     """
 
-    slots = 3
+    slots = 2
 
     def __init__(self, name: str, where: playbook.Where, window: int, baseline: int) -> None:
         self.names = (name,)
@@ -228,14 +236,12 @@ class RateLeaf(Leaf):
         self.coarse = _width(self.span)
 
     def new(self) -> list[Any]:
-        return [[0], [0], 0]
+        return [[0], [0]]
 
     def feed(self, ts: TState, event: Event, now: int) -> None:
         s = self.slot
         ring_add(ts[s], event.timestamp_ms, self.fine, self.window, now)
         ring_add(ts[s + 1], event.timestamp_ms, self.coarse, self.span, now)
-        if ts[s + 2] == NEVER:
-            ts[s + 2] = 0  # "no drop ahead" held only while there was nothing to lose
 
     def counts(self, c: Ctx) -> tuple[int, int]:
         ts = c.ts
@@ -271,10 +277,14 @@ class SpikeLeaf(RateLeaf):
         current, base = self.counts(c)
         cond = self.cond
         ts = c.ts
-        if current >= cond.min_count and current >= cond.factor * self.rate(base):
+        # current >= factor * base * window / baseline, without rounding
+        if (
+            current >= cond.min_count
+            and current * self.baseline >= cond.factor * base * self.window
+        ):
             return True, ring_leaves(ts[self.slot], self.fine, self.window)  # ends as it empties
-        if base == 0:
-            return False, NEVER
+        if base == 0 or current < cond.min_count:
+            return False, NEVER  # only new events can start it
         return False, ring_leaves(ts[self.slot + 1], self.coarse, self.span)  # lower baseline
 
     def explain(self, c: Ctx) -> dict[str, Any]:
@@ -289,9 +299,21 @@ class SpikeLeaf(RateLeaf):
 
 
 class DropLeaf(RateLeaf):
+    slots = 3  # and a cached time of the next possible change
+
     def __init__(self, cond: playbook.DropCond) -> None:
         super().__init__(cond.name, cond.where, cond.window_ms, cond.baseline_ms)
         self.cond = cond
+
+    def new(self) -> list[Any]:
+        return [[0], [0], 0]
+
+    def feed(self, ts: TState, event: Event, now: int) -> None:
+        super().feed(ts, event, now)
+        # A new event only delays a drop, unless it lands in the baseline (a late event) or
+        # there was no drop ahead only because there was nothing to lose.
+        if event.timestamp_ms < now or ts[self.slot + 2] == NEVER:
+            ts[self.slot + 2] = 0
 
     def _dropped(self, current: int, base: int) -> bool:
         # current <= below * base * window / baseline, without rounding
@@ -348,10 +370,7 @@ class AbsentLeaf(Leaf):
 
     def check(self, c: Ctx) -> tuple[bool, int]:
         last: int = c.ts[self.slot]
-        if last < 0:
-            return False, NEVER
-        due = last + self.cond.for_ms
-        return (True, NEVER) if c.now >= due else (False, due)
+        return _since(last, self.cond.for_ms, c.now)
 
     def explain(self, c: Ctx) -> dict[str, Any]:
         last = c.ts[self.slot]
@@ -404,7 +423,10 @@ def page_path(event: Event) -> str | None:
         return path
     url = props.get("url")
     if isinstance(url, str) and url:
-        return urlsplit(url).path or "/"
+        try:
+            return urlsplit(url).path or "/"
+        except ValueError:  # not a URL
+            return None
     return None
 
 
@@ -429,6 +451,8 @@ class DwellLeaf(Leaf):
 
     def feed(self, ts: TState, event: Event, now: int) -> None:
         s = self.slot
+        if event.timestamp_ms < ts[s]:
+            return  # a late event from before this dwell began changes nothing
         if event.kind == "page":
             path = page_path(event)
             if path is not None and self.match(path):
@@ -441,10 +465,7 @@ class DwellLeaf(Leaf):
 
     def check(self, c: Ctx) -> tuple[bool, int]:
         start: int = c.ts[self.slot]
-        if start < 0:
-            return False, NEVER
-        due = start + self.cond.for_ms
-        return (True, NEVER) if c.now >= due else (False, due)
+        return _since(start, self.cond.for_ms, c.now)
 
     def explain(self, c: Ctx) -> dict[str, Any]:
         start = c.ts[self.slot]
@@ -458,16 +479,25 @@ class DwellLeaf(Leaf):
         }
 
 
-def _trait_ms(c: Ctx, ref: tuple[str, tuple[str, ...]]) -> int | None:
-    value = c.trait(*ref)
-    if type(value) is int:  # dates the engine stored already parsed
-        return value
-    if value is None or isinstance(value, bool):
+def as_time_ms(value: Any) -> int | None:
+    """A trait's value as a time, or None when it is not one."""
+    if value is None or isinstance(value, bool) or not isinstance(value, str | int | float):
         return None
     try:
-        return parse_time_ms(value) if isinstance(value, str | int | float) else None
+        return parse_time_ms(value)
     except (ValueError, OverflowError):
         return None
+
+
+def _trait_ms(c: Ctx, ref: tuple[str, tuple[str, ...]]) -> int | None:
+    root, path = ref
+    if len(path) == 1:  # parsed when the trait arrived
+        scope = 1 if root == "account" else int(c.account)
+        traits = c.subject.traits if root == "traits" else c.state.account_traits_of(c.subject)
+        slot = c.state.book.date_slots[scope].get(path[0])
+        if slot is not None:
+            return None if traits is None else traits[slot]
+    return as_time_ms(c.trait(root, path))
 
 
 def _ref_name(ref: tuple[str, tuple[str, ...]]) -> str:
@@ -504,10 +534,7 @@ class AgeLeaf(Leaf):
 
     def check(self, c: Ctx) -> tuple[bool, int]:
         since = _trait_ms(c, self.cond.since)
-        if since is None:
-            return False, NEVER
-        due = since + self.cond.at_least_ms
-        return (True, NEVER) if c.now >= due else (False, due)
+        return _since(-1 if since is None else since, self.cond.at_least_ms, c.now)
 
     def explain(self, c: Ctx) -> dict[str, Any]:
         since = _trait_ms(c, self.cond.since)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gzip
 import sys
+import zlib
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -78,7 +79,7 @@ def iter_lines(path: str | Path, progress: Callable[[int], None] | None = None) 
                 if progress is not None and n % 65536 == 0:
                     progress(raw.tell())
                 yield line
-        except (OSError, EOFError) as exc:
+        except (OSError, EOFError, zlib.error) as exc:
             raise InputError(f"events file {file} is damaged: {exc}") from None
 
 
