@@ -5,8 +5,8 @@ Flow: for each N, a seeded synthetic Segment stream for the example playbooks is
 
 - `decode_only`: msgspec decoding each line into `model.SegmentMessage`, no engine (the floor);
 - `replay`: what `forewarn replay` does without printing: `read_events` (read, `decode_event`,
-  skip repeated messageIds, sort), then `Runner.push` per event (lateness 0, as replay) and
-  `Runner.finish(until)`; firings and timers counted;
+  skip repeated messageIds, sort), then `Runner.replay` (lateness 0) and `Runner.finish(until)`
+  with the collector off, as replay runs; firings and timers counted;
 - `engine_only`: the same Runner pass over events already decoded in memory, with the time
   `finish` took and the garbage collector's pauses;
 - `engine_only_buffered`: the same with the default lateness, as a live server would run it;
@@ -502,21 +502,24 @@ def _decode_only(path: str) -> tuple[float, int]:
 def _drive(
     runner: Runner, events: list[model.Event], until_ms: int
 ) -> tuple[Counter[str], int, float]:
-    """Push every event, then finish: the firings per trigger, the peak of pending timers and
-    the seconds `finish` took (the timers due after the last event)."""
+    """As `forewarn replay` runs: `Runner.replay` with the collector off. Returns the firings
+    per trigger, the timers pending after the last event and the seconds the timers due after
+    it took."""
     fired: Counter[str] = Counter()
-    peak = 0
-    push = runner.push
-    for i, event in enumerate(events):
-        firings = push(event)
-        if firings:
-            fired.update(f.trigger for f in firings)
-        if not i & 4095:
-            peak = max(peak, runner.pending_timers)
-    peak = max(peak, runner.pending_timers)
-    t0 = time.perf_counter()
-    fired.update(f.trigger for f in runner.finish(until_ms))
-    return fired, peak, time.perf_counter() - t0
+
+    def emit(firing: engine.Firing) -> None:
+        fired[firing.trigger] += 1
+
+    gc.disable()
+    try:
+        runner.replay(events, None, emit)  # the events, and the timers due among them
+        pending = runner.pending_timers
+        t0 = time.perf_counter()
+        fired.update(f.trigger for f in runner.finish(until_ms))
+        finish_s = time.perf_counter() - t0
+    finally:
+        gc.enable()
+    return fired, pending, finish_s
 
 
 def _replay(job: Job) -> dict[str, Any]:
@@ -557,7 +560,7 @@ def _replay(job: Job) -> dict[str, Any]:
         "firings": sum(fired.values()),
         "firings_by_trigger": dict(sorted(fired.items())),
         "timers_run": calls[0],
-        "timers_pending_peak": peak,
+        "timers_pending_after_events": peak,
         "timers_pending_after_finish": runner.pending_timers,
         "late_events": runner.late,
         "_events": batch.events,

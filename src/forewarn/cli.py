@@ -75,26 +75,27 @@ def _replay(args: argparse.Namespace) -> int:
     subjects: dict[str, set[str]] = defaultdict(set)
     encode = msgspec.json.Encoder().encode
 
-    def emit(firings: list[engine.Firing]) -> None:
-        for f in firings:
-            if table:
-                rows[f.trigger]["firings"] += 1
-                rows[f.trigger][f.decision if f.reason is None else f"suppressed:{f.reason}"] += 1
-                subjects[f.trigger].add(f.subject)
-            else:
-                out.write(encode(f.to_dict()).decode())
-                out.write("\n")
+    def emit(f: engine.Firing) -> None:
+        if table:
+            rows[f.trigger]["firings"] += 1
+            rows[f.trigger][f.decision if f.reason is None else f"suppressed:{f.reason}"] += 1
+            subjects[f.trigger].add(f.subject)
+        else:
+            out.write(encode(f.to_dict()).decode())
+            out.write("\n")
 
     replayed = batch.events
     if until_ms is not None and replayed and replayed[-1].timestamp_ms > until_ms:
         cut = bisect.bisect_right(replayed, until_ms, key=_timestamp)
         print(f"{len(replayed) - cut} events after --until are not replayed", file=sys.stderr)
         replayed = replayed[:cut]
-    for event in replayed:
-        emit(runner.push(event))
     last = replayed[-1].timestamp_ms if replayed else None
-    emit(runner.finish(until_ms if until_ms is not None else last))
-    gc.unfreeze()
+    gc.disable()  # the engine makes no reference cycles: reference counting frees everything
+    try:
+        runner.replay(replayed, until_ms if until_ms is not None else last, emit)
+    finally:
+        gc.enable()
+        gc.unfreeze()
     if table:
         _print_table(triggers, rows, subjects, out)
     summary = f"replayed {runner.events} events"

@@ -123,6 +123,8 @@ class Playbook:
         account_traits: set[str] = set()
         user_dates: set[str] = set()
         account_dates: set[str] = set()
+        user_raw: set[str] = set()  # traits read as they came, not (only) as dates
+        account_raw: set[str] = set()
         self.slots = [0, 0]  # triggers per scope
         for ct in self.triggers:
             scope = int(ct.account)
@@ -152,13 +154,24 @@ class Playbook:
                 (account_traits if on_account else user_traits).add(path[0])
                 if is_date and len(path) == 1:
                     (account_dates if on_account else user_dates).add(path[0])
+                else:
+                    (account_raw if on_account else user_raw).add(path[0])
         # Only the traits some trigger reads are kept, each in a fixed slot per scope; a trait
         # read as a date also keeps its parsed value, in a slot after all the raw ones.
         self.trait_keys = (tuple(sorted(user_traits)), tuple(sorted(account_traits)))
         self.trait_slots = tuple({k: i for i, k in enumerate(keys)} for keys in self.trait_keys)
         self.date_slots = tuple(
-            {k: len(keys) + i for i, k in enumerate(sorted(dates))}
-            for keys, dates in zip(self.trait_keys, (user_dates, account_dates), strict=True)
+            _date_slots(keys, dates, raw)
+            for keys, dates, raw in zip(
+                self.trait_keys,
+                (user_dates, account_dates),
+                (user_raw, account_raw),
+                strict=True,
+            )
+        )
+        self.trait_width = tuple(
+            max([len(keys) - 1, *slots.values()]) + 1
+            for keys, slots in zip(self.trait_keys, self.date_slots, strict=True)
         )
         # first seen matters only where spike and drop wait for history
         self.needs_first_seen = tuple(
@@ -170,6 +183,20 @@ class Playbook:
             )
             for scope in (0, 1)
         )
+
+
+def _date_slots(keys: tuple[str, ...], dates: set[str], raw: set[str]) -> dict[str, int]:
+    """Where each date trait's parsed value lives: in the trait's own slot when nothing reads
+    the raw value, else in an extra slot after all the raw ones."""
+    slots: dict[str, int] = {}
+    extra = len(keys)
+    for key in sorted(dates):
+        if key in raw:
+            slots[key] = extra
+            extra += 1
+        else:
+            slots[key] = keys.index(key)
+    return slots
 
 
 def _trait_refs(spec: Trigger) -> list[tuple[str, tuple[str, ...], bool]]:
@@ -227,7 +254,7 @@ def _merge_traits(
         if key in traits:
             kept = subject.traits
             if kept is None:
-                kept = subject.traits = [None] * (len(keys) + len(dates))
+                kept = subject.traits = [None] * book.trait_width[scope]
             elif late and kept[i] is not None:
                 continue
             value = kept[i] = traits[key]

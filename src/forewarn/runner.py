@@ -12,7 +12,7 @@ Pure: the host supplies the time. Replay feeds it event timestamps; the live ser
 from __future__ import annotations
 
 import heapq
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 from forewarn import engine
 from forewarn.engine import Firing, State, Timer
@@ -46,11 +46,31 @@ class Runner:
         heapq.heappush(self._buffer, (order_key(event), self._seq, event))
         return self._release(self.newest_ms - self.lateness_ms)
 
+    def _push_into(self, event: Event, firings: list[Firing]) -> None:
+        firings.extend(self.push(event))
+
     def push_many(self, events: Iterable[Event]) -> list[Firing]:
         firings: list[Firing] = []
         for event in events:
             firings.extend(self.push(event))
         return firings
+
+    def replay(
+        self, events: Iterable[Event], until_ms: int | None, emit: Callable[[Firing], None]
+    ) -> None:
+        """`push` each event, then `finish(until_ms)`; each firing goes to `emit` as it happens.
+        With no lateness (input already in `order_key` order) it skips the buffer: what
+        `forewarn replay` and backtests use."""
+        firings: list[Firing] = []
+        apply = self._apply if self.lateness_ms == 0 else self._push_into
+        for event in events:
+            apply(event, firings)
+            if firings:
+                for firing in firings:
+                    emit(firing)
+                firings.clear()
+        for firing in self.finish(until_ms):
+            emit(firing)
 
     def advance(self, now_ms: int) -> list[Firing]:
         """The clock reached `now_ms`. Everything up to `now_ms - lateness` is settled: buffered

@@ -82,6 +82,8 @@ def ring_add(ring: Ring, t_ms: int, width: int, span: int, now: int) -> None:
     elif len(ring) == 1 or ring[-2] < bucket:
         ring.append(bucket)
         ring.append(1)
+        if ring[1] * width <= now - span:
+            ring_count(ring, width, span, now)  # forget what has left: memory stays bounded
     else:  # late event inside the window: keep buckets ordered
         starts = ring[1::2]
         i = bisect.bisect_left(starts, bucket)
@@ -283,9 +285,12 @@ class SpikeLeaf(RateLeaf):
             and current * self.baseline >= cond.factor * base * self.window
         ):
             return True, ring_leaves(ts[self.slot], self.fine, self.window)  # ends as it empties
+        coarse = ts[self.slot + 1]
         if base == 0 or current < cond.min_count:
-            return False, NEVER  # only new events can start it
-        return False, ring_leaves(ts[self.slot + 1], self.coarse, self.span)  # lower baseline
+            # only new events can start it; check once more when the history has all left, so
+            # a quiet subject's rings are emptied rather than kept
+            return False, (coarse[-2] * self.coarse + self.span if len(coarse) > 1 else NEVER)
+        return False, ring_leaves(coarse, self.coarse, self.span)  # a lower baseline may start it
 
     def explain(self, c: Ctx) -> dict[str, Any]:
         out: dict[str, Any] = self._explain("spike", c, self.cond)
