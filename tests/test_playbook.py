@@ -234,3 +234,11 @@ def test_an_empty_file_has_no_triggers():
 def test_account_traits_are_refused_in_account_scope():
     text = one_trigger('{threshold: {value: "account.seats", ">": 1}}', scope="account")
     assert any("read account traits as traits.*" in p for p in problems(text))
+
+
+def test_only_true_and_false_are_booleans():
+    (t,) = parse_playbooks(
+        [("p.yaml", one_trigger("{traits: {country: NO, beta: yes, paid: true}}"))]
+    )
+    assert isinstance(t.when, pb.TraitsCond)
+    assert [values for _, values in t.when.pairs] == [("NO",), ("yes",), (True,)]
