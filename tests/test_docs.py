@@ -28,7 +28,7 @@ from forewarn.errors import PlaybookError
 
 ROOT = Path(__file__).resolve().parent.parent
 DOCS = ROOT / "docs"
-PAGES = ("index.md", "concepts.md", "playbooks.md", "cli.md", "events.md")
+PAGES = tuple(sorted(p.name for p in DOCS.glob("*.md")))  # every page, index.md links each
 MINIMAL_ACTION = "{channel: email, message: hi}"
 
 
