@@ -124,12 +124,12 @@ def _read_into(
 ) -> None:
     events = batch.events
     seen: set[str] = set()
-    last = -1
+    last_t = -1
     for file in files:
         for n, line in enumerate(iter_lines(file, progress), start=1):
             batch.lines += 1
-            if not line.strip():
-                continue
+            if len(line) < 8 and not line.strip():
+                continue  # a blank line (no message is this short)
             try:
                 event = decode_event(line)
             except EventError as exc:
@@ -140,8 +140,8 @@ def _read_into(
                     batch.duplicates += 1
                     continue
                 seen.add(event.message_id)
-            key = order_key(event)
-            if key < last:
+            t = event.timestamp_ms
+            if t <= last_t and (t < last_t or order_key(event) < order_key(events[-1])):
                 batch.in_order = False
-            last = key
+            last_t = t
             events.append(event)
