@@ -16,10 +16,6 @@ def _where(where: pb.Where) -> str:
     return " where " + " and ".join(parts)
 
 
-def _ref(ref: tuple[str, tuple[str, ...]]) -> str:
-    return ref[0] + "." + ".".join(ref[1])
-
-
 def condition(cond: pb.Condition, scope: str) -> str:
     who = "the account" if scope == "account" else "the user"
     if isinstance(cond, pb.EventCond):
@@ -50,14 +46,15 @@ def condition(cond: pb.Condition, scope: str) -> str:
             unless = " without " + " or ".join(f"'{u}'" for u in cond.unless)
         return f"the user stays on a page matching {cond.page} for {dur(cond.for_ms)}{unless}"
     if isinstance(cond, pb.DateCond):
-        return f"the date in {_ref(cond.trait)} is within the next {dur(cond.within_ms)}"
+        return f"the date in {pb.ref_name(cond.trait)} is within the next {dur(cond.within_ms)}"
     if isinstance(cond, pb.AgeCond):
-        return f"at least {dur(cond.at_least_ms)} have passed since {_ref(cond.since)}"
+        return f"at least {dur(cond.at_least_ms)} have passed since {pb.ref_name(cond.since)}"
     if isinstance(cond, pb.EverCond):
         return f"{who} has done '{cond.name}'{_where(cond.where)} at least once"
     if isinstance(cond, pb.TraitsCond):
         parts = [
-            f"{_ref(ref)} is " + " or ".join(repr(v) for v in values) for ref, values in cond.pairs
+            f"{pb.ref_name(ref)} is " + " or ".join(repr(v) for v in values)
+            for ref, values in cond.pairs
         ]
         return " and ".join(parts)
     if isinstance(cond, pb.AllCond):

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 import re
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -40,6 +40,18 @@ class Where:
 
     def matches(self, properties: dict[str, Any]) -> bool:
         return all(one_of(properties.get(key), allowed) for key, allowed in self.pairs)
+
+    def matcher(self) -> Callable[[dict[str, Any]], bool] | None:
+        """`matches`, or None when there is nothing to check."""
+        return self.matches if self.pairs else None
+
+
+TraitRef = tuple[str, tuple[str, ...]]  # ("traits" | "account", path)
+
+
+def ref_name(ref: TraitRef) -> str:
+    """A trait reference as written in a playbook: `traits.created_at`."""
+    return ref[0] + "." + ".".join(ref[1])
 
 
 def one_of(value: Any, allowed: tuple[Scalar, ...]) -> bool:

@@ -173,7 +173,7 @@ class EventLeaf(Leaf):
     def __init__(self, cond: playbook.EventCond) -> None:
         self.cond = cond
         self.names = (cond.name,)
-        self.where = cond.where.matches if cond.where.pairs else None
+        self.where = cond.where.matcher()
         self.within = cond.within_ms
         self.width = _width(cond.within_ms) if cond.within_ms else 0
         self.slots = 1 if self.within else 0  # without a window it only looks at the event
@@ -230,7 +230,7 @@ class RateLeaf(Leaf):
 
     def __init__(self, name: str, where: playbook.Where, window: int, baseline: int) -> None:
         self.names = (name,)
-        self.where = where.matches if where.pairs else None
+        self.where = where.matcher()
         self.window = window
         self.baseline = baseline
         self.fine = _width(window)
@@ -364,7 +364,7 @@ class AbsentLeaf(Leaf):
     def __init__(self, cond: playbook.AbsentCond) -> None:
         self.cond = cond
         self.names = (cond.name,)
-        self.where = cond.where.matches if cond.where.pairs else None
+        self.where = cond.where.matcher()
 
     def new(self) -> list[Any]:
         return [-1]  # the last match
@@ -505,10 +505,6 @@ def _trait_ms(c: Ctx, ref: tuple[str, tuple[str, ...]]) -> int | None:
     return as_time_ms(c.trait(root, path))
 
 
-def _ref_name(ref: tuple[str, tuple[str, ...]]) -> str:
-    return ref[0] + "." + ".".join(ref[1])
-
-
 class DateLeaf(Leaf):
     def __init__(self, cond: playbook.DateCond) -> None:
         self.cond = cond
@@ -526,7 +522,7 @@ class DateLeaf(Leaf):
         date = _trait_ms(c, self.cond.trait)
         return {
             "condition": "date",
-            "trait": _ref_name(self.cond.trait),
+            "trait": playbook.ref_name(self.cond.trait),
             "date": None if date is None else format_time(date),
             "in": dur(date - c.now) if date is not None and date > c.now else None,
             "within": dur(self.cond.within_ms),
@@ -545,7 +541,7 @@ class AgeLeaf(Leaf):
         since = _trait_ms(c, self.cond.since)
         return {
             "condition": "age",
-            "since": _ref_name(self.cond.since),
+            "since": playbook.ref_name(self.cond.since),
             "since_date": None if since is None else format_time(since),
             "age": dur(c.now - since) if since is not None and c.now > since else None,
             "at_least": dur(self.cond.at_least_ms),
@@ -558,7 +554,7 @@ class EverLeaf(Leaf):
     def __init__(self, cond: playbook.EverCond) -> None:
         self.cond = cond
         self.names = (cond.name,)
-        self.where = cond.where.matches if cond.where.pairs else None
+        self.where = cond.where.matcher()
 
     def new(self) -> list[Any]:
         return [False]
@@ -587,9 +583,10 @@ class TraitsLeaf(Leaf):
     def explain(self, c: Ctx) -> dict[str, Any]:
         return {
             "condition": "traits",
-            "values": {_ref_name(ref): c.trait(*ref) for ref, _ in self.cond.pairs},
+            "values": {playbook.ref_name(ref): c.trait(*ref) for ref, _ in self.cond.pairs},
             "expected": {
-                _ref_name(ref): (v[0] if len(v) == 1 else list(v)) for ref, v in self.cond.pairs
+                playbook.ref_name(ref): (v[0] if len(v) == 1 else list(v))
+                for ref, v in self.cond.pairs
             },
         }
 
