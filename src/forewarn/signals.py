@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import bisect
 import fnmatch
+import operator
 import re
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
@@ -158,8 +159,13 @@ class Leaf:
         return [self]
 
 
+def _shown(values: tuple[playbook.Scalar, ...]) -> Any:
+    """Allowed values as a playbook writes them: one value, or a list."""
+    return values[0] if len(values) == 1 else list(values)
+
+
 def _where_dict(where: playbook.Where) -> dict[str, Any]:
-    return {k: (v[0] if len(v) == 1 else list(v)) for k, v in where.pairs}
+    return {k: _shown(v) for k, v in where.pairs}
 
 
 def _named(kind: str, name: str, where: playbook.Where) -> dict[str, Any]:
@@ -254,6 +260,10 @@ class RateLeaf(Leaf):
     def rate(self, base: int) -> float:
         return base * self.window / self.baseline
 
+    def eligible_at(self, c: Ctx) -> int:
+        """Once the subject has a window and a baseline of history."""
+        return c.subject.first_seen + self.span
+
     def _explain(self, kind: str, c: Ctx, cond: playbook.SpikeCond | playbook.DropCond) -> Any:
         current, base = self.counts(c)
         out = _named(kind, cond.name, cond.where)
@@ -262,7 +272,7 @@ class RateLeaf(Leaf):
             window=dur(self.window),
             baseline_rate=round(self.rate(base), 4),
             baseline=dur(self.baseline),
-            eligible=c.now >= c.subject.first_seen + self.span,
+            eligible=c.now >= self.eligible_at(c),
         )
         return out
 
@@ -273,7 +283,7 @@ class SpikeLeaf(RateLeaf):
         self.cond = cond
 
     def check(self, c: Ctx) -> tuple[bool, int]:
-        eligible = c.subject.first_seen + self.span
+        eligible = self.eligible_at(c)
         if c.now < eligible:
             return False, eligible
         current, base = self.counts(c)
@@ -325,7 +335,7 @@ class DropLeaf(RateLeaf):
         return base > 0 and current * self.baseline <= self.cond.below * base * self.window
 
     def check(self, c: Ctx) -> tuple[bool, int]:
-        eligible = c.subject.first_seen + self.span
+        eligible = self.eligible_at(c)
         if c.now < eligible:
             return False, eligible
         current, base = self.counts(c)
@@ -413,11 +423,11 @@ class ThresholdLeaf(Leaf):
 
 
 _COMPARE: dict[str, Callable[[float, float], bool]] = {
-    ">=": lambda a, b: a >= b,
-    ">": lambda a, b: a > b,
-    "<=": lambda a, b: a <= b,
-    "<": lambda a, b: a < b,
-    "==": lambda a, b: a == b,
+    ">=": operator.ge,
+    ">": operator.gt,
+    "<=": operator.le,
+    "<": operator.lt,
+    "==": operator.eq,
 }
 
 
@@ -447,26 +457,24 @@ class DwellLeaf(Leaf):
     def new(self) -> list[Any]:
         return [-1, None]  # when the dwell started, and on which path
 
-    def opens(self, event: Event) -> bool:
-        # only a matching page starts a dwell; anything else merely ends one
+    def _starts(self, event: Event) -> str | None:
+        """The path, when the event is a view of a matching page: it starts a dwell."""
         if event.kind != "page":
-            return False
+            return None
         path = page_path(event)
-        return path is not None and self.match(path) is not None
+        return path if path is not None and self.match(path) else None
+
+    def opens(self, event: Event) -> bool:
+        return self._starts(event) is not None  # anything else merely ends a dwell
 
     def feed(self, ts: TState, event: Event, now: int) -> None:
         s = self.slot
         if event.timestamp_ms < ts[s]:
             return  # a late event from before this dwell began changes nothing
-        if event.kind == "page":
-            path = page_path(event)
-            if path is not None and self.match(path):
-                ts[s] = event.timestamp_ms
-                ts[s + 1] = path
-                return
-        # another page, or one of the `unless` events: the dwell ends until the next page view
-        ts[s] = -1
-        ts[s + 1] = None
+        path = self._starts(event)
+        # a matching page starts a dwell; another page, or an `unless` event, ends it
+        ts[s] = event.timestamp_ms if path is not None else -1
+        ts[s + 1] = path
 
     def check(self, c: Ctx) -> tuple[bool, int]:
         start: int = c.ts[self.slot]
@@ -584,10 +592,7 @@ class TraitsLeaf(Leaf):
         return {
             "condition": "traits",
             "values": {playbook.ref_name(ref): c.trait(*ref) for ref, _ in self.cond.pairs},
-            "expected": {
-                playbook.ref_name(ref): (v[0] if len(v) == 1 else list(v))
-                for ref, v in self.cond.pairs
-            },
+            "expected": {playbook.ref_name(ref): _shown(v) for ref, v in self.cond.pairs},
         }
 
 
@@ -638,6 +643,20 @@ class Group(Leaf):
         return {"condition": self.kind, "of": parts}
 
 
+_LEAVES: dict[type, Callable[[Any], Leaf]] = {
+    playbook.EventCond: EventLeaf,
+    playbook.SpikeCond: SpikeLeaf,
+    playbook.DropCond: DropLeaf,
+    playbook.AbsentCond: AbsentLeaf,
+    playbook.ThresholdCond: ThresholdLeaf,
+    playbook.DwellCond: DwellLeaf,
+    playbook.DateCond: DateLeaf,
+    playbook.AgeCond: AgeLeaf,
+    playbook.EverCond: EverLeaf,
+    playbook.TraitsCond: TraitsLeaf,
+}
+
+
 def compile_condition(cond: playbook.Condition) -> Leaf:
     if isinstance(cond, playbook.AllCond):
         return Group("all", [compile_condition(c) for c in cond.of])
@@ -645,22 +664,4 @@ def compile_condition(cond: playbook.Condition) -> Leaf:
         return Group("any", [compile_condition(c) for c in cond.of])
     if isinstance(cond, playbook.NotCond):
         return Group("not", [compile_condition(cond.of)])
-    if isinstance(cond, playbook.EventCond):
-        return EventLeaf(cond)
-    if isinstance(cond, playbook.SpikeCond):
-        return SpikeLeaf(cond)
-    if isinstance(cond, playbook.DropCond):
-        return DropLeaf(cond)
-    if isinstance(cond, playbook.AbsentCond):
-        return AbsentLeaf(cond)
-    if isinstance(cond, playbook.ThresholdCond):
-        return ThresholdLeaf(cond)
-    if isinstance(cond, playbook.DwellCond):
-        return DwellLeaf(cond)
-    if isinstance(cond, playbook.DateCond):
-        return DateLeaf(cond)
-    if isinstance(cond, playbook.AgeCond):
-        return AgeLeaf(cond)
-    if isinstance(cond, playbook.EverCond):
-        return EverLeaf(cond)
-    return TraitsLeaf(cond)
+    return _LEAVES[type(cond)](cond)
