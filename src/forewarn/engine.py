@@ -119,22 +119,20 @@ class Playbook:
         self.on_traits: tuple[list[CompiledTrigger], list[CompiledTrigger]] = ([], [])
         self.on_account_traits: list[CompiledTrigger] = []  # user triggers reading account.*
         self.on_any_track: tuple[list[CompiledTrigger], list[CompiledTrigger]] = ([], [])
-        user_traits: set[str] = set()
-        account_traits: set[str] = set()
-        user_dates: set[str] = set()
-        account_dates: set[str] = set()
-        user_raw: set[str] = set()  # traits read as they came, not (only) as dates
-        account_raw: set[str] = set()
+        # per scope (user, account): traits read, read as dates, read as they came
+        names: tuple[set[str], set[str]] = (set(), set())
+        dates: tuple[set[str], set[str]] = (set(), set())
+        raw: tuple[set[str], set[str]] = (set(), set())
         self.slots = [0, 0]  # triggers per scope
         for ct in self.triggers:
             scope = int(ct.account)
             ct.slot = self.slots[scope]
             self.slots[scope] += 1
-            names: dict[str, list[Leaf]] = {}
+            fed: dict[str, list[Leaf]] = {}
             for leaf in ct.leaves:
                 for name in leaf.names:
-                    names.setdefault(name, []).append(leaf)
-            for name, leaves in names.items():
+                    fed.setdefault(name, []).append(leaf)
+            for name, leaves in fed.items():
                 self.by_name[scope].setdefault(name, []).append((ct, leaves))
             page_leaves = [leaf for leaf in ct.leaves if leaf.pages]
             if page_leaves:
@@ -150,29 +148,17 @@ class Playbook:
             if ct.instant and any(leaf.uses_properties for leaf in ct.leaves):
                 self.on_any_track[scope].append(ct)
             for root, path, is_date in refs:
-                on_account = root == "account" or ct.account
-                (account_traits if on_account else user_traits).add(path[0])
-                if is_date and len(path) == 1:
-                    (account_dates if on_account else user_dates).add(path[0])
-                else:
-                    (account_raw if on_account else user_raw).add(path[0])
-        # Only the traits some trigger reads are kept, each in a fixed slot per scope; a trait
-        # read as a date also keeps its parsed value, in a slot after all the raw ones.
-        self.trait_keys = (tuple(sorted(user_traits)), tuple(sorted(account_traits)))
+                on = int(root == "account" or ct.account)
+                names[on].add(path[0])
+                (dates if is_date and len(path) == 1 else raw)[on].add(path[0])
+        # Only the traits some trigger reads are kept, each in a fixed slot per scope. A trait
+        # read as a date is kept parsed: in its own slot, or in an extra one when something
+        # also reads it as it came.
+        self.trait_keys = tuple(tuple(sorted(n)) for n in names)
         self.trait_slots = tuple({k: i for i, k in enumerate(keys)} for keys in self.trait_keys)
-        self.date_slots = tuple(
-            _date_slots(keys, dates, raw)
-            for keys, dates, raw in zip(
-                self.trait_keys,
-                (user_dates, account_dates),
-                (user_raw, account_raw),
-                strict=True,
-            )
-        )
-        self.trait_width = tuple(
-            max([len(keys) - 1, *slots.values()]) + 1
-            for keys, slots in zip(self.trait_keys, self.date_slots, strict=True)
-        )
+        layout = [_date_slots(self.trait_keys[i], dates[i], raw[i]) for i in (0, 1)]
+        self.date_slots = tuple(slots for slots, _ in layout)
+        self.trait_width = tuple(width for _, width in layout)
         # first seen matters only where spike and drop wait for history
         self.needs_first_seen = tuple(
             any(
@@ -185,18 +171,19 @@ class Playbook:
         )
 
 
-def _date_slots(keys: tuple[str, ...], dates: set[str], raw: set[str]) -> dict[str, int]:
-    """Where each date trait's parsed value lives: in the trait's own slot when nothing reads
-    the raw value, else in an extra slot after all the raw ones."""
+def _date_slots(
+    keys: tuple[str, ...], dates: set[str], raw: set[str]
+) -> tuple[dict[str, int], int]:
+    """Where each date trait's parsed value lives, and how many slots the traits take."""
     slots: dict[str, int] = {}
-    extra = len(keys)
+    width = len(keys)
     for key in sorted(dates):
-        if key in raw:
-            slots[key] = extra
-            extra += 1
+        if key in raw:  # the raw value keeps its slot; the parsed one gets a new slot
+            slots[key] = width
+            width += 1
         else:
             slots[key] = keys.index(key)
-    return slots
+    return slots, width
 
 
 def _trait_refs(spec: Trigger) -> list[tuple[str, tuple[str, ...], bool]]:

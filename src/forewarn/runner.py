@@ -52,7 +52,7 @@ class Runner:
     def push_many(self, events: Iterable[Event]) -> list[Firing]:
         firings: list[Firing] = []
         for event in events:
-            firings.extend(self.push(event))
+            self._push_into(event, firings)
         return firings
 
     def replay(
