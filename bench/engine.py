@@ -10,7 +10,7 @@ Flow: for each N, a seeded synthetic Segment stream for the example playbooks is
 - `engine_only`: the same Runner pass over events already decoded in memory, with the time
   `finish` took and the garbage collector's pauses;
 - `engine_only_buffered`: the same with the default lateness, as a live server would run it;
-- `apply_only`: `engine.apply` per event without the Runner (its buffer and timer heap), timers
+- `apply_only`: `engine.apply` per event without the Runner (its buffer and timer wheel), timers
   dropped: what the Runner adds is `engine_only` minus this;
 - state size: a walk of the engine `State` object graph (the compiled playbook and the event list
   excluded), per subject (users + accounts), with and without traits, broken down by where the
@@ -623,8 +623,8 @@ def _state_size(runner: Runner, job: Job) -> dict[str, Any]:
     n_users = len(getattr(state, "users", ())) or job.users
     n_accounts = len(getattr(state, "accounts", ())) or job.accounts
     subjects = n_users + n_accounts
-    heap = getattr(runner, "_timers", None)
-    timers_bytes = walk_size(heap, lambda label, value: False)[0] if heap is not None else 0
+    wheel = getattr(runner, "_timers", None)
+    timers_bytes = walk_size(wheel, lambda label, value: False)[0] if wheel is not None else 0
     breakdown = sorted(groups.items(), key=lambda item: -item[1][1])
     return {
         "users": n_users,
@@ -634,8 +634,8 @@ def _state_size(runner: Runner, job: Job) -> dict[str, Any]:
         "bytes_per_subject_without_traits": round((total - traits) / subjects, 1),
         "bytes_per_user": round(users / n_users, 1) if n_users else 0,
         "bytes_per_account": round(accounts / n_accounts, 1) if n_accounts else 0,
-        "pending_timers": len(heap) if heap is not None else None,
-        "bytes_per_pending_timer": round(timers_bytes / len(heap), 1) if heap else None,
+        "pending_timers": len(wheel) if wheel is not None else None,
+        "bytes_per_pending_timer": round(timers_bytes / len(wheel), 1) if wheel else None,
         # where the bytes sit: path from the State, type -> objects and bytes per subject
         "breakdown_per_subject": {
             key.strip(): {"objects": round(count / subjects, 3), "bytes": round(size / subjects, 1)}
@@ -646,7 +646,7 @@ def _state_size(runner: Runner, job: Job) -> dict[str, Any]:
 
 
 def _traced_state_bytes(events: list[model.Event], until_ms: int, subjects: int) -> dict[str, Any]:
-    """tracemalloc's view of the state a replay leaves behind (the runner's timer heap dropped).
+    """tracemalloc's view of the state a replay leaves behind (the runner's timer wheel dropped).
     Subject keys are strings allocated by the decoder before tracing starts, so they are not in
     it; the walk counts them."""
     gc.collect()
@@ -663,7 +663,7 @@ def _traced_state_bytes(events: list[model.Event], until_ms: int, subjects: int)
     del state
     return {
         "bytes_per_subject": round((current - base) / subjects, 1),
-        "bytes_per_subject_with_timer_heap": round(with_timers / subjects, 1),
+        "bytes_per_subject_with_timer_wheel": round(with_timers / subjects, 1),
         "peak_bytes_per_subject": round((peak - base) / subjects, 1),
     }
 

@@ -366,19 +366,26 @@ def on_timer(state: State, timer: Timer, now_ms: int) -> tuple[State, list[Firin
     """A timer came due. Stale timers (their deadline moved) change nothing."""
     firings: list[Firing] = []
     timers: list[Timer] = []
+    on_timer_into(state, timer, now_ms, firings, timers)
+    return state, firings, timers
+
+
+def on_timer_into(
+    state: State, timer: Timer, now_ms: int, firings: list[Firing], timers: list[Timer]
+) -> None:
+    """`on_timer`, appending to the caller's lists (the runner's hot path)."""
     ct = state.book.triggers[timer.trigger]
     subject = state.subjects(ct.account).get(timer.subject)
     if subject is None or subject.states is None:
-        return state, firings, timers
+        return
     ts = subject.states[ct.slot]
     if ts is None or ts[FILED] != timer.due_ms:
-        return state, firings, timers
+        return
     ts[FILED] = NEVER
     if ts[DEADLINE] > now_ms:  # the deadline moved later: hand the host the new one
         _file(ct, timer.subject, ts, timers)
-        return state, firings, timers
+        return
     _evaluate(state, ct, timer.subject, subject, ts, None, now_ms, firings, timers)
-    return state, firings, timers
 
 
 def _tstate(ct: CompiledTrigger, subject: Subject, book: Playbook) -> TState:

@@ -17,8 +17,66 @@ from collections.abc import Callable, Iterable
 from forewarn import engine
 from forewarn.engine import Firing, State, Timer
 from forewarn.model import Event, order_key
+from forewarn.signals import NEVER
 
 DEFAULT_LATENESS_MS = 300_000
+WHEEL_WIDTH_MS = 60_000
+
+
+class TimerWheel:
+    """Timers in buckets of one minute of due time: adding one is an append, and only the
+    bucket being drained is kept ordered (a small heap), so timers still run in exact
+    (due, trigger, subject) order. A heap of every timer costs a cache miss per level at a
+    million subjects; this touches one small list."""
+
+    def __init__(self, width_ms: int = WHEEL_WIDTH_MS) -> None:
+        self.width_ms = width_ms
+        self.next_due_ms = NEVER  # never later than the earliest timer held
+        self._buckets: dict[int, list[Timer]] = {}
+        self._keys: list[int] = []  # a heap of the keys in _buckets
+        self._hot = -1  # the key of the bucket kept as a heap, if any
+        self._size = 0
+
+    def __len__(self) -> int:
+        return self._size
+
+    def add(self, timer: Timer) -> None:
+        due = timer[0]
+        key = due // self.width_ms
+        bucket = self._buckets.get(key)
+        if bucket is None:
+            self._buckets[key] = [timer]
+            heapq.heappush(self._keys, key)
+        elif key == self._hot:
+            heapq.heappush(bucket, timer)
+        else:
+            bucket.append(timer)
+        if due < self.next_due_ms:
+            self.next_due_ms = due
+        self._size += 1
+
+    def pop_due(self, upto_ms: int) -> Timer | None:
+        """The earliest timer due at or before `upto_ms`, removed; None if there is none."""
+        if self.next_due_ms > upto_ms or not self._keys:
+            return None
+        key = self._keys[0]
+        bucket = self._buckets[key]
+        if key != self._hot:
+            heapq.heapify(bucket)
+            self._hot = key
+        if bucket[0][0] > upto_ms:
+            self.next_due_ms = bucket[0][0]
+            return None
+        timer = heapq.heappop(bucket)
+        self._size -= 1
+        if bucket:
+            self.next_due_ms = bucket[0][0]
+        else:
+            del self._buckets[key]
+            heapq.heappop(self._keys)
+            self._hot = -1
+            self.next_due_ms = self._keys[0] * self.width_ms if self._keys else NEVER
+        return timer
 
 
 class Runner:
@@ -30,7 +88,7 @@ class Runner:
         self.late = 0
         self.events = 0
         self._buffer: list[tuple[int, int, Event]] = []
-        self._timers: list[Timer] = []
+        self._timers = TimerWheel()
         self._new_timers: list[Timer] = []
         self._seq = 0
 
@@ -93,19 +151,20 @@ class Runner:
 
     def _run_timers(self, upto_ms: int) -> list[Firing]:
         firings: list[Firing] = []
-        heap = self._timers
+        wheel = self._timers
         state = self.state
-        while heap and heap[0].due_ms <= upto_ms:
-            timer = heapq.heappop(heap)
+        new = self._new_timers
+        while (timer := wheel.pop_due(upto_ms)) is not None:
             now = timer.due_ms
             if self.clock_ms is None or now > self.clock_ms:
                 self.clock_ms = now
             else:
                 now = self.clock_ms
-            _, fired, timers = engine.on_timer(state, timer, now)
-            firings.extend(fired)
-            for t in timers:
-                heapq.heappush(heap, t)
+            engine.on_timer_into(state, timer, now, firings, new)
+            if new:
+                for t in new:
+                    wheel.add(t)
+                new.clear()
         return firings
 
     def _release(self, watermark_ms: int | None) -> list[Firing]:
@@ -119,7 +178,7 @@ class Runner:
 
     def _apply(self, event: Event, firings: list[Firing]) -> None:
         t = event.timestamp_ms
-        if self._timers and self._timers[0].due_ms <= t:
+        if self._timers.next_due_ms <= t:
             firings.extend(self._run_timers(t))
         clock = self.clock_ms
         if clock is None or t >= clock:
@@ -131,6 +190,7 @@ class Runner:
         timers = self._new_timers
         engine.apply_into(self.state, event, now, firings, timers)
         if timers:
+            add = self._timers.add
             for timer in timers:
-                heapq.heappush(self._timers, timer)
+                add(timer)
             timers.clear()
