@@ -251,22 +251,32 @@ def _merge_traits(
     return changed
 
 
-def apply(state: State, event: Event, now_ms: int) -> tuple[State, list[Firing], list[Timer]]:
-    """Apply one event at engine time `now_ms` (>= the event's timestamp; later for late
-    events, whose counts still land in the event's own bucket)."""
+def apply(
+    state: State, event: Event, now_ms: int, *, late: bool | None = None
+) -> tuple[State, list[Firing], list[Timer]]:
+    """Apply one event at engine time `now_ms` (>= the event's timestamp; later when the
+    event arrives after the clock moved on: its counts still land in its own bucket). `late`:
+    an event older than one already applied, whose traits then only fill what is not set;
+    by default, when it is older than `now_ms`."""
     firings: list[Firing] = []
     timers: list[Timer] = []
-    apply_into(state, event, now_ms, firings, timers)
+    apply_into(state, event, now_ms, firings, timers, late)
     return state, firings, timers
 
 
 def apply_into(
-    state: State, event: Event, now: int, firings: list[Firing], timers: list[Timer]
+    state: State,
+    event: Event,
+    now: int,
+    firings: list[Firing],
+    timers: list[Timer],
+    late: bool | None = None,
 ) -> None:
     """`apply`, appending to the caller's lists (the runner's hot path)."""
     book = state.book
     t = event.timestamp_ms
-    late = t < now  # a late trait update never overwrites what newer events set
+    if late is None:
+        late = t < now  # a late trait update never overwrites what newer events set
     person = event.user_id
     if person is None:
         anon = event.anonymous_id or ""

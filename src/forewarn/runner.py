@@ -85,6 +85,7 @@ class Runner:
         self.lateness_ms = lateness_ms
         self.clock_ms: int | None = None  # engine time: never goes backwards
         self.newest_ms: int | None = None  # newest event timestamp seen
+        self.applied_ms = -1  # newest event timestamp applied: an older one is late
         self.late = 0
         self.events = 0
         self._buffer: list[tuple[int, int, Event]] = []
@@ -133,8 +134,11 @@ class Runner:
     def advance(self, now_ms: int) -> list[Firing]:
         """The clock reached `now_ms`. Everything up to `now_ms - lateness` is settled: buffered
         events up to then are applied and the timers due by then run."""
-        firings = self._release(now_ms - self.lateness_ms)
-        firings.extend(self._run_timers(now_ms - self.lateness_ms))
+        settled = now_ms - self.lateness_ms
+        firings = self._release(settled)
+        firings.extend(self._run_timers(settled))
+        if self.clock_ms is None or settled > self.clock_ms:
+            self.clock_ms = settled  # an event stamped before this is applied now, late
         return firings
 
     def finish(self, until_ms: int | None = None) -> list[Firing]:
@@ -187,8 +191,11 @@ class Runner:
             now = clock
             self.late += 1
         self.events += 1
+        late = t < self.applied_ms
+        if not late:
+            self.applied_ms = t
         timers = self._new_timers
-        engine.apply_into(self.state, event, now, firings, timers)
+        engine.apply_into(self.state, event, now, firings, timers, late)
         if timers:
             add = self._timers.add
             for timer in timers:

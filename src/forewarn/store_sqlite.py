@@ -1,0 +1,483 @@
+"""The embedded store: one SQLite file in WAL mode with `synchronous=FULL`.
+
+What it keeps:
+
+- `workspaces` and their `keys`: a write key (ingest only) and admin keys, stored as SHA-256
+  hashes (keys are 192 random bits, so a fast hash is enough) with a short prefix to recognise
+  them by; a key is shown once, when created.
+- `batches`: the event log. One row per accepted request holds its accepted messages, already
+  normalised to Segment-spec JSON; the row id is the log position the engine reads by.
+- `seen`: the message ids of the last `DEDUP_DAYS` days per workspace, so a client resending a
+  batch after a timeout adds nothing.
+- `firings`: what the engine decided, with its evidence.
+- `engine`: per workspace, how far the engine has read the log (`cursor`), its clock, and the
+  latest snapshot of its state; `ticks`: the steps it took since (see `live`).
+
+Every connection is opened by `connect`; each thread or process opens its own.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import secrets
+import sqlite3
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import msgspec
+
+from forewarn.errors import ForewarnError, InputError
+
+SCHEMA_VERSION = 1
+DEDUP_DAYS = 7
+KEY_KINDS = ("write", "admin")
+_KEY_PREFIX = {"write": "fw_wk_", "admin": "fw_ak_"}
+_IN_CHUNK = 500  # message ids per `IN (...)` query
+
+# Each entry brings the schema from the previous version to this one.
+MIGRATIONS: dict[int, str] = {
+    1: """
+    CREATE TABLE workspaces (
+        id INTEGER PRIMARY KEY,
+        name TEXT NOT NULL UNIQUE,
+        created_ms INTEGER NOT NULL
+    );
+    CREATE TABLE keys (
+        id INTEGER PRIMARY KEY,
+        workspace INTEGER NOT NULL REFERENCES workspaces(id),
+        kind TEXT NOT NULL CHECK (kind IN ('write', 'admin')),
+        prefix TEXT NOT NULL,
+        hash TEXT NOT NULL UNIQUE,
+        name TEXT NOT NULL DEFAULT '',
+        created_ms INTEGER NOT NULL,
+        revoked_ms INTEGER
+    );
+    CREATE TABLE batches (
+        id INTEGER PRIMARY KEY,
+        workspace INTEGER NOT NULL,
+        received_ms INTEGER NOT NULL,
+        source TEXT NOT NULL,
+        count INTEGER NOT NULL,
+        messages BLOB NOT NULL
+    );
+    CREATE INDEX batches_workspace ON batches (workspace, id);
+    CREATE TABLE seen (
+        workspace INTEGER NOT NULL,
+        message_id TEXT NOT NULL,
+        received_ms INTEGER NOT NULL,
+        PRIMARY KEY (workspace, message_id)
+    ) WITHOUT ROWID;
+    CREATE TABLE firings (
+        id INTEGER PRIMARY KEY,
+        workspace INTEGER NOT NULL,
+        trig TEXT NOT NULL,
+        subject TEXT NOT NULL,
+        scope TEXT NOT NULL,
+        at_ms INTEGER NOT NULL,
+        evidence TEXT NOT NULL,
+        decision TEXT NOT NULL,
+        reason TEXT,
+        channel TEXT NOT NULL,
+        cursor INTEGER NOT NULL
+    );
+    CREATE INDEX firings_at ON firings (workspace, at_ms);
+    CREATE INDEX firings_subject ON firings (workspace, subject, at_ms);
+    CREATE TABLE engine (
+        workspace INTEGER PRIMARY KEY,
+        cursor INTEGER NOT NULL,
+        clock_ms INTEGER,
+        tick INTEGER NOT NULL,
+        snapshot BLOB,
+        snapshot_tick INTEGER NOT NULL,
+        playbooks TEXT NOT NULL
+    );
+    CREATE TABLE ticks (
+        workspace INTEGER NOT NULL,
+        tick INTEGER NOT NULL,
+        cursor INTEGER NOT NULL,
+        clock_ms INTEGER NOT NULL,
+        PRIMARY KEY (workspace, tick)
+    ) WITHOUT ROWID;
+    """,
+}
+
+
+class StoreError(ForewarnError):
+    """The database cannot be used (locked, full, damaged, or from a newer version)."""
+
+    status = 503
+    code = "unavailable"
+
+
+def connect(path: str | Path) -> sqlite3.Connection:
+    """A connection with the settings every user of the store relies on; migrates the schema."""
+    try:
+        conn = sqlite3.connect(str(path), timeout=10.0, isolation_level=None)
+    except sqlite3.Error as exc:
+        raise InputError(f"cannot open database {path}: {exc}") from None
+    conn.execute("PRAGMA journal_mode=WAL")
+    conn.execute("PRAGMA synchronous=FULL")  # a 2xx means the batch survives a power cut
+    conn.execute("PRAGMA foreign_keys=ON")
+    conn.execute("PRAGMA busy_timeout=10000")
+    migrate(conn)
+    return conn
+
+
+def migrate(conn: sqlite3.Connection) -> int:
+    """Apply the migrations this file has and the database lacks; returns the version."""
+    version = conn.execute("PRAGMA user_version").fetchone()[0]
+    if version > SCHEMA_VERSION:
+        raise StoreError(
+            f"the database is at schema version {version}, newer than this Forewarn "
+            f"({SCHEMA_VERSION}): upgrade Forewarn"
+        )
+    for step in range(version + 1, SCHEMA_VERSION + 1):
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            if conn.execute("PRAGMA user_version").fetchone()[0] < step:  # not raced to it
+                for statement in _statements(MIGRATIONS[step]):
+                    conn.execute(statement)
+                conn.execute(f"PRAGMA user_version={step}")
+            conn.execute("COMMIT")
+        except BaseException:
+            conn.execute("ROLLBACK")
+            raise
+    return SCHEMA_VERSION
+
+
+def _statements(script: str) -> list[str]:
+    return [s.strip() for s in script.split(";") if s.strip()]
+
+
+# --- workspaces and keys ------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Key:
+    workspace: int
+    kind: str
+    prefix: str
+
+
+def hash_key(token: str) -> str:
+    return hashlib.sha256(token.encode()).hexdigest()
+
+
+def new_key_token(kind: str) -> str:
+    return _KEY_PREFIX[kind] + secrets.token_urlsafe(24)
+
+
+def create_workspace(conn: sqlite3.Connection, name: str, now_ms: int) -> int:
+    try:
+        cur = conn.execute(
+            "INSERT INTO workspaces (name, created_ms) VALUES (?, ?)", (name, now_ms)
+        )
+    except sqlite3.IntegrityError:
+        raise InputError(f"workspace '{name}' exists already: pick another name") from None
+    return int(cur.lastrowid or 0)
+
+
+def workspace_id(conn: sqlite3.Connection, name: str) -> int | None:
+    row = conn.execute("SELECT id FROM workspaces WHERE name = ?", (name,)).fetchone()
+    return int(row[0]) if row else None
+
+
+def workspaces(conn: sqlite3.Connection) -> list[tuple[int, str]]:
+    return [(int(i), str(n)) for i, n in conn.execute("SELECT id, name FROM workspaces")]
+
+
+def add_key(
+    conn: sqlite3.Connection,
+    workspace: int,
+    kind: str,
+    now_ms: int,
+    token: str | None = None,
+    name: str = "",
+) -> str:
+    """Store a key (a new random one unless `token` is given); returns the token, which is not
+    kept anywhere: only its hash is."""
+    if kind not in KEY_KINDS:
+        raise InputError(f"unknown key kind '{kind}': use one of {', '.join(KEY_KINDS)}")
+    token = token or new_key_token(kind)
+    if len(token) < 16:
+        raise InputError("a key must be at least 16 characters long: use a random one")
+    try:
+        conn.execute(
+            "INSERT INTO keys (workspace, kind, prefix, hash, name, created_ms)"
+            " VALUES (?, ?, ?, ?, ?, ?)",
+            (workspace, kind, token[:10], hash_key(token), name, now_ms),
+        )
+    except sqlite3.IntegrityError:
+        raise InputError("that key is in use already: create a new one") from None
+    return token
+
+
+def find_key(conn: sqlite3.Connection, token: str) -> Key | None:
+    row = conn.execute(
+        "SELECT workspace, kind, prefix FROM keys WHERE hash = ? AND revoked_ms IS NULL",
+        (hash_key(token),),
+    ).fetchone()
+    return Key(int(row[0]), str(row[1]), str(row[2])) if row else None
+
+
+def ensure_workspace(
+    conn: sqlite3.Connection,
+    name: str,
+    now_ms: int,
+    write_key: str | None = None,
+    admin_key: str | None = None,
+) -> int:
+    """The workspace called `name`, created if missing; the given keys are added to it unless
+    they are already known (a restart with the same environment changes nothing)."""
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        ws = workspace_id(conn, name)
+        if ws is None:
+            ws = create_workspace(conn, name, now_ms)
+        for kind, token in (("write", write_key), ("admin", admin_key)):
+            if token:
+                known = find_key(conn, token)
+                if known is None:
+                    add_key(conn, ws, kind, now_ms, token, name="from the environment")
+                elif known.kind != kind or known.workspace != ws:
+                    raise InputError(
+                        f"the {kind} key from the environment is already a {known.kind} key "
+                        "of another workspace: give each key one use"
+                    )
+        conn.execute("COMMIT")
+    except BaseException:
+        conn.execute("ROLLBACK")
+        raise
+    return ws
+
+
+# --- the event log ------------------------------------------------------------------------
+
+
+@dataclass
+class Append:
+    """One request's messages for the log: `ids` are their message ids, in order."""
+
+    workspace: int
+    source: str
+    received_ms: int
+    messages: list[dict[str, Any]]
+    ids: list[str]
+
+
+@dataclass
+class Appended:
+    batch: int | None  # the log position, None when every message was a duplicate
+    stored: int
+    duplicates: list[int]  # indexes into the request's messages
+
+
+_encode = msgspec.json.Encoder().encode
+
+
+def append_batches(conn: sqlite3.Connection, appends: Sequence[Append]) -> list[Appended]:
+    """Store several requests in one transaction (one fsync); a message id already seen in
+    its workspace, in this request or an earlier one, is not stored again."""
+    results: list[Appended] = []
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        for a in appends:
+            results.append(_append(conn, a))
+        conn.execute("COMMIT")
+    except BaseException:
+        conn.execute("ROLLBACK")
+        raise
+    return results
+
+
+def _append(conn: sqlite3.Connection, a: Append) -> Appended:
+    seen: set[str] = set()
+    for start in range(0, len(a.ids), _IN_CHUNK):
+        chunk = a.ids[start : start + _IN_CHUNK]
+        marks = ",".join("?" * len(chunk))
+        seen.update(
+            row[0]
+            for row in conn.execute(
+                f"SELECT message_id FROM seen WHERE workspace = ? AND message_id IN ({marks})",
+                (a.workspace, *chunk),
+            )
+        )
+    keep: list[dict[str, Any]] = []
+    new_ids: list[tuple[int, str, int]] = []
+    duplicates: list[int] = []
+    for i, (message, mid) in enumerate(zip(a.messages, a.ids, strict=True)):
+        if mid in seen:
+            duplicates.append(i)
+            continue
+        seen.add(mid)
+        keep.append(message)
+        new_ids.append((a.workspace, mid, a.received_ms))
+    if not keep:
+        return Appended(None, 0, duplicates)
+    conn.executemany("INSERT INTO seen VALUES (?, ?, ?)", new_ids)
+    cur = conn.execute(
+        "INSERT INTO batches (workspace, received_ms, source, count, messages)"
+        " VALUES (?, ?, ?, ?, ?)",
+        (a.workspace, a.received_ms, a.source, len(keep), _encode(keep)),
+    )
+    return Appended(int(cur.lastrowid or 0), len(keep), duplicates)
+
+
+def forget_seen(conn: sqlite3.Connection, before_ms: int) -> int:
+    """Drop message ids received before `before_ms` (older than the dedup window)."""
+    cur = conn.execute("DELETE FROM seen WHERE received_ms < ?", (before_ms,))
+    return cur.rowcount
+
+
+@dataclass
+class LogBatch:
+    id: int
+    received_ms: int
+    messages: list[dict[str, Any]]
+
+
+_decode_messages = msgspec.json.Decoder(list[dict[str, Any]]).decode
+
+
+def read_log(conn: sqlite3.Connection, workspace: int, after: int, limit: int) -> list[LogBatch]:
+    rows = conn.execute(
+        "SELECT id, received_ms, messages FROM batches WHERE workspace = ? AND id > ?"
+        " ORDER BY id LIMIT ?",
+        (workspace, after, limit),
+    ).fetchall()
+    return [LogBatch(int(i), int(r), _decode_messages(m)) for i, r, m in rows]
+
+
+def log_end(conn: sqlite3.Connection, workspace: int) -> int:
+    row = conn.execute("SELECT max(id) FROM batches WHERE workspace = ?", (workspace,)).fetchone()
+    return int(row[0] or 0)
+
+
+def count_events(conn: sqlite3.Connection, workspace: int) -> int:
+    row = conn.execute(
+        "SELECT coalesce(sum(count), 0) FROM batches WHERE workspace = ?", (workspace,)
+    ).fetchone()
+    return int(row[0])
+
+
+# --- the engine's progress ----------------------------------------------------------------
+
+
+@dataclass
+class EngineRow:
+    cursor: int
+    clock_ms: int | None
+    tick: int
+    snapshot: bytes | None
+    snapshot_tick: int
+    playbooks: str
+
+
+def load_engine(conn: sqlite3.Connection, workspace: int) -> EngineRow | None:
+    row = conn.execute(
+        "SELECT cursor, clock_ms, tick, snapshot, snapshot_tick, playbooks FROM engine"
+        " WHERE workspace = ?",
+        (workspace,),
+    ).fetchone()
+    if row is None:
+        return None
+    return EngineRow(int(row[0]), row[1], int(row[2]), row[3], int(row[4]), str(row[5]))
+
+
+def ticks_after(conn: sqlite3.Connection, workspace: int, tick: int) -> list[tuple[int, int, int]]:
+    """(tick, cursor, clock_ms) of every step after `tick`, in order."""
+    return [
+        (int(t), int(c), int(k))
+        for t, c, k in conn.execute(
+            "SELECT tick, cursor, clock_ms FROM ticks WHERE workspace = ? AND tick > ?"
+            " ORDER BY tick",
+            (workspace, tick),
+        )
+    ]
+
+
+FIRING_COLUMNS = "trig, subject, scope, at_ms, evidence, decision, reason, channel"
+
+
+def commit_step(
+    conn: sqlite3.Connection,
+    workspace: int,
+    tick: int,
+    cursor: int,
+    clock_ms: int,
+    firings: Iterable[tuple[str, str, str, int, str, str, str | None, str]],
+    playbooks: str,
+    snapshot: bytes | None = None,
+) -> None:
+    """One engine step, atomically: its firings, how far it read, and its clock; with a
+    snapshot of the state when one is given (older ticks are then no longer needed)."""
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        conn.executemany(
+            f"INSERT INTO firings (workspace, {FIRING_COLUMNS}, cursor)"
+            " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            [(workspace, *f, cursor) for f in firings],
+        )
+        conn.execute(
+            "INSERT INTO ticks (workspace, tick, cursor, clock_ms) VALUES (?, ?, ?, ?)",
+            (workspace, tick, cursor, clock_ms),
+        )
+        if snapshot is not None:
+            conn.execute(
+                "INSERT INTO engine (workspace, cursor, clock_ms, tick, snapshot, snapshot_tick,"
+                " playbooks) VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT (workspace) DO UPDATE SET"
+                " cursor = excluded.cursor, clock_ms = excluded.clock_ms, tick = excluded.tick,"
+                " snapshot = excluded.snapshot, snapshot_tick = excluded.snapshot_tick,"
+                " playbooks = excluded.playbooks",
+                (workspace, cursor, clock_ms, tick, snapshot, tick, playbooks),
+            )
+            conn.execute("DELETE FROM ticks WHERE workspace = ? AND tick <= ?", (workspace, tick))
+        else:
+            conn.execute(
+                "INSERT INTO engine (workspace, cursor, clock_ms, tick, snapshot, snapshot_tick,"
+                " playbooks) VALUES (?, ?, ?, ?, NULL, 0, ?) ON CONFLICT (workspace) DO UPDATE"
+                " SET cursor = excluded.cursor, clock_ms = excluded.clock_ms,"
+                " tick = excluded.tick",
+                (workspace, cursor, clock_ms, tick, playbooks),
+            )
+        conn.execute("COMMIT")
+    except BaseException:
+        conn.execute("ROLLBACK")
+        raise
+
+
+def reset_engine(conn: sqlite3.Connection, workspace: int) -> None:
+    """Forget the engine's snapshot and steps (not its firings): it rebuilds from the log."""
+    conn.execute("BEGIN IMMEDIATE")
+    conn.execute("DELETE FROM ticks WHERE workspace = ?", (workspace,))
+    conn.execute("DELETE FROM engine WHERE workspace = ?", (workspace,))
+    conn.execute("COMMIT")
+
+
+def query_firings(
+    conn: sqlite3.Connection,
+    workspace: int,
+    trigger: str | None = None,
+    subject: str | None = None,
+    since_ms: int | None = None,
+    limit: int = 1000,
+) -> list[tuple[str, str, str, int, str, str, str | None, str]]:
+    where = ["workspace = ?"]
+    args: list[Any] = [workspace]
+    if trigger is not None:
+        where.append("trig = ?")
+        args.append(trigger)
+    if subject is not None:
+        where.append("subject = ?")
+        args.append(subject)
+    if since_ms is not None:
+        where.append("at_ms >= ?")
+        args.append(since_ms)
+    args.append(limit)
+    return conn.execute(
+        f"SELECT {FIRING_COLUMNS} FROM firings WHERE {' AND '.join(where)}"
+        " ORDER BY at_ms, id LIMIT ?",
+        args,
+    ).fetchall()
