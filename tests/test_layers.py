@@ -19,6 +19,7 @@ CORE = {
     "describe",
     "errors",
     "ingest",
+    "webhooks",
 }
 PURE_THIRD_PARTY = {"msgspec", "yaml"}
 # Modules of the standard library that reach the outside world (clock, disk, network, processes).
