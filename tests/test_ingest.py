@@ -573,6 +573,15 @@ def test_a_bad_error_payload_rejects_only_its_item():
     assert parsed.rejected[0].index == 0 and "not valid JSON" in parsed.rejected[0].reason
 
 
+def test_an_error_event_is_held_to_the_event_limit():
+    long_id = {**ERROR, "user": {"id": "u" * MAX_EVENT_BYTES}}
+    parsed = sentry_envelope(envelope({}, ({"type": "event"}, body(long_id))), T0)
+    assert "the message built from it is" in parsed.rejected[0].reason
+    long_text = {**ERROR, "exception": {"values": [{"type": "E", "value": "v" * 50_000}]}}
+    (event,) = sentry_envelope(envelope({}, ({"type": "event"}, body(long_text))), T0).events
+    assert len(event.properties["message"]) == 1000  # texts are cut, not rejected
+
+
 def test_sentry_key_reads_the_auth_header_or_the_query():
     header = "Sentry sentry_key=publickey123, sentry_version=7, sentry_client=sentry.python/2.75.0"
     assert ingest.sentry_key(header) == "publickey123"

@@ -257,6 +257,15 @@ def test_a_bad_generic_ticket_is_rejected_alone(change, reason):
     assert reason in parsed.rejected[0].reason
 
 
+def test_a_ticket_message_is_held_to_the_event_limit():
+    many_tags = {**GENERIC, "tags": [f"tag-{i:03d}-" + "x" * 90 for i in range(400)]}
+    parsed = tickets(body([GENERIC, many_tags]), "generic", T0)
+    assert len(parsed.messages) == 1
+    assert (
+        "over the 32768-byte limit: send shorter ids, tags and texts" in parsed.rejected[0].reason
+    )
+
+
 def test_ticket_bodies_that_cannot_be_used():
     with pytest.raises(InputError):
         tickets(b"<xml/>", "generic", T0)
@@ -452,6 +461,8 @@ def test_other_stripe_events_are_ignored_and_a_customerless_one_rejected():
     assert ignored.ignored == 1 and not ignored.messages
     orphan = signed(stripe_event("invoice.paid", {**INVOICE, "customer": None}))
     assert "no 'customer'" in orphan.rejected[0].reason
+    far = signed({**stripe_event("invoice.paid", INVOICE), "created": 10**15})
+    assert "is outside 1970..9999" in far.rejected[0].reason
 
 
 def test_several_v1_signatures_pass_if_one_matches():

@@ -159,8 +159,10 @@ def _accept(
     `sent_at` the text of `sent_ms` when the caller has it."""
     when = correct_skew(client_ms, sent_ms, received_ms)
     if not 0 <= when < MAX_TIME_MS:
-        raise EventError(
-            f"timestamp {iso(max(0, client_ms or 0))} sent at {iso(max(0, sent_ms or 0))} "
+        if client_ms is None or sent_ms is None:
+            raise EventError(f"timestamp {when} ms is outside 1970..9999: send when it happened")
+        raise EventError(  # both were parsed, so both are within 1970..9999
+            f"timestamp {iso(client_ms)} sent at {iso(sent_ms)} "
             "puts the event outside 1970..9999 after clock-skew correction: "
             "send 'sentAt' as the moment the request was sent, on the same clock"
         )
@@ -203,6 +205,16 @@ def _check_count(count: int, what: str) -> None:
         raise TooLargeError(
             f"{what} has {count} items, over the limit of {MAX_BATCH_EVENTS}: "
             "split it into smaller requests"
+        )
+
+
+def _fits(msg: dict[str, Any]) -> None:
+    """A message built from a larger item (an error, a ticket) is held to the same limit."""
+    size = len(msgspec.json.encode(msg))
+    if size > MAX_EVENT_BYTES:
+        raise EventError(
+            f"the message built from it is {size} bytes, over the {MAX_EVENT_BYTES}-byte limit: "
+            "send shorter ids, tags and texts"
         )
 
 
@@ -355,18 +367,20 @@ def posthog(
                 client_ms, sent_ms = received_ms - offset, None
             else:
                 client_ms = sent_ms = None
-            for msg in _posthog_messages(item, account_group_type, out):
-                if stamp is not None:
-                    msg["timestamp"] = stamp  # kept as originalTimestamp if corrected
-                _accept(out, msg, client_ms, sent_ms, received_ms, received_at, raw, sent_text)
+            msg = _posthog_message(item, account_group_type)
+            if msg is None:
+                out.ignored += 1
+                continue
+            if stamp is not None:
+                msg["timestamp"] = stamp  # kept as originalTimestamp if corrected
+            _accept(out, msg, client_ms, sent_ms, received_ms, received_at, raw, sent_text)
         except EventError as exc:
             out.rejected.append(Rejection(index, exc.message, message_id))
     return out
 
 
-def _posthog_messages(
-    item: dict[str, Any], group_type: str | None, out: Parsed
-) -> list[dict[str, Any]]:
+def _posthog_message(item: dict[str, Any], group_type: str | None) -> dict[str, Any] | None:
+    """The Segment message for one PostHog event; None for another group type's group call."""
     name = item.get("event")
     if type(name) is not str or not name:
         raise EventError("PostHog event has no 'event' name: set 'event' to what happened")
@@ -389,8 +403,7 @@ def _posthog_messages(
     elif name == "$groupidentify":
         kind = props.get("$group_type")
         if group_type is not None and kind != group_type:
-            out.ignored += 1
-            return []
+            return None
         key = _text(props.get("$group_key"))
         if key is None:
             raise EventError("$groupidentify has no '$group_key': set it to the account's id")
@@ -416,7 +429,7 @@ def _posthog_messages(
         msg.update(type="screen", name=screen if type(screen) is str else "", properties=props)
     else:
         msg.update(type="track", event=name, properties=props)
-    return [msg]
+    return msg
 
 
 def posthog_v1_results(parsed: Parsed) -> dict[str, Any]:
@@ -524,6 +537,7 @@ def sentry_envelope(body: bytes, received_ms: int) -> Parsed:
                 raise EventError("event payload is not a JSON object")
             message_id = _text(error.get("event_id")) or message_id
             msg, client_ms = _sentry_message(error, message_id or _text(header.get("event_id")))
+            _fits(msg)
             _accept(out, msg, client_ms, sent_ms, received_ms, received_at, payload)
         except EventError as exc:
             out.rejected.append(Rejection(index, exc.message, message_id))

@@ -23,6 +23,7 @@ from forewarn.ingest import (
     _clip,
     _decode,
     _dict,
+    _fits,
     _text,
     _time_ms,
     iso,
@@ -63,6 +64,7 @@ def tickets(body: bytes, flavour: str, received_ms: int) -> Parsed:
                 continue
             msg, client_ms = found
             message_id = _text(msg.get("messageId"))
+            _fits(msg)
             _accept(out, msg, client_ms, None, received_ms, received_at)
         except EventError as exc:
             out.rejected.append(Rejection(index, exc.message, message_id))
