@@ -8,7 +8,19 @@ import sys
 from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parent.parent / "src" / "forewarn"
-CORE = {"model", "expr", "playbook", "signals", "engine", "runner", "decide", "describe", "errors"}
+CORE = {
+    "model",
+    "expr",
+    "playbook",
+    "signals",
+    "engine",
+    "runner",
+    "decide",
+    "describe",
+    "errors",
+    "ingest",
+    "webhooks",
+}
 PURE_THIRD_PARTY = {"msgspec", "yaml"}
 # Modules of the standard library that reach the outside world (clock, disk, network, processes).
 WORLD = {

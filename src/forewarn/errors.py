@@ -3,7 +3,9 @@
     ForewarnError            status 400 unless a subclass says otherwise
     ├── PlaybookError        a playbook does not validate (carries every problem found)
     ├── EventError           one incoming message is not a valid event
-    ├── InputError           a file or argument cannot be used
+    ├── InputError           a file, argument or request body cannot be used
+    │   ├── TooLargeError    413: a request body over a size or count limit
+    │   └── SignatureError   a webhook's signature does not verify
     └── NotFoundError        404: no such trigger (or subject, ...)
 
 Every message says what was wrong and what to do about it.
@@ -67,6 +69,15 @@ class EventError(ForewarnError):
 
 class InputError(ForewarnError):
     code = "invalid_input"
+
+
+class TooLargeError(InputError):
+    status = 413
+    code = "too_large"
+
+
+class SignatureError(InputError):
+    code = "invalid_signature"
 
 
 class NotFoundError(ForewarnError):
