@@ -12,11 +12,16 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 EXAMPLE := --playbooks examples/playbooks --events examples/events --until 2026-12-31T00:00:00Z
+# keys for trying Forewarn out on this machine; set your own for anything else
+WRITE_KEY ?= fw_wk_local-write-key-change-me
+ADMIN_KEY ?= fw_ak_local-admin-key-change-me
 
 run: $(STAMP)
 	$(VENV)/bin/forewarn check examples/playbooks | tail -n 1
 	$(VENV)/bin/forewarn replay $(EXAMPLE) --format table
-	$(VENV)/bin/forewarn replay $(EXAMPLE)
+	@echo "write key (Segment Basic-auth user, PostHog api_key, Sentry DSN key): $(WRITE_KEY)"
+	@echo "admin key (Authorization: Bearer ... on /api/v1): $(ADMIN_KEY)"
+	env FOREWARN_WRITE_KEY=$(WRITE_KEY) FOREWARN_ADMIN_KEY=$(ADMIN_KEY) $(VENV)/bin/forewarn serve --db forewarn.db --playbooks examples/playbooks
 
 test: $(STAMP)
 	$(PY) -m pytest -q

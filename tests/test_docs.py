@@ -493,11 +493,19 @@ def test_make_run_commands_succeed(monkeypatch, capsys):
     variables = _make_variables(makefile)
     monkeypatch.chdir(ROOT)
     ran = 0
+    served = False
     for line in _recipe(makefile, "run"):
         argv = shlex.split(_expand(line, variables).split("|")[0])
-        if argv and argv[0].endswith("/forewarn"):
+        while argv and (argv[0] == "env" or re.match(r"^[A-Z_]+=", argv[0])):
+            argv = argv[1:]  # the environment given to the command
+        if argv and argv[0].endswith("/forewarn") and argv[1] == "serve":
+            args = cli.build_parser().parse_args(argv[1:])  # it runs until stopped: parse only
+            assert Path(args.playbooks).exists()
+            served = True
+        elif argv and argv[0].endswith("/forewarn"):
             assert cli.main(argv[1:]) == 0, f"'make run' fails at: {line}"
             ran += 1
     assert ran, "the 'run' target runs no forewarn command"
+    assert served, "the 'run' target does not start the server"
     out = capsys.readouterr().out
     assert "triggers valid" in out

@@ -152,6 +152,75 @@ def _check(args: argparse.Namespace) -> int:
     return 0
 
 
+def _env(name: str, default: str | None = None) -> str | None:
+    return os.environ.get(f"FOREWARN_{name}", default)
+
+
+def _serve(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from forewarn import api, clock, store_sqlite
+    from forewarn.server import EngineLoop, Writer
+
+    triggers = load_playbooks(args.playbooks)
+    conn = store_sqlite.connect(args.db)
+    write_key, admin_key = _env("WRITE_KEY"), _env("ADMIN_KEY")
+    created: list[str] = []
+    if store_sqlite.workspace_id(conn, args.workspace) is None:
+        if not write_key:
+            write_key = store_sqlite.new_key_token("write")
+            created.append(f"write key: {write_key}")
+        if not admin_key:
+            admin_key = store_sqlite.new_key_token("admin")
+            created.append(f"admin key: {admin_key}")
+    store_sqlite.ensure_workspace(conn, args.workspace, clock.now_ms(), write_key, admin_key)
+    conn.close()
+    settings = api.Settings(
+        db=args.db,
+        playbooks=args.playbooks,
+        rate_limit_per_s=float(args.rate_limit),
+        rate_burst=float(args.rate_limit * 2),
+        stripe_secret=_env("STRIPE_SECRET"),
+    )
+    loop = EngineLoop(args.db, triggers)
+    writer = Writer(args.db, on_commit=loop.wake)
+    app = api.Forewarn(settings, writer, loop)
+    url = f"http://{args.host}:{args.port}"
+    print(f"Forewarn on {url} with {len(triggers)} triggers, database {args.db}", flush=True)
+    if created:
+        print("workspace '" + args.workspace + "' created; keys (shown once):", flush=True)
+        for line in created:
+            print("  " + line, flush=True)
+    elif write_key or admin_key:
+        print("keys from FOREWARN_WRITE_KEY / FOREWARN_ADMIN_KEY", flush=True)
+    uvicorn.run(
+        api.build(app),
+        host=args.host,
+        port=args.port,
+        log_level=args.log_level,
+        access_log=False,
+        lifespan="on",
+    )
+    return 0
+
+
+def _keys(args: argparse.Namespace) -> int:
+    from forewarn import clock, store_sqlite
+
+    conn = store_sqlite.connect(args.db)
+    ws = store_sqlite.workspace_id(conn, args.workspace)
+    if ws is None:
+        ws = store_sqlite.ensure_workspace(conn, args.workspace, clock.now_ms())
+    token = store_sqlite.add_key(conn, ws, args.kind, clock.now_ms(), name=args.name or "")
+    conn.close()
+    print(token)
+    print(
+        f"a new {args.kind} key for workspace '{args.workspace}': it is shown only now",
+        file=sys.stderr,
+    )
+    return 0
+
+
 def _count(text: str) -> int:
     try:
         value = int(text)
@@ -198,6 +267,45 @@ def build_parser() -> argparse.ArgumentParser:
     )
     check.add_argument("playbooks", help="a playbook file or folder")
     check.set_defaults(run=_check)
+
+    serve = commands.add_parser(
+        "serve",
+        help="run the live server: ingest, engine and admin API on SQLite",
+        description="Run the live server on one SQLite file. Every option can also be set with "
+        "its FOREWARN_* environment variable.",
+    )
+    serve.add_argument("--db", default=_env("DB", "forewarn.db"), help="the SQLite file")
+    serve.add_argument(
+        "--playbooks", default=_env("PLAYBOOKS", "playbooks"), help="a playbook file or folder"
+    )
+    serve.add_argument("--host", default=_env("HOST", "127.0.0.1"))
+    serve.add_argument("--port", type=int, default=int(_env("PORT", "8750") or 8750))
+    serve.add_argument("--workspace", default=_env("WORKSPACE", "default"))
+    serve.add_argument(
+        "--rate-limit",
+        type=int,
+        default=int(_env("RATE_LIMIT", "50000") or 50000),
+        help="events per second per workspace",
+    )
+    serve.add_argument(
+        "--log-level",
+        default=_env("LOG_LEVEL", "warning"),
+        choices=("critical", "error", "warning", "info", "debug"),
+    )
+    serve.set_defaults(run=_serve)
+
+    keys = commands.add_parser(
+        "keys",
+        help="create a write or admin key",
+        description="Create a key for a workspace (created if missing); the key is printed once "
+        "and only its hash is stored.",
+    )
+    keys.add_argument("action", choices=("create",), metavar="ACTION", help="create")
+    keys.add_argument("--db", default=_env("DB", "forewarn.db"), help="the SQLite file")
+    keys.add_argument("--workspace", default=_env("WORKSPACE", "default"))
+    keys.add_argument("--kind", choices=("write", "admin"), default="write")
+    keys.add_argument("--name", help="a note to recognise the key by")
+    keys.set_defaults(run=_keys)
     return parser
 
 

@@ -1,0 +1,724 @@
+"""The HTTP API: ingest routes that real client libraries can point at, and the admin API.
+
+Ingest (write key): Segment's tracking API, PostHog capture, Sentry envelopes, ticket and
+Stripe webhooks. A request is authenticated, decompressed, parsed by `ingest` / `webhooks`
+(one bad event never sinks its batch), committed by the `Writer`, and only then answered.
+
+Admin (`Authorization: Bearer <admin key>`) under `/api/v1`; `/healthz`, `/metrics` and
+`/openapi.json` are open. Every error has one JSON shape: `{"error": {"code", "message"}}`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import binascii
+import contextlib
+import time
+import zlib
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import brotli
+import msgspec
+from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
+from starlette.requests import Request
+from starlette.responses import PlainTextResponse, Response
+from starlette.routing import Route
+
+from forewarn import clock, engine, ingest, store_sqlite, webhooks
+from forewarn.errors import ForewarnError, InputError, NotFoundError, TooLargeError
+from forewarn.live import firing_dict
+from forewarn.model import format_time, parse_time_ms
+from forewarn.server import EngineLoop, Writer
+from forewarn.store_sqlite import Append, Key
+
+MAX_BODY_BYTES = 2 * 1024 * 1024  # on the wire, before decompression
+MAX_INFLATED_BYTES = ingest.MAX_ENVELOPE_BYTES + 1024  # the largest body any route takes
+
+
+class AuthError(ForewarnError):
+    status = 401
+    code = "unauthorized"
+
+
+class ForbiddenError(ForewarnError):
+    status = 403
+    code = "forbidden"
+
+
+class RateLimitError(ForewarnError):
+    status = 429
+    code = "rate_limited"
+
+    def __init__(self, message: str, retry_after_s: int) -> None:
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
+
+
+@dataclass
+class Settings:
+    """What the routes need to know; built by `forewarn serve` from flags and environment."""
+
+    db: str
+    playbooks: str
+    rate_limit_per_s: float = 50_000.0  # events per second per workspace, sustained
+    rate_burst: float = 100_000.0
+    stripe_secret: str | None = None
+    stripe_tolerance_s: int = 300
+
+
+@dataclass
+class Bucket:
+    """A token bucket of events per workspace."""
+
+    tokens: float
+    at: float
+
+
+@dataclass
+class Counters:
+    accepted: int = 0
+    rejected: int = 0
+    duplicates: int = 0
+    flagged: int = 0
+    requests: dict[str, int] = field(default_factory=dict)
+
+
+class Forewarn:
+    """The application object the routes close over."""
+
+    def __init__(self, settings: Settings, writer: Writer, loop: EngineLoop) -> None:
+        self.settings = settings
+        self.writer = writer
+        self.engines = loop
+        self.counters = Counters()
+        self._read = store_sqlite.connect(settings.db)
+        self._keys: dict[str, tuple[Key | None, float]] = {}
+        self._buckets: dict[int, Bucket] = {}
+
+    # --- auth -------------------------------------------------------------------------
+
+    def key(self, token: str | None) -> Key | None:
+        if not token:
+            return None
+        now = time.monotonic()
+        cached = self._keys.get(token)
+        if cached is not None and (cached[0] is not None or now - cached[1] < 5.0):
+            return cached[0]
+        found = store_sqlite.find_key(self._read, token)
+        if len(self._keys) > 10_000:
+            self._keys.clear()
+        self._keys[token] = (found, now)
+        return found
+
+    def write_key(self, token: str | None) -> Key:
+        found = self.key(token)
+        if found is None:
+            raise AuthError(
+                "missing or unknown write key: send it as the Basic-auth user name "
+                "(Segment), as `api_key` (PostHog) or as the DSN key (Sentry)"
+            )
+        if found.kind != "write":
+            raise ForbiddenError("an admin key cannot ingest: use the workspace's write key")
+        return found
+
+    def admin_key(self, request: Request) -> Key:
+        header = request.headers.get("authorization", "")
+        scheme, _, token = header.partition(" ")
+        found = self.key(token.strip()) if scheme.lower() == "bearer" else None
+        if found is None:
+            raise AuthError("missing or unknown admin key: send `Authorization: Bearer <key>`")
+        if found.kind != "admin":
+            raise ForbiddenError("a write key cannot use the admin API: use an admin key")
+        return found
+
+    def take(self, workspace: int, events: int) -> None:
+        """Charge `events` to the workspace's rate limit, or refuse the request."""
+        rate, burst = self.settings.rate_limit_per_s, self.settings.rate_burst
+        now = time.monotonic()
+        bucket = self._buckets.get(workspace)
+        if bucket is None:
+            bucket = self._buckets[workspace] = Bucket(burst, now)
+        bucket.tokens = min(burst, bucket.tokens + (now - bucket.at) * rate)
+        bucket.at = now
+        if events > bucket.tokens:
+            wait = max(1, int((events - bucket.tokens) / rate + 0.999))
+            raise RateLimitError(
+                f"over this workspace's limit of {rate:g} events per second: retry after {wait} s",
+                wait,
+            )
+        bucket.tokens -= events
+
+    # --- ingest -----------------------------------------------------------------------
+
+    async def store(self, key: Key, source: str, parsed: ingest.Parsed, received_ms: int) -> Any:
+        self.take(key.workspace, max(1, len(parsed.messages)))
+        c = self.counters
+        c.requests[source] = c.requests.get(source, 0) + 1
+        c.rejected += len(parsed.rejected)
+        c.flagged += len(parsed.flagged)
+        duplicates: list[int] = []
+        if parsed.messages:
+            ids = [str(m["messageId"]) for m in parsed.messages]
+            done = await self.writer.submit(
+                Append(key.workspace, source, received_ms, parsed.messages, ids)
+            )
+            c.accepted += done.stored
+            c.duplicates += len(done.duplicates)
+            duplicates = done.duplicates
+        return {
+            "success": True,
+            "accepted": len(parsed.messages) - len(duplicates),
+            "duplicates": len(duplicates),
+            "rejected": [{"index": r.index, "reason": r.reason} for r in parsed.rejected],
+            "flagged": parsed.flagged,
+        }
+
+
+# --- bodies -------------------------------------------------------------------------------
+
+
+async def body_of(request: Request) -> bytes:
+    """The request body, decompressed (gzip, deflate or brotli), within the size limits."""
+    length = request.headers.get("content-length")
+    if length is not None and length.isdigit() and int(length) > MAX_BODY_BYTES:
+        raise TooLargeError(
+            f"the request body is over {MAX_BODY_BYTES} bytes: send smaller batches"
+        )
+    chunks: list[bytes] = []
+    size = 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > MAX_BODY_BYTES:
+            raise TooLargeError(
+                f"the request body is over {MAX_BODY_BYTES} bytes: send smaller batches"
+            )
+        chunks.append(chunk)
+    raw = b"".join(chunks)
+    encoding = request.headers.get("content-encoding", "").strip().lower()
+    if encoding in ("", "identity"):
+        return raw
+    if encoding in ("gzip", "deflate"):
+        return _inflate(raw, 47 if encoding == "gzip" else 15, encoding)
+    if encoding == "br":
+        return _unbrotli(raw)
+    raise InputError(f"unknown Content-Encoding '{encoding}': send gzip, deflate, br or none")
+
+
+def _inflate(raw: bytes, wbits: int, encoding: str) -> bytes:
+    d = zlib.decompressobj(wbits)
+    try:
+        out = d.decompress(raw, MAX_INFLATED_BYTES + 1)
+    except zlib.error as exc:
+        raise InputError(f"the body is not valid {encoding}: {exc}") from None
+    if len(out) > MAX_INFLATED_BYTES or d.unconsumed_tail:
+        raise TooLargeError(
+            f"the decompressed body is over {MAX_INFLATED_BYTES} bytes: send smaller batches"
+        )
+    return out
+
+
+def _unbrotli(raw: bytes) -> bytes:
+    d = brotli.Decompressor()
+    out = bytearray()
+    try:
+        out += d.process(raw[:65536])
+        for start in range(65536, len(raw), 65536):
+            if len(out) > MAX_INFLATED_BYTES:
+                break
+            out += d.process(raw[start : start + 65536])
+    except brotli.error as exc:
+        raise InputError(f"the body is not valid brotli: {exc}") from None
+    if len(out) > MAX_INFLATED_BYTES:
+        raise TooLargeError(
+            f"the decompressed body is over {MAX_INFLATED_BYTES} bytes: send smaller batches"
+        )
+    return bytes(out)
+
+
+def basic_user(request: Request) -> str | None:
+    header = request.headers.get("authorization", "")
+    scheme, _, value = header.partition(" ")
+    if scheme.lower() != "basic":
+        return None
+    try:
+        user, _, _ = base64.b64decode(value.strip(), validate=True).decode().partition(":")
+    except (binascii.Error, UnicodeDecodeError):
+        raise AuthError("the Basic authorization header is not valid base64") from None
+    return user or None
+
+
+# --- routes -------------------------------------------------------------------------------
+
+Handler = Callable[[Request], Awaitable[Response]]
+
+
+def _json(data: Any, status: int = 200) -> Response:
+    return Response(msgspec.json.encode(data), status_code=status, media_type="application/json")
+
+
+def routes(app: Forewarn) -> list[Route]:
+    async def segment(request: Request) -> Response:
+        route = request.path_params["kind"]
+        if route not in ingest.SEGMENT_ROUTES:
+            raise NotFoundError(f"no route /v1/{route}: use /v1/batch or one of /v1/track, ...")
+        received = clock.now_ms()
+        user = basic_user(request)
+        key = app.write_key(user) if user else None  # a key in the header: checked first
+        body = await body_of(request)
+        parsed = _parse_keyed(key, lambda: ingest.segment(body, route, received))
+        key = key or app.write_key(parsed.write_key)
+        return _json(await app.store(key, "segment", parsed, received))
+
+    async def posthog(request: Request) -> Response:
+        received = clock.now_ms()
+        body = await body_of(request)
+        sent_at = request.headers.get("posthog-request-timestamp")
+        parsed = _parse_keyed(None, lambda: ingest.posthog(body, received, sent_at=sent_at))
+        key = app.write_key(parsed.write_key)
+        result = await app.store(key, "posthog", parsed, received)
+        if request.url.path.startswith("/i/v1/"):
+            return _json(ingest.posthog_v1_results(parsed))
+        return _json({"status": 1, **result})
+
+    async def sentry(request: Request) -> Response:
+        received = clock.now_ms()
+        token = ingest.sentry_key(request.headers.get("x-sentry-auth"), request.url.query or None)
+        body = await body_of(request)
+        parsed = ingest.sentry_envelope(body, received)
+        key = app.write_key(token or parsed.write_key)
+        result = await app.store(key, "sentry", parsed, received)
+        return _json({"id": result["accepted"] and None, **result})
+
+    async def tickets(request: Request) -> Response:
+        flavour = request.path_params["flavour"]
+        received = clock.now_ms()
+        key = app.write_key(basic_user(request) or request.query_params.get("key"))
+        parsed = webhooks.tickets(await body_of(request), flavour, received)
+        return _json(await app.store(key, f"tickets:{flavour}", parsed, received))
+
+    async def stripe(request: Request) -> Response:
+        received = clock.now_ms()
+        key = app.write_key(basic_user(request) or request.query_params.get("key"))
+        secret = app.settings.stripe_secret
+        if not secret:
+            raise ForbiddenError(
+                "no Stripe signing secret is configured: set FOREWARN_STRIPE_SECRET"
+            )
+        parsed = webhooks.stripe(
+            await body_of(request),
+            request.headers.get("stripe-signature", ""),
+            secret,
+            received,
+            app.settings.stripe_tolerance_s,
+        )
+        return _json(await app.store(key, "stripe", parsed, received))
+
+    # --- admin ---
+
+    async def triggers(request: Request) -> Response:
+        app.admin_key(request)
+        return _json({"triggers": [_trigger(t) for t in app.engines.triggers]})
+
+    async def firings(request: Request) -> Response:
+        key = app.admin_key(request)
+        q = request.query_params
+        since = q.get("since")
+        try:
+            since_ms = parse_time_ms(since) if since else None
+        except ValueError:
+            raise InputError(
+                f"since={since!r} is not ISO 8601, e.g. 2026-11-23T00:00:00Z"
+            ) from None
+        limit = _int(q.get("limit"), 1000, "limit", 1, 10_000)
+        rows = await asyncio.to_thread(
+            _query_firings,
+            app.settings.db,
+            key.workspace,
+            q.get("trigger"),
+            q.get("subject"),
+            since_ms,
+            limit,
+        )
+        return _json({"firings": [firing_dict(r) for r in rows]})
+
+    async def subject(request: Request) -> Response:
+        key = app.admin_key(request)
+        subject_id = request.path_params["subject"]
+        summary = await asyncio.to_thread(app_subject, app, key.workspace, subject_id)
+        return _json(summary)
+
+    async def why(request: Request) -> Response:
+        key = app.admin_key(request)
+        subject_id = request.path_params["subject"]
+        trigger = request.query_params.get("trigger")
+        if not trigger:
+            raise InputError("give ?trigger=<trigger id>: the trigger to explain")
+        return _json(await asyncio.to_thread(app_why, app, key.workspace, subject_id, trigger))
+
+    async def reload(request: Request) -> Response:
+        app.admin_key(request)
+        from forewarn.sources import load_playbooks
+
+        triggers = await asyncio.to_thread(load_playbooks, app.settings.playbooks)
+        app.engines.reload(triggers)
+        return _json({"reloaded": True, "triggers": [t.id for t in triggers]})
+
+    async def healthz(request: Request) -> Response:
+        return _json({"ok": True})
+
+    async def metrics(request: Request) -> Response:
+        return PlainTextResponse(_metrics(app), media_type="text/plain; version=0.0.4")
+
+    async def openapi(request: Request) -> Response:
+        return _json(OPENAPI)
+
+    return [
+        Route("/v1/{kind}", segment, methods=["POST"]),
+        Route("/batch/", posthog, methods=["POST"]),
+        Route("/capture/", posthog, methods=["POST"]),
+        Route("/i/v1/analytics/events", posthog, methods=["POST"]),
+        Route("/api/{project}/envelope/", sentry, methods=["POST"]),
+        Route("/webhooks/tickets/{flavour}", tickets, methods=["POST"]),
+        Route("/webhooks/stripe", stripe, methods=["POST"]),
+        Route("/api/v1/triggers", triggers, methods=["GET"]),
+        Route("/api/v1/firings", firings, methods=["GET"]),
+        Route("/api/v1/subjects/{subject}", subject, methods=["GET"]),
+        Route("/api/v1/subjects/{subject}/why", why, methods=["GET"]),
+        Route("/api/v1/playbooks/reload", reload, methods=["POST"]),
+        Route("/healthz", healthz, methods=["GET"]),
+        Route("/metrics", metrics, methods=["GET"]),
+        Route("/openapi.json", openapi, methods=["GET"]),
+    ]
+
+
+def _parse_keyed(key: Key | None, parse: Callable[[], ingest.Parsed]) -> ingest.Parsed:
+    """Parse a body that may carry the write key; without a key from anywhere, a body that
+    cannot be read is refused as unauthenticated (its problems are not for strangers)."""
+    try:
+        return parse()
+    except ForewarnError:
+        if key is None:
+            raise AuthError(
+                "missing write key: send it as the Basic-auth user name or in the body"
+            ) from None
+        raise
+
+
+def _int(text: str | None, default: int, name: str, low: int, high: int) -> int:
+    if text is None:
+        return default
+    if not text.isdigit() or not low <= int(text) <= high:
+        raise InputError(f"{name}={text!r}: give a whole number from {low} to {high}")
+    return int(text)
+
+
+def _query_firings(
+    db: str, ws: int, trigger: str | None, subject: str | None, since: int | None, limit: int
+) -> list[Any]:
+    conn = store_sqlite.connect(db)
+    try:
+        return store_sqlite.query_firings(conn, ws, trigger, subject, since, limit)
+    finally:
+        conn.close()
+
+
+def _trigger(t: Any) -> dict[str, Any]:
+    from forewarn import describe
+
+    return {
+        "id": t.id,
+        "scope": t.scope,
+        "mode": t.mode,
+        "channel": t.action.channel,
+        "priority": t.priority,
+        "holdout": t.holdout,
+        "description": t.description,
+        "summary": describe.condition(t.when, t.scope),
+    }
+
+
+def _live(app: Forewarn, workspace: int) -> Any:
+    live = app.engines.stats.engines.get(workspace)
+    if live is None:
+        raise NotFoundError("the engine has not started on this workspace yet: retry shortly")
+    return live
+
+
+def app_subject(app: Forewarn, workspace: int, subject_id: str) -> dict[str, Any]:
+    with app.engines.state_lock:
+        live = _live(app, workspace)
+        state = live.runner.state
+        book = state.book
+        found = []
+        for scope, table in (("user", state.users), ("account", state.accounts)):
+            subject = table.get(subject_id)
+            if subject is None:
+                continue
+            s = 1 if scope == "account" else 0
+            traits = _traits(subject.traits, book.trait_keys[s], book.date_slots[s])
+            states = {}
+            for ct in book.triggers:
+                if ct.account == (scope == "account") and subject.states:
+                    ts = subject.states[ct.slot]
+                    if ts is not None:
+                        states[ct.spec.id] = {
+                            "active": bool(ts[engine.ACTIVE]),
+                            "episode_started": format_time(ts[engine.EPISODE])
+                            if ts[engine.EPISODE] >= 0
+                            else None,
+                        }
+            found.append(
+                {
+                    "scope": scope,
+                    "first_seen": format_time(subject.first_seen) if subject.first_seen else None,
+                    "traits": traits,
+                    "accounts": subject.accounts or [],
+                    "triggers": states,
+                }
+            )
+    if not found:
+        raise NotFoundError(f"no subject '{subject_id}' in this workspace's events")
+    rows = _query_firings(app.settings.db, workspace, None, subject_id, None, 50)
+    return {"id": subject_id, "as": found, "firings": [firing_dict(r) for r in rows]}
+
+
+def _traits(
+    values: list[Any] | None, keys: tuple[str, ...], dates: dict[str, int]
+) -> dict[str, Any]:
+    """The traits the playbooks read; a date read only as a date is kept parsed: shown as ISO."""
+    if values is None:
+        return {}
+    shown: dict[str, Any] = {}
+    for i, key in enumerate(keys):
+        value = values[i]
+        if value is None:
+            continue
+        if dates.get(key) == i and type(value) is int:
+            value = format_time(value)
+        shown[key] = value
+    return shown
+
+
+def app_why(app: Forewarn, workspace: int, subject_id: str, trigger: str) -> dict[str, Any]:
+    with app.engines.state_lock:
+        live = _live(app, workspace)
+        return engine.explain(live.runner.state, trigger, subject_id, clock.now_ms())
+
+
+def _metrics(app: Forewarn) -> str:
+    c = app.counters
+    stats = app.engines.stats
+    lag = sum(stats.lag.values())
+    lines = [
+        "# HELP forewarn_events_accepted_total Events committed to the log.",
+        "# TYPE forewarn_events_accepted_total counter",
+        f"forewarn_events_accepted_total {c.accepted}",
+        "# HELP forewarn_events_rejected_total Events refused with a reason.",
+        "# TYPE forewarn_events_rejected_total counter",
+        f"forewarn_events_rejected_total {c.rejected}",
+        "# HELP forewarn_events_duplicate_total Events already stored (a client's resend).",
+        "# TYPE forewarn_events_duplicate_total counter",
+        f"forewarn_events_duplicate_total {c.duplicates}",
+        "# HELP forewarn_firings_total Firings the engine recorded.",
+        "# TYPE forewarn_firings_total counter",
+        f"forewarn_firings_total {stats.firings}",
+        "# HELP forewarn_engine_lag_batches Batches committed and not yet applied.",
+        "# TYPE forewarn_engine_lag_batches gauge",
+        f"forewarn_engine_lag_batches {lag}",
+    ]
+    for source, n in sorted(c.requests.items()):
+        lines.append(f'forewarn_requests_total{{source="{source}"}} {n}')
+    return "\n".join(lines) + "\n"
+
+
+# --- errors and the app -------------------------------------------------------------------
+
+
+async def _forewarn_error(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, ForewarnError)
+    response = _json(exc.to_dict(), exc.status)
+    if isinstance(exc, RateLimitError):
+        response.headers["Retry-After"] = str(exc.retry_after_s)
+    return response
+
+
+async def _http_error(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, HTTPException)
+    code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
+    message = {
+        404: f"no route {request.url.path}: see /openapi.json for the routes",
+        405: f"{request.method} is not allowed on {request.url.path}",
+    }.get(exc.status_code, str(exc.detail))
+    return _json({"error": {"code": code, "message": message}}, exc.status_code)
+
+
+async def _server_error(request: Request, exc: Exception) -> Response:
+    return _json(
+        {"error": {"code": "internal", "message": "an internal error: it is logged; retry"}}, 500
+    )
+
+
+def build(app: Forewarn) -> Starlette:
+    @contextlib.asynccontextmanager
+    async def lifespan(_: Starlette) -> AsyncIterator[None]:
+        app.writer.start()
+        app.engines.start()
+        try:
+            yield
+        finally:
+            app.writer.stop()
+            app.engines.stop()
+
+    return Starlette(
+        lifespan=lifespan,
+        routes=routes(app),
+        exception_handlers={
+            ForewarnError: _forewarn_error,
+            HTTPException: _http_error,
+            Exception: _server_error,
+        },
+    )
+
+
+def _op(
+    summary: str,
+    auth: str | None,
+    params: list[dict[str, Any]] | None = None,
+    body: bool = False,
+    ok: str = "the result",
+) -> dict[str, Any]:
+    op: dict[str, Any] = {
+        "summary": summary,
+        "responses": {
+            "200": {"description": ok, "content": {"application/json": {"schema": {}}}},
+            "default": {
+                "description": "an error, in the one error shape",
+                "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}},
+            },
+        },
+    }
+    if auth is not None:
+        op["security"] = [{auth: []}]
+    if params:
+        op["parameters"] = params
+    if body:
+        op["requestBody"] = {
+            "required": True,
+            "content": {"application/json": {"schema": {"type": "object"}}},
+        }
+    return op
+
+
+def _param(name: str, where: str = "query", required: bool = False) -> dict[str, Any]:
+    return {
+        "name": name,
+        "in": where,
+        "required": required or where == "path",
+        "schema": {"type": "string"},
+    }
+
+
+def _openapi() -> dict[str, Any]:
+    write, admin = "writeKey", "adminKey"
+    paths: dict[str, Any] = {}
+    for kind in ingest.SEGMENT_ROUTES:
+        paths[f"/v1/{kind}"] = {
+            "post": _op(
+                f"Segment tracking API: {kind}",
+                write,
+                body=True,
+                ok="committed; rejected events listed with reasons",
+            )
+        }
+    for path in ("/batch/", "/capture/", "/i/v1/analytics/events"):
+        paths[path] = {"post": _op("PostHog capture", None, body=True)}
+    paths["/api/{project}/envelope/"] = {
+        "post": _op(
+            "Sentry envelope: error events become `Error` events",
+            None,
+            [_param("project", "path")],
+            body=True,
+        )
+    }
+    paths["/webhooks/tickets/{flavour}"] = {
+        "post": _op(
+            "Ticket webhook (generic, zendesk or freshdesk)",
+            write,
+            [_param("flavour", "path"), _param("key")],
+            body=True,
+        )
+    }
+    paths["/webhooks/stripe"] = {
+        "post": _op(
+            "Stripe webhook, verified by `Stripe-Signature`", write, [_param("key")], body=True
+        )
+    }
+    paths["/api/v1/triggers"] = {"get": _op("The triggers of the loaded playbooks", admin)}
+    paths["/api/v1/firings"] = {
+        "get": _op(
+            "Firings, oldest first",
+            admin,
+            [_param("trigger"), _param("subject"), _param("since"), _param("limit")],
+        )
+    }
+    paths["/api/v1/subjects/{subject}"] = {
+        "get": _op(
+            "A user or account: traits, trigger states, recent firings",
+            admin,
+            [_param("subject", "path")],
+        )
+    }
+    paths["/api/v1/subjects/{subject}/why"] = {
+        "get": _op(
+            "Why a trigger did or did not fire for a subject",
+            admin,
+            [_param("subject", "path"), _param("trigger", required=True)],
+        )
+    }
+    paths["/api/v1/playbooks/reload"] = {"post": _op("Reload the playbooks from disk", admin)}
+    paths["/healthz"] = {"get": _op("Liveness", None)}
+    paths["/metrics"] = {
+        "get": {
+            "summary": "Prometheus metrics",
+            "responses": {"200": {"description": "text exposition"}},
+        }
+    }
+    paths["/openapi.json"] = {"get": _op("This document", None)}
+    return {
+        "openapi": "3.1.0",
+        "info": {"title": "Forewarn", "version": __import__("forewarn").__version__},
+        "paths": paths,
+        "components": {
+            "securitySchemes": {
+                write: {
+                    "type": "http",
+                    "scheme": "basic",
+                    "description": "the write key as the user name",
+                },
+                admin: {"type": "http", "scheme": "bearer"},
+            },
+            "schemas": {
+                "Error": {
+                    "type": "object",
+                    "required": ["error"],
+                    "properties": {
+                        "error": {
+                            "type": "object",
+                            "required": ["code", "message"],
+                            "properties": {
+                                "code": {"type": "string"},
+                                "message": {"type": "string"},
+                            },
+                        }
+                    },
+                }
+            },
+        },
+    }
+
+
+OPENAPI = _openapi()

@@ -1,0 +1,211 @@
+"""The embedded server's moving parts, around one SQLite file:
+
+- `Writer`: one thread that owns the write connection. Requests hand it their parsed batches;
+  it commits whatever has queued up in one transaction (group commit: concurrent requests share
+  one fsync) and only then answers them, so a 2xx always means committed.
+- `EngineLoop`: one thread stepping each workspace's `LiveEngine`, woken by every commit and at
+  least every `tick_ms` for timers.
+
+The HTTP routes live in `api`; `forewarn serve` wires everything together.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import queue
+import sqlite3
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from forewarn import clock, store_sqlite
+from forewarn.errors import ForewarnError
+from forewarn.live import LiveEngine
+from forewarn.playbook import Trigger
+from forewarn.store_sqlite import Append, Appended, StoreError
+
+log = logging.getLogger("forewarn")
+
+GROUP_MAX = 256  # requests per transaction at most
+
+
+class DiskFullError(ForewarnError):
+    status = 507
+    code = "storage_full"
+
+
+@dataclass
+class _Job:
+    append: Append
+    future: asyncio.Future[Appended]
+    loop: asyncio.AbstractEventLoop
+
+
+class Writer:
+    """Commits batches for the event loop, in a thread of its own."""
+
+    def __init__(self, path: str | Path, on_commit: Callable[[], None] | None = None) -> None:
+        self.path = path
+        self.on_commit = on_commit
+        self.commits = 0
+        self._queue: queue.SimpleQueue[_Job | None] = queue.SimpleQueue()
+        self._thread = threading.Thread(target=self._run, name="forewarn-writer", daemon=True)
+
+    def start(self) -> None:
+        store_sqlite.connect(self.path).close()  # fail now, in the caller, if it cannot open
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._queue.put(None)
+        self._thread.join(timeout=10)
+
+    async def submit(self, append: Append) -> Appended:
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[Appended] = loop.create_future()
+        self._queue.put(_Job(append, future, loop))
+        return await future
+
+    def _run(self) -> None:
+        conn = store_sqlite.connect(self.path)
+        while True:
+            job = self._queue.get()
+            if job is None:
+                break
+            jobs = [job]
+            stop = False
+            while len(jobs) < GROUP_MAX:
+                try:
+                    more = self._queue.get_nowait()
+                except queue.Empty:
+                    break
+                if more is None:
+                    stop = True
+                    break
+                jobs.append(more)
+            self._commit(conn, jobs)
+            if stop:
+                break
+        conn.close()
+
+    def _commit(self, conn: sqlite3.Connection, jobs: list[_Job]) -> None:
+        try:
+            results = store_sqlite.append_batches(conn, [j.append for j in jobs])
+        except sqlite3.Error as exc:
+            error = _store_error(exc)
+            log.error("could not commit %d requests: %s", len(jobs), exc)
+            for j in jobs:
+                j.loop.call_soon_threadsafe(_fail, j.future, error)
+            return
+        self.commits += 1
+        for j, result in zip(jobs, results, strict=True):
+            j.loop.call_soon_threadsafe(_resolve, j.future, result)
+        if self.on_commit is not None:
+            self.on_commit()
+
+
+def _store_error(exc: sqlite3.Error) -> ForewarnError:
+    text = str(exc)
+    if "full" in text or getattr(exc, "sqlite_errorcode", None) == 13:  # SQLITE_FULL
+        return DiskFullError("the disk is full: nothing was stored; retry when space is freed")
+    return StoreError(f"the database is unavailable ({text}); nothing was stored, retry")
+
+
+def _resolve(future: asyncio.Future[Appended], result: Appended) -> None:
+    if not future.done():
+        future.set_result(result)
+
+
+def _fail(future: asyncio.Future[Appended], error: BaseException) -> None:
+    if not future.done():
+        future.set_exception(error)
+
+
+@dataclass
+class EngineStats:
+    steps: int = 0
+    events: int = 0
+    firings: int = 0
+    errors: int = 0
+    last_step_ms: int = 0
+    lag: dict[int, int] = field(default_factory=dict)  # batches not yet applied, per workspace
+    engines: dict[int, LiveEngine] = field(default_factory=dict)
+
+
+class EngineLoop:
+    """Steps every workspace's engine in one thread, woken by commits and by the clock."""
+
+    def __init__(
+        self,
+        path: str | Path,
+        triggers: list[Trigger],
+        tick_ms: int = 1_000,
+        now_ms: Callable[[], int] = clock.now_ms,
+    ) -> None:
+        self.path = path
+        self.triggers = triggers
+        self.tick_ms = tick_ms
+        self.now_ms = now_ms
+        self.stats = EngineStats()
+        self._wake = threading.Event()
+        self._stop = threading.Event()
+        self._reload: list[Trigger] | None = None
+        self._lock = threading.Lock()
+        self.state_lock = threading.Lock()  # held while stepping: readers of engine state take it
+        self._thread = threading.Thread(target=self._run, name="forewarn-engine", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._wake.set()
+        self._thread.join(timeout=30)
+
+    def wake(self) -> None:
+        self._wake.set()
+
+    def reload(self, triggers: list[Trigger]) -> None:
+        """Use other playbooks from the next step on (each engine rebuilds from the log)."""
+        with self._lock:
+            self._reload = triggers
+        self._wake.set()
+
+    def _run(self) -> None:
+        conn = store_sqlite.connect(self.path)
+        engines = self.stats.engines
+        while not self._stop.is_set():
+            self._wake.wait(self.tick_ms / 1000)
+            self._wake.clear()
+            with self._lock:
+                reload, self._reload = self._reload, None
+            if reload is not None:
+                self.triggers = reload
+                engines.clear()
+            for ws, _ in store_sqlite.workspaces(conn):
+                live = engines.get(ws)
+                if live is None:
+                    live = engines[ws] = LiveEngine(conn, ws, self.triggers)
+                with self.state_lock:
+                    stepped = self._step(live)
+                if not stepped:
+                    del engines[ws]  # its memory ran ahead of the database: rebuild it
+        conn.close()
+
+    def _step(self, live: LiveEngine) -> bool:
+        try:
+            while True:
+                before = live.firings_recorded
+                n = live.step(self.now_ms())
+                self.stats.steps += 1
+                self.stats.events += n
+                self.stats.firings += live.firings_recorded - before
+                self.stats.last_step_ms = self.now_ms()
+                lag = self.stats.lag[live.workspace] = live.lag()
+                if n == 0 or lag == 0:
+                    return True
+        except sqlite3.Error as exc:  # the database is busy or full: try again next wake
+            self.stats.errors += 1
+            log.error("engine step failed, will rebuild and retry: %s", exc)
+            return False

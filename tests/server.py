@@ -1,0 +1,128 @@
+"""A real `forewarn serve` in a subprocess, for tests that talk HTTP to it."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+ROOT = Path(__file__).resolve().parent.parent
+PLAYBOOKS = ROOT / "examples" / "playbooks"
+WRITE_KEY = "fw_wk_test-write-key-0123456789"
+ADMIN_KEY = "fw_ak_test-admin-key-0123456789"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@dataclass
+class Server:
+    url: str
+    db: Path
+    process: subprocess.Popen[bytes]
+    port: int
+    env: dict[str, str]
+
+    def admin(self, path: str, **params: Any) -> Any:
+        r = httpx.get(
+            self.url + path,
+            params=params,
+            headers={"Authorization": f"Bearer {ADMIN_KEY}"},
+            timeout=10,
+        )
+        r.raise_for_status()
+        return r.json()
+
+    def firings(self, **params: Any) -> list[dict[str, Any]]:
+        return list(self.admin("/api/v1/firings", **params)["firings"])
+
+    def metric(self, name: str) -> float:
+        text = httpx.get(self.url + "/metrics", timeout=10).text
+        for line in text.splitlines():
+            if line.startswith(name + " "):
+                return float(line.split()[1])
+        raise KeyError(name)
+
+    def kill(self) -> None:
+        self.process.send_signal(signal.SIGKILL)
+        self.process.wait(timeout=10)
+        if self.process.stdout is not None:
+            self.process.stdout.close()
+
+    def wait_for(self, check: Any, timeout_s: float = 10.0) -> Any:
+        deadline = time.monotonic() + timeout_s
+        while True:
+            value = check()
+            if value or time.monotonic() > deadline:
+                return value
+            time.sleep(0.05)
+
+
+def start(db: Path, port: int | None = None, env: dict[str, str] | None = None) -> Server:
+    port = port or free_port()
+    full_env = {
+        **os.environ,
+        "FOREWARN_WRITE_KEY": WRITE_KEY,
+        "FOREWARN_ADMIN_KEY": ADMIN_KEY,
+        **(env or {}),
+    }
+    process = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "forewarn",
+            "serve",
+            "--db",
+            str(db),
+            "--playbooks",
+            str(PLAYBOOKS),
+            "--port",
+            str(port),
+        ],
+        env=full_env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+    )
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 20
+    while True:
+        try:
+            if httpx.get(url + "/healthz", timeout=1).status_code == 200:
+                break
+        except httpx.HTTPError:
+            pass
+        if process.poll() is not None or time.monotonic() > deadline:
+            output = process.stdout.read().decode() if process.stdout else ""
+            process.kill()
+            raise RuntimeError(f"forewarn serve did not start:\n{output}")
+        time.sleep(0.05)
+    return Server(url, db, process, port, full_env)
+
+
+@contextmanager
+def running(db: Path, env: dict[str, str] | None = None) -> Iterator[Server]:
+    server = start(db, env=env)
+    try:
+        yield server
+    finally:
+        if server.process.poll() is None:
+            server.process.terminate()
+            try:
+                server.process.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                server.kill()
+        if server.process.stdout is not None:
+            server.process.stdout.close()

@@ -1,0 +1,293 @@
+"""The live server, as real clients see it: Segment, PostHog and Sentry libraries from PyPI
+send to a running `forewarn serve`; the engine fires; the admin API reports it."""
+
+from __future__ import annotations
+
+import gzip
+import json
+import uuid
+from pathlib import Path
+
+import httpx
+import pytest
+
+from . import server as srv
+from .server import ADMIN_KEY, WRITE_KEY
+
+
+@pytest.fixture
+def live(tmp_path: Path):
+    with srv.running(tmp_path / "forewarn.db") as server:
+        yield server
+
+
+def _segment_client(url: str):
+    from segment.analytics.client import Client  # type: ignore[import-untyped]
+
+    return Client(WRITE_KEY, host=url, gzip=True, max_retries=2, sync_mode=True)
+
+
+def test_the_segment_client_makes_a_trigger_fire(live):
+    client = _segment_client(live.url)
+    client.group("u1", "acc-1", {"plan": "pro"})
+    client.track("u1", "Payment Failed", {"amount": 49}, context={"groupId": "acc-1"})
+    client.flush()
+    firings = live.wait_for(lambda: live.firings(trigger="payment-failed"))
+    assert [(f["trigger"], f["subject"], f["scope"]) for f in firings] == [
+        ("payment-failed", "acc-1", "account")
+    ]
+    assert firings[0]["evidence"]
+    assert live.metric("forewarn_events_accepted_total") == 2
+
+
+def test_a_resent_batch_is_stored_once_and_fires_once(live):
+    batch = {
+        "batch": [
+            {
+                "type": "track",
+                "event": "Payment Failed",
+                "userId": "u2",
+                "context": {"groupId": "acc-2"},
+                "messageId": "resent-1",
+                "timestamp": "2026-11-23T10:00:00Z",
+                "sentAt": "2026-11-23T10:00:00Z",
+            }
+        ]
+    }
+    for _ in range(3):
+        r = httpx.post(live.url + "/v1/batch", json=batch, auth=(WRITE_KEY, ""), timeout=10)
+        assert r.status_code == 200
+    assert r.json()["duplicates"] == 1
+    live.wait_for(lambda: live.firings(trigger="payment-failed"))
+    assert live.metric("forewarn_events_accepted_total") == 1
+    assert len(live.firings(trigger="payment-failed", subject="acc-2")) == 1
+
+
+def test_one_bad_event_does_not_sink_its_batch(live):
+    body = {
+        "batch": [
+            {"type": "track", "event": "Login", "userId": "u3", "messageId": "ok-1"},
+            {"type": "track", "userId": "u3", "messageId": "bad-1"},
+            {"type": "identify", "userId": "u3", "traits": {"plan": "pro"}, "messageId": "ok-2"},
+        ]
+    }
+    r = httpx.post(live.url + "/v1/batch", json=body, auth=(WRITE_KEY, ""), timeout=10)
+    assert r.status_code == 200
+    answer = r.json()
+    assert answer["accepted"] == 2
+    assert [x["index"] for x in answer["rejected"]] == [1]
+    assert "event" in answer["rejected"][0]["reason"]
+
+
+def test_the_posthog_client_is_accepted(live):
+    from posthog import Posthog
+
+    client = Posthog(WRITE_KEY, host=live.url, sync_mode=True, max_retries=1)
+    client.capture("Login", distinct_id="u4", properties={"$groups": {"company": "acc-4"}})
+    client.flush()
+    assert live.wait_for(lambda: live.metric("forewarn_events_accepted_total") == 1)
+
+
+def test_a_sentry_error_becomes_an_error_event_that_fires(live):
+    import sentry_sdk
+
+    dsn = f"http://{WRITE_KEY}@127.0.0.1:{live.port}/42"
+    sentry_sdk.init(dsn, default_integrations=False)
+    try:
+        with sentry_sdk.new_scope() as scope:
+            scope.set_user({"id": "u5"})
+            scope.fingerprint = ["billing-export-timeout"]
+            try:
+                raise TimeoutError("export timed out")
+            except TimeoutError as exc:
+                sentry_sdk.capture_exception(exc)
+        sentry_sdk.flush(timeout=5)
+    finally:
+        sentry_sdk.get_client().close()
+    firings = live.wait_for(lambda: live.firings(trigger="known-bug"))
+    assert [f["subject"] for f in firings] == ["u5"]
+    assert "Error" in json.dumps(firings[0]["evidence"])
+
+
+def test_keys_are_checked_on_every_route(live):
+    def post(path: str, **kw):
+        return httpx.post(live.url + path, json={"batch": []}, timeout=10, **kw)
+
+    assert post("/v1/batch").status_code == 401
+    assert post("/v1/batch", auth=("fw_wk_nope-nope-nope-nope", "")).status_code == 401
+    assert post("/v1/batch", auth=(ADMIN_KEY, "")).status_code == 403
+    for path in ("/api/v1/triggers", "/api/v1/firings", "/api/v1/subjects/u1"):
+        assert httpx.get(live.url + path, timeout=10).status_code == 401
+        wrong = httpx.get(
+            live.url + path, headers={"Authorization": f"Bearer {WRITE_KEY}"}, timeout=10
+        )
+        assert wrong.status_code == 403
+        assert wrong.json()["error"]["code"] == "forbidden"
+    assert (
+        httpx.post(
+            live.url + "/api/v1/playbooks/reload",
+            headers={"Authorization": f"Bearer {WRITE_KEY}"},
+            timeout=10,
+        ).status_code
+        == 403
+    )
+
+
+def test_every_error_has_one_shape(live):
+    answers = [
+        httpx.get(live.url + "/nowhere", timeout=10),
+        httpx.delete(live.url + "/v1/batch", timeout=10),
+        httpx.post(live.url + "/v1/batch", content=b"{", auth=(WRITE_KEY, ""), timeout=10),
+        httpx.post(live.url + "/v1/batch", timeout=10),
+        httpx.get(
+            live.url + "/api/v1/firings?since=yesterday",
+            headers={"Authorization": f"Bearer {ADMIN_KEY}"},
+            timeout=10,
+        ),
+    ]
+    assert [a.status_code for a in answers] == [404, 405, 400, 401, 400]
+    for a in answers:
+        body = a.json()
+        assert set(body) == {"error"}
+        assert set(body["error"]) >= {"code", "message"}
+        assert body["error"]["message"]
+
+
+def _batch(n: int, size: int = 0) -> dict[str, list[dict[str, object]]]:
+    return {
+        "batch": [
+            {
+                "type": "track",
+                "event": "Login",
+                "userId": f"u{i}",
+                "messageId": str(uuid.uuid4()),
+                "properties": {"pad": "x" * size} if size else {},
+            }
+            for i in range(n)
+        ]
+    }
+
+
+def test_limits_at_their_boundaries(live):
+    def send(body: object, gzipped: bool = False):
+        data = json.dumps(body).encode()
+        headers = {"Content-Type": "application/json"}
+        if gzipped:
+            data = gzip.compress(data)
+            headers["Content-Encoding"] = "gzip"
+        return httpx.post(
+            live.url + "/v1/batch", content=data, headers=headers, auth=(WRITE_KEY, ""), timeout=30
+        )
+
+    assert send(_batch(2_500), gzipped=True).status_code == 200
+    over = send(_batch(2_501), gzipped=True)
+    assert over.status_code == 413 and "2500" in over.json()["error"]["message"].replace(",", "")
+    big = send({"batch": [_batch(1, 33 * 1024)["batch"][0], _batch(1)["batch"][0]]})
+    assert big.status_code == 200
+    assert [r["index"] for r in big.json()["rejected"]] == [0]
+    huge = send(_batch(40, 13 * 1024), gzipped=True)
+    assert huge.status_code == 413
+
+
+def test_subject_and_why(live):
+    client = _segment_client(live.url)
+    client.identify("u6", {"created_at": "2026-01-01T00:00:00Z"})
+    client.flush()
+    live.wait_for(lambda: live.metric("forewarn_events_accepted_total") == 1)
+    subject = live.wait_for(lambda: _maybe(live, "/api/v1/subjects/u6"))
+    assert subject["as"][0]["traits"]["created_at"] == "2026-01-01T00:00:00Z"
+    why = live.admin("/api/v1/subjects/u6/why", trigger="onboarding-stalled")
+    assert why["known"] is True and why["true"] is True
+
+
+def _maybe(live: srv.Server, path: str) -> object:
+    try:
+        return live.admin(path)
+    except httpx.HTTPStatusError:
+        return None
+
+
+def test_openapi_lists_every_route(live):
+    doc = httpx.get(live.url + "/openapi.json", timeout=10).json()
+    for path in ("/v1/batch", "/batch/", "/api/{project}/envelope/", "/api/v1/firings"):
+        assert path in doc["paths"]
+
+
+def test_kill_9_during_ingest_loses_and_repeats_nothing(tmp_path):
+    """Clients resend a batch until it is acknowledged, as real ones do; the server is killed
+    three times mid-stream. Every acknowledged event is stored once, and each account's one
+    failed payment fires exactly once."""
+    import sqlite3
+    import threading
+    import time
+
+    db = tmp_path / "forewarn.db"
+    server = srv.start(db)
+    port = server.port
+    batches = [
+        {
+            "batch": [
+                {
+                    "type": "track",
+                    "event": "Payment Failed" if i == 0 else "Login",
+                    "userId": f"u{b}-{i}",
+                    "context": {"groupId": f"acc-{b}"},
+                    "messageId": f"m-{b}-{i}",
+                }
+                for i in range(10)
+            ]
+        }
+        for b in range(150)
+    ]
+    acknowledged: list[int] = []
+
+    def client() -> None:
+        with httpx.Client(timeout=5) as http:
+            for b, body in enumerate(batches):
+                while True:
+                    try:
+                        r = http.post(
+                            f"http://127.0.0.1:{port}/v1/batch", json=body, auth=(WRITE_KEY, "")
+                        )
+                        if r.status_code == 200:
+                            acknowledged.append(b)
+                            break
+                    except httpx.HTTPError:
+                        pass
+                    time.sleep(0.02)
+
+    sender = threading.Thread(target=client)
+    sender.start()
+    try:
+        for _ in range(3):
+            deadline = time.monotonic() + 5
+            start = len(acknowledged)
+            while len(acknowledged) < start + 20 and time.monotonic() < deadline:
+                time.sleep(0.01)
+            server.kill()
+            server = srv.start(db, port=port)
+        sender.join(timeout=120)
+        assert not sender.is_alive()
+        assert acknowledged == list(range(len(batches)))
+        expected = {f"acc-{b}" for b in range(len(batches))}
+        server.wait_for(
+            lambda: (
+                {f["subject"] for f in server.firings(trigger="payment-failed", limit=1000)}
+                == expected
+            ),
+            timeout_s=30,
+        )
+        firings = server.firings(trigger="payment-failed", limit=1000)
+        assert sorted(f["subject"] for f in firings) == sorted(expected)
+    finally:
+        server.process.kill()
+        server.process.wait()
+        if server.process.stdout is not None:
+            server.process.stdout.close()
+    conn = sqlite3.connect(db)
+    stored = [
+        m for (blob,) in conn.execute("SELECT messages FROM batches") for m in json.loads(blob)
+    ]
+    conn.close()
+    ids = [m["messageId"] for m in stored]
+    assert len(ids) == len(set(ids)) == 1500
