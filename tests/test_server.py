@@ -291,3 +291,43 @@ def test_kill_9_during_ingest_loses_and_repeats_nothing(tmp_path):
     conn.close()
     ids = [m["messageId"] for m in stored]
     assert len(ids) == len(set(ids)) == 1500
+
+
+def test_the_rate_limit_answers_429_with_retry_after(tmp_path):
+    with srv.running(tmp_path / "forewarn.db", env={"FOREWARN_RATE_LIMIT": "100"}) as server:
+        codes = []
+        for _ in range(3):
+            r = httpx.post(
+                server.url + "/v1/batch", json=_batch(100), auth=(WRITE_KEY, ""), timeout=10
+            )
+            codes.append(r.status_code)
+        assert codes == [200, 200, 429]
+        assert int(r.headers["Retry-After"]) >= 1
+        assert r.json()["error"]["code"] == "rate_limited"
+
+
+def test_every_route_in_the_openapi_document_wants_its_key(live):
+    doc = httpx.get(live.url + "/openapi.json", timeout=10).json()
+    checked = 0
+    for path, operations in doc["paths"].items():
+        url = live.url + path.replace("{project}", "42").replace("{flavour}", "generic").replace(
+            "{subject}", "u1"
+        )
+        for method, op in operations.items():
+            kinds = {name for s in op.get("security", []) for name in s}
+            ingest_route = method == "post" and not path.startswith("/api/v1/")
+            if not kinds and not ingest_route:
+                continue  # open: health, metrics, this document
+            anonymous = httpx.request(method.upper(), url, json={}, timeout=10)
+            assert anonymous.status_code == 401, (method, path, anonymous.text)
+            assert anonymous.json()["error"]["code"] == "unauthorized"
+            wrong = ADMIN_KEY if ingest_route else WRITE_KEY
+            headers = {} if ingest_route else {"Authorization": f"Bearer {wrong}"}
+            auth = (wrong, "") if ingest_route and "writeKey" in kinds else None
+            if headers or auth:
+                other = httpx.request(
+                    method.upper(), url, json={}, headers=headers, auth=auth, timeout=10
+                )
+                assert other.status_code == 403, (method, path, other.text)
+            checked += 1
+    assert checked >= 15

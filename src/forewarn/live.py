@@ -133,9 +133,10 @@ class LiveEngine:
 
     # --- stepping ---------------------------------------------------------------------
 
-    def step(self, now_ms: int) -> int:
-        """Run timers due by `now_ms` and every batch committed since the last step; commit.
-        Returns the number of events applied."""
+    def step(self, now_ms: int, wall_ms: int | None = None) -> int:
+        """Run timers due by `now_ms` and every batch committed since the last step; commit,
+        stamping the firings recorded at `wall_ms` (default `now_ms`). Returns the number of
+        events applied."""
         firings = self.runner.advance(now_ms)
         applied = 0
         cursor = self.cursor
@@ -159,6 +160,7 @@ class LiveEngine:
             [_row(f) for f in firings],
             self.playbooks,
             snapshot,
+            recorded_ms=now_ms if wall_ms is None else wall_ms,
         )
         self.cursor = cursor
         self.firings_recorded += len(firings)

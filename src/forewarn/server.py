@@ -29,6 +29,7 @@ from forewarn.store_sqlite import Append, Appended, StoreError
 log = logging.getLogger("forewarn")
 
 GROUP_MAX = 256  # requests per transaction at most
+PURGE_EVERY_S = 3600.0  # how often message ids older than the dedup window are dropped
 
 
 class DiskFullError(ForewarnError):
@@ -52,6 +53,7 @@ class Writer:
         self.commits = 0
         self._queue: queue.SimpleQueue[_Job | None] = queue.SimpleQueue()
         self._thread = threading.Thread(target=self._run, name="forewarn-writer", daemon=True)
+        self._purged = clock.monotonic_ms()
 
     def start(self) -> None:
         store_sqlite.connect(self.path).close()  # fail now, in the caller, if it cannot open
@@ -87,7 +89,21 @@ class Writer:
             self._commit(conn, jobs)
             if stop:
                 break
+            if clock.monotonic_ms() - self._purged > PURGE_EVERY_S * 1000:
+                self._purge(conn)
         conn.close()
+
+    def _purge(self, conn: sqlite3.Connection) -> None:
+        self._purged = clock.monotonic_ms()
+        horizon = clock.now_ms() - store_sqlite.DEDUP_DAYS * 86_400_000
+        try:
+            conn.execute("BEGIN IMMEDIATE")
+            store_sqlite.forget_seen(conn, horizon)
+            conn.execute("COMMIT")
+        except sqlite3.Error as exc:
+            if conn.in_transaction:
+                conn.execute("ROLLBACK")
+            log.error("could not drop old message ids, will retry: %s", exc)
 
     def _commit(self, conn: sqlite3.Connection, jobs: list[_Job]) -> None:
         try:
@@ -197,7 +213,7 @@ class EngineLoop:
         try:
             while True:
                 before = live.firings_recorded
-                n = live.step(self.now_ms())
+                n = live.step(self.now_ms(), clock.now_ms())
                 self.stats.steps += 1
                 self.stats.events += n
                 self.stats.firings += live.firings_recorded - before

@@ -30,7 +30,7 @@ import msgspec
 
 from forewarn.errors import ForewarnError, InputError
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 DEDUP_DAYS = 7
 KEY_KINDS = ("write", "admin")
 _KEY_PREFIX = {"write": "fw_wk_", "admin": "fw_ak_"}
@@ -100,6 +100,10 @@ MIGRATIONS: dict[int, str] = {
         clock_ms INTEGER NOT NULL,
         PRIMARY KEY (workspace, tick)
     ) WITHOUT ROWID;
+    """,
+    2: """
+    ALTER TABLE firings ADD COLUMN recorded_ms INTEGER;
+    CREATE INDEX seen_received ON seen (received_ms);
     """,
 }
 
@@ -399,6 +403,7 @@ def ticks_after(conn: sqlite3.Connection, workspace: int, tick: int) -> list[tup
 
 
 FIRING_COLUMNS = "trig, subject, scope, at_ms, evidence, decision, reason, channel"
+FiringRow = tuple[str, str, str, int, str, str, str | None, str]
 
 
 def commit_step(
@@ -407,18 +412,19 @@ def commit_step(
     tick: int,
     cursor: int,
     clock_ms: int,
-    firings: Iterable[tuple[str, str, str, int, str, str, str | None, str]],
+    firings: Iterable[FiringRow],
     playbooks: str,
     snapshot: bytes | None = None,
+    recorded_ms: int | None = None,
 ) -> None:
     """One engine step, atomically: its firings, how far it read, and its clock; with a
     snapshot of the state when one is given (older ticks are then no longer needed)."""
     conn.execute("BEGIN IMMEDIATE")
     try:
         conn.executemany(
-            f"INSERT INTO firings (workspace, {FIRING_COLUMNS}, cursor)"
-            " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-            [(workspace, *f, cursor) for f in firings],
+            f"INSERT INTO firings (workspace, {FIRING_COLUMNS}, cursor, recorded_ms)"
+            " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            [(workspace, *f, cursor, recorded_ms) for f in firings],
         )
         conn.execute(
             "INSERT INTO ticks (workspace, tick, cursor, clock_ms) VALUES (?, ?, ?, ?)",
@@ -463,7 +469,7 @@ def query_firings(
     subject: str | None = None,
     since_ms: int | None = None,
     limit: int = 1000,
-) -> list[tuple[str, str, str, int, str, str, str | None, str]]:
+) -> list[FiringRow]:
     where = ["workspace = ?"]
     args: list[Any] = [workspace]
     if trigger is not None:

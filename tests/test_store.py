@@ -1,0 +1,97 @@
+"""The SQLite store: schema migrations, keys kept only as hashes, and the event log's dedup."""
+
+from __future__ import annotations
+
+import sqlite3
+from pathlib import Path
+
+import pytest
+
+from forewarn import store_sqlite
+from forewarn.errors import InputError
+from forewarn.store_sqlite import Append
+
+
+def _append(
+    conn: sqlite3.Connection, ids: list[str], received_ms: int = 0, workspace: int = 1
+) -> list[store_sqlite.Appended]:
+    messages = [{"type": "track", "event": "X", "userId": "u", "messageId": i} for i in ids]
+    return store_sqlite.append_batches(conn, [Append(workspace, "t", received_ms, messages, ids)])
+
+
+@pytest.fixture
+def conn(tmp_path: Path) -> sqlite3.Connection:
+    c = store_sqlite.connect(tmp_path / "f.db")
+    store_sqlite.ensure_workspace(c, "default", 0)
+    return c
+
+
+def test_an_old_database_is_migrated_and_a_newer_one_refused(tmp_path):
+    path = tmp_path / "old.db"
+    raw = sqlite3.connect(path, isolation_level=None)
+    for statement in store_sqlite._statements(store_sqlite.MIGRATIONS[1]):
+        raw.execute(statement)
+    raw.execute("PRAGMA user_version=1")
+    raw.execute("INSERT INTO workspaces (name, created_ms) VALUES ('w', 0)")
+    raw.close()
+    conn = store_sqlite.connect(path)
+    assert conn.execute("PRAGMA user_version").fetchone()[0] == store_sqlite.SCHEMA_VERSION
+    columns = {row[1] for row in conn.execute("PRAGMA table_info(firings)")}
+    assert "recorded_ms" in columns
+    assert store_sqlite.workspace_id(conn, "w") == 1  # the data stayed
+    conn.execute(f"PRAGMA user_version={store_sqlite.SCHEMA_VERSION + 1}")
+    conn.close()
+    with pytest.raises(store_sqlite.StoreError, match="upgrade Forewarn"):
+        store_sqlite.connect(path)
+
+
+def test_keys_are_stored_only_as_hashes(conn, tmp_path):
+    token = store_sqlite.add_key(conn, 1, "admin", 0)
+    assert token.startswith("fw_ak_") and len(token) > 30
+    assert store_sqlite.find_key(conn, token) == store_sqlite.Key(1, "admin", token[:10])
+    assert store_sqlite.find_key(conn, token + "x") is None
+    conn.close()
+    assert token.encode() not in (tmp_path / "f.db").read_bytes()
+
+
+def test_keys_from_the_environment_are_added_once(conn):
+    write, admin = "fw_wk_from-env-0123456789", "fw_ak_from-env-0123456789"
+    for _ in range(2):
+        assert store_sqlite.ensure_workspace(conn, "default", 0, write, admin) == 1
+    assert conn.execute("SELECT count(*) FROM keys").fetchone()[0] == 2
+    with pytest.raises(InputError, match="one use"):
+        store_sqlite.ensure_workspace(conn, "default", 0, admin, None)
+    with pytest.raises(InputError, match="at least 16"):
+        store_sqlite.add_key(conn, 1, "write", 0, "short")
+
+
+def test_a_message_id_is_stored_once_per_workspace(conn):
+    store_sqlite.ensure_workspace(conn, "other", 0)
+    first = _append(conn, ["a", "b", "a"])[0]
+    assert (first.stored, first.duplicates) == (2, [2])
+    again = _append(conn, ["b", "c"])[0]
+    assert (again.stored, again.duplicates) == (1, [0])
+    none = _append(conn, ["a", "b"])[0]
+    assert none.batch is None and none.duplicates == [0, 1]
+    elsewhere = _append(conn, ["a"], workspace=2)[0]
+    assert elsewhere.stored == 1
+    assert store_sqlite.count_events(conn, 1) == 3
+    log = store_sqlite.read_log(conn, 1, 0, 10)
+    assert [[m["messageId"] for m in b.messages] for b in log] == [["a", "b"], ["c"]]
+
+
+def test_ids_older_than_the_window_are_forgotten(conn):
+    _append(conn, ["old"], received_ms=1_000)
+    _append(conn, ["new"], received_ms=9_000)
+    assert store_sqlite.forget_seen(conn, 5_000) == 1
+    assert _append(conn, ["old", "new"], received_ms=10_000)[0].duplicates == [1]
+
+
+def test_many_requests_share_one_transaction(conn):
+    appends = [
+        Append(1, "t", 0, [{"type": "track", "event": "X", "userId": "u", "messageId": i}], [i])
+        for i in ("x", "y", "x")
+    ]
+    results = store_sqlite.append_batches(conn, appends)
+    assert [r.stored for r in results] == [1, 1, 0]
+    assert store_sqlite.log_end(conn, 1) == 2
