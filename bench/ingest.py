@@ -18,13 +18,18 @@ from __future__ import annotations
 import argparse
 import json
 import platform
+import sys
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import msgspec
 
 from forewarn import ingest
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import http_load
 
 RECEIVED_MS = 1_795_428_000_500
 STAMP = "2026-11-23T10:00:00.000+00:00"
@@ -119,6 +124,10 @@ def measure(parse: Callable[[], int], requests: int) -> dict[str, Any]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--requests", type=int, default=400, help="bodies per timed pass")
+    parser.add_argument("--no-http", action="store_true", help="parsing only, no server")
+    parser.add_argument("--seconds", type=float, default=10.0, help="length of each HTTP run")
+    parser.add_argument("--rate", type=float, default=50_000.0, help="events/s of the paced run")
+    parser.add_argument("--connections", type=int, default=16, help="client connections")
     args = parser.parse_args()
     seg, ph, env = segment_body(100), posthog_body(100), sentry_body()
     for parsed in (
@@ -141,6 +150,21 @@ def main() -> None:
         ),
         "decode_only": measure(lambda: len(msgspec.json.decode(seg)["batch"]), args.requests),
     }
+    if not args.no_http:
+        http = http_load.run(args.seconds, args.rate, args.connections)
+        result["http"] = http
+        paced = http["at_rate"]
+        result["targets"] = {
+            "acknowledged_events_per_s": 50_000,
+            "ack_ms_p99": 50,
+            "event_to_firing_ms_p99": 100,
+            "met": {
+                "rate": paced["acknowledged_events_per_s"] >= 0.98 * args.rate
+                and args.rate >= 50_000,
+                "ack_p99": paced["ack_ms_p99"] <= 50,
+                "event_to_firing_p99": paced.get("event_to_firing_ms_p99", 1e9) <= 100,
+            },
+        }
     print(json.dumps(result, indent=2))
 
 

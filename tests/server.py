@@ -71,7 +71,12 @@ class Server:
             time.sleep(0.05)
 
 
-def start(db: Path, port: int | None = None, env: dict[str, str] | None = None) -> Server:
+def start(
+    db: Path,
+    port: int | None = None,
+    env: dict[str, str] | None = None,
+    playbooks: Path = PLAYBOOKS,
+) -> Server:
     port = port or free_port()
     full_env = {
         **os.environ,
@@ -88,7 +93,7 @@ def start(db: Path, port: int | None = None, env: dict[str, str] | None = None) 
             "--db",
             str(db),
             "--playbooks",
-            str(PLAYBOOKS),
+            str(playbooks),
             "--port",
             str(port),
         ],

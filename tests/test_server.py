@@ -331,3 +331,101 @@ def test_every_route_in_the_openapi_document_wants_its_key(live):
                 assert other.status_code == 403, (method, path, other.text)
             checked += 1
     assert checked >= 15
+
+
+def test_a_generic_ticket_webhook_becomes_a_ticket_event(live):
+    ticket = {
+        "id": "T-1",
+        "event": "created",
+        "user_id": "u7",
+        "account_id": "acc-7",
+        "subject": "Export fails",
+        "priority": "urgent",
+    }
+    r = httpx.post(
+        live.url + "/webhooks/tickets/generic", params={"key": WRITE_KEY}, json=ticket, timeout=10
+    )
+    assert r.status_code == 200 and r.json()["accepted"] == 1
+    bad = httpx.post(
+        live.url + "/webhooks/tickets/nonsense", params={"key": WRITE_KEY}, json=ticket, timeout=10
+    )
+    assert bad.status_code == 404 and "generic" in bad.json()["error"]["message"]
+    subject = live.wait_for(lambda: _maybe(live, "/api/v1/subjects/u7"))
+    assert [e["name"] for e in subject["events"]] == ["Ticket Created"]
+
+
+def test_a_signed_stripe_webhook_fires_and_a_forged_one_is_refused(tmp_path):
+    import hashlib
+    import hmac
+    import time
+
+    secret = "whsec_test_0123456789"
+    event = {
+        "id": "evt_1",
+        "object": "event",
+        "type": "invoice.payment_failed",
+        "created": int(time.time()),
+        "data": {
+            "object": {
+                "id": "in_1",
+                "object": "invoice",
+                "customer": "cus_1",
+                "amount_due": 4900,
+                "currency": "usd",
+                "metadata": {"account_id": "acc-s"},
+            }
+        },
+    }
+    payload = json.dumps(event).encode()
+    t = int(time.time())
+    v1 = hmac.new(secret.encode(), f"{t}.".encode() + payload, hashlib.sha256).hexdigest()
+    with srv.running(tmp_path / "f.db", env={"FOREWARN_STRIPE_SECRET": secret}) as server:
+
+        def post(signature: str) -> httpx.Response:
+            return httpx.post(
+                server.url + "/webhooks/stripe",
+                params={"key": WRITE_KEY},
+                content=payload,
+                headers={"Stripe-Signature": signature, "Content-Type": "application/json"},
+                timeout=10,
+            )
+
+        forged = post(f"t={t},v1={'0' * 64}")
+        assert forged.status_code == 400
+        assert forged.json()["error"]["code"] == "invalid_signature"
+        assert post(f"t={t},v1={v1}").status_code == 200
+        firings = server.wait_for(lambda: server.firings(trigger="payment-failed"))
+        assert [f["subject"] for f in firings] == ["acc-s"]
+
+
+def test_reloading_playbooks_takes_effect_and_refuses_invalid_ones(tmp_path):
+    books = tmp_path / "playbooks"
+    books.mkdir()
+    (books / "a.yaml").write_text(
+        "triggers:\n  - id: first\n    when: {event: {name: A}}\n"
+        "    action: {channel: email, message: hi}\n"
+    )
+    server = srv.start(tmp_path / "g.db", playbooks=books)
+    try:
+        assert [t["id"] for t in server.admin("/api/v1/triggers")["triggers"]] == ["first"]
+        (books / "a.yaml").write_text(
+            "triggers:\n  - id: second\n    when: {event: {name: B}}\n"
+            "    action: {channel: email, message: hi}\n"
+        )
+        headers = {"Authorization": f"Bearer {ADMIN_KEY}"}
+        r = httpx.post(server.url + "/api/v1/playbooks/reload", headers=headers, timeout=10)
+        assert r.status_code == 200 and r.json()["triggers"] == ["second"]
+        assert [t["id"] for t in server.admin("/api/v1/triggers")["triggers"]] == ["second"]
+        (books / "a.yaml").write_text("triggers:\n  - id: broken\n    when: {nope: 1}\n")
+        r = httpx.post(server.url + "/api/v1/playbooks/reload", headers=headers, timeout=10)
+        assert r.status_code == 400 and r.json()["error"]["problems"]
+        assert [t["id"] for t in server.admin("/api/v1/triggers")["triggers"]] == ["second"]
+        client = _segment_client(server.url)
+        client.track("u8", "B")
+        client.flush()
+        assert server.wait_for(lambda: server.firings(trigger="second"))
+    finally:
+        server.process.kill()
+        server.process.wait()
+        if server.process.stdout is not None:
+            server.process.stdout.close()

@@ -35,6 +35,7 @@ from forewarn.model import format_time, parse_time_ms
 from forewarn.server import EngineLoop, Writer
 from forewarn.store_sqlite import Append, Key
 
+RECENT_EVENTS = 50  # events in a subject's timeline (from the latest part of the log)
 MAX_BODY_BYTES = 2 * 1024 * 1024  # on the wire, before decompression
 MAX_INFLATED_BYTES = ingest.MAX_ENVELOPE_BYTES + 1024  # the largest body any route takes
 
@@ -164,7 +165,7 @@ class Forewarn:
         if parsed.messages:
             ids = [str(m["messageId"]) for m in parsed.messages]
             done = await self.writer.submit(
-                Append(key.workspace, source, received_ms, parsed.messages, ids)
+                Append(key.workspace, source, received_ms, parsed.messages, ids, parsed.events)
             )
             c.accepted += done.stored
             c.duplicates += len(done.duplicates)
@@ -295,6 +296,11 @@ def routes(app: Forewarn) -> list[Route]:
 
     async def tickets(request: Request) -> Response:
         flavour = request.path_params["flavour"]
+        if flavour not in webhooks.TICKET_FLAVOURS:
+            raise NotFoundError(
+                f"no ticket webhook '{flavour}': use /webhooks/tickets/"
+                + " or /webhooks/tickets/".join(webhooks.TICKET_FLAVOURS)
+            )
         received = clock.now_ms()
         key = app.write_key(basic_user(request) or request.query_params.get("key"))
         parsed = webhooks.tickets(await body_of(request), flavour, received)
@@ -482,8 +488,29 @@ def app_subject(app: Forewarn, workspace: int, subject_id: str) -> dict[str, Any
             )
     if not found:
         raise NotFoundError(f"no subject '{subject_id}' in this workspace's events")
-    rows = _query_firings(app.settings.db, workspace, None, subject_id, None, 50)
-    return {"id": subject_id, "as": found, "firings": [firing_dict(r) for r in rows]}
+    conn = store_sqlite.connect(app.settings.db)
+    try:
+        rows = store_sqlite.query_firings(conn, workspace, None, subject_id, None, 50)
+        events = store_sqlite.recent_events(conn, workspace, subject_id, RECENT_EVENTS)
+    finally:
+        conn.close()
+    return {
+        "id": subject_id,
+        "as": found,
+        "events": [_event_summary(m) for m in events],
+        "firings": [firing_dict(r) for r in rows],
+    }
+
+
+def _event_summary(message: dict[str, Any]) -> dict[str, Any]:
+    kind = message.get("type")
+    return {
+        "kind": kind,
+        "name": message.get("event") if kind == "track" else message.get("name"),
+        "at": message.get("timestamp"),
+        "properties": message.get("properties") or {},
+        "traits": message.get("traits") or {},
+    }
 
 
 def _traits(

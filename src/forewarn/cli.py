@@ -157,6 +157,8 @@ def _env(name: str, default: str | None = None) -> str | None:
 
 
 def _serve(args: argparse.Namespace) -> int:
+    import threading
+
     import uvicorn
 
     from forewarn import api, clock, store_sqlite
@@ -182,8 +184,9 @@ def _serve(args: argparse.Namespace) -> int:
         rate_burst=float(args.rate_limit * 2),
         stripe_secret=_env("STRIPE_SECRET"),
     )
-    loop = EngineLoop(args.db, triggers)
-    writer = Writer(args.db, on_commit=loop.wake)
+    write_lock = threading.Lock()  # the writer and the engine take turns at the database
+    loop = EngineLoop(args.db, triggers, write_lock=write_lock)
+    writer = Writer(args.db, on_commit=loop.committed, write_lock=write_lock)
     app = api.Forewarn(settings, writer, loop)
     url = f"http://{args.host}:{args.port}"
     print(f"Forewarn on {url} with {len(triggers)} triggers, database {args.db}", flush=True)

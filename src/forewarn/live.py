@@ -20,9 +20,11 @@ stamped after its batch was received (a client clock running ahead) is taken as 
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import sqlite3
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import msgspec
@@ -37,6 +39,16 @@ from forewarn.signals import NEVER
 
 SNAPSHOT_EVERY_MS = 60_000
 READ_LIMIT = 200  # batches per read
+
+
+@dataclass
+class Committed:
+    """A batch just committed to the log, handed over in memory with its events already
+    decoded (the log is read only when something was not handed over)."""
+
+    id: int
+    received_ms: int
+    events: list[Event]
 
 
 class Snapshot(msgspec.Struct):
@@ -69,8 +81,12 @@ class LiveEngine:
         workspace: int,
         triggers: list[Trigger],
         snapshot_every_ms: int = SNAPSHOT_EVERY_MS,
+        write_lock: contextlib.AbstractContextManager[Any] | None = None,
     ) -> None:
         self.conn = conn
+        # taken around each commit when another thread writes to the same file: waiting on it
+        # wakes at once, where SQLite's busy handler sleeps for milliseconds
+        self.write_lock = write_lock or contextlib.nullcontext()
         self.workspace = workspace
         self.triggers = triggers
         self.playbooks = fingerprint(triggers)
@@ -79,7 +95,6 @@ class LiveEngine:
         self.cursor = 0
         self.tick = 0
         self.last_snapshot_ms: int | None = None
-        self.rejected = 0  # log messages the engine could not read (should stay 0)
         self.firings_recorded = 0
         self.on_firing: Callable[[Firing], None] | None = None
         self._recover()
@@ -128,21 +143,29 @@ class LiveEngine:
             if not batches:
                 return
             for batch in batches:
-                self._apply_batch(batch, [])
+                self._apply(batch.received_ms, events_of(batch), [])
                 self.cursor = batch.id
 
     # --- stepping ---------------------------------------------------------------------
 
-    def step(self, now_ms: int, wall_ms: int | None = None) -> int:
-        """Run timers due by `now_ms` and every batch committed since the last step; commit,
+    def step(
+        self, now_ms: int, wall_ms: int | None = None, handed: list[Committed] | None = None
+    ) -> int:
+        """Run timers due by `now_ms` and every batch committed since the last step (those in
+        `handed` without reading the log, when nothing before them is missing); commit,
         stamping the firings recorded at `wall_ms` (default `now_ms`). Returns the number of
         events applied."""
         firings = self.runner.advance(now_ms)
         applied = 0
         cursor = self.cursor
-        batches = store_sqlite.read_log(self.conn, self.workspace, cursor, READ_LIMIT)
+        batches = [b for b in handed or () if b.id > cursor]
+        if not batches or self._missing_before(batches[0].id):
+            batches = [
+                Committed(b.id, b.received_ms, events_of(b))
+                for b in store_sqlite.read_log(self.conn, self.workspace, cursor, READ_LIMIT)
+            ]
         for batch in batches:
-            applied += self._apply_batch(batch, firings)
+            applied += self._apply(batch.received_ms, batch.events, firings)
             cursor = batch.id
         if not firings and cursor == self.cursor and not self._snapshot_due(now_ms):
             return 0  # nothing happened: nothing to commit
@@ -151,17 +174,18 @@ class LiveEngine:
         if self._snapshot_due(now_ms):
             snapshot = self._snapshot(cursor)
             self.last_snapshot_ms = now_ms
-        store_sqlite.commit_step(
-            self.conn,
-            self.workspace,
-            self.tick,
-            cursor,
-            self.runner.clock_ms or now_ms,
-            [_row(f) for f in firings],
-            self.playbooks,
-            snapshot,
-            recorded_ms=now_ms if wall_ms is None else wall_ms,
-        )
+        with self.write_lock:
+            store_sqlite.commit_step(
+                self.conn,
+                self.workspace,
+                self.tick,
+                cursor,
+                self.runner.clock_ms or now_ms,
+                [_row(f) for f in firings],
+                self.playbooks,
+                snapshot,
+                recorded_ms=now_ms if wall_ms is None else wall_ms,
+            )
         self.cursor = cursor
         self.firings_recorded += len(firings)
         if self.on_firing is not None:
@@ -169,23 +193,24 @@ class LiveEngine:
                 self.on_firing(firing)
         return applied
 
+    def _missing_before(self, batch_id: int) -> bool:
+        """Whether the log holds a batch of this workspace between the cursor and `batch_id`."""
+        row = self.conn.execute(
+            "SELECT 1 FROM batches WHERE workspace = ? AND id > ? AND id < ? LIMIT 1",
+            (self.workspace, self.cursor, batch_id),
+        ).fetchone()
+        return row is not None
+
     def _snapshot_due(self, now_ms: int) -> bool:
         last = self.last_snapshot_ms
         return last is None or now_ms - last >= self.snapshot_every_ms
 
-    def _apply_batch(self, batch: store_sqlite.LogBatch, firings: list[Firing]) -> int:
-        n = 0
-        for message in batch.messages:
-            try:
-                event = event_from_dict(message)
-            except EventError:
-                self.rejected += 1  # checked at the door; only a damaged log gets here
-                continue
-            if event.timestamp_ms > batch.received_ms:
-                event.timestamp_ms = batch.received_ms
+    def _apply(self, received_ms: int, events: list[Event], firings: list[Firing]) -> int:
+        for event in events:
+            if event.timestamp_ms > received_ms:
+                event.timestamp_ms = received_ms
             self.runner._apply(event, firings)
-            n += 1
-        return n
+        return len(events)
 
     def _snapshot(self, cursor: int) -> bytes:
         state = self.runner.state
@@ -237,4 +262,12 @@ def firing_dict(row: tuple[Any, ...]) -> dict[str, Any]:
 
 
 def events_of(batch: store_sqlite.LogBatch) -> list[Event]:
-    return [event_from_dict(m) for m in batch.messages]
+    """The events of a batch read back from the log (they were validated at the door; a
+    message that no longer reads, from a damaged or hand-edited log, is skipped)."""
+    events = []
+    for message in batch.messages:
+        try:
+            events.append(event_from_dict(message))
+        except EventError:
+            continue
+    return events

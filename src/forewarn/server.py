@@ -16,19 +16,21 @@ import logging
 import queue
 import sqlite3
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from forewarn import clock, store_sqlite
 from forewarn.errors import ForewarnError
-from forewarn.live import LiveEngine
+from forewarn.live import Committed, LiveEngine
 from forewarn.playbook import Trigger
 from forewarn.store_sqlite import Append, Appended, StoreError
 
 log = logging.getLogger("forewarn")
 
 GROUP_MAX = 256  # requests per transaction at most
+MIN_STEP_MS = 10.0  # the engine steps at most this often: under load, steps gather commits
 PURGE_EVERY_S = 3600.0  # how often message ids older than the dedup window are dropped
 
 
@@ -45,11 +47,18 @@ class _Job:
 
 
 class Writer:
-    """Commits batches for the event loop, in a thread of its own."""
+    """Commits batches for the event loop, in a thread of its own; hands each committed
+    batch's events to `on_commit`."""
 
-    def __init__(self, path: str | Path, on_commit: Callable[[], None] | None = None) -> None:
+    def __init__(
+        self,
+        path: str | Path,
+        on_commit: Callable[[list[tuple[int, Committed]]], None] | None = None,
+        write_lock: threading.Lock | None = None,
+    ) -> None:
         self.path = path
         self.on_commit = on_commit
+        self.write_lock = write_lock or threading.Lock()
         self.commits = 0
         self._queue: queue.SimpleQueue[_Job | None] = queue.SimpleQueue()
         self._thread = threading.Thread(target=self._run, name="forewarn-writer", daemon=True)
@@ -107,7 +116,8 @@ class Writer:
 
     def _commit(self, conn: sqlite3.Connection, jobs: list[_Job]) -> None:
         try:
-            results = store_sqlite.append_batches(conn, [j.append for j in jobs])
+            with self.write_lock:
+                results = store_sqlite.append_batches(conn, [j.append for j in jobs])
         except sqlite3.Error as exc:
             error = _store_error(exc)
             log.error("could not commit %d requests: %s", len(jobs), exc)
@@ -115,10 +125,18 @@ class Writer:
                 j.loop.call_soon_threadsafe(_fail, j.future, error)
             return
         self.commits += 1
+        handed: list[tuple[int, Committed]] = []
         for j, result in zip(jobs, results, strict=True):
             j.loop.call_soon_threadsafe(_resolve, j.future, result)
+            events = j.append.events
+            if result.batch is not None and events is not None:
+                if result.kept is not None:
+                    events = [events[i] for i in result.kept]
+                handed.append(
+                    (j.append.workspace, Committed(result.batch, j.append.received_ms, events))
+                )
         if self.on_commit is not None:
-            self.on_commit()
+            self.on_commit(handed)
 
 
 def _store_error(exc: sqlite3.Error) -> ForewarnError:
@@ -158,8 +176,13 @@ class EngineLoop:
         triggers: list[Trigger],
         tick_ms: int = 1_000,
         now_ms: Callable[[], int] = clock.now_ms,
+        write_lock: threading.Lock | None = None,
+        min_step_ms: float = MIN_STEP_MS,
     ) -> None:
         self.path = path
+        self.write_lock = write_lock or threading.Lock()
+        self.min_step_ms = min_step_ms
+        self._handed: dict[int, list[Committed]] = {}
         self.triggers = triggers
         self.tick_ms = tick_ms
         self.now_ms = now_ms
@@ -182,6 +205,13 @@ class EngineLoop:
     def wake(self) -> None:
         self._wake.set()
 
+    def committed(self, batches: list[tuple[int, Committed]]) -> None:
+        """Called by the writer after each commit, from its thread."""
+        with self._lock:
+            for workspace, batch in batches:
+                self._handed.setdefault(workspace, []).append(batch)
+        self._wake.set()
+
     def reload(self, triggers: list[Trigger]) -> None:
         """Use other playbooks from the next step on (each engine rebuilds from the log)."""
         with self._lock:
@@ -191,29 +221,39 @@ class EngineLoop:
     def _run(self) -> None:
         conn = store_sqlite.connect(self.path)
         engines = self.stats.engines
+        last = 0.0
         while not self._stop.is_set():
             self._wake.wait(self.tick_ms / 1000)
+            # under load, let a few commits gather: one step and one commit for them all
+            pause = self.min_step_ms - (clock.monotonic_ms() - last)
+            if pause > 0:
+                time.sleep(pause / 1000)
             self._wake.clear()
+            last = clock.monotonic_ms()
             with self._lock:
                 reload, self._reload = self._reload, None
+                handed, self._handed = self._handed, {}
             if reload is not None:
                 self.triggers = reload
                 engines.clear()
             for ws, _ in store_sqlite.workspaces(conn):
                 live = engines.get(ws)
                 if live is None:
-                    live = engines[ws] = LiveEngine(conn, ws, self.triggers)
+                    live = engines[ws] = LiveEngine(
+                        conn, ws, self.triggers, write_lock=self.write_lock
+                    )
                 with self.state_lock:
-                    stepped = self._step(live)
+                    stepped = self._step(live, handed.get(ws))
                 if not stepped:
                     del engines[ws]  # its memory ran ahead of the database: rebuild it
         conn.close()
 
-    def _step(self, live: LiveEngine) -> bool:
+    def _step(self, live: LiveEngine, handed: list[Committed] | None) -> bool:
         try:
             while True:
                 before = live.firings_recorded
-                n = live.step(self.now_ms(), clock.now_ms())
+                n = live.step(self.now_ms(), clock.now_ms(), handed)
+                handed = None
                 self.stats.steps += 1
                 self.stats.events += n
                 self.stats.firings += live.firings_recorded - before

@@ -269,6 +269,7 @@ class Append:
     received_ms: int
     messages: list[dict[str, Any]]
     ids: list[str]
+    events: list[Any] | None = None  # the messages as events, handed to the engine after
 
 
 @dataclass
@@ -276,6 +277,7 @@ class Appended:
     batch: int | None  # the log position, None when every message was a duplicate
     stored: int
     duplicates: list[int]  # indexes into the request's messages
+    kept: list[int] | None = None  # indexes stored, when some were duplicates
 
 
 _encode = msgspec.json.Encoder().encode
@@ -311,12 +313,14 @@ def _append(conn: sqlite3.Connection, a: Append) -> Appended:
     keep: list[dict[str, Any]] = []
     new_ids: list[tuple[int, str, int]] = []
     duplicates: list[int] = []
+    kept: list[int] = []
     for i, (message, mid) in enumerate(zip(a.messages, a.ids, strict=True)):
         if mid in seen:
             duplicates.append(i)
             continue
         seen.add(mid)
         keep.append(message)
+        kept.append(i)
         new_ids.append((a.workspace, mid, a.received_ms))
     if not keep:
         return Appended(None, 0, duplicates)
@@ -326,7 +330,7 @@ def _append(conn: sqlite3.Connection, a: Append) -> Appended:
         " VALUES (?, ?, ?, ?, ?)",
         (a.workspace, a.received_ms, a.source, len(keep), _encode(keep)),
     )
-    return Appended(int(cur.lastrowid or 0), len(keep), duplicates)
+    return Appended(int(cur.lastrowid or 0), len(keep), duplicates, kept if duplicates else None)
 
 
 def forget_seen(conn: sqlite3.Connection, before_ms: int) -> int:
@@ -352,6 +356,32 @@ def read_log(conn: sqlite3.Connection, workspace: int, after: int, limit: int) -
         (workspace, after, limit),
     ).fetchall()
     return [LogBatch(int(i), int(r), _decode_messages(m)) for i, r, m in rows]
+
+
+def recent_events(
+    conn: sqlite3.Connection, workspace: int, subject: str, limit: int, scan: int = 2_000
+) -> list[dict[str, Any]]:
+    """The subject's latest messages (as user, anonymous id or account) among the last `scan`
+    batches of the log, newest first: a bounded look, for timelines."""
+    found: list[dict[str, Any]] = []
+    rows = conn.execute(
+        "SELECT messages FROM batches WHERE workspace = ? ORDER BY id DESC LIMIT ?",
+        (workspace, scan),
+    )
+    for (blob,) in rows:
+        for message in reversed(_decode_messages(blob)):
+            context = message.get("context")
+            account = context.get("groupId") if isinstance(context, dict) else None
+            if subject in (
+                message.get("userId"),
+                message.get("anonymousId"),
+                message.get("groupId"),
+                account,
+            ):
+                found.append(message)
+                if len(found) >= limit:
+                    return found
+    return found
 
 
 def log_end(conn: sqlite3.Connection, workspace: int) -> int:
