@@ -80,11 +80,19 @@ def test_a_message_id_is_stored_once_per_workspace(conn):
     assert [[m["messageId"] for m in b.messages] for b in log] == [["a", "b"], ["c"]]
 
 
-def test_ids_older_than_the_window_are_forgotten(conn):
-    _append(conn, ["old"], received_ms=1_000)
-    _append(conn, ["new"], received_ms=9_000)
-    assert store_sqlite.forget_seen(conn, 5_000) == 1
-    assert _append(conn, ["old", "new"], received_ms=10_000)[0].duplicates == [1]
+def test_ids_are_kept_for_at_least_the_window_then_forgotten(conn):
+    day = 86_400_000
+    assert store_sqlite.rotate_seen(conn, 0) is False  # the first generation starts
+    _append(conn, ["early"], received_ms=0)
+    _append(conn, ["late"], received_ms=6 * day)
+    assert store_sqlite.rotate_seen(conn, 7 * day - 1) is False
+    assert store_sqlite.rotate_seen(conn, 7 * day) is True
+    # both are still known: each was seen less than 7 days before the rotation it survived
+    assert _append(conn, ["early", "late"], received_ms=7 * day)[0].duplicates == [0, 1]
+    _append(conn, ["after"], received_ms=8 * day)
+    assert store_sqlite.rotate_seen(conn, 14 * day) is True
+    again = _append(conn, ["early", "late", "after"], received_ms=14 * day)[0]
+    assert again.duplicates == [2]  # 'after' is 6 days old: kept; the others are gone
 
 
 def test_many_requests_share_one_transaction(conn):

@@ -31,7 +31,7 @@ log = logging.getLogger("forewarn")
 
 GROUP_MAX = 256  # requests per transaction at most
 MIN_STEP_MS = 10.0  # the engine steps at most this often: under load, steps gather commits
-PURGE_EVERY_S = 3600.0  # how often message ids older than the dedup window are dropped
+PURGE_EVERY_S = 3600.0  # how often to check whether the message ids need a new generation
 
 
 class DiskFullError(ForewarnError):
@@ -62,7 +62,7 @@ class Writer:
         self.commits = 0
         self._queue: queue.SimpleQueue[_Job | None] = queue.SimpleQueue()
         self._thread = threading.Thread(target=self._run, name="forewarn-writer", daemon=True)
-        self._purged = clock.monotonic_ms()
+        self._purged = -PURGE_EVERY_S * 1000  # check at the first commit
 
     def start(self) -> None:
         store_sqlite.connect(self.path).close()  # fail now, in the caller, if it cannot open
@@ -104,15 +104,11 @@ class Writer:
 
     def _purge(self, conn: sqlite3.Connection) -> None:
         self._purged = clock.monotonic_ms()
-        horizon = clock.now_ms() - store_sqlite.DEDUP_DAYS * 86_400_000
         try:
-            conn.execute("BEGIN IMMEDIATE")
-            store_sqlite.forget_seen(conn, horizon)
-            conn.execute("COMMIT")
+            with self.write_lock:
+                store_sqlite.rotate_seen(conn, clock.now_ms())
         except sqlite3.Error as exc:
-            if conn.in_transaction:
-                conn.execute("ROLLBACK")
-            log.error("could not drop old message ids, will retry: %s", exc)
+            log.error("could not rotate the message ids, will retry: %s", exc)
 
     def _commit(self, conn: sqlite3.Connection, jobs: list[_Job]) -> None:
         try:

@@ -7,8 +7,10 @@ What it keeps:
   them by; a key is shown once, when created.
 - `batches`: the event log. One row per accepted request holds its accepted messages, already
   normalised to Segment-spec JSON; the row id is the log position the engine reads by.
-- `seen`: the message ids of the last `DEDUP_DAYS` days per workspace, so a client resending a
-  batch after a timeout adds nothing.
+- `seen` and `seen_prev`: the message ids of the last `DEDUP_DAYS` days (at least) per
+  workspace, so a client resending a batch after a timeout adds nothing. Two generations,
+  rotated when the current one is `DEDUP_DAYS` old, instead of an index on the time of receipt
+  that every insert would have to maintain.
 - `firings`: what the engine decided, with its evidence.
 - `engine`: per workspace, how far the engine has read the log (`cursor`), its clock, and the
   latest snapshot of its state; `ticks`: the steps it took since (see `live`).
@@ -103,9 +105,23 @@ MIGRATIONS: dict[int, str] = {
     """,
     2: """
     ALTER TABLE firings ADD COLUMN recorded_ms INTEGER;
-    CREATE INDEX seen_received ON seen (received_ms);
+    CREATE TABLE seen_prev (
+        workspace INTEGER NOT NULL,
+        message_id TEXT NOT NULL,
+        received_ms INTEGER NOT NULL,
+        PRIMARY KEY (workspace, message_id)
+    ) WITHOUT ROWID;
+    CREATE TABLE meta (key TEXT PRIMARY KEY, value INTEGER NOT NULL);
     """,
 }
+
+
+_SEEN_TABLE = """CREATE TABLE {name} (
+    workspace INTEGER NOT NULL,
+    message_id TEXT NOT NULL,
+    received_ms INTEGER NOT NULL,
+    PRIMARY KEY (workspace, message_id)
+) WITHOUT ROWID"""
 
 
 class StoreError(ForewarnError):
@@ -125,6 +141,7 @@ def connect(path: str | Path) -> sqlite3.Connection:
     conn.execute("PRAGMA synchronous=FULL")  # a 2xx means the batch survives a power cut
     conn.execute("PRAGMA foreign_keys=ON")
     conn.execute("PRAGMA busy_timeout=10000")
+    conn.execute("PRAGMA cache_size=-65536")  # 64 MiB: message-id lookups hit random pages
     migrate(conn)
     return conn
 
@@ -303,13 +320,15 @@ def _append(conn: sqlite3.Connection, a: Append) -> Appended:
     for start in range(0, len(a.ids), _IN_CHUNK):
         chunk = a.ids[start : start + _IN_CHUNK]
         marks = ",".join("?" * len(chunk))
-        seen.update(
-            row[0]
-            for row in conn.execute(
-                f"SELECT message_id FROM seen WHERE workspace = ? AND message_id IN ({marks})",
-                (a.workspace, *chunk),
+        for table in ("seen", "seen_prev"):
+            seen.update(
+                row[0]
+                for row in conn.execute(
+                    f"SELECT message_id FROM {table} WHERE workspace = ?"
+                    f" AND message_id IN ({marks})",
+                    (a.workspace, *chunk),
+                )
             )
-        )
     keep: list[dict[str, Any]] = []
     new_ids: list[tuple[int, str, int]] = []
     duplicates: list[int] = []
@@ -333,10 +352,29 @@ def _append(conn: sqlite3.Connection, a: Append) -> Appended:
     return Appended(int(cur.lastrowid or 0), len(keep), duplicates, kept if duplicates else None)
 
 
-def forget_seen(conn: sqlite3.Connection, before_ms: int) -> int:
-    """Drop message ids received before `before_ms` (older than the dedup window)."""
-    cur = conn.execute("DELETE FROM seen WHERE received_ms < ?", (before_ms,))
-    return cur.rowcount
+def rotate_seen(conn: sqlite3.Connection, now_ms: int) -> bool:
+    """Start a new generation of message ids once the current one is `DEDUP_DAYS` old; the
+    oldest is dropped, so every id is kept at least that long. Returns whether it rotated."""
+    window = DEDUP_DAYS * 86_400_000
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        row = conn.execute("SELECT value FROM meta WHERE key = 'seen_since'").fetchone()
+        rotated = row is not None and now_ms - int(row[0]) >= window
+        if rotated:  # renaming moves no rows: the lock is held for a moment only
+            conn.execute("DROP TABLE seen_prev")
+            conn.execute("ALTER TABLE seen RENAME TO seen_prev")
+            conn.execute(_SEEN_TABLE.format(name="seen"))
+        if row is None or rotated:
+            conn.execute(
+                "INSERT INTO meta VALUES ('seen_since', ?)"
+                " ON CONFLICT (key) DO UPDATE SET value = excluded.value",
+                (now_ms,),
+            )
+        conn.execute("COMMIT")
+    except BaseException:
+        conn.execute("ROLLBACK")
+        raise
+    return rotated
 
 
 @dataclass
