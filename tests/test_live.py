@@ -38,6 +38,7 @@ def _append(conn: sqlite3.Connection, message: dict[str, object], received_ms: i
     store_sqlite.append_batches(
         conn,
         [store_sqlite.Append(1, "test", received_ms, [message], [str(message["messageId"])])],
+        store_sqlite.SeenIds(),  # the messages of these tests are all different
     )
 
 

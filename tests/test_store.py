@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sqlite3
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -16,14 +17,22 @@ def _append(
     conn: sqlite3.Connection, ids: list[str], received_ms: int = 0, workspace: int = 1
 ) -> list[store_sqlite.Appended]:
     messages = [{"type": "track", "event": "X", "userId": "u", "messageId": i} for i in ids]
-    return store_sqlite.append_batches(conn, [Append(workspace, "t", received_ms, messages, ids)])
+    seen = SEEN[id(conn)]
+    return store_sqlite.append_batches(
+        conn, [Append(workspace, "t", received_ms, messages, ids)], seen
+    )
+
+
+SEEN: dict[int, store_sqlite.SeenIds] = {}
 
 
 @pytest.fixture
-def conn(tmp_path: Path) -> sqlite3.Connection:
+def conn(tmp_path: Path) -> Iterator[sqlite3.Connection]:
     c = store_sqlite.connect(tmp_path / "f.db")
     store_sqlite.ensure_workspace(c, "default", 0)
-    return c
+    SEEN[id(c)] = store_sqlite.SeenIds()  # what the server's writer keeps beside its connection
+    yield c
+    del SEEN[id(c)]
 
 
 def test_an_old_database_is_migrated_and_a_newer_one_refused(tmp_path):
@@ -81,18 +90,26 @@ def test_a_message_id_is_stored_once_per_workspace(conn):
 
 
 def test_ids_are_kept_for_at_least_the_window_then_forgotten(conn):
-    day = 86_400_000
-    assert store_sqlite.rotate_seen(conn, 0) is False  # the first generation starts
-    _append(conn, ["early"], received_ms=0)
-    _append(conn, ["late"], received_ms=6 * day)
-    assert store_sqlite.rotate_seen(conn, 7 * day - 1) is False
-    assert store_sqlite.rotate_seen(conn, 7 * day) is True
-    # both are still known: each was seen less than 7 days before the rotation it survived
-    assert _append(conn, ["early", "late"], received_ms=7 * day)[0].duplicates == [0, 1]
-    _append(conn, ["after"], received_ms=8 * day)
-    assert store_sqlite.rotate_seen(conn, 14 * day) is True
-    again = _append(conn, ["early", "late", "after"], received_ms=14 * day)[0]
-    assert again.duplicates == [2]  # 'after' is 6 days old: kept; the others are gone
+    day = store_sqlite.DAY_MS
+    seen = store_sqlite.SeenIds()
+    h = store_sqlite.id_hash
+    seen.add(0, [h(1, "early")])
+    seen.add(6 * day + 5, [h(1, "late")])
+    seen.add(8 * day, [h(1, "day8")])  # a day 8 days after the first: the first is kept
+    assert h(1, "early") in seen and h(1, "late") in seen
+    assert h(2, "early") not in seen  # another workspace
+    seen.add(9 * day, [h(1, "day9")])
+    assert h(1, "early") not in seen and h(1, "late") in seen
+
+
+def test_the_ids_are_rebuilt_from_the_log(conn):
+    _append(conn, ["a", "b"], received_ms=store_sqlite.DAY_MS * 100)
+    rebuilt = store_sqlite.SeenIds()
+    rebuilt.load(conn, store_sqlite.DAY_MS * 100 + 5)
+    assert len(rebuilt) == 2 and store_sqlite.id_hash(1, "a") in rebuilt
+    later = store_sqlite.SeenIds()
+    later.load(conn, store_sqlite.DAY_MS * 109)
+    assert len(later) == 0  # received more than the window ago
 
 
 def test_many_requests_share_one_transaction(conn):
@@ -100,6 +117,6 @@ def test_many_requests_share_one_transaction(conn):
         Append(1, "t", 0, [{"type": "track", "event": "X", "userId": "u", "messageId": i}], [i])
         for i in ("x", "y", "x")
     ]
-    results = store_sqlite.append_batches(conn, appends)
+    results = store_sqlite.append_batches(conn, appends, store_sqlite.SeenIds())
     assert [r.stored for r in results] == [1, 1, 0]
     assert store_sqlite.log_end(conn, 1) == 2

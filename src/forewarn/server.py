@@ -31,7 +31,6 @@ log = logging.getLogger("forewarn")
 
 GROUP_MAX = 256  # requests per transaction at most
 MIN_STEP_MS = 10.0  # the engine steps at most this often: under load, steps gather commits
-PURGE_EVERY_S = 3600.0  # how often to check whether the message ids need a new generation
 
 
 class DiskFullError(ForewarnError):
@@ -62,10 +61,14 @@ class Writer:
         self.commits = 0
         self._queue: queue.SimpleQueue[_Job | None] = queue.SimpleQueue()
         self._thread = threading.Thread(target=self._run, name="forewarn-writer", daemon=True)
-        self._purged = -PURGE_EVERY_S * 1000  # check at the first commit
+        self.seen = store_sqlite.SeenIds()
 
     def start(self) -> None:
-        store_sqlite.connect(self.path).close()  # fail now, in the caller, if it cannot open
+        conn = store_sqlite.connect(self.path)  # fails now, in the caller, if it cannot open
+        try:
+            self.seen.load(conn, clock.now_ms())
+        finally:
+            conn.close()
         self._thread.start()
 
     def stop(self) -> None:
@@ -98,22 +101,12 @@ class Writer:
             self._commit(conn, jobs)
             if stop:
                 break
-            if clock.monotonic_ms() - self._purged > PURGE_EVERY_S * 1000:
-                self._purge(conn)
         conn.close()
-
-    def _purge(self, conn: sqlite3.Connection) -> None:
-        self._purged = clock.monotonic_ms()
-        try:
-            with self.write_lock:
-                store_sqlite.rotate_seen(conn, clock.now_ms())
-        except sqlite3.Error as exc:
-            log.error("could not rotate the message ids, will retry: %s", exc)
 
     def _commit(self, conn: sqlite3.Connection, jobs: list[_Job]) -> None:
         try:
             with self.write_lock:
-                results = store_sqlite.append_batches(conn, [j.append for j in jobs])
+                results = store_sqlite.append_batches(conn, [j.append for j in jobs], self.seen)
         except sqlite3.Error as exc:
             error = _store_error(exc)
             log.error("could not commit %d requests: %s", len(jobs), exc)
@@ -228,7 +221,6 @@ class EngineLoop:
             last = clock.monotonic_ms()
             with self._lock:
                 reload, self._reload = self._reload, None
-                handed, self._handed = self._handed, {}
             if reload is not None:
                 self.triggers = reload
                 engines.clear()
@@ -239,17 +231,20 @@ class EngineLoop:
                         conn, ws, self.triggers, write_lock=self.write_lock
                     )
                 with self.state_lock:
-                    stepped = self._step(live, handed.get(ws))
+                    stepped = self._step(live)
                 if not stepped:
                     del engines[ws]  # its memory ran ahead of the database: rebuild it
         conn.close()
 
-    def _step(self, live: LiveEngine, handed: list[Committed] | None) -> bool:
+    def _take(self, workspace: int) -> list[Committed]:
+        with self._lock:
+            return self._handed.pop(workspace, [])
+
+    def _step(self, live: LiveEngine) -> bool:
         try:
             while True:
                 before = live.firings_recorded
-                n = live.step(self.now_ms(), clock.now_ms(), handed)
-                handed = None
+                n = live.step(self.now_ms(), clock.now_ms(), self._take(live.workspace))
                 self.stats.steps += 1
                 self.stats.events += n
                 self.stats.firings += live.firings_recorded - before
