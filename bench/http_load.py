@@ -226,6 +226,7 @@ def run(seconds: float, rate: float, connections: int) -> dict[str, Any]:
                 "1000000000",
             ],
             env=env,
+            stdout=subprocess.DEVNULL,  # its banner would mix with the JSON on stdout
         )
         try:
             _wait(port)
