@@ -28,11 +28,11 @@ from starlette.requests import Request
 from starlette.responses import PlainTextResponse, Response
 from starlette.routing import Route
 
-from forewarn import clock, engine, ingest, store_sqlite, webhooks
+from forewarn import clock, ingest, store_sqlite, webhooks
 from forewarn.errors import ForewarnError, InputError, NotFoundError, TooLargeError
 from forewarn.live import firing_dict
-from forewarn.model import format_time, parse_time_ms
-from forewarn.server import EngineLoop, Writer
+from forewarn.model import parse_time_ms
+from forewarn.server import Engines, Writer
 from forewarn.store_sqlite import Append, Key
 
 RECENT_EVENTS = 50  # events in a subject's timeline (from the latest part of the log)
@@ -91,7 +91,7 @@ class Counters:
 class Forewarn:
     """The application object the routes close over."""
 
-    def __init__(self, settings: Settings, writer: Writer, loop: EngineLoop) -> None:
+    def __init__(self, settings: Settings, writer: Writer, loop: Engines) -> None:
         self.settings = settings
         self.writer = writer
         self.engines = loop
@@ -447,45 +447,8 @@ def _trigger(t: Any) -> dict[str, Any]:
     }
 
 
-def _live(app: Forewarn, workspace: int) -> Any:
-    live = app.engines.stats.engines.get(workspace)
-    if live is None:
-        raise NotFoundError("the engine has not started on this workspace yet: retry shortly")
-    return live
-
-
 def app_subject(app: Forewarn, workspace: int, subject_id: str) -> dict[str, Any]:
-    with app.engines.state_lock:
-        live = _live(app, workspace)
-        state = live.runner.state
-        book = state.book
-        found = []
-        for scope, table in (("user", state.users), ("account", state.accounts)):
-            subject = table.get(subject_id)
-            if subject is None:
-                continue
-            s = 1 if scope == "account" else 0
-            traits = _traits(subject.traits, book.trait_keys[s], book.date_slots[s])
-            states = {}
-            for ct in book.triggers:
-                if ct.account == (scope == "account") and subject.states:
-                    ts = subject.states[ct.slot]
-                    if ts is not None:
-                        states[ct.spec.id] = {
-                            "active": bool(ts[engine.ACTIVE]),
-                            "episode_started": format_time(ts[engine.EPISODE])
-                            if ts[engine.EPISODE] >= 0
-                            else None,
-                        }
-            found.append(
-                {
-                    "scope": scope,
-                    "first_seen": format_time(subject.first_seen) if subject.first_seen else None,
-                    "traits": traits,
-                    "accounts": subject.accounts or [],
-                    "triggers": states,
-                }
-            )
+    found = app.engines.subject_state(workspace, subject_id)
     if not found:
         raise NotFoundError(f"no subject '{subject_id}' in this workspace's events")
     conn = store_sqlite.connect(app.settings.db)
@@ -513,32 +476,13 @@ def _event_summary(message: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def _traits(
-    values: list[Any] | None, keys: tuple[str, ...], dates: dict[str, int]
-) -> dict[str, Any]:
-    """The traits the playbooks read; a date read only as a date is kept parsed: shown as ISO."""
-    if values is None:
-        return {}
-    shown: dict[str, Any] = {}
-    for i, key in enumerate(keys):
-        value = values[i]
-        if value is None:
-            continue
-        if dates.get(key) == i and type(value) is int:
-            value = format_time(value)
-        shown[key] = value
-    return shown
-
-
 def app_why(app: Forewarn, workspace: int, subject_id: str, trigger: str) -> dict[str, Any]:
-    with app.engines.state_lock:
-        live = _live(app, workspace)
-        return engine.explain(live.runner.state, trigger, subject_id, clock.now_ms())
+    return app.engines.why(workspace, subject_id, trigger, clock.now_ms())
 
 
 def _metrics(app: Forewarn) -> str:
     c = app.counters
-    stats = app.engines.stats
+    stats = app.engines.stats_view()
     lag = sum(stats.lag.values())
     lines = [
         "# HELP forewarn_events_accepted_total Events committed to the log.",

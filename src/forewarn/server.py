@@ -20,10 +20,12 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any, Protocol
 
-from forewarn import clock, store_sqlite
-from forewarn.errors import ForewarnError
+from forewarn import clock, engine, store_sqlite
+from forewarn.errors import ForewarnError, NotFoundError
 from forewarn.live import Committed, LiveEngine
+from forewarn.model import format_time
 from forewarn.playbook import Trigger
 from forewarn.store_sqlite import Append, Appended, StoreError
 
@@ -156,6 +158,21 @@ class EngineStats:
     engines: dict[int, LiveEngine] = field(default_factory=dict)
 
 
+class Engines(Protocol):
+    """What the API needs of the engines, wherever they run (`EngineLoop` in a thread of this
+    process, `EngineProcess` in a process of its own)."""
+
+    triggers: list[Trigger]
+
+    def start(self) -> None: ...
+    def stop(self) -> None: ...
+    def committed(self, batches: list[tuple[int, Committed]]) -> None: ...
+    def reload(self, triggers: list[Trigger]) -> None: ...
+    def subject_state(self, workspace: int, subject_id: str) -> list[dict[str, Any]]: ...
+    def why(self, workspace: int, subject_id: str, trigger: str, now_ms: int) -> dict[str, Any]: ...
+    def stats_view(self) -> EngineStats: ...
+
+
 class EngineLoop:
     """Steps every workspace's engine in one thread, woken by commits and by the clock."""
 
@@ -236,6 +253,32 @@ class EngineLoop:
                     del engines[ws]  # its memory ran ahead of the database: rebuild it
         conn.close()
 
+    # --- reading the state, for the admin API ---
+
+    def _live(self, workspace: int) -> LiveEngine:
+        live = self.stats.engines.get(workspace)
+        if live is None:
+            raise NotFoundError("the engine has not started on this workspace yet: retry shortly")
+        return live
+
+    def subject_state(self, workspace: int, subject_id: str) -> list[dict[str, Any]]:
+        with self.state_lock:
+            return subject_state(self._live(workspace).runner.state, subject_id)
+
+    def why(self, workspace: int, subject_id: str, trigger: str, now_ms: int) -> dict[str, Any]:
+        with self.state_lock:
+            return engine.explain(self._live(workspace).runner.state, trigger, subject_id, now_ms)
+
+    def stats_view(self) -> EngineStats:
+        return EngineStats(
+            self.stats.steps,
+            self.stats.events,
+            self.stats.firings,
+            self.stats.errors,
+            self.stats.last_step_ms,
+            dict(self.stats.lag),
+        )
+
     def _take(self, workspace: int) -> list[Committed]:
         with self._lock:
             return self._handed.pop(workspace, [])
@@ -256,3 +299,51 @@ class EngineLoop:
             self.stats.errors += 1
             log.error("engine step failed, will rebuild and retry: %s", exc)
             return False
+
+
+def subject_state(state: engine.State, subject_id: str) -> list[dict[str, Any]]:
+    """The user and/or account called `subject_id`: first seen, traits, trigger states."""
+    book = state.book
+    found = []
+    for scope, table in (("user", state.users), ("account", state.accounts)):
+        subject = table.get(subject_id)
+        if subject is None:
+            continue
+        s = 1 if scope == "account" else 0
+        states = {}
+        for ct in book.triggers:
+            if ct.account == (scope == "account") and subject.states:
+                ts = subject.states[ct.slot]
+                if ts is not None:
+                    episode = ts[engine.EPISODE]
+                    states[ct.spec.id] = {
+                        "active": bool(ts[engine.ACTIVE]),
+                        "episode_started": format_time(episode) if episode >= 0 else None,
+                    }
+        found.append(
+            {
+                "scope": scope,
+                "first_seen": format_time(subject.first_seen) if subject.first_seen else None,
+                "traits": _traits(subject.traits, book.trait_keys[s], book.date_slots[s]),
+                "accounts": subject.accounts or [],
+                "triggers": states,
+            }
+        )
+    return found
+
+
+def _traits(
+    values: list[Any] | None, keys: tuple[str, ...], dates: dict[str, int]
+) -> dict[str, Any]:
+    """The traits the playbooks read; a date read only as a date is kept parsed: shown as ISO."""
+    if values is None:
+        return {}
+    shown: dict[str, Any] = {}
+    for i, key in enumerate(keys):
+        value = values[i]
+        if value is None:
+            continue
+        if dates.get(key) == i and type(value) is int:
+            value = format_time(value)
+        shown[key] = value
+    return shown
