@@ -162,7 +162,7 @@ def _serve(args: argparse.Namespace) -> int:
     import uvicorn
 
     from forewarn import api, clock, store_sqlite
-    from forewarn.server import EngineLoop, Writer
+    from forewarn.server import EngineLoop, EngineProcess, Engines, Writer
 
     triggers = load_playbooks(args.playbooks)
     conn = store_sqlite.connect(args.db)
@@ -184,10 +184,15 @@ def _serve(args: argparse.Namespace) -> int:
         rate_burst=float(args.rate_limit * 2),
         stripe_secret=_env("STRIPE_SECRET"),
     )
-    write_lock = threading.Lock()  # the writer and the engine take turns at the database
-    loop = EngineLoop(args.db, triggers, write_lock=write_lock)
-    writer = Writer(args.db, on_commit=loop.committed, write_lock=write_lock)
-    app = api.Forewarn(settings, writer, loop)
+    engines: Engines
+    if args.engine == "process":
+        engines = EngineProcess(args.db, args.playbooks, triggers)
+        writer = Writer(args.db, on_commit=engines.committed)
+    else:
+        write_lock = threading.Lock()  # the writer and the engine take turns at the database
+        engines = EngineLoop(args.db, triggers, write_lock=write_lock)
+        writer = Writer(args.db, on_commit=engines.committed, write_lock=write_lock)
+    app = api.Forewarn(settings, writer, engines)
     url = f"http://{args.host}:{args.port}"
     print(f"Forewarn on {url} with {len(triggers)} triggers, database {args.db}", flush=True)
     if created:
@@ -289,6 +294,12 @@ def build_parser() -> argparse.ArgumentParser:
         type=int,
         default=int(_env("RATE_LIMIT", "50000") or 50000),
         help="events per second per workspace",
+    )
+    serve.add_argument(
+        "--engine",
+        default=_env("ENGINE", "process"),
+        choices=("process", "thread"),
+        help="run the engine in a process of its own (another core) or a thread of the server",
     )
     serve.add_argument(
         "--log-level",

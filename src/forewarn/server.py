@@ -12,7 +12,11 @@ The HTTP routes live in `api`; `forewarn serve` wires everything together.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import fcntl
 import logging
+import multiprocessing
+import os
 import queue
 import sqlite3
 import threading
@@ -203,9 +207,16 @@ class EngineLoop:
     def start(self) -> None:
         self._thread.start()
 
-    def stop(self) -> None:
+    def run(self) -> None:
+        """Step in the calling thread until `stop_soon`."""
+        self._run()
+
+    def stop_soon(self) -> None:
         self._stop.set()
         self._wake.set()
+
+    def stop(self) -> None:
+        self.stop_soon()
         self._thread.join(timeout=30)
 
     def wake(self) -> None:
@@ -347,3 +358,140 @@ def _traits(
             value = format_time(value)
         shown[key] = value
     return shown
+
+
+# --- the engine in a process of its own --------------------------------------------------------
+
+
+class EngineProcess:
+    """The `EngineLoop` in a child process, so that requests keep this process's interpreter
+    to themselves and the engine runs on another core. The child reads committed batches from
+    the log (woken through a pipe after each commit, and every second for timers) and answers
+    the admin API's questions about its state over another pipe. It takes an exclusive lock on
+    `<db>.engine.lock`, so that an engine left over from a killed server has exited before a
+    new one steps, and it exits when the process that started it is gone."""
+
+    def __init__(self, path: str | Path, playbooks: str, triggers: list[Trigger]) -> None:
+        self.path = str(path)
+        self.playbooks = playbooks
+        self.triggers = triggers
+        ctx = multiprocessing.get_context("spawn")
+        self._wake_r, self._wake_w = ctx.Pipe(duplex=False)
+        os.set_blocking(self._wake_w.fileno(), False)
+        self._ask, child = ctx.Pipe()
+        self._ask_lock = threading.Lock()
+        self._process = ctx.Process(
+            target=_engine_main,
+            args=(self.path, playbooks, self._wake_r, child, os.getpid()),
+            name="forewarn-engine",
+            daemon=True,
+        )
+
+    def start(self) -> None:
+        self._process.start()
+        self._wake_r.close()
+
+    def stop(self) -> None:
+        with contextlib.suppress(OSError, EOFError, BrokenPipeError), self._ask_lock:
+            self._ask.send(("stop",))
+        self._process.join(timeout=30)
+        if self._process.is_alive():
+            self._process.kill()
+        self._wake_w.close()
+
+    def committed(self, batches: list[tuple[int, Committed]]) -> None:
+        # one byte, written whole or not at all; a full pipe is a wake already pending
+        with contextlib.suppress(BlockingIOError, OSError):
+            os.write(self._wake_w.fileno(), b"w")
+
+    def reload(self, triggers: list[Trigger]) -> None:
+        self._call("reload")
+        self.triggers = triggers
+
+    def subject_state(self, workspace: int, subject_id: str) -> list[dict[str, Any]]:
+        result: list[dict[str, Any]] = self._call("subject", workspace, subject_id)
+        return result
+
+    def why(self, workspace: int, subject_id: str, trigger: str, now_ms: int) -> dict[str, Any]:
+        result: dict[str, Any] = self._call("why", workspace, subject_id, trigger, now_ms)
+        return result
+
+    def stats_view(self) -> EngineStats:
+        try:
+            result: EngineStats = self._call("stats", timeout_s=1.0)
+        except StoreError:
+            return EngineStats(errors=-1)
+        return result
+
+    def _call(self, *request: Any, timeout_s: float = 10.0) -> Any:
+        with self._ask_lock:
+            try:
+                self._ask.send(request)
+                if not self._ask.poll(timeout_s):
+                    raise StoreError("the engine did not answer in time: retry shortly")
+                ok, value = self._ask.recv()
+            except (OSError, EOFError) as exc:
+                raise StoreError(f"the engine is not running ({exc}): retry shortly") from None
+        if not ok:
+            raise value
+        return value
+
+
+def _engine_main(path: str, playbooks: str, wake: Any, ask: Any, parent: int) -> None:
+    """The engine process: one engine loop, a thread turning pipe bytes into wakes, a thread
+    answering questions, and a watch on the parent."""
+    from forewarn.sources import load_playbooks
+
+    logging.basicConfig(level=logging.WARNING)
+    lock = open(f"{path}.engine.lock", "a")  # noqa: SIM115 (held for the life of the process)
+    fcntl.flock(lock, fcntl.LOCK_EX)  # waits for an engine of a killed server to be gone
+    if os.getppid() != parent:
+        return
+    loop = EngineLoop(path, load_playbooks(playbooks))
+
+    def wakes() -> None:
+        while True:
+            try:
+                data = os.read(wake.fileno(), 4096)
+            except OSError:
+                data = b""
+            if not data:
+                loop.stop_soon()
+                return
+            loop.wake()
+
+    def answers() -> None:
+        while True:
+            try:
+                request = ask.recv()
+            except (EOFError, OSError):
+                loop.stop_soon()
+                return
+            verb, args = request[0], request[1:]
+            if verb == "stop":
+                loop.stop_soon()
+                return
+            try:
+                if verb == "subject":
+                    value: Any = loop.subject_state(*args)
+                elif verb == "why":
+                    value = loop.why(*args)
+                elif verb == "stats":
+                    value = loop.stats_view()
+                elif verb == "reload":
+                    loop.reload(load_playbooks(playbooks))
+                    value = None
+                else:
+                    raise ValueError(f"unknown request {verb!r}")
+                ask.send((True, value))
+            except ForewarnError as exc:
+                ask.send((False, exc))
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(0.2)
+        os._exit(0)  # the server is gone (killed): so is its engine
+
+    for target in (wakes, answers, watch):
+        threading.Thread(target=target, daemon=True).start()
+    loop.run()
