@@ -15,9 +15,10 @@ from . import server as srv
 from .server import ADMIN_KEY, WRITE_KEY
 
 
-@pytest.fixture
-def live(tmp_path: Path):
-    with srv.running(tmp_path / "forewarn.db") as server:
+@pytest.fixture(params=["process", "thread"])
+def live(tmp_path: Path, request: pytest.FixtureRequest):
+    """A server with its engine in a process of its own, and one with it in a thread."""
+    with srv.running(tmp_path / "forewarn.db", env={"FOREWARN_ENGINE": request.param}) as server:
         yield server
 
 
