@@ -292,7 +292,9 @@ def routes(app: Forewarn) -> list[Route]:
         parsed = ingest.sentry_envelope(body, received)
         key = app.write_key(token or parsed.write_key)
         result = await app.store(key, "sentry", parsed, received)
-        return _json({"id": result["accepted"] and None, **result})
+        # Sentry SDKs read the event id back; an envelope holds one error
+        first = parsed.messages[0]["messageId"] if parsed.messages else None
+        return _json({"id": first, **result})
 
     async def tickets(request: Request) -> Response:
         flavour = request.path_params["flavour"]
