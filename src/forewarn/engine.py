@@ -81,7 +81,17 @@ class Subject(msgspec.Struct, gc=False):
 
 
 class CompiledTrigger:
-    __slots__ = ("account", "cond", "index", "instant", "leaves", "slot", "spec", "stateful")
+    __slots__ = (
+        "account",
+        "always_check",
+        "cond",
+        "index",
+        "instant",
+        "leaves",
+        "slot",
+        "spec",
+        "stateful",
+    )
 
     def __init__(self, index: int, spec: Trigger) -> None:
         self.index = index
@@ -98,6 +108,11 @@ class CompiledTrigger:
         self.instant = any(
             (isinstance(leaf, signals.EventLeaf) and not leaf.within) or leaf.uses_properties
             for leaf in self.leaves
+        )
+        # checked after every event that feeds it, even one that left its state as it was:
+        # an instant condition reads the event, spike and drop the subject's first_seen
+        self.always_check = self.instant or any(
+            isinstance(leaf, signals.RateLeaf) for leaf in self.leaves
         )
 
     def new_state(self) -> TState:
@@ -420,6 +435,9 @@ def _feed_and_check(
     timers: list[Timer],
 ) -> None:
     ts: TState | None = None
+    # Unless an event changed the state, the condition is as the last check left it until
+    # the deadline that check gave.
+    changed = ct.always_check
     for leaf in leaves:
         if leaf.where is not None and not leaf.where(event.properties):
             continue
@@ -430,9 +448,9 @@ def _feed_and_check(
                 if not leaf.opens(event):
                     continue  # nothing to end or count: keep no state for it
                 ts = _tstate(ct, subject, state.book)
-        if leaf.slots:
-            leaf.feed(ts, event, now)
-    if ts is not None:
+        if not leaf.slots or leaf.feed(ts, event, now) is not False:
+            changed = True
+    if ts is not None and (changed or ts[DEADLINE] <= now):
         _evaluate(state, ct, key, subject, ts, event, now, firings, timers)
 
 

@@ -143,7 +143,9 @@ class Leaf:
         """Initial values of its entries."""
         return []
 
-    def feed(self, ts: TState, event: Event, now: int) -> None:
+    def feed(self, ts: TState, event: Event, now: int) -> bool | None:
+        """Take in a matching event. False when the state is exactly as it was: the condition
+        then cannot have changed, and the engine need not check it again."""
         return None
 
     def check(self, c: Ctx) -> tuple[bool, int]:
@@ -324,7 +326,7 @@ class DropLeaf(RateLeaf):
         return [[0], [0], 0]
 
     def feed(self, ts: TState, event: Event, now: int) -> None:
-        super().feed(ts, event, now)
+        RateLeaf.feed(self, ts, event, now)
         # A new event only delays a drop, unless it lands in the baseline (a late event) or
         # there was no drop ahead only because there was nothing to lose.
         if event.timestamp_ms < now or ts[self.slot + 2] == NEVER:
@@ -461,20 +463,25 @@ class DwellLeaf(Leaf):
         """The path, when the event is a view of a matching page: it starts a dwell."""
         if event.kind != "page":
             return None
-        path = page_path(event)
+        path = event.properties.get("path")
+        if not isinstance(path, str) or not path:
+            path = page_path(event)
         return path if path is not None and self.match(path) else None
 
     def opens(self, event: Event) -> bool:
         return self._starts(event) is not None  # anything else merely ends a dwell
 
-    def feed(self, ts: TState, event: Event, now: int) -> None:
+    def feed(self, ts: TState, event: Event, now: int) -> bool | None:
         s = self.slot
         if event.timestamp_ms < ts[s]:
-            return  # a late event from before this dwell began changes nothing
+            return False  # a late event from before this dwell began changes nothing
         path = self._starts(event)
+        if path is None and ts[s] < 0:
+            return False  # no dwell to end: most page views, most `unless` events
         # a matching page starts a dwell; another page, or an `unless` event, ends it
         ts[s] = event.timestamp_ms if path is not None else -1
         ts[s + 1] = path
+        return None
 
     def check(self, c: Ctx) -> tuple[bool, int]:
         start: int = c.ts[self.slot]
