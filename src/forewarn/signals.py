@@ -250,8 +250,23 @@ class RateLeaf(Leaf):
 
     def feed(self, ts: TState, event: Event, now: int) -> None:
         s = self.slot
-        ring_add(ts[s], event.timestamp_ms, self.fine, self.window, now)
-        ring_add(ts[s + 1], event.timestamp_ms, self.coarse, self.span, now)
+        t = event.timestamp_ms
+        # The usual event lands in the newest bucket of both rings: counted here, in line
+        # (this runs for every Login and every Error); anything else goes through ring_add.
+        fine = ts[s]
+        bucket = t // self.fine
+        if len(fine) > 1 and fine[-2] == bucket and bucket * self.fine > now - self.window:
+            fine[0] += 1
+            fine[-1] += 1
+        else:
+            ring_add(fine, t, self.fine, self.window, now)
+        coarse = ts[s + 1]
+        bucket = t // self.coarse
+        if len(coarse) > 1 and coarse[-2] == bucket and bucket * self.coarse > now - self.span:
+            coarse[0] += 1
+            coarse[-1] += 1
+        else:
+            ring_add(coarse, t, self.coarse, self.span, now)
 
     def counts(self, c: Ctx) -> tuple[int, int]:
         ts = c.ts
@@ -285,7 +300,7 @@ class SpikeLeaf(RateLeaf):
         self.cond = cond
 
     def check(self, c: Ctx) -> tuple[bool, int]:
-        eligible = self.eligible_at(c)
+        eligible = c.subject.first_seen + self.span  # eligible_at, in line
         if c.now < eligible:
             return False, eligible
         current, base = self.counts(c)
@@ -337,7 +352,7 @@ class DropLeaf(RateLeaf):
         return base > 0 and current * self.baseline <= self.cond.below * base * self.window
 
     def check(self, c: Ctx) -> tuple[bool, int]:
-        eligible = self.eligible_at(c)
+        eligible = c.subject.first_seen + self.span  # eligible_at, in line
         if c.now < eligible:
             return False, eligible
         current, base = self.counts(c)
@@ -387,7 +402,10 @@ class AbsentLeaf(Leaf):
 
     def check(self, c: Ctx) -> tuple[bool, int]:
         last: int = c.ts[self.slot]
-        return _since(last, self.cond.for_ms, c.now)
+        if last < 0:  # _since, in line: checked on every Login
+            return False, NEVER
+        due = last + self.cond.for_ms
+        return (True, NEVER) if c.now >= due else (False, due)
 
     def explain(self, c: Ctx) -> dict[str, Any]:
         last = c.ts[self.slot]
