@@ -81,7 +81,17 @@ class Subject(msgspec.Struct, gc=False):
 
 
 class CompiledTrigger:
-    __slots__ = ("account", "cond", "index", "instant", "leaves", "slot", "spec", "stateful")
+    __slots__ = (
+        "account",
+        "always_check",
+        "cond",
+        "index",
+        "instant",
+        "leaves",
+        "slot",
+        "spec",
+        "stateful",
+    )
 
     def __init__(self, index: int, spec: Trigger) -> None:
         self.index = index
@@ -98,6 +108,11 @@ class CompiledTrigger:
         self.instant = any(
             (isinstance(leaf, signals.EventLeaf) and not leaf.within) or leaf.uses_properties
             for leaf in self.leaves
+        )
+        # checked after every event that feeds it, even one that left its state as it was:
+        # an instant condition reads the event, spike and drop the subject's first_seen
+        self.always_check = self.instant or any(
+            isinstance(leaf, signals.RateLeaf) for leaf in self.leaves
         )
 
     def new_state(self) -> TState:
@@ -290,11 +305,12 @@ def apply_into(
     kind = event.kind
 
     if kind == "track":
-        named = book.by_name[0].get(event.name, ())
-        for ct, leaves in named:
-            _feed_and_check(state, ct, person, user, leaves, event, now, firings, timers)
+        named = book.by_name[0].get(event.name)
+        if named is not None:
+            for ct, leaves in named:
+                _feed_and_check(state, ct, person, user, leaves, event, now, firings, timers)
         for ct in book.on_any_track[0]:
-            if not any(ct is seen for seen, _ in named):  # checked once per event
+            if named is None or not any(ct is seen for seen, _ in named):  # once per event
                 _check(state, ct, person, user, event, now, firings, timers)
     elif kind == "page":
         for ct, leaves in book.pages:
@@ -311,23 +327,37 @@ def apply_into(
 
     # account-scoped triggers see the events of all the account's users
     if event.account_id is not None:
-        accounts: list[str] | tuple[()] = [event.account_id]
-    else:
-        accounts = user.accounts or ()
-    by_name = book.by_name[1].get(event.name, ()) if kind == "track" else ()
+        _apply_to_account(state, event.account_id, event, now, firings, timers)
+    elif user.accounts:
+        for account_id in user.accounts:
+            _apply_to_account(state, account_id, event, now, firings, timers)
+
+
+def _apply_to_account(
+    state: State,
+    account_id: str,
+    event: Event,
+    now: int,
+    firings: list[Firing],
+    timers: list[Timer],
+) -> None:
+    book = state.book
+    t = event.timestamp_ms
     table = state.accounts
-    for account_id in accounts:
-        account = table.get(account_id)
-        if account is None:
-            account = table[account_id] = Subject(t if book.needs_first_seen[1] else 0)
-        elif t < account.first_seen:
-            account.first_seen = t
-        for ct, leaves in by_name:
+    account = table.get(account_id)
+    if account is None:
+        account = table[account_id] = Subject(t if book.needs_first_seen[1] else 0)
+    elif t < account.first_seen:
+        account.first_seen = t
+    if event.kind != "track":
+        return
+    named = book.by_name[1].get(event.name)
+    if named is not None:
+        for ct, leaves in named:
             _feed_and_check(state, ct, account_id, account, leaves, event, now, firings, timers)
-        if kind == "track":
-            for ct in book.on_any_track[1]:
-                if not any(ct is seen for seen, _ in by_name):  # checked once per event
-                    _check(state, ct, account_id, account, event, now, firings, timers)
+    for ct in book.on_any_track[1]:
+        if named is None or not any(ct is seen for seen, _ in named):  # once per event
+            _check(state, ct, account_id, account, event, now, firings, timers)
 
 
 def _group(
@@ -420,6 +450,9 @@ def _feed_and_check(
     timers: list[Timer],
 ) -> None:
     ts: TState | None = None
+    # Unless an event changed the state, the condition is as the last check left it until
+    # the deadline that check gave.
+    changed = ct.always_check
     for leaf in leaves:
         if leaf.where is not None and not leaf.where(event.properties):
             continue
@@ -430,9 +463,9 @@ def _feed_and_check(
                 if not leaf.opens(event):
                     continue  # nothing to end or count: keep no state for it
                 ts = _tstate(ct, subject, state.book)
-        if leaf.slots:
-            leaf.feed(ts, event, now)
-    if ts is not None:
+        if not leaf.slots or leaf.feed(ts, event, now) is not False:
+            changed = True
+    if ts is not None and (changed or ts[DEADLINE] <= now):
         _evaluate(state, ct, key, subject, ts, event, now, firings, timers)
 
 

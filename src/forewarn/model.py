@@ -64,6 +64,8 @@ _decoder = msgspec.json.Decoder(SegmentMessage)
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 _ONE_MS = timedelta(milliseconds=1)
 MAX_TIME_MS = 253_402_300_800_000  # 10000-01-01: times are kept within years 1970 to 9999
+# each kind as one shared string: a million events keep one copy, and compare by identity
+_KIND: dict[str | None, str] = {kind: kind for kind in KINDS}
 _FIRST_AT_A_MOMENT = frozenset(("identify", "group", "alias"))
 
 
@@ -120,8 +122,9 @@ def _text(value: str | int | None) -> str | None:
 
 def from_message(msg: SegmentMessage) -> Event:
     """Validate one decoded Segment message and normalise it; raises EventError with the reason."""
-    kind = msg.type
-    if kind not in KINDS:
+    kind = _KIND.get(msg.type)
+    if kind is None:
+        kind = msg.type
         if kind is None:
             raise EventError("missing 'type': use one of " + ", ".join(KINDS))
         raise EventError(f"unknown type '{kind}': use one of " + ", ".join(KINDS))
@@ -171,8 +174,8 @@ def from_message(msg: SegmentMessage) -> Event:
         user_id,
         anonymous_id,
         account_id,
-        msg.properties if msg.properties is not None else _EMPTY,
-        msg.traits if msg.traits is not None else _EMPTY,
+        msg.properties or _EMPTY,  # one shared empty dict, as for a missing one
+        msg.traits or _EMPTY,
         timestamp_ms,
         message_id if type(message_id) is str else (_text(message_id) or ""),
         previous_id,

@@ -42,8 +42,15 @@ class Where:
         return all(one_of(properties.get(key), allowed) for key, allowed in self.pairs)
 
     def matcher(self) -> Callable[[dict[str, Any]], bool] | None:
-        """`matches`, or None when there is nothing to check."""
-        return self.matches if self.pairs else None
+        """`matches`, or None when there is nothing to check. The usual `where`, one property
+        and text values, becomes a plain lookup: only a string equals a string, so the rule
+        that true is not 1 cannot come into it."""
+        if not self.pairs:
+            return None
+        if len(self.pairs) == 1 and all(type(value) is str for value in self.pairs[0][1]):
+            key, allowed = self.pairs[0]
+            return lambda properties: properties.get(key) in allowed
+        return self.matches
 
 
 TraitRef = tuple[str, tuple[str, ...]]  # ("traits" | "account", path)

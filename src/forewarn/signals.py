@@ -143,7 +143,9 @@ class Leaf:
         """Initial values of its entries."""
         return []
 
-    def feed(self, ts: TState, event: Event, now: int) -> None:
+    def feed(self, ts: TState, event: Event, now: int) -> bool | None:
+        """Take in a matching event. False when the state is exactly as it was: the condition
+        then cannot have changed, and the engine need not check it again."""
         return None
 
     def check(self, c: Ctx) -> tuple[bool, int]:
@@ -248,8 +250,23 @@ class RateLeaf(Leaf):
 
     def feed(self, ts: TState, event: Event, now: int) -> None:
         s = self.slot
-        ring_add(ts[s], event.timestamp_ms, self.fine, self.window, now)
-        ring_add(ts[s + 1], event.timestamp_ms, self.coarse, self.span, now)
+        t = event.timestamp_ms
+        # The usual event lands in the newest bucket of both rings: counted here, in line
+        # (this runs for every Login and every Error); anything else goes through ring_add.
+        fine = ts[s]
+        bucket = t // self.fine
+        if len(fine) > 1 and fine[-2] == bucket and bucket * self.fine > now - self.window:
+            fine[0] += 1
+            fine[-1] += 1
+        else:
+            ring_add(fine, t, self.fine, self.window, now)
+        coarse = ts[s + 1]
+        bucket = t // self.coarse
+        if len(coarse) > 1 and coarse[-2] == bucket and bucket * self.coarse > now - self.span:
+            coarse[0] += 1
+            coarse[-1] += 1
+        else:
+            ring_add(coarse, t, self.coarse, self.span, now)
 
     def counts(self, c: Ctx) -> tuple[int, int]:
         ts = c.ts
@@ -283,7 +300,7 @@ class SpikeLeaf(RateLeaf):
         self.cond = cond
 
     def check(self, c: Ctx) -> tuple[bool, int]:
-        eligible = self.eligible_at(c)
+        eligible = c.subject.first_seen + self.span  # eligible_at, in line
         if c.now < eligible:
             return False, eligible
         current, base = self.counts(c)
@@ -324,7 +341,7 @@ class DropLeaf(RateLeaf):
         return [[0], [0], 0]
 
     def feed(self, ts: TState, event: Event, now: int) -> None:
-        super().feed(ts, event, now)
+        RateLeaf.feed(self, ts, event, now)
         # A new event only delays a drop, unless it lands in the baseline (a late event) or
         # there was no drop ahead only because there was nothing to lose.
         if event.timestamp_ms < now or ts[self.slot + 2] == NEVER:
@@ -335,7 +352,7 @@ class DropLeaf(RateLeaf):
         return base > 0 and current * self.baseline <= self.cond.below * base * self.window
 
     def check(self, c: Ctx) -> tuple[bool, int]:
-        eligible = self.eligible_at(c)
+        eligible = c.subject.first_seen + self.span  # eligible_at, in line
         if c.now < eligible:
             return False, eligible
         current, base = self.counts(c)
@@ -385,7 +402,10 @@ class AbsentLeaf(Leaf):
 
     def check(self, c: Ctx) -> tuple[bool, int]:
         last: int = c.ts[self.slot]
-        return _since(last, self.cond.for_ms, c.now)
+        if last < 0:  # _since, in line: checked on every Login
+            return False, NEVER
+        due = last + self.cond.for_ms
+        return (True, NEVER) if c.now >= due else (False, due)
 
     def explain(self, c: Ctx) -> dict[str, Any]:
         last = c.ts[self.slot]
@@ -461,20 +481,25 @@ class DwellLeaf(Leaf):
         """The path, when the event is a view of a matching page: it starts a dwell."""
         if event.kind != "page":
             return None
-        path = page_path(event)
+        path = event.properties.get("path")
+        if not isinstance(path, str) or not path:
+            path = page_path(event)
         return path if path is not None and self.match(path) else None
 
     def opens(self, event: Event) -> bool:
         return self._starts(event) is not None  # anything else merely ends a dwell
 
-    def feed(self, ts: TState, event: Event, now: int) -> None:
+    def feed(self, ts: TState, event: Event, now: int) -> bool | None:
         s = self.slot
         if event.timestamp_ms < ts[s]:
-            return  # a late event from before this dwell began changes nothing
+            return False  # a late event from before this dwell began changes nothing
         path = self._starts(event)
+        if path is None and ts[s] < 0:
+            return False  # no dwell to end: most page views, most `unless` events
         # a matching page starts a dwell; another page, or an `unless` event, ends it
         ts[s] = event.timestamp_ms if path is not None else -1
         ts[s + 1] = path
+        return None
 
     def check(self, c: Ctx) -> tuple[bool, int]:
         start: int = c.ts[self.slot]

@@ -77,10 +77,13 @@ def iter_lines(path: str | Path, progress: Callable[[int], None] | None = None) 
         stream: IO[bytes] = gzip.GzipFile(fileobj=raw) if gzipped else raw  # type: ignore[assignment]
         raw.seek(0)
         try:
-            for n, line in enumerate(stream):
-                if progress is not None and n % 65536 == 0:
-                    progress(raw.tell())
-                yield line
+            if progress is None:
+                yield from stream  # no per-line Python work: a replay reads millions
+            else:
+                for n, line in enumerate(stream):
+                    if n % 65536 == 0:
+                        progress(raw.tell())
+                    yield line
         except (OSError, EOFError, zlib.error) as exc:
             raise InputError(f"events file {file} is damaged: {exc}") from None
 
@@ -123,11 +126,16 @@ def _read_into(
     batch: EventBatch, files: list[str | Path], progress: Callable[[int], None] | None
 ) -> None:
     events = batch.events
+    append = events.append
     seen: set[str] = set()
+    # one copy of each event name: a million events then hold a few dozen name strings
+    names: dict[str, str] = {}
+    intern = names.setdefault
     last_t = -1
     for file in files:
-        for n, line in enumerate(iter_lines(file, progress), start=1):
-            batch.lines += 1
+        n = 0
+        for line in iter_lines(file, progress):
+            n += 1
             if len(line) < 8 and not line.strip():
                 continue  # a blank line (no message is this short)
             try:
@@ -135,13 +143,17 @@ def _read_into(
             except EventError as exc:
                 batch.rejected.append(Rejected(str(file), n, exc.message))
                 continue
-            if event.message_id:
-                if event.message_id in seen:
+            message_id = event.message_id
+            if message_id:
+                if message_id in seen:
                     batch.duplicates += 1
                     continue
-                seen.add(event.message_id)
+                seen.add(message_id)
+            name = event.name
+            event.name = intern(name, name)
             t = event.timestamp_ms
             if t <= last_t and (t < last_t or order_key(event) < order_key(events[-1])):
                 batch.in_order = False
             last_t = t
-            events.append(event)
+            append(event)
+        batch.lines += n
