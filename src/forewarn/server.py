@@ -36,6 +36,7 @@ from forewarn.store_sqlite import Append, Appended, StoreError
 log = logging.getLogger("forewarn")
 
 GROUP_MAX = 256  # requests per transaction at most
+CHECKPOINT_EVERY_S = 0.25
 MIN_STEP_MS = 10.0  # the engine steps at most this often: under load, steps gather commits
 
 
@@ -67,6 +68,10 @@ class Writer:
         self.commits = 0
         self._queue: queue.SimpleQueue[_Job | None] = queue.SimpleQueue()
         self._thread = threading.Thread(target=self._run, name="forewarn-writer", daemon=True)
+        self._checkpointer = threading.Thread(
+            target=self._checkpoints, name="forewarn-checkpoint", daemon=True
+        )
+        self._stopped = threading.Event()
         self.seen = store_sqlite.SeenIds()
 
     def start(self) -> None:
@@ -76,10 +81,24 @@ class Writer:
         finally:
             conn.close()
         self._thread.start()
+        self._checkpointer.start()
 
     def stop(self) -> None:
         self._queue.put(None)
         self._thread.join(timeout=10)
+        self._stopped.set()
+        self._checkpointer.join(timeout=10)
+
+    def _checkpoints(self) -> None:
+        """Copy the WAL back into the database every so often, in this thread alone: the copy
+        and its fsync then never delay an answer or a firing, and writers go on meanwhile."""
+        conn = store_sqlite.connect(self.path, store_sqlite.NO_CHECKPOINT)
+        while not self._stopped.wait(CHECKPOINT_EVERY_S):
+            try:
+                conn.execute("PRAGMA wal_checkpoint(PASSIVE)")
+            except sqlite3.Error as exc:
+                log.warning("checkpoint failed, will retry: %s", exc)
+        conn.close()
 
     async def submit(self, append: Append) -> Appended:
         loop = asyncio.get_running_loop()
@@ -88,7 +107,7 @@ class Writer:
         return await future
 
     def _run(self) -> None:
-        conn = store_sqlite.connect(self.path)
+        conn = store_sqlite.connect(self.path, store_sqlite.NO_CHECKPOINT)
         while True:
             job = self._queue.get()
             if job is None:
@@ -236,7 +255,7 @@ class EngineLoop:
         self._wake.set()
 
     def _run(self) -> None:
-        conn = store_sqlite.connect(self.path)
+        conn = store_sqlite.connect(self.path, store_sqlite.NO_CHECKPOINT)
         engines = self.stats.engines
         last = 0.0
         while not self._stop.is_set():

@@ -112,8 +112,15 @@ class StoreError(ForewarnError):
     code = "unavailable"
 
 
-def connect(path: str | Path) -> sqlite3.Connection:
-    """A connection with the settings every user of the store relies on; migrates the schema."""
+NO_CHECKPOINT = 100_000  # pages: a connection that leaves checkpoints to the checkpointer
+
+
+def connect(path: str | Path, checkpoint_pages: int | None = None) -> sqlite3.Connection:
+    """A connection with the settings every user of the store relies on; migrates the schema.
+    `checkpoint_pages`: the WAL size at which this connection's commits copy it back into the
+    database (SQLite's default is 1,000 pages, 4 MiB). The server's writer and engine set
+    `NO_CHECKPOINT` and leave the copying to a thread of its own, off the paths that answer
+    requests and record firings."""
     try:
         conn = sqlite3.connect(str(path), timeout=10.0, isolation_level=None)
     except sqlite3.Error as exc:
@@ -122,6 +129,8 @@ def connect(path: str | Path) -> sqlite3.Connection:
     conn.execute("PRAGMA synchronous=FULL")  # a 2xx means the batch survives a power cut
     conn.execute("PRAGMA foreign_keys=ON")
     conn.execute("PRAGMA busy_timeout=10000")
+    if checkpoint_pages is not None:
+        conn.execute(f"PRAGMA wal_autocheckpoint={int(checkpoint_pages)}")
     migrate(conn)
     return conn
 
