@@ -509,3 +509,25 @@ def test_make_run_commands_succeed(monkeypatch, capsys):
     assert served, "the 'run' target does not start the server"
     out = capsys.readouterr().out
     assert "triggers valid" in out
+
+
+def test_every_setting_is_in_deployment_md_with_its_default():
+    from forewarn import settings
+
+    table = rows(doc("deployment.md"))
+    for name, default in settings.SETTINGS.items():
+        variable = settings.PREFIX + name
+        assert variable in table, f"deployment.md has no row for {variable}"
+        shown = table[variable][1]
+        assert (f"`{default}`" in shown) if default else shown == "none", (
+            f"deployment.md: {variable} defaults to {default or 'nothing'}"
+        )
+
+
+def test_the_code_reads_no_setting_that_is_not_listed():
+    from forewarn import settings
+
+    used = set()
+    for path in (ROOT / "src" / "forewarn").glob("*.py"):
+        used.update(re.findall(r"FOREWARN_([A-Z_]+)", path.read_text(encoding="utf-8")))
+    assert used <= set(settings.SETTINGS), sorted(used - set(settings.SETTINGS))

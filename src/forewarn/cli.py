@@ -14,7 +14,7 @@ from typing import IO
 
 import msgspec
 
-from forewarn import describe, engine
+from forewarn import describe, engine, settings
 from forewarn.errors import ForewarnError, InputError
 from forewarn.model import Event, parse_time_ms
 from forewarn.playbook import Trigger
@@ -152,8 +152,8 @@ def _check(args: argparse.Namespace) -> int:
     return 0
 
 
-def _env(name: str, default: str | None = None) -> str | None:
-    return os.environ.get(f"FOREWARN_{name}", default)
+def _env(name: str) -> str | None:
+    return settings.env(name)
 
 
 def _serve(args: argparse.Namespace) -> int:
@@ -282,28 +282,26 @@ def build_parser() -> argparse.ArgumentParser:
         description="Run the live server on one SQLite file. Every option can also be set with "
         "its FOREWARN_* environment variable.",
     )
-    serve.add_argument("--db", default=_env("DB", "forewarn.db"), help="the SQLite file")
-    serve.add_argument(
-        "--playbooks", default=_env("PLAYBOOKS", "playbooks"), help="a playbook file or folder"
-    )
-    serve.add_argument("--host", default=_env("HOST", "127.0.0.1"))
-    serve.add_argument("--port", type=int, default=int(_env("PORT", "8750") or 8750))
-    serve.add_argument("--workspace", default=_env("WORKSPACE", "default"))
+    serve.add_argument("--db", default=_env("DB"), help="the SQLite file")
+    serve.add_argument("--playbooks", default=_env("PLAYBOOKS"), help="a playbook file or folder")
+    serve.add_argument("--host", default=_env("HOST"))
+    serve.add_argument("--port", type=int, default=_env("PORT"))
+    serve.add_argument("--workspace", default=_env("WORKSPACE"))
     serve.add_argument(
         "--rate-limit",
         type=int,
-        default=int(_env("RATE_LIMIT", "50000") or 50000),
+        default=_env("RATE_LIMIT"),
         help="events per second per workspace",
     )
     serve.add_argument(
         "--engine",
-        default=_env("ENGINE", "process"),
+        default=_env("ENGINE"),
         choices=("process", "thread"),
         help="run the engine in a process of its own (another core) or a thread of the server",
     )
     serve.add_argument(
         "--log-level",
-        default=_env("LOG_LEVEL", "warning"),
+        default=_env("LOG_LEVEL"),
         choices=("critical", "error", "warning", "info", "debug"),
     )
     serve.set_defaults(run=_serve)
@@ -315,8 +313,8 @@ def build_parser() -> argparse.ArgumentParser:
         "and only its hash is stored.",
     )
     keys.add_argument("action", choices=("create",), metavar="ACTION", help="create")
-    keys.add_argument("--db", default=_env("DB", "forewarn.db"), help="the SQLite file")
-    keys.add_argument("--workspace", default=_env("WORKSPACE", "default"))
+    keys.add_argument("--db", default=_env("DB"), help="the SQLite file")
+    keys.add_argument("--workspace", default=_env("WORKSPACE"))
     keys.add_argument("--kind", choices=("write", "admin"), default="write")
     keys.add_argument("--name", help="a note to recognise the key by")
     keys.set_defaults(run=_keys)
