@@ -8,13 +8,16 @@ import sqlite3
 from pathlib import Path
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from forewarn import store_sqlite
 from forewarn.live import LiveEngine, firing_dict
 from forewarn.model import event_from_dict, order_key
 from forewarn.sources import load_playbooks
 
-from .factories import DAY, at, ms, replay, track
+from .factories import DAY, T0_MS, at, ms, replay, track
+from .test_replay_properties import HORIZON_MS, TRIGGERS, run, streams
 
 ROOT = Path(__file__).resolve().parent.parent
 PLAYBOOKS = ROOT / "examples" / "playbooks"
@@ -130,3 +133,55 @@ def test_other_playbooks_rebuild_from_the_log_without_firing_the_past(db):
     assert rebuilt.cursor == live.cursor
     assert len(rebuilt.runner.state.users) == len(live.runner.state.users)
     assert _firings(db) == recorded
+
+
+@settings(max_examples=25, deadline=None)
+@given(
+    streams(),
+    st.lists(st.integers(min_value=0, max_value=3), max_size=60),
+    st.sampled_from([0, DAY, 10**15]),
+)
+def test_live_steps_restarts_and_idle_polls_give_the_replay_firings(evs, plan, every):
+    """Whatever the engine does between events (idle steps at any moment up to the next event,
+    restarts with its memory lost), what it records is what a replay fires, once each."""
+    import tempfile
+
+    from forewarn.model import format_time
+
+    with tempfile.TemporaryDirectory() as tmp:
+        conn = store_sqlite.connect(Path(tmp) / "f.db")
+        store_sqlite.ensure_workspace(conn, "default", 0)
+        live = LiveEngine(conn, 1, TRIGGERS, every)
+        moves = iter(plan)
+        for i, event in enumerate(evs):
+            message = {
+                "type": event.kind,
+                "userId": event.user_id,
+                "timestamp": format_time(event.timestamp_ms),
+                "messageId": f"m{i}",
+                "properties": event.properties,
+                "traits": event.traits,
+            }
+            if event.kind == "track":
+                message["event"] = event.name
+            elif event.kind == "page":
+                message["name"] = event.name
+            if event.kind == "group":
+                message["groupId"] = event.account_id
+            elif event.account_id is not None:
+                message["context"] = {"groupId": event.account_id}
+            move = next(moves, 0)
+            if move == 1 and i:  # an idle step somewhere since the previous event
+                before = evs[i - 1].timestamp_ms
+                live.step(before + (event.timestamp_ms - before) // 2)
+            elif move == 2:  # the process dies; a new one starts from the database
+                live = LiveEngine(conn, 1, TRIGGERS, every)
+            _append(conn, message, event.timestamp_ms)
+            live.step(event.timestamp_ms)
+        end = T0_MS + HORIZON_MS + 30 * DAY
+        LiveEngine(conn, 1, TRIGGERS, every).step(end)
+        recorded = _firings(conn)
+        conn.close()
+    expected = sorted((f["trigger"], f["subject"], f["at"]) for f in run(evs))
+    assert len(recorded) == len(set(recorded)), "a firing was recorded twice"
+    assert sorted(recorded) == expected
