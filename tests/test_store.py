@@ -120,3 +120,50 @@ def test_many_requests_share_one_transaction(conn):
     results = store_sqlite.append_batches(conn, appends, store_sqlite.SeenIds())
     assert [r.stored for r in results] == [1, 1, 0]
     assert store_sqlite.log_end(conn, 1) == 2
+
+
+def test_stored_events_read_back_as_their_messages_do(conn):
+    import json
+
+    from forewarn.live import events_of
+    from forewarn.model import event_from_dict
+
+    root = Path(__file__).resolve().parent.parent / "examples" / "events"
+    messages = [
+        json.loads(line)
+        for file in sorted(root.glob("*.jsonl"))
+        for line in file.read_text().splitlines()
+        if line
+    ]
+    events = [event_from_dict(m) for m in messages]
+    ids = [str(m["messageId"]) for m in messages]
+    store_sqlite.append_batches(
+        conn, [Append(1, "t", 0, messages, ids, events)], store_sqlite.SeenIds()
+    )
+    (batch,) = store_sqlite.read_log(conn, 1, 0, 10)
+    assert batch.event_rows() is not None
+    assert events_of(batch) == events
+    without = store_sqlite.LogBatch(batch.id, batch.received_ms, batch.raw_messages, None)
+    assert events_of(without) == events  # from the messages, as for an older batch
+
+
+def test_the_events_format_names_the_fields_it_was_made_for():
+    """Stored events are tuples of Event's fields; if these change, change EVENTS_FORMAT (a
+    batch in another format is then read from its messages)."""
+    import msgspec
+
+    from forewarn.model import Event
+
+    assert store_sqlite.EVENTS_FORMAT == b"\x01"
+    assert [f.name for f in msgspec.structs.fields(Event)] == [
+        "kind",
+        "name",
+        "user_id",
+        "anonymous_id",
+        "account_id",
+        "properties",
+        "traits",
+        "timestamp_ms",
+        "message_id",
+        "previous_id",
+    ]

@@ -262,8 +262,15 @@ def firing_dict(row: tuple[Any, ...]) -> dict[str, Any]:
 
 
 def events_of(batch: store_sqlite.LogBatch) -> list[Event]:
-    """The events of a batch read back from the log (they were validated at the door; a
-    message that no longer reads, from a damaged or hand-edited log, is skipped)."""
+    """The events of a batch read back from the log: from the events stored with it when they
+    are in the current format (they were validated at the door), else from its messages, where
+    one that no longer reads (a damaged or hand-edited log) is skipped."""
+    rows = batch.event_rows()
+    if rows is not None:
+        try:
+            return [Event(*row) for row in rows]
+        except TypeError:
+            pass  # fields that do not fit: read the messages
     events = []
     for message in batch.messages:
         try:
