@@ -29,6 +29,7 @@ from starlette.responses import PlainTextResponse, Response
 from starlette.routing import Route
 
 from forewarn import clock, ingest, store_sqlite, webhooks
+from forewarn import openapi as openapi_document
 from forewarn.errors import ForewarnError, InputError, NotFoundError, TooLargeError
 from forewarn.live import firing_dict
 from forewarn.model import parse_time_ms
@@ -382,7 +383,7 @@ def routes(app: Forewarn) -> list[Route]:
         return PlainTextResponse(_metrics(app), media_type="text/plain; version=0.0.4")
 
     async def openapi(request: Request) -> Response:
-        return _json(OPENAPI)
+        return _json(openapi_document.OPENAPI)
 
     return [
         Route("/v1/{kind}", segment, methods=["POST"]),
@@ -555,143 +556,3 @@ def build(app: Forewarn) -> Starlette:
             Exception: _server_error,
         },
     )
-
-
-def _op(
-    summary: str,
-    auth: str | None,
-    params: list[dict[str, Any]] | None = None,
-    body: bool = False,
-    ok: str = "the result",
-) -> dict[str, Any]:
-    op: dict[str, Any] = {
-        "summary": summary,
-        "responses": {
-            "200": {"description": ok, "content": {"application/json": {"schema": {}}}},
-            "default": {
-                "description": "an error, in the one error shape",
-                "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}},
-            },
-        },
-    }
-    if auth is not None:
-        op["security"] = [{auth: []}]
-    if params:
-        op["parameters"] = params
-    if body:
-        op["requestBody"] = {
-            "required": True,
-            "content": {"application/json": {"schema": {"type": "object"}}},
-        }
-    return op
-
-
-def _param(name: str, where: str = "query", required: bool = False) -> dict[str, Any]:
-    return {
-        "name": name,
-        "in": where,
-        "required": required or where == "path",
-        "schema": {"type": "string"},
-    }
-
-
-def _openapi() -> dict[str, Any]:
-    write, admin = "writeKey", "adminKey"
-    paths: dict[str, Any] = {}
-    for kind in ingest.SEGMENT_ROUTES:
-        paths[f"/v1/{kind}"] = {
-            "post": _op(
-                f"Segment tracking API: {kind}",
-                write,
-                body=True,
-                ok="committed; rejected events listed with reasons",
-            )
-        }
-    for path in ("/batch/", "/capture/", "/i/v1/analytics/events"):
-        paths[path] = {"post": _op("PostHog capture", None, body=True)}
-    paths["/api/{project}/envelope/"] = {
-        "post": _op(
-            "Sentry envelope: error events become `Error` events",
-            None,
-            [_param("project", "path")],
-            body=True,
-        )
-    }
-    paths["/webhooks/tickets/{flavour}"] = {
-        "post": _op(
-            "Ticket webhook (generic, zendesk or freshdesk)",
-            write,
-            [_param("flavour", "path"), _param("key")],
-            body=True,
-        )
-    }
-    paths["/webhooks/stripe"] = {
-        "post": _op(
-            "Stripe webhook, verified by `Stripe-Signature`", write, [_param("key")], body=True
-        )
-    }
-    paths["/api/v1/triggers"] = {"get": _op("The triggers of the loaded playbooks", admin)}
-    paths["/api/v1/firings"] = {
-        "get": _op(
-            "Firings, oldest first",
-            admin,
-            [_param("trigger"), _param("subject"), _param("since"), _param("limit")],
-        )
-    }
-    paths["/api/v1/subjects/{subject}"] = {
-        "get": _op(
-            "A user or account: traits, trigger states, recent firings",
-            admin,
-            [_param("subject", "path")],
-        )
-    }
-    paths["/api/v1/subjects/{subject}/why"] = {
-        "get": _op(
-            "Why a trigger did or did not fire for a subject",
-            admin,
-            [_param("subject", "path"), _param("trigger", required=True)],
-        )
-    }
-    paths["/api/v1/playbooks/reload"] = {"post": _op("Reload the playbooks from disk", admin)}
-    paths["/healthz"] = {"get": _op("Liveness", None)}
-    paths["/metrics"] = {
-        "get": {
-            "summary": "Prometheus metrics",
-            "responses": {"200": {"description": "text exposition"}},
-        }
-    }
-    paths["/openapi.json"] = {"get": _op("This document", None)}
-    return {
-        "openapi": "3.1.0",
-        "info": {"title": "Forewarn", "version": __import__("forewarn").__version__},
-        "paths": paths,
-        "components": {
-            "securitySchemes": {
-                write: {
-                    "type": "http",
-                    "scheme": "basic",
-                    "description": "the write key as the user name",
-                },
-                admin: {"type": "http", "scheme": "bearer"},
-            },
-            "schemas": {
-                "Error": {
-                    "type": "object",
-                    "required": ["error"],
-                    "properties": {
-                        "error": {
-                            "type": "object",
-                            "required": ["code", "message"],
-                            "properties": {
-                                "code": {"type": "string"},
-                                "message": {"type": "string"},
-                            },
-                        }
-                    },
-                }
-            },
-        },
-    }
-
-
-OPENAPI = _openapi()
