@@ -430,3 +430,32 @@ def test_reloading_playbooks_takes_effect_and_refuses_invalid_ones(tmp_path):
         server.process.wait()
         if server.process.stdout is not None:
             server.process.stdout.close()
+
+
+def test_bodies_are_bounded_before_and_after_decompression(live):
+    def post(content: bytes, encoding: str | None = None) -> httpx.Response:
+        headers = {"Content-Type": "application/json"}
+        if encoding:
+            headers["Content-Encoding"] = encoding
+        return httpx.post(
+            live.url + "/v1/batch",
+            content=content,
+            headers=headers,
+            auth=(WRITE_KEY, ""),
+            timeout=30,
+        )
+
+    bomb = gzip.compress(b'{"batch": [' + b" " * (8 * 1024 * 1024) + b"]}")
+    assert len(bomb) < 100_000
+    r = post(bomb, "gzip")
+    assert r.status_code == 413 and "decompressed" in r.json()["error"]["message"]
+    assert post(b"x" * (2 * 1024 * 1024 + 1)).status_code == 413
+    unknown = post(b"{}", "zstd")
+    assert unknown.status_code == 400 and "Content-Encoding" in unknown.json()["error"]["message"]
+    broken = post(b"not gzip at all", "gzip")
+    assert broken.status_code == 400 and "gzip" in broken.json()["error"]["message"]
+    import brotli
+
+    small = {"batch": [{"type": "track", "event": "Login", "userId": "u9", "messageId": "br-1"}]}
+    ok = post(brotli.compress(json.dumps(small).encode()), "br")
+    assert ok.status_code == 200 and ok.json()["accepted"] == 1
