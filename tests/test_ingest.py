@@ -14,7 +14,7 @@ from typing import Any
 
 import msgspec
 import pytest
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from forewarn import ingest, model
@@ -589,6 +589,9 @@ def test_sentry_key_reads_the_auth_header_or_the_query():
     assert ingest.sentry_key("Bearer x", "") is None
 
 
+@example(b'"\x80"')  # invalid UTF-8 inside a string: msgspec raises UnicodeDecodeError
+@example(b'[{"event": "\xff"}]')
+@example(b'{"batch": [{"type": "track", "event": "\xc3"}]}')
 @settings(max_examples=300)
 @given(st.binary(max_size=300))
 def test_no_bytes_crash_the_parsers(data):
@@ -602,6 +605,15 @@ def test_no_bytes_crash_the_parsers(data):
     for parse in parsers:
         with contextlib.suppress(ForewarnError):
             parse(data)
+
+
+def test_an_item_that_is_not_utf_8_is_rejected_alone():
+    good = json.dumps(track(messageId="ok", timestamp=T0)).encode()
+    bad = b'{"type": "track", "event": "\xff", "userId": "u", "messageId": "bad"}'
+    parsed = segment(b'{"batch": [' + good + b"," + bad + b"]}", "batch", T0)
+    assert [m["messageId"] for m in parsed.messages] == ["ok"]
+    assert [r.index for r in parsed.rejected] == [1]
+    assert "not valid JSON" in parsed.rejected[0].reason
 
 
 def test_messages_round_trip_through_json():

@@ -193,6 +193,19 @@ def _accept(
     out.events.append(event)
 
 
+# msgspec checks UTF-8 inside strings only when it makes them, and says so with a
+# UnicodeDecodeError: both mean the bytes are not JSON
+_NOT_JSON = (msgspec.DecodeError, UnicodeDecodeError)
+
+
+def _item(raw: bytes | msgspec.Raw) -> Any:
+    """One item of a batch, as Python objects; EventError if it is not JSON."""
+    try:
+        return msgspec.json.decode(raw)
+    except _NOT_JSON as exc:
+        raise EventError(f"not valid JSON ({exc}): send each item as a JSON object") from None
+
+
 def _decode(body: bytes, limit: int, what: str) -> Any:
     if len(body) > limit:
         raise TooLargeError(
@@ -201,7 +214,7 @@ def _decode(body: bytes, limit: int, what: str) -> Any:
         )
     try:
         return msgspec.json.decode(body)
-    except msgspec.DecodeError as exc:
+    except _NOT_JSON as exc:
         raise InputError(f"{what} body is not valid JSON ({exc}): send a JSON object") from None
 
 
@@ -265,7 +278,7 @@ def segment(body: bytes, path_kind: str, received_ms: int) -> Parsed:
         raise InputError(
             f'not a Segment batch ({exc}): send {{"batch": [messages...], "sentAt": ...}}'
         ) from None
-    except msgspec.DecodeError as exc:
+    except _NOT_JSON as exc:
         raise InputError(f"Segment body is not valid JSON ({exc})") from None
     received_at = iso(received_ms)
     batch_sent_at = None if batch_sent is None else iso(batch_sent)
@@ -274,7 +287,7 @@ def segment(body: bytes, path_kind: str, received_ms: int) -> Parsed:
         try:
             if len(raw) > MAX_EVENT_BYTES:
                 raise _too_big(raw)
-            msg = msgspec.json.decode(raw)
+            msg = _item(raw)
             if type(msg) is not dict:
                 raise EventError('not a JSON object: send each message as {"type": ..., ...}')
             message_id = _text(msg.get("messageId"))
@@ -333,7 +346,7 @@ def posthog(
         raise InputError(
             f'not a PostHog capture body ({exc}): send {{"api_key": ..., "batch": [events...]}}'
         ) from None
-    except msgspec.DecodeError as exc:
+    except _NOT_JSON as exc:
         raise InputError(f"PostHog body is not valid JSON ({exc})") from None
     if isinstance(data, list):
         top, items = _PostHogBody(), data
@@ -351,7 +364,7 @@ def posthog(
         try:
             if len(raw) > MAX_EVENT_BYTES:
                 raise _too_big(raw)
-            item = msgspec.json.decode(raw)
+            item = _item(raw)
             if type(item) is not dict:
                 raise EventError('not a JSON object: send each event as {"event": ..., ...}')
             message_id = _text(item.get("uuid"))
@@ -479,7 +492,7 @@ def _line(body: bytes, start: int) -> tuple[bytes, int]:
 def _json_object(data: bytes, what: str) -> dict[str, Any]:
     try:
         value = msgspec.json.decode(data)
-    except msgspec.DecodeError as exc:
+    except _NOT_JSON as exc:
         raise InputError(f"{what} is not valid JSON ({exc})") from None
     if type(value) is not dict:
         raise InputError(f"{what} is not a JSON object")
@@ -536,7 +549,7 @@ def sentry_envelope(body: bytes, received_ms: int) -> Parsed:
                 raise _too_big(payload)
             try:
                 error = msgspec.json.decode(payload)
-            except msgspec.DecodeError as exc:
+            except _NOT_JSON as exc:
                 raise EventError(f"event payload is not valid JSON ({exc})") from None
             if type(error) is not dict:
                 raise EventError("event payload is not a JSON object")
