@@ -198,12 +198,18 @@ def _accept(
 _NOT_JSON = (msgspec.DecodeError, UnicodeDecodeError)
 
 
-def _item(raw: bytes | msgspec.Raw) -> Any:
-    """One item of a batch, as Python objects; EventError if it is not JSON."""
+def _object(raw: bytes | msgspec.Raw, shape: str) -> dict[str, Any]:
+    """One item of a batch as a dict; EventError if it is over the size limit, not JSON, or
+    not an object (`shape` says what to send instead)."""
+    if len(raw) > MAX_EVENT_BYTES:
+        raise _too_big(raw)
     try:
-        return msgspec.json.decode(raw)
+        item = msgspec.json.decode(raw)
     except _NOT_JSON as exc:
-        raise EventError(f"not valid JSON ({exc}): send each item as a JSON object") from None
+        raise EventError(f"not valid JSON ({exc}): send each {shape}") from None
+    if type(item) is not dict:
+        raise EventError(f"not a JSON object: send each {shape}")
+    return item
 
 
 def _decode(body: bytes, limit: int, what: str) -> Any:
@@ -285,11 +291,7 @@ def segment(body: bytes, path_kind: str, received_ms: int) -> Parsed:
     for index, raw in enumerate(items):
         message_id = None
         try:
-            if len(raw) > MAX_EVENT_BYTES:
-                raise _too_big(raw)
-            msg = _item(raw)
-            if type(msg) is not dict:
-                raise EventError('not a JSON object: send each message as {"type": ..., ...}')
+            msg = _object(raw, 'message as {"type": ..., ...}')
             message_id = _text(msg.get("messageId"))
             key = msg.pop("writeKey", None)  # a secret: never stored in the event log
             if path_kind != "batch":
@@ -362,11 +364,7 @@ def posthog(
     for index, raw in enumerate(items):
         message_id = None
         try:
-            if len(raw) > MAX_EVENT_BYTES:
-                raise _too_big(raw)
-            item = _item(raw)
-            if type(item) is not dict:
-                raise EventError('not a JSON object: send each event as {"event": ..., ...}')
+            item = _object(raw, 'event as {"event": ..., ...}')
             message_id = _text(item.get("uuid"))
             if out.write_key is None:  # posthog-js puts the key in each event's properties
                 key = item.get("api_key", _dict(item.get("properties")).get("token"))
