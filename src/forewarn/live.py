@@ -23,7 +23,6 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import sqlite3
-from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -32,7 +31,7 @@ import msgspec
 from forewarn import engine, store_sqlite
 from forewarn.engine import Firing, Subject, Timer
 from forewarn.errors import EventError
-from forewarn.model import Event, event_from_dict
+from forewarn.model import Event, event_from_dict, format_time
 from forewarn.playbook import Trigger
 from forewarn.runner import Runner
 from forewarn.signals import NEVER
@@ -96,7 +95,6 @@ class LiveEngine:
         self.tick = 0
         self.last_snapshot_ms: int | None = None
         self.firings_recorded = 0
-        self.on_firing: Callable[[Firing], None] | None = None
         self._recover()
 
     # --- recovery ---------------------------------------------------------------------
@@ -188,9 +186,6 @@ class LiveEngine:
             )
         self.cursor = cursor
         self.firings_recorded += len(firings)
-        if self.on_firing is not None:
-            for firing in firings:
-                self.on_firing(firing)
         return applied
 
     def _missing_before(self, batch_id: int) -> bool:
@@ -246,8 +241,6 @@ def _row(f: Firing) -> tuple[str, str, str, int, str, str, str | None, str]:
 
 def firing_dict(row: tuple[Any, ...]) -> dict[str, Any]:
     """A `firings` row in the shape `forewarn replay` prints."""
-    from forewarn.model import format_time
-
     trig, subject, scope, at_ms, evidence, decision, reason, channel = row
     return {
         "trigger": trig,
