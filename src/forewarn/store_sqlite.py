@@ -314,7 +314,10 @@ class SeenIds:
         self.days: dict[int, set[int]] = {}
 
     def __contains__(self, h: int) -> bool:
-        return any(h in day for day in self.days.values())
+        for day in self.days.values():  # a plain loop: a generator costs more than the lookups
+            if h in day:
+                return True
+        return False
 
     def __len__(self) -> int:
         return sum(len(day) for day in self.days.values())
