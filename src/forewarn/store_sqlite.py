@@ -314,7 +314,8 @@ class SeenIds:
         self.days: dict[int, set[int]] = {}
 
     def __contains__(self, h: int) -> bool:
-        for day in self.days.values():  # a plain loop: a generator costs more than the lookups
+        # a plain loop: any() over a generator costs more than the lookups it makes
+        for day in self.days.values():  # noqa: SIM110
             if h in day:
                 return True
         return False
