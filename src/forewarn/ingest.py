@@ -198,10 +198,10 @@ def _accept(
 _NOT_JSON = (msgspec.DecodeError, UnicodeDecodeError)
 
 
-def _object(raw: bytes | msgspec.Raw, shape: str) -> dict[str, Any]:
-    """One item of a batch as a dict; EventError if it is over the size limit, not JSON, or
+def _object(raw: bytes | msgspec.Raw, shape: str, limit: int = MAX_EVENT_BYTES) -> dict[str, Any]:
+    """One item of a batch as a dict; EventError if it is over `limit` bytes, not JSON, or
     not an object (`shape` says what to send instead)."""
-    if len(raw) > MAX_EVENT_BYTES:
+    if len(raw) > limit:
         raise _too_big(raw)
     try:
         item = msgspec.json.decode(raw)
@@ -543,14 +543,7 @@ def sentry_envelope(body: bytes, received_ms: int) -> Parsed:
             continue
         message_id = _text(item.get("event_id"))
         try:
-            if len(payload) > MAX_ENVELOPE_BYTES:
-                raise _too_big(payload)
-            try:
-                error = msgspec.json.decode(payload)
-            except _NOT_JSON as exc:
-                raise EventError(f"event payload is not valid JSON ({exc})") from None
-            if type(error) is not dict:
-                raise EventError("event payload is not a JSON object")
+            error = _object(payload, "event payload as an object", MAX_ENVELOPE_BYTES)
             message_id = _text(error.get("event_id")) or message_id
             msg, client_ms = _sentry_message(error, message_id or _text(header.get("event_id")))
             _fits(msg)
