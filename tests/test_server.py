@@ -39,6 +39,9 @@ def test_the_segment_client_makes_a_trigger_fire(live):
     ]
     assert firings[0]["evidence"]
     assert live.metric("forewarn_events_accepted_total") == 2
+    assert live.wait_for(lambda: live.metric("forewarn_engine_events_total") == 2)
+    assert live.metric("forewarn_engine_up") == 1
+    assert live.metric("forewarn_engine_errors_total") == 0
 
 
 def test_a_resent_batch_is_stored_once_and_fires_once(live):

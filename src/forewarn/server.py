@@ -65,7 +65,6 @@ class Writer:
         self.path = path
         self.on_commit = on_commit
         self.write_lock = write_lock or threading.Lock()
-        self.commits = 0
         self._queue: queue.SimpleQueue[_Job | None] = queue.SimpleQueue()
         self._thread = threading.Thread(target=self._run, name="forewarn-writer", daemon=True)
         self._checkpointer = threading.Thread(
@@ -138,7 +137,6 @@ class Writer:
             for j in jobs:
                 j.loop.call_soon_threadsafe(_fail, j.future, error)
             return
-        self.commits += 1
         handed: list[tuple[int, Committed]] = []
         for j, result in zip(jobs, results, strict=True):
             j.loop.call_soon_threadsafe(_resolve, j.future, result)
@@ -176,8 +174,8 @@ class EngineStats:
     events: int = 0
     firings: int = 0
     errors: int = 0
-    last_step_ms: int = 0
     lag: dict[int, int] = field(default_factory=dict)  # batches not yet applied, per workspace
+    up: bool = True  # False: the engine did not answer
     engines: dict[int, LiveEngine] = field(default_factory=dict)
 
 
@@ -305,7 +303,6 @@ class EngineLoop:
             self.stats.events,
             self.stats.firings,
             self.stats.errors,
-            self.stats.last_step_ms,
             dict(self.stats.lag),
         )
 
@@ -321,7 +318,6 @@ class EngineLoop:
                 self.stats.steps += 1
                 self.stats.events += n
                 self.stats.firings += live.firings_recorded - before
-                self.stats.last_step_ms = self.now_ms()
                 lag = self.stats.lag[live.workspace] = live.lag()
                 if n == 0 or lag == 0:
                     return True
@@ -439,7 +435,7 @@ class EngineProcess:
         try:
             result: EngineStats = self._call("stats", timeout_s=1.0)
         except StoreError:
-            return EngineStats(errors=-1)
+            return EngineStats(up=False)
         return result
 
     def _call(self, *request: Any, timeout_s: float = 10.0) -> Any:

@@ -586,14 +586,6 @@ def commit_step(
         raise
 
 
-def reset_engine(conn: sqlite3.Connection, workspace: int) -> None:
-    """Forget the engine's snapshot and steps (not its firings): it rebuilds from the log."""
-    conn.execute("BEGIN IMMEDIATE")
-    conn.execute("DELETE FROM ticks WHERE workspace = ?", (workspace,))
-    conn.execute("DELETE FROM engine WHERE workspace = ?", (workspace,))
-    conn.execute("COMMIT")
-
-
 def query_firings(
     conn: sqlite3.Connection,
     workspace: int,
