@@ -15,15 +15,6 @@ from typing import Any, Protocol
 
 import msgspec
 
-# what a send can come to
-SENT = "sent"  # the peer accepted it
-RETRY = "retry"  # a passing failure (connection, timeout, 4xx at SMTP, 429 or 5xx over HTTP)
-FAILED = "failed"  # this message will never go through as it is: dead-letter it
-BOUNCED = "bounced"  # the address refused it for good (SMTP 5xx): suppress the address too
-GONE = "gone"  # the endpoint is gone (HTTP 410, or every push subscription expired)
-
-OUTCOMES = (SENT, RETRY, FAILED, BOUNCED, GONE)
-
 
 class Outgoing(msgspec.Struct, frozen=True, kw_only=True):
     """One message, ready to go: rendered when it was decided, so a retry sends the same
@@ -48,11 +39,40 @@ class Outgoing(msgspec.Struct, frozen=True, kw_only=True):
     settings: dict[str, str] = {}
 
 
-class Outcome(msgspec.Struct, frozen=True, kw_only=True):
-    status: str  # one of OUTCOMES
-    detail: str = ""  # what the peer said, for the outbox record and the Message Failed event
-    retry_after_ms: int | None = None  # the peer asked to wait at least this long (Retry-After)
-    gone: tuple[str, ...] = ()  # push endpoints or webhook URLs to forget
+class Sent(msgspec.Struct, frozen=True):
+    """The peer accepted it."""
+
+    detail: str = ""
+
+
+class Retry(msgspec.Struct, frozen=True):
+    """A passing failure (connection, timeout, a 4xx at SMTP, 429 or 5xx over HTTP)."""
+
+    detail: str
+    after_ms: int | None = None  # the peer asked to wait at least this long (Retry-After)
+
+
+class Failed(msgspec.Struct, frozen=True):
+    """This message will never go through as it is: dead-letter it."""
+
+    detail: str
+
+
+class Bounced(msgspec.Struct, frozen=True):
+    """The address refused it for good (a 5xx at SMTP): suppress the address too."""
+
+    detail: str
+
+
+class Gone(msgspec.Struct, frozen=True):
+    """The endpoint is gone (HTTP 410; every push subscription expired or unknown)."""
+
+    detail: str
+    endpoints: tuple[str, ...] = ()  # push endpoints or webhook URLs to forget
+
+
+# closed: the worker matches every kind, ending in typing.assert_never
+Outcome = Sent | Retry | Failed | Bounced | Gone
 
 
 class Channel(Protocol):
@@ -68,7 +88,7 @@ class Channel(Protocol):
 
 class MemoryChannel:
     """The in-memory twin: records what it was given; `script` says what to answer, in order,
-    then `SENT` for ever."""
+    then `Sent` for ever."""
 
     def __init__(self, name: str, script: list[Outcome] | None = None, dedup: bool = False):
         self.name = name
@@ -79,8 +99,8 @@ class MemoryChannel:
 
     async def send(self, message: Outgoing) -> Outcome:
         self.tried.append(message)
-        outcome = self.script.pop(0) if self.script else Outcome(status=SENT)
-        if outcome.status == SENT:
+        outcome = self.script.pop(0) if self.script else Sent()
+        if isinstance(outcome, Sent):
             self.sent.append(message)
         return outcome
 
