@@ -15,7 +15,17 @@ ROOT = Path(__file__).resolve().parent.parent
 PLAYBOOKS = ROOT / "examples" / "playbooks"
 EVENTS = ROOT / "examples" / "events"
 UNTIL = "2026-12-31T00:00:00Z"
-FIELDS = {"trigger", "subject", "scope", "at", "evidence", "decision", "reason", "channel"}
+FIELDS = {
+    "trigger",
+    "subject",
+    "scope",
+    "at",
+    "evidence",
+    "decision",
+    "reason",
+    "channel",
+    "send_at",
+}
 
 
 def replay(

@@ -166,7 +166,20 @@ def test_absent_90d_fires_exactly_when_the_purchase_dates_say(
     assert {f["trigger"] for f in firings} == {TRIGGER}
     assert {f["scope"] for f in firings} == {"user"}
     assert {f["channel"] for f in firings} == {"email"}
-    assert {(f["decision"], f["reason"]) for f in firings} == {("send", None)}
+    assert {f["decision"] for f in firings} == {"send"}
+    # the default policy: held 30 s for the priority window, and to 08:00 UTC (no time zone
+    # trait here) when that falls in the quiet hours, 21:00 to 08:00
+    for f in firings:
+        at = _ms(f["at"]) + 30_000
+        hour = at // 3_600_000 % 24
+        if 8 <= hour < 21:
+            assert (f["reason"], _ms(f["send_at"])) == (None, at)
+        else:
+            day = at // 86_400_000 + (1 if hour >= 21 else 0)
+            assert (f["reason"], _ms(f["send_at"])) == (
+                "deferred:quiet_hours",
+                day * 86_400_000 + 8 * 3_600_000,
+            )
     assert len({f["subject"] for f in firings}) == len({s for s, _ in expected})
 
     # Every firing's evidence names the purchase the silence is measured from.

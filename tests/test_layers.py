@@ -16,6 +16,7 @@ CORE = {
     "engine",
     "runner",
     "decide",
+    "policy",
     "describe",
     "errors",
     "ingest",

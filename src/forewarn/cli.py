@@ -14,10 +14,11 @@ from typing import IO
 
 import msgspec
 
-from forewarn import describe, engine, settings
+from forewarn import decide, describe, engine, settings
 from forewarn.errors import ForewarnError, InputError
 from forewarn.model import Event, parse_time_ms
 from forewarn.playbook import Trigger
+from forewarn.policy import POLICY_TRAITS, Holding, Outreach
 from forewarn.runner import Runner
 from forewarn.sources import load_playbooks, read_events
 
@@ -68,7 +69,9 @@ def _replay(args: argparse.Namespace) -> int:
         print(f"{args.events}: ... and {more} more invalid lines skipped", file=sys.stderr)
 
     # the events are sorted, so nothing arrives late: apply each one as it comes
-    runner = Runner(engine.State(engine.Playbook(triggers)), lateness_ms=0)
+    keep = (POLICY_TRAITS, POLICY_TRAITS)
+    runner = Runner(engine.State(engine.Playbook(triggers, keep=keep)), lateness_ms=0)
+    outreach = Outreach(runner.state, triggers, settings.policy())
     out = sys.stdout
     table = args.format == "table"
     rows: dict[str, Counter[str]] = defaultdict(Counter)
@@ -78,7 +81,8 @@ def _replay(args: argparse.Namespace) -> int:
     def emit(f: engine.Firing) -> None:
         if table:
             rows[f.trigger]["firings"] += 1
-            rows[f.trigger][f.decision if f.reason is None else f"suppressed:{f.reason}"] += 1
+            decided = f"suppressed:{f.reason}" if f.decision == decide.SUPPRESSED else f.decision
+            rows[f.trigger][decided] += 1
             subjects[f.trigger].add(f.subject)
         else:
             out.write(encode(f.to_dict()).decode())
@@ -92,7 +96,9 @@ def _replay(args: argparse.Namespace) -> int:
     last = replayed[-1].timestamp_ms if replayed else None
     gc.disable()  # the engine makes no reference cycles: reference counting frees everything
     try:
-        runner.replay(replayed, until_ms if until_ms is not None else last, emit)
+        holding = Holding(outreach, emit)
+        runner.replay(replayed, until_ms if until_ms is not None else last, holding)
+        holding.release()
     finally:
         gc.enable()
         gc.unfreeze()

@@ -44,6 +44,8 @@ class Firing(msgspec.Struct):
     decision: str
     reason: str | None
     channel: str
+    cooldown: bool = False  # a new episode inside the trigger's cooldown
+    send_at_ms: int | None = None  # when the message may go (set by the policy)
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -55,6 +57,7 @@ class Firing(msgspec.Struct):
             "decision": self.decision,
             "reason": self.reason,
             "channel": self.channel,
+            "send_at": None if self.send_at_ms is None else format_time(self.send_at_ms),
         }
 
 
@@ -125,7 +128,14 @@ class CompiledTrigger:
 class Playbook:
     """Triggers compiled and indexed by what can change them."""
 
-    def __init__(self, triggers: Iterable[Trigger], salt: str = "forewarn") -> None:
+    def __init__(
+        self,
+        triggers: Iterable[Trigger],
+        salt: str = "forewarn",
+        keep: tuple[Iterable[str], Iterable[str]] = ((), ()),
+    ) -> None:
+        """`keep`: traits to keep per scope (user, account) though no trigger reads them, for
+        the policy and the message templates."""
         self.salt = salt
         self.triggers = [CompiledTrigger(i, t) for i, t in enumerate(triggers)]
         # event name -> [(trigger, leaves fed by it)], per scope
@@ -166,9 +176,12 @@ class Playbook:
                 on = int(root == "account" or ct.account)
                 names[on].add(path[0])
                 (dates if is_date and len(path) == 1 else raw)[on].add(path[0])
-        # Only the traits some trigger reads are kept, each in a fixed slot per scope. A trait
-        # read as a date is kept parsed: in its own slot, or in an extra one when something
-        # also reads it as it came.
+        for scope in (0, 1):
+            names[scope].update(keep[scope])
+            raw[scope].update(keep[scope])
+        # Only the traits some trigger reads (or the host asks to keep) are kept, each in a
+        # fixed slot per scope. A trait read as a date is kept parsed: in its own slot, or in
+        # an extra one when something also reads it as it came.
         self.trait_keys = tuple(tuple(sorted(n)) for n in names)
         self.trait_slots = tuple({k: i for i, k in enumerate(keys)} for keys in self.trait_keys)
         layout = [_date_slots(self.trait_keys[i], dates[i], raw[i]) for i in (0, 1)]
@@ -233,6 +246,9 @@ class State:
         self.accounts: dict[str, Subject] = {}
         self.aliases: dict[str, str] = {}
         self.members: dict[str, list[str]] = {}  # kept only when a user trigger reads account.*
+        # open urgent tickets, by "user:ID" and "account:ID": the account is not to be
+        # contacted while one is open
+        self.urgent: dict[str, list[str]] = {}
         self.ctx = Ctx(self, Subject(0), [False, -1, NEVER, NEVER], None, 0)
 
     def account_traits_of(self, user: Subject) -> list[Any] | None:
@@ -264,6 +280,40 @@ def _merge_traits(
                 kept[dates[key]] = as_time_ms(value)
             changed = True
     return changed
+
+
+TICKET_EVENTS = frozenset({"Ticket Created", "Ticket Solved"})
+URGENT = frozenset({"urgent"})
+
+
+def _ticket(state: State, person: str, user: Subject, event: Event) -> None:
+    """Keep the open urgent tickets of the user and its accounts."""
+    ticket = event.properties.get("ticket_id")
+    if not isinstance(ticket, str):
+        return
+    opened = event.name == "Ticket Created" and event.properties.get("priority") in URGENT
+    accounts = [event.account_id] if event.account_id is not None else user.accounts or []
+    for key in [f"user:{person}", *(f"account:{a}" for a in accounts)]:
+        tickets = state.urgent.get(key)
+        if opened:
+            if tickets is None:
+                state.urgent[key] = [ticket]
+            elif ticket not in tickets:
+                tickets.append(ticket)
+        elif tickets is not None and ticket in tickets:
+            tickets.remove(ticket)
+            if not tickets:
+                del state.urgent[key]
+
+
+def traits_of(state: State, account: bool, key: str) -> dict[str, Any]:
+    """The subject's kept traits, as they came (unset ones left out)."""
+    subject = state.subjects(account).get(key)
+    if subject is None or subject.traits is None:
+        return {}
+    values = subject.traits
+    names = state.book.trait_keys[int(account)]
+    return {name: values[i] for i, name in enumerate(names) if values[i] is not None}
 
 
 def apply(
@@ -305,6 +355,8 @@ def apply_into(
     kind = event.kind
 
     if kind == "track":
+        if event.name in TICKET_EVENTS:
+            _ticket(state, person, user, event)
         named = book.by_name[0].get(event.name)
         if named is not None:
             for ct, leaves in named:
@@ -546,6 +598,7 @@ def _fire(state: State, ct: CompiledTrigger, key: str, ts: TState, c: Ctx) -> Fi
         decision=decision,
         reason=reason,
         channel=spec.action.channel,
+        cooldown=in_cooldown,
     )
 
 

@@ -203,6 +203,7 @@ class Trigger:
     goal: Signal | None = None
     failure: Signal | None = None
     mode: str = "live"
+    problem: str | None = None  # triggers naming one problem reach out once per episode
     file: str = ""
     line: int = 0
 
@@ -619,6 +620,7 @@ _TRIGGER_KEYS = (
     "goal",
     "failure",
     "mode",
+    "problem",
 )
 
 
@@ -654,6 +656,12 @@ def _trigger(node: yaml.Node, file: str, problems: list[Problem]) -> Trigger | N
         if isinstance(priority, bool) or not isinstance(priority, int):
             raise _Invalid(f["priority"], f"priority must be a whole number, got {priority!r}")
         description = _text(f["description"], "description") if "description" in f else ""
+        problem = _scalar(f["problem"]) if "problem" in f else None
+        if problem is not None and (not isinstance(problem, str) or not _TRIGGER_ID.match(problem)):
+            raise _Invalid(
+                f["problem"],
+                f"problem {problem!r} must use only a-z, 0-9 and '-', e.g. checkout-errors",
+            )
         return Trigger(
             id=trigger_id,
             when=_condition(f["when"], scope),
@@ -666,6 +674,7 @@ def _trigger(node: yaml.Node, file: str, problems: list[Problem]) -> Trigger | N
             goal=_signal(f["goal"], "goal") if "goal" in f else None,
             failure=_signal(f["failure"], "failure") if "failure" in f else None,
             mode=mode,
+            problem=problem,
             file=file,
             line=line,
         )

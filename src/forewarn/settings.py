@@ -5,6 +5,10 @@ from __future__ import annotations
 
 import os
 
+from forewarn import decide
+from forewarn.errors import InputError
+from forewarn.playbook import parse_duration
+
 PREFIX = "FOREWARN_"
 
 # name (without the prefix) -> default ("" for none)
@@ -21,6 +25,14 @@ SETTINGS: dict[str, str] = {
     "ADMIN_KEY": "",
     "STRIPE_SECRET": "",
     "REQUIRE_SERVICES": "",
+    # the policy (docs/concepts.md)
+    "FREQUENCY_CAPS": "2/7d,1/1d",
+    "CHANNEL_CAPS": "",
+    "QUIET_HOURS": "21:00-08:00",
+    "TIMEZONE": "UTC",
+    "PRIORITY_WINDOW": "30s",
+    "EPISODE": "3d",
+    "HOLDOUT_SALT": "forewarn",
 }
 
 
@@ -32,3 +44,34 @@ def env(name: str) -> str | None:
     if value is None or value == "":
         return SETTINGS[name] or None
     return value
+
+
+def policy() -> decide.Policy:
+    """The policy settings; a bad value is an InputError naming the variable."""
+    name = ""
+    try:
+        name = "FREQUENCY_CAPS"
+        caps = decide.parse_caps(env(name) or "")
+        name = "CHANNEL_CAPS"
+        channel_caps = decide.parse_channel_caps(env(name) or "")
+        name = "QUIET_HOURS"
+        quiet = decide.parse_quiet_hours(env(name) or "off")
+        name = "TIMEZONE"
+        timezone = env(name) or "UTC"
+        decide.zone(None, timezone)
+        name = "PRIORITY_WINDOW"
+        window = 0 if env(name) in ("0", "off") else parse_duration(env(name))
+        name = "EPISODE"
+        episode = parse_duration(env(name))
+    except (ValueError, KeyError, OSError) as exc:
+        raise InputError(f"{PREFIX}{name}: {exc}") from None
+    return decide.Policy(
+        caps=caps,
+        channel_caps=channel_caps,
+        quiet_start_min=quiet[0],
+        quiet_end_min=quiet[1],
+        timezone=timezone,
+        priority_window_ms=window,
+        episode_ms=episode,
+        salt=env("HOLDOUT_SALT") or "forewarn",
+    )
