@@ -23,16 +23,18 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import sqlite3
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 import msgspec
 
-from forewarn import engine, store_sqlite
+from forewarn import decide, engine, store_outbox, store_sqlite
 from forewarn.engine import Firing, Subject, Timer
 from forewarn.errors import EventError
 from forewarn.model import Event, event_from_dict, format_time
 from forewarn.playbook import Trigger
+from forewarn.policy import POLICY_TRAITS, Outreach
 from forewarn.runner import Runner
 from forewarn.signals import NEVER
 
@@ -58,6 +60,7 @@ class Snapshot(msgspec.Struct):
     accounts: dict[str, Subject]
     aliases: dict[str, str]
     members: dict[str, list[str]]
+    urgent: dict[str, list[str]] = {}
 
 
 _encode = msgspec.msgpack.Encoder().encode
@@ -81,6 +84,9 @@ class LiveEngine:
         triggers: list[Trigger],
         snapshot_every_ms: int = SNAPSHOT_EVERY_MS,
         write_lock: contextlib.AbstractContextManager[Any] | None = None,
+        policy: decide.Policy | None = None,
+        compose: Compose | None = None,
+        keep: tuple[tuple[str, ...], tuple[str, ...]] = ((), ()),
     ) -> None:
         self.conn = conn
         # taken around each commit when another thread writes to the same file: waiting on it
@@ -90,12 +96,18 @@ class LiveEngine:
         self.triggers = triggers
         self.playbooks = fingerprint(triggers)
         self.snapshot_every_ms = snapshot_every_ms
-        self.runner = Runner(engine.State(engine.Playbook(triggers)), lateness_ms=0)
+        keep = (POLICY_TRAITS + keep[0], POLICY_TRAITS + keep[1])
+        self.runner = Runner(engine.State(engine.Playbook(triggers, keep=keep)), lateness_ms=0)
+        self.by_id = {t.id: t for t in triggers}
+        self.outreach = Outreach(self.runner.state, triggers, policy, self._standing)
+        self.compose = compose or plain_message
+        self._now_ms = 0
         self.cursor = 0
         self.tick = 0
         self.last_snapshot_ms: int | None = None
         self.firings_recorded = 0
         self._recover()
+        self._load_history()
 
     # --- recovery ---------------------------------------------------------------------
 
@@ -123,6 +135,7 @@ class LiveEngine:
         state = self.runner.state
         state.users, state.accounts = snap.users, snap.accounts
         state.aliases, state.members = snap.aliases, snap.members
+        state.urgent = snap.urgent
         self.runner.clock_ms = snap.clock_ms
         self.runner.applied_ms = snap.applied_ms
         self.cursor = snap.cursor
@@ -167,13 +180,18 @@ class LiveEngine:
             cursor = batch.id
         if not firings and cursor == self.cursor and not self._snapshot_due(now_ms):
             return 0  # nothing happened: nothing to commit
+        self._now_ms = now_ms
+        displaced: list[int] = []
+        for f in firings:
+            self.outreach.decide(f)
+            displaced.extend(self.outreach.displaced_refs)
         self.tick += 1
         snapshot = None
         if self._snapshot_due(now_ms):
             snapshot = self._snapshot(cursor)
             self.last_snapshot_ms = now_ms
         with self.write_lock:
-            store_sqlite.commit_step(
+            ids = store_sqlite.commit_step(
                 self.conn,
                 self.workspace,
                 self.tick,
@@ -183,10 +201,75 @@ class LiveEngine:
                 self.playbooks,
                 snapshot,
                 recorded_ms=now_ms if wall_ms is None else wall_ms,
+                then=lambda conn, ids: self._enqueue(conn, firings, ids, displaced, now_ms),
             )
+        for f, fid in zip(firings, ids, strict=True):
+            self.outreach.recorded(f, fid)
         self.cursor = cursor
         self.firings_recorded += len(firings)
         return applied
+
+    def _enqueue(
+        self,
+        conn: sqlite3.Connection,
+        firings: list[Firing],
+        ids: list[int],
+        displaced: list[int],
+        now_ms: int,
+    ) -> None:
+        """In the step's transaction: an outbox row for each firing to send, and the earlier
+        ones a higher priority displaced."""
+        for f, fid in zip(firings, ids, strict=True):
+            if f.decision != decide.SEND:
+                continue
+            trigger = self.by_id[f.trigger]
+            message = self.compose(trigger, f, self.outreach.traits(f.scope, f.subject))
+            key = store_outbox.idempotency_key(
+                self.workspace, f.trigger, f.scope, f.subject, f.at_ms, f.channel
+            )
+            due = f.send_at_ms if f.send_at_ms is not None else f.at_ms
+            store_outbox.enqueue(
+                conn,
+                self.workspace,
+                fid,
+                key,
+                f.channel,
+                f.trigger,
+                f.scope,
+                f.subject,
+                message,
+                due,
+                now_ms,
+            )
+        if displaced:
+            store_outbox.displace(conn, displaced, now_ms)
+
+    def _standing(
+        self, scope: str, subject: str, traits: dict[str, Any]
+    ) -> tuple[frozenset[str], bool, str | None]:
+        s = store_outbox.standing(
+            self.conn, self.workspace, scope, subject, traits.get("email"), self._now_ms
+        )
+        return s.unsubscribed, s.bounced, s.suppressed
+
+    def _load_history(self) -> None:
+        """The policy's history: the outreach recorded within its horizon."""
+        clock = self.runner.clock_ms or 0
+        since = clock - self.outreach.policy.horizon_ms()
+        for fid, trig, scope, subject, channel, at_ms, send_at in store_outbox.recent_outreach(
+            self.conn, self.workspace, since
+        ):
+            spec = self.outreach.specs.get(trig)
+            record = decide.Record(
+                trig,
+                channel,
+                spec.problem if spec else None,
+                spec.priority if spec else 0,
+                at_ms,
+                send_at,
+                fid,
+            )
+            self.outreach.history.add(scope, subject, record)
 
     def _missing_before(self, batch_id: int) -> bool:
         """Whether the log holds a batch of this workspace between the cursor and `batch_id`."""
@@ -218,6 +301,7 @@ class LiveEngine:
                 state.accounts,
                 state.aliases,
                 state.members,
+                state.urgent,
             )
         )
 
@@ -226,7 +310,21 @@ class LiveEngine:
         return store_sqlite.log_end(self.conn, self.workspace) - self.cursor
 
 
-def _row(f: Firing) -> tuple[str, str, str, int, str, str, str | None, str]:
+Compose = Callable[[Trigger, Firing, dict[str, Any]], store_outbox.Message]
+
+
+def plain_message(trigger: Trigger, firing: Firing, traits: dict[str, Any]) -> store_outbox.Message:
+    """The message as the playbook wrote it, unrendered: for hosts without templates."""
+    text = trigger.action.message or trigger.action.template or trigger.id
+    return store_outbox.Message(
+        to=str(traits.get("email") or ""),
+        title=trigger.description or trigger.id,
+        text=text,
+        data={"evidence": firing.evidence},
+    )
+
+
+def _row(f: Firing) -> store_sqlite.FiringRow:
     return (
         f.trigger,
         f.subject,
@@ -236,12 +334,13 @@ def _row(f: Firing) -> tuple[str, str, str, int, str, str, str | None, str]:
         f.decision,
         f.reason,
         f.channel,
+        f.send_at_ms,
     )
 
 
 def firing_dict(row: tuple[Any, ...]) -> dict[str, Any]:
     """A `firings` row in the shape `forewarn replay` prints."""
-    trig, subject, scope, at_ms, evidence, decision, reason, channel = row
+    trig, subject, scope, at_ms, evidence, decision, reason, channel, send_at_ms = row
     return {
         "trigger": trig,
         "subject": subject,
@@ -251,6 +350,7 @@ def firing_dict(row: tuple[Any, ...]) -> dict[str, Any]:
         "decision": decision,
         "reason": reason,
         "channel": channel,
+        "send_at": None if send_at_ms is None else format_time(send_at_ms),
     }
 
 

@@ -51,6 +51,7 @@ class Outreach:
         self.history = History(self.policy)
         self.specs = {t.id: spec_of(t) for t in triggers}
         self.consent = consent
+        self.displaced_refs: list[Any] = []  # of the last `decide`: stored firings displaced
 
     def traits(self, scope: str, subject: str) -> dict[str, Any]:
         """The subject's traits; a user's are laid over its (newest) account's."""
@@ -97,7 +98,7 @@ class Outreach:
         )
         firing.decision, firing.reason, firing.send_at_ms = d.decision, d.reason, d.send_at_ms
         changed = []
-        self.displaced_refs: list[Any] = []
+        self.displaced_refs = []
         for record in d.displaced:
             if isinstance(record.ref, Firing):
                 old = record.ref
@@ -110,6 +111,13 @@ class Outreach:
             else:
                 self.displaced_refs.append(record.ref)
         return changed
+
+    def recorded(self, firing: Firing, ref: Any) -> None:
+        """The host stored `firing` as `ref`: its record refers to that from now on (so a
+        later displacement names the stored row, and the firing itself can be let go)."""
+        for record in self.history.by_subject.get((firing.scope, firing.subject), ()):
+            if record.ref is firing:
+                record.ref = ref
 
 
 class Holding:

@@ -13,7 +13,9 @@ What it keeps:
   start, so a client resending a batch after a timeout adds nothing. (A B-tree of message ids
   on disk costs a random page per event: at a few thousand events per second its writes
   outweigh everything else.)
-- `firings`: what the engine decided, with its evidence.
+- `firings`: what the engine fired and the policy decided, with its evidence.
+- the outreach (`store_outbox`): the `outbox` the delivery workers drain, consent, bounced
+  addresses, suppressions, the in-app inbox (and chat openers), push subscriptions.
 - `engine`: per workspace, how far the engine has read the log (`cursor`), its clock, and the
   latest snapshot of its state; `ticks`: the steps it took since (see `live`).
 
@@ -26,7 +28,7 @@ import hashlib
 import secrets
 import sqlite3
 import struct
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -35,7 +37,7 @@ import msgspec
 
 from forewarn.errors import ForewarnError, InputError
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 DEDUP_DAYS = 7
 KEY_KINDS = ("write", "admin")
 _KEY_PREFIX = {"write": "fw_wk_", "admin": "fw_ak_"}
@@ -104,6 +106,98 @@ MIGRATIONS: dict[int, str] = {
     """,
     2: """
     ALTER TABLE firings ADD COLUMN recorded_ms INTEGER;
+    """,
+    # outreach: see store_outbox
+    3: """
+    ALTER TABLE firings ADD COLUMN send_at_ms INTEGER;
+    CREATE INDEX firings_decided ON firings (workspace, trig, subject);
+    CREATE TABLE outbox (
+        id INTEGER PRIMARY KEY,
+        workspace INTEGER NOT NULL,
+        firing INTEGER NOT NULL,
+        key TEXT NOT NULL,
+        channel TEXT NOT NULL,
+        trig TEXT NOT NULL,
+        subject TEXT NOT NULL,
+        scope TEXT NOT NULL,
+        message BLOB NOT NULL,
+        status TEXT NOT NULL DEFAULT 'pending',
+        reason TEXT,
+        attempts INTEGER NOT NULL DEFAULT 0,
+        due_ms INTEGER NOT NULL,
+        lease_ms INTEGER NOT NULL DEFAULT 0,
+        created_ms INTEGER NOT NULL,
+        done_ms INTEGER,
+        detail TEXT,
+        UNIQUE (workspace, key)
+    );
+    CREATE INDEX outbox_due ON outbox (due_ms) WHERE status = 'pending';
+    CREATE INDEX outbox_subject ON outbox (workspace, subject, id);
+    CREATE INDEX outbox_firing ON outbox (firing);
+    CREATE TABLE consent (
+        workspace INTEGER NOT NULL,
+        scope TEXT NOT NULL,
+        subject TEXT NOT NULL,
+        channel TEXT NOT NULL,
+        at_ms INTEGER NOT NULL,
+        source TEXT NOT NULL,
+        PRIMARY KEY (workspace, scope, subject, channel)
+    ) WITHOUT ROWID;
+    CREATE TABLE bounces (
+        workspace INTEGER NOT NULL,
+        address TEXT NOT NULL,
+        detail TEXT NOT NULL,
+        at_ms INTEGER NOT NULL,
+        PRIMARY KEY (workspace, address)
+    ) WITHOUT ROWID;
+    CREATE TABLE suppressions (
+        workspace INTEGER NOT NULL,
+        scope TEXT NOT NULL,
+        subject TEXT NOT NULL,
+        reason TEXT NOT NULL,
+        until_ms INTEGER,
+        at_ms INTEGER NOT NULL,
+        PRIMARY KEY (workspace, scope, subject)
+    ) WITHOUT ROWID;
+    CREATE TABLE inbox (
+        id INTEGER PRIMARY KEY,
+        workspace INTEGER NOT NULL,
+        scope TEXT NOT NULL,
+        subject TEXT NOT NULL,
+        key TEXT NOT NULL,
+        trig TEXT NOT NULL,
+        kind TEXT NOT NULL,
+        title TEXT NOT NULL,
+        text TEXT NOT NULL,
+        html TEXT NOT NULL,
+        created_ms INTEGER NOT NULL,
+        read_ms INTEGER,
+        dismissed_ms INTEGER,
+        UNIQUE (workspace, key)
+    );
+    CREATE INDEX inbox_subject ON inbox (workspace, scope, subject, id);
+    CREATE TABLE push_subscriptions (
+        workspace INTEGER NOT NULL,
+        scope TEXT NOT NULL,
+        subject TEXT NOT NULL,
+        endpoint TEXT NOT NULL,
+        p256dh TEXT NOT NULL,
+        auth TEXT NOT NULL,
+        created_ms INTEGER NOT NULL,
+        PRIMARY KEY (workspace, endpoint)
+    ) WITHOUT ROWID;
+    CREATE INDEX push_subject ON push_subscriptions (workspace, scope, subject);
+    CREATE TABLE disabled_endpoints (
+        workspace INTEGER NOT NULL,
+        url TEXT NOT NULL,
+        detail TEXT NOT NULL,
+        at_ms INTEGER NOT NULL,
+        PRIMARY KEY (workspace, url)
+    ) WITHOUT ROWID;
+    CREATE TABLE secrets (
+        name TEXT PRIMARY KEY,
+        value TEXT NOT NULL
+    ) WITHOUT ROWID;
     """,
 }
 
@@ -390,6 +484,12 @@ def append_batches(
     return results
 
 
+def append_within(conn: sqlite3.Connection, a: Append) -> Appended:
+    """Store one batch inside the caller's transaction, its message ids trusted to be new
+    (events Forewarn makes itself, each with an id of its own)."""
+    return _append(conn, a, SeenIds(), set())[0]
+
+
 def _append(
     conn: sqlite3.Connection, a: Append, seen: SeenIds, fresh: set[int]
 ) -> tuple[Appended, list[int]]:
@@ -534,8 +634,8 @@ def ticks_after(conn: sqlite3.Connection, workspace: int, tick: int) -> list[tup
     ]
 
 
-FIRING_COLUMNS = "trig, subject, scope, at_ms, evidence, decision, reason, channel"
-FiringRow = tuple[str, str, str, int, str, str, str | None, str]
+FIRING_COLUMNS = "trig, subject, scope, at_ms, evidence, decision, reason, channel, send_at_ms"
+FiringRow = tuple[str, str, str, int, str, str, str | None, str, int | None]
 
 
 def commit_step(
@@ -548,16 +648,21 @@ def commit_step(
     playbooks: str,
     snapshot: bytes | None = None,
     recorded_ms: int | None = None,
-) -> None:
+    then: Callable[[sqlite3.Connection, list[int]], None] | None = None,
+) -> list[int]:
     """One engine step, atomically: its firings, how far it read, and its clock; with a
-    snapshot of the state when one is given (older ticks are then no longer needed)."""
+    snapshot of the state when one is given (older ticks are then no longer needed); and
+    whatever `then` writes, given the new firings' ids (the outbox rows). Returns the ids."""
     conn.execute("BEGIN IMMEDIATE")
     try:
-        conn.executemany(
+        insert = (
             f"INSERT INTO firings (workspace, {FIRING_COLUMNS}, cursor, recorded_ms)"
-            " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-            [(workspace, *f, cursor, recorded_ms) for f in firings],
+            " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
         )
+        ids = [
+            int(conn.execute(insert, (workspace, *f, cursor, recorded_ms)).lastrowid or 0)
+            for f in firings
+        ]
         conn.execute(
             "INSERT INTO ticks (workspace, tick, cursor, clock_ms) VALUES (?, ?, ?, ?)",
             (workspace, tick, cursor, clock_ms),
@@ -580,10 +685,13 @@ def commit_step(
                 " tick = excluded.tick",
                 (workspace, cursor, clock_ms, tick, playbooks),
             )
+        if then is not None:
+            then(conn, ids)
         conn.execute("COMMIT")
     except BaseException:
         conn.execute("ROLLBACK")
         raise
+    return ids
 
 
 def query_firings(

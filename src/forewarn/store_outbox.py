@@ -1,0 +1,515 @@
+"""The outreach in the embedded store: the outbox, consent, bounces, suppressions, the in-app
+inbox and push subscriptions (tables made by `store_sqlite`'s migration 3).
+
+- `outbox`: one row per message decided (`send`), written in the engine step's transaction
+  with its firing. `status` is `pending` until a delivery worker finishes it: `sent`, `dead`
+  (dead-lettered after the last attempt or a permanent failure), `cancelled` (displaced by a
+  higher priority before it went) or `suppressed` (consent withdrawn before it went). The
+  idempotency `key` is unique per (trigger, subject, episode, channel). A worker claims rows
+  by setting `lease_ms` in the future; a lease that runs out (the worker died) makes the row
+  claimable again.
+- `consent`: unsubscribed (scope, subject, channel or `*`); `bounces`: email addresses
+  suppressed after a hard bounce or complaint; `suppressions`: subjects not to be contacted
+  (an incident, say), until a time or until lifted.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import secrets
+import sqlite3
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Any
+
+import msgspec
+
+PENDING, SENT, DEAD, CANCELLED, SUPPRESSED = "pending", "sent", "dead", "cancelled", "suppressed"
+STATUSES = (PENDING, SENT, DEAD, CANCELLED, SUPPRESSED)
+
+
+class Message(msgspec.Struct, frozen=True, kw_only=True):
+    """The rendered message kept in an outbox row (see channels.Outgoing)."""
+
+    to: str = ""
+    title: str = ""
+    text: str = ""
+    html: str = ""
+    data: dict[str, Any] = {}
+    settings: dict[str, str] = {}
+
+
+_encode = msgspec.json.Encoder().encode
+_decode_message = msgspec.json.Decoder(Message).decode
+
+
+def idempotency_key(
+    workspace: int, trigger: str, scope: str, subject: str, episode_ms: int, channel: str
+) -> str:
+    text = f"{workspace}\x1f{trigger}\x1f{scope}\x1f{subject}\x1f{episode_ms}\x1f{channel}"
+    return "fw_" + hashlib.blake2b(text.encode(), digest_size=16).hexdigest()
+
+
+# --- written by the engine step ---------------------------------------------------------------
+
+
+def enqueue(
+    conn: sqlite3.Connection,
+    workspace: int,
+    firing: int,
+    key: str,
+    channel: str,
+    trigger: str,
+    scope: str,
+    subject: str,
+    message: Message,
+    due_ms: int,
+    now_ms: int,
+) -> None:
+    conn.execute(
+        "INSERT OR IGNORE INTO outbox (workspace, firing, key, channel, trig, subject, scope,"
+        " message, due_ms, created_ms) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+        (
+            workspace,
+            firing,
+            key,
+            channel,
+            trigger,
+            subject,
+            scope,
+            _encode(message),
+            due_ms,
+            now_ms,
+        ),
+    )
+
+
+def displace(conn: sqlite3.Connection, firing_ids: Iterable[int], now_ms: int) -> None:
+    """Firings a higher priority took the place of: their message is cancelled if it has not
+    gone yet, and their record says `lower_priority`."""
+    for fid in firing_ids:
+        cur = conn.execute(
+            "UPDATE outbox SET status = ?, reason = 'lower_priority', done_ms = ?"
+            " WHERE firing = ? AND status = ?",
+            (CANCELLED, now_ms, fid, PENDING),
+        )
+        held_out = conn.execute(
+            "SELECT 1 FROM firings WHERE id = ? AND decision = 'held_out'", (fid,)
+        ).fetchone()
+        if cur.rowcount or held_out:
+            conn.execute(
+                "UPDATE firings SET decision = 'suppressed', reason = 'lower_priority',"
+                " send_at_ms = NULL WHERE id = ?",
+                (fid,),
+            )
+
+
+def recent_outreach(
+    conn: sqlite3.Connection, workspace: int, since_ms: int
+) -> list[tuple[int, str, str, str, str, int, int]]:
+    """(id, trigger, scope, subject, channel, at_ms, send_at_ms) of the firings sent or held
+    out since `since_ms`: the policy's history after a restart."""
+    return [
+        (int(i), str(t), str(sc), str(su), str(c), int(a), int(s if s is not None else a))
+        for i, t, sc, su, c, a, s in conn.execute(
+            "SELECT id, trig, scope, subject, channel, at_ms, send_at_ms FROM firings"
+            " WHERE workspace = ? AND at_ms >= ? AND decision IN ('send', 'held_out')"
+            " ORDER BY at_ms, id",
+            (workspace, since_ms),
+        )
+    ]
+
+
+# --- consent and suppression ------------------------------------------------------------------
+
+
+def unsubscribe(
+    conn: sqlite3.Connection,
+    workspace: int,
+    scope: str,
+    subject: str,
+    channel: str,
+    source: str,
+    now_ms: int,
+) -> int:
+    """Takes effect at once: what is still waiting in the outbox for the subject on that
+    channel (every channel for `*`) is suppressed. Returns how many messages that stopped."""
+    with _transaction(conn):
+        conn.execute(
+            "INSERT OR REPLACE INTO consent (workspace, scope, subject, channel, at_ms, source)"
+            " VALUES (?, ?, ?, ?, ?, ?)",
+            (workspace, scope, subject, channel, now_ms, source),
+        )
+        cur = conn.execute(
+            "UPDATE outbox SET status = ?, reason = 'unsubscribed', done_ms = ?"
+            " WHERE workspace = ? AND scope = ? AND subject = ? AND status = ?"
+            " AND channel != 'webhook' AND (? = '*' OR channel = ?)",
+            (SUPPRESSED, now_ms, workspace, scope, subject, PENDING, channel, channel),
+        )
+        return cur.rowcount
+
+
+def resubscribe(
+    conn: sqlite3.Connection, workspace: int, scope: str, subject: str, channel: str
+) -> None:
+    conn.execute(
+        "DELETE FROM consent WHERE workspace = ? AND scope = ? AND subject = ?"
+        " AND (? = '*' OR channel = ?)",
+        (workspace, scope, subject, channel, channel),
+    )
+
+
+def bounce(
+    conn: sqlite3.Connection, workspace: int, address: str, detail: str, now_ms: int
+) -> None:
+    conn.execute(
+        "INSERT OR REPLACE INTO bounces (workspace, address, detail, at_ms) VALUES (?, ?, ?, ?)",
+        (workspace, address.strip().lower(), detail, now_ms),
+    )
+
+
+def suppress(
+    conn: sqlite3.Connection,
+    workspace: int,
+    scope: str,
+    subject: str,
+    reason: str,
+    until_ms: int | None,
+    now_ms: int,
+) -> int:
+    """The subject is not to be contacted until `until_ms` (or until lifted); messages still
+    waiting for it are suppressed. Returns how many."""
+    with _transaction(conn):
+        conn.execute(
+            "INSERT OR REPLACE INTO suppressions (workspace, scope, subject, reason, until_ms,"
+            " at_ms) VALUES (?, ?, ?, ?, ?, ?)",
+            (workspace, scope, subject, reason, until_ms, now_ms),
+        )
+        cur = conn.execute(
+            "UPDATE outbox SET status = ?, reason = 'account_suppressed', done_ms = ?"
+            " WHERE workspace = ? AND scope = ? AND subject = ? AND status = ?"
+            " AND (? IS NULL OR due_ms < ?)",
+            (SUPPRESSED, now_ms, workspace, scope, subject, PENDING, until_ms, until_ms),
+        )
+        return cur.rowcount
+
+
+def unsuppress(conn: sqlite3.Connection, workspace: int, scope: str, subject: str) -> bool:
+    cur = conn.execute(
+        "DELETE FROM suppressions WHERE workspace = ? AND scope = ? AND subject = ?",
+        (workspace, scope, subject),
+    )
+    return cur.rowcount > 0
+
+
+@dataclass(frozen=True)
+class Standing:
+    """What stands between a subject and a message, as the store knows it."""
+
+    unsubscribed: frozenset[str]
+    bounced: bool
+    suppressed: str | None
+
+
+def standing(
+    conn: sqlite3.Connection,
+    workspace: int,
+    scope: str,
+    subject: str,
+    email: str | None,
+    now_ms: int,
+) -> Standing:
+    channels = frozenset(
+        str(c)
+        for (c,) in conn.execute(
+            "SELECT channel FROM consent WHERE workspace = ? AND scope = ? AND subject = ?",
+            (workspace, scope, subject),
+        )
+    )
+    bounced = False
+    if isinstance(email, str) and email:
+        bounced = (
+            conn.execute(
+                "SELECT 1 FROM bounces WHERE workspace = ? AND address = ?",
+                (workspace, email.strip().lower()),
+            ).fetchone()
+            is not None
+        )
+    row = conn.execute(
+        "SELECT reason FROM suppressions WHERE workspace = ? AND scope = ? AND subject = ?"
+        " AND (until_ms IS NULL OR until_ms > ?)",
+        (workspace, scope, subject, now_ms),
+    ).fetchone()
+    return Standing(channels, bounced, str(row[0]) if row else None)
+
+
+# --- the delivery worker's side ---------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Claimed:
+    id: int
+    workspace: int
+    firing: int
+    key: str
+    channel: str
+    trigger: str
+    subject: str
+    scope: str
+    message: Message
+    attempts: int  # including this one
+
+
+def claim(
+    conn: sqlite3.Connection, now_ms: int, lease_ms: int, limit: int, channels: Iterable[str]
+) -> list[Claimed]:
+    """Take up to `limit` due rows on these channels for `lease_ms`."""
+    names = sorted(channels)
+    marks = ", ".join("?" * len(names))
+    with _transaction(conn):
+        rows = conn.execute(
+            "UPDATE outbox SET lease_ms = ?, attempts = attempts + 1 WHERE id IN ("
+            f" SELECT id FROM outbox WHERE status = ? AND due_ms <= ? AND lease_ms <= ?"
+            f" AND channel IN ({marks}) ORDER BY due_ms, id LIMIT ?)"
+            " RETURNING id, workspace, firing, key, channel, trig, subject, scope, message,"
+            " attempts",
+            (now_ms + lease_ms, PENDING, now_ms, now_ms, *names, limit),
+        ).fetchall()
+    claimed = [
+        Claimed(
+            int(r[0]),
+            int(r[1]),
+            int(r[2]),
+            str(r[3]),
+            str(r[4]),
+            str(r[5]),
+            str(r[6]),
+            str(r[7]),
+            _decode_message(r[8]),
+            int(r[9]),
+        )
+        for r in rows
+    ]
+    claimed.sort(key=lambda c: c.id)
+    return claimed
+
+
+def finish(
+    conn: sqlite3.Connection,
+    row: Claimed,
+    status: str,
+    now_ms: int,
+    *,
+    reason: str | None = None,
+    detail: str | None = None,
+) -> None:
+    conn.execute(
+        "UPDATE outbox SET status = ?, reason = ?, detail = ?, done_ms = ?, lease_ms = 0"
+        " WHERE id = ?",
+        (status, reason, detail, now_ms, row.id),
+    )
+
+
+def retry_later(conn: sqlite3.Connection, row: Claimed, due_ms: int, detail: str) -> None:
+    conn.execute(
+        "UPDATE outbox SET due_ms = ?, lease_ms = 0, detail = ? WHERE id = ?",
+        (due_ms, detail, row.id),
+    )
+
+
+def still_pending(conn: sqlite3.Connection, row: Claimed) -> bool:
+    found = conn.execute("SELECT status FROM outbox WHERE id = ?", (row.id,)).fetchone()
+    return found is not None and found[0] == PENDING
+
+
+def next_due(conn: sqlite3.Connection, channels: Iterable[str]) -> int | None:
+    names = sorted(channels)
+    marks = ", ".join("?" * len(names))
+    row = conn.execute(
+        f"SELECT min(max(due_ms, lease_ms)) FROM outbox WHERE status = ? AND channel IN ({marks})",
+        (PENDING, *names),
+    ).fetchone()
+    return int(row[0]) if row and row[0] is not None else None
+
+
+# --- inbox, push subscriptions, endpoints -------------------------------------------------------
+
+
+def add_to_inbox(conn: sqlite3.Connection, row: Claimed, kind: str, now_ms: int) -> bool:
+    """The message in the subject's inbox (`kind`: in_app, or chat for a conversation's
+    opener); once per key. Whether it was new."""
+    m = row.message
+    cur = conn.execute(
+        "INSERT OR IGNORE INTO inbox (workspace, scope, subject, key, trig, kind, title, text,"
+        " html, created_ms) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+        (
+            row.workspace,
+            row.scope,
+            row.subject,
+            row.key,
+            row.trigger,
+            kind,
+            m.title,
+            m.text,
+            m.html,
+            now_ms,
+        ),
+    )
+    return cur.rowcount > 0
+
+
+def inbox(
+    conn: sqlite3.Connection, workspace: int, scope: str, subject: str, limit: int = 50
+) -> list[dict[str, Any]]:
+    cols = (
+        "id",
+        "kind",
+        "trigger",
+        "title",
+        "text",
+        "html",
+        "created_ms",
+        "read_ms",
+        "dismissed_ms",
+    )
+    rows = conn.execute(
+        "SELECT id, kind, trig, title, text, html, created_ms, read_ms, dismissed_ms FROM inbox"
+        " WHERE workspace = ? AND scope = ? AND subject = ? ORDER BY id DESC LIMIT ?",
+        (workspace, scope, subject, limit),
+    ).fetchall()
+    return [dict(zip(cols, r, strict=True)) for r in rows]
+
+
+def subscriptions(
+    conn: sqlite3.Connection, workspace: int, scope: str, subject: str
+) -> list[dict[str, Any]]:
+    return [
+        {"endpoint": e, "keys": {"p256dh": p, "auth": a}}
+        for e, p, a in conn.execute(
+            "SELECT endpoint, p256dh, auth FROM push_subscriptions"
+            " WHERE workspace = ? AND scope = ? AND subject = ? ORDER BY created_ms",
+            (workspace, scope, subject),
+        )
+    ]
+
+
+def subscribe(
+    conn: sqlite3.Connection,
+    workspace: int,
+    scope: str,
+    subject: str,
+    endpoint: str,
+    p256dh: str,
+    auth: str,
+    now_ms: int,
+) -> None:
+    conn.execute(
+        "INSERT OR REPLACE INTO push_subscriptions (workspace, scope, subject, endpoint, p256dh,"
+        " auth, created_ms) VALUES (?, ?, ?, ?, ?, ?, ?)",
+        (workspace, scope, subject, endpoint, p256dh, auth, now_ms),
+    )
+
+
+def forget_endpoints(conn: sqlite3.Connection, workspace: int, endpoints: Iterable[str]) -> None:
+    conn.executemany(
+        "DELETE FROM push_subscriptions WHERE workspace = ? AND endpoint = ?",
+        [(workspace, e) for e in endpoints],
+    )
+
+
+def disable_endpoint(
+    conn: sqlite3.Connection, workspace: int, url: str, detail: str, now_ms: int
+) -> None:
+    conn.execute(
+        "INSERT OR REPLACE INTO disabled_endpoints (workspace, url, detail, at_ms)"
+        " VALUES (?, ?, ?, ?)",
+        (workspace, url, detail, now_ms),
+    )
+
+
+def endpoint_disabled(conn: sqlite3.Connection, workspace: int, url: str) -> bool:
+    row = conn.execute(
+        "SELECT 1 FROM disabled_endpoints WHERE workspace = ? AND url = ?", (workspace, url)
+    ).fetchone()
+    return row is not None
+
+
+# --- the admin API's view -----------------------------------------------------------------------
+
+
+def query_outreach(
+    conn: sqlite3.Connection,
+    workspace: int,
+    subject: str | None = None,
+    trigger: str | None = None,
+    status: str | None = None,
+    limit: int = 100,
+) -> list[dict[str, Any]]:
+    """Each decided firing with its delivery: `status` is the outbox row's, or the decision
+    (`held_out`, `suppressed`) when nothing was to be sent."""
+    where = ["f.workspace = ?"]
+    args: list[Any] = [workspace]
+    if subject is not None:
+        where.append("f.subject = ?")
+        args.append(subject)
+    if trigger is not None:
+        where.append("f.trig = ?")
+        args.append(trigger)
+    if status is not None:
+        where.append("coalesce(o.status, f.decision) = ?")
+        args.append(status)
+    args.append(limit)
+    rows = conn.execute(
+        "SELECT f.id, f.trig, f.subject, f.scope, f.channel, f.at_ms, f.decision, f.reason,"
+        " f.send_at_ms, coalesce(o.status, f.decision), o.reason, o.attempts, o.done_ms,"
+        " o.detail, o.key FROM firings f LEFT JOIN outbox o ON o.firing = f.id"
+        f" WHERE {' AND '.join(where)} ORDER BY f.id DESC LIMIT ?",
+        args,
+    ).fetchall()
+    cols = (
+        "firing",
+        "trigger",
+        "subject",
+        "scope",
+        "channel",
+        "at_ms",
+        "decision",
+        "reason",
+        "send_at_ms",
+        "status",
+        "status_reason",
+        "attempts",
+        "done_ms",
+        "detail",
+        "key",
+    )
+    return [dict(zip(cols, r, strict=True)) for r in rows]
+
+
+def secret(conn: sqlite3.Connection, name: str) -> str:
+    """A random secret kept in the database, made on first use (e.g. for unsubscribe links)."""
+    conn.execute(
+        "INSERT OR IGNORE INTO secrets (name, value) VALUES (?, ?)",
+        (name, secrets.token_urlsafe(32)),
+    )
+    return str(conn.execute("SELECT value FROM secrets WHERE name = ?", (name,)).fetchone()[0])
+
+
+class _transaction:
+    """BEGIN IMMEDIATE … COMMIT, or ROLLBACK on an error; inside an open transaction, nothing."""
+
+    def __init__(self, conn: sqlite3.Connection) -> None:
+        self.conn = conn
+        self.own = False
+
+    def __enter__(self) -> None:
+        if not self.conn.in_transaction:
+            self.conn.execute("BEGIN IMMEDIATE")
+            self.own = True
+
+    def __exit__(self, kind: object, exc: object, tb: object) -> None:
+        if self.own:
+            self.conn.execute("ROLLBACK" if kind is not None else "COMMIT")
+
+
+transaction = _transaction
