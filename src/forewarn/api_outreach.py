@@ -1,0 +1,222 @@
+"""The outreach routes: the admin API's view of what was decided and delivered, suppression and
+consent for a subject, the in-app inbox, and the one-click unsubscribe link (RFC 8058). Edge.
+
+An unsubscribe link carries a token signed with a secret kept in the database: it names the
+workspace, the subject and the channel. `POST` to it unsubscribes at once (what mail clients send
+for one-click: `List-Unsubscribe=One-Click`); `GET` only shows a page with a button that posts,
+so a link scanner that fetches every URL in a mail never unsubscribes anyone.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import hashlib
+import hmac
+import html
+from typing import TYPE_CHECKING, Any
+
+import msgspec
+from starlette.requests import Request
+from starlette.responses import HTMLResponse, Response
+from starlette.routing import Route
+
+from forewarn import clock, store_outbox, store_sqlite
+from forewarn.errors import ForewarnError, InputError
+from forewarn.model import format_time, parse_time_ms
+
+if TYPE_CHECKING:
+    from forewarn.api import Forewarn
+
+SECRET_NAME = "unsubscribe"
+SCOPES = ("user", "account")
+CHANNELS = ("email", "in_app", "push", "chat", "*")
+
+
+class LinkError(ForewarnError):
+    status = 401
+    code = "unauthorized"
+
+
+def _b64(data: bytes) -> str:
+    return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
+
+
+def _unb64(text: str) -> bytes:
+    return base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
+
+
+def unsubscribe_token(secret: str, workspace: int, scope: str, subject: str, channel: str) -> str:
+    body = _b64(msgspec.json.encode([workspace, scope, subject, channel]))
+    mac = hmac.new(secret.encode(), body.encode(), hashlib.sha256).digest()[:16]
+    return f"{body}.{_b64(mac)}"
+
+
+def read_token(secret: str, token: str) -> tuple[int, str, str, str]:
+    body, _, mac = token.partition(".")
+    try:
+        expected = hmac.new(secret.encode(), body.encode(), hashlib.sha256).digest()[:16]
+        if not hmac.compare_digest(_unb64(mac), expected):
+            raise ValueError("signature")
+        ws, scope, subject, channel = msgspec.json.decode(_unb64(body))
+        if not isinstance(ws, int) or scope not in SCOPES or channel not in CHANNELS:
+            raise ValueError("fields")
+        return ws, scope, str(subject), channel
+    except (ValueError, TypeError, msgspec.DecodeError):
+        raise LinkError(
+            "this unsubscribe link is not valid: use the link from the message as it came"
+        ) from None
+
+
+def unsubscribe_url(public_url: str, token: str) -> str:
+    return f"{public_url.rstrip('/')}/u/{token}"
+
+
+def _conn(db: str) -> Any:
+    return store_sqlite.connect(db)
+
+
+def _scope(value: Any) -> str:
+    scope = "user" if value is None else value
+    if scope not in SCOPES:
+        raise InputError(f"scope {value!r}: give 'user' or 'account'")
+    return str(scope)
+
+
+async def _body(request: Request) -> dict[str, Any]:
+    raw = await request.body()
+    if not raw.strip():
+        return {}
+    try:
+        data = msgspec.json.decode(raw)
+    except msgspec.DecodeError:
+        raise InputError("the body is not JSON: send a JSON object, e.g. {}") from None
+    if not isinstance(data, dict):
+        raise InputError("the body must be a JSON object, e.g. {\"scope\": \"account\"}")
+    return data
+
+
+def routes(app: Forewarn) -> list[Route]:
+    db = app.settings.db
+
+    def run(fn: Any, *args: Any) -> Any:
+        def job() -> Any:
+            conn = _conn(db)
+            try:
+                return fn(conn, *args)
+            finally:
+                conn.close()
+
+        return asyncio.to_thread(job)
+
+    async def outreach(request: Request) -> Response:
+        key = app.admin_key(request)
+        q = request.query_params
+        status = q.get("status")
+        allowed = (*store_outbox.STATUSES, "held_out")
+        if status is not None and status not in allowed:
+            raise InputError(f"status={status!r}: give one of {', '.join(allowed)}")
+        limit = _limit(q.get("limit"))
+        rows = await run(
+            store_outbox.query_outreach, key.workspace, q.get("subject"), q.get("trigger"),
+            status, limit,
+        )
+        for row in rows:
+            for name in ("at_ms", "send_at_ms", "done_ms"):
+                value = row.pop(name)
+                row[name[:-3]] = None if value is None else format_time(value)
+        return _json({"outreach": rows})
+
+    async def suppress(request: Request) -> Response:
+        key = app.admin_key(request)
+        subject = request.path_params["subject"]
+        body = await _body(request)
+        scope = _scope(body.get("scope"))
+        reason = body.get("reason", "suppressed by the admin API")
+        if not isinstance(reason, str) or not reason.strip():
+            raise InputError("reason must be text, e.g. \"incident INC-42\"")
+        until = body.get("until")
+        until_ms = None
+        if until is not None:
+            try:
+                until_ms = parse_time_ms(str(until))
+            except ValueError:
+                raise InputError(
+                    f"until={until!r} is not ISO 8601, e.g. 2026-11-23T18:00:00Z"
+                ) from None
+        stopped = await run(
+            store_outbox.suppress, key.workspace, scope, subject, reason[:500], until_ms,
+            clock.now_ms(),
+        )
+        return _json({"subject": subject, "scope": scope, "suppressed": True, "stopped": stopped})
+
+    async def unsuppress(request: Request) -> Response:
+        key = app.admin_key(request)
+        subject = request.path_params["subject"]
+        scope = _scope((await _body(request)).get("scope"))
+        lifted = await run(store_outbox.unsuppress, key.workspace, scope, subject)
+        return _json({"subject": subject, "scope": scope, "suppressed": False, "lifted": lifted})
+
+    async def consent(request: Request) -> Response:
+        key = app.admin_key(request)
+        subject = request.path_params["subject"]
+        body = await _body(request)
+        scope = _scope(body.get("scope"))
+        channel = body.get("channel", "*")
+        if channel not in CHANNELS:
+            raise InputError(f"channel {channel!r}: give one of {', '.join(CHANNELS)}")
+        if request.url.path.endswith("/unsubscribe"):
+            stopped = await run(
+                store_outbox.unsubscribe, key.workspace, scope, subject, channel, "admin",
+                clock.now_ms(),
+            )
+            return _json({"subject": subject, "channel": channel, "unsubscribed": True,
+                          "stopped": stopped})
+        await run(store_outbox.resubscribe, key.workspace, scope, subject, channel)
+        return _json({"subject": subject, "channel": channel, "unsubscribed": False})
+
+    async def inbox(request: Request) -> Response:
+        key = app.admin_key(request)
+        subject = request.path_params["subject"]
+        scope = _scope(request.query_params.get("scope"))
+        rows = await run(store_outbox.inbox, key.workspace, scope, subject, 100)
+        return _json({"subject": subject, "scope": scope, "messages": rows})
+
+    async def unsubscribe_link(request: Request) -> Response:
+        token = request.path_params["token"]
+        secret = await run(store_outbox.secret, SECRET_NAME)
+        ws, scope, subject, channel = read_token(secret, token)
+        what = "all messages" if channel == "*" else f"{channel.replace('_', '-')} messages"
+        if request.method == "GET":
+            return HTMLResponse(_PAGE.format(what=html.escape(what), action=html.escape(token)))
+        await run(store_outbox.unsubscribe, ws, scope, subject, channel, "link", clock.now_ms())
+        return HTMLResponse(_DONE.format(what=html.escape(what)))
+
+    return [
+        Route("/api/v1/outreach", outreach, methods=["GET"]),
+        Route("/api/v1/subjects/{subject}/suppress", suppress, methods=["POST"]),
+        Route("/api/v1/subjects/{subject}/unsuppress", unsuppress, methods=["POST"]),
+        Route("/api/v1/subjects/{subject}/unsubscribe", consent, methods=["POST"]),
+        Route("/api/v1/subjects/{subject}/resubscribe", consent, methods=["POST"]),
+        Route("/api/v1/subjects/{subject}/inbox", inbox, methods=["GET"]),
+        Route("/u/{token}", unsubscribe_link, methods=["GET", "POST"]),
+    ]
+
+
+def _limit(text: str | None) -> int:
+    if text is None:
+        return 100
+    if not text.isdigit() or not 1 <= int(text) <= 10_000:
+        raise InputError(f"limit={text!r}: give a whole number from 1 to 10000")
+    return int(text)
+
+
+def _json(data: Any) -> Response:
+    return Response(msgspec.json.encode(data), media_type="application/json")
+
+
+_PAGE = """<!doctype html><html><head><meta charset="utf-8"><title>Unsubscribe</title></head>
+<body><form method="post" action="{action}"><p>Stop receiving {what}?</p>
+<button type="submit">Unsubscribe</button></form></body></html>"""
+_DONE = """<!doctype html><html><head><meta charset="utf-8"><title>Unsubscribed</title></head>
+<body><p>Done: you will not receive {what} any more.</p></body></html>"""

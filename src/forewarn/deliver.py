@@ -1,0 +1,252 @@
+"""Delivery: workers drain the outbox onto the channels. Edge.
+
+A worker claims due rows with a lease, sends each on its channel — one at a time per channel,
+the channels side by side — and settles it in one transaction with the event that reports it
+(`Message Sent`, `Message Failed`), so analytics reads one log. A passing failure is retried with
+exponential back-off and full jitter; after the last attempt, or a permanent failure, the row is
+dead-lettered. Right before sending, consent is checked again: an unsubscribe that came after
+the message was decided stops it.
+
+A worker killed between sending and settling leaves its lease to run out; the row is then sent
+again, with the same idempotency key. The in-app inbox, chat and webhooks (whose receivers
+deduplicate by `webhook-id`) drop the second copy; email and push cannot, so a crash may
+duplicate at most the one message each of their lanes had in flight.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import random
+import sqlite3
+from collections.abc import Callable, Mapping
+from typing import Any, assert_never
+
+from forewarn import clock, store_outbox, store_sqlite
+from forewarn.channel_webhook import retry_delay_ms
+from forewarn.channels import Bounced, Channel, Failed, Gone, Outcome, Outgoing, Retry, Sent
+from forewarn.model import format_time
+from forewarn.store_outbox import Claimed
+
+log = logging.getLogger("forewarn.deliver")
+
+MAX_ATTEMPTS = 8
+LEASE_MS = 300_000
+BATCH = 20
+RESULTS_SOURCE = "forewarn"
+
+
+class InboxChannel:
+    """`in_app` and `chat`: the message lands in the subject's inbox in the database (chat
+    marks it as a conversation's opener). The key is unique there, so a resend adds nothing."""
+
+    deduplicates = True
+
+    def __init__(self, conn: sqlite3.Connection, name: str, now_ms: Callable[[], int]) -> None:
+        self.conn = conn
+        self.name = name
+        self.now_ms = now_ms
+        self.rows: dict[int, Claimed] = {}  # set by the worker before each send
+
+    async def send(self, message: Outgoing) -> Outcome:
+        row = self.rows.pop(message.id)
+        with store_outbox.transaction(self.conn):
+            new = store_outbox.add_to_inbox(self.conn, row, self.name, self.now_ms())
+        return Sent(detail="" if new else "already in the inbox")
+
+    async def aclose(self) -> None:
+        return None
+
+
+class Worker:
+    def __init__(
+        self,
+        conn: sqlite3.Connection,
+        channels: Mapping[str, Channel],
+        *,
+        now_ms: Callable[[], int] = clock.now_ms,
+        lease_ms: int = LEASE_MS,
+        max_attempts: int = MAX_ATTEMPTS,
+        batch: int = BATCH,
+        rng: random.Random | None = None,
+    ) -> None:
+        self.conn = conn
+        self.channels = dict(channels)
+        self.now_ms = now_ms
+        self.lease_ms = lease_ms
+        self.max_attempts = max_attempts
+        self.batch = batch
+        self.rng = rng or random.Random()
+        self.counts: dict[str, int] = {}
+
+    async def run_once(self) -> int:
+        """Claim what is due and deliver it; returns how many rows were taken."""
+        rows = store_outbox.claim(
+            self.conn, self.now_ms(), self.lease_ms, self.batch, self.channels
+        )
+        lanes: dict[str, list[Claimed]] = {}
+        for row in rows:
+            lanes.setdefault(row.channel, []).append(row)
+        await asyncio.gather(*(self._lane(lane) for lane in lanes.values()))
+        return len(rows)
+
+    async def run(self, stop: asyncio.Event, idle_s: float = 0.5) -> None:
+        """Deliver until `stop` is set, polling when idle."""
+        while not stop.is_set():
+            try:
+                taken = await self.run_once()
+            except sqlite3.OperationalError as exc:  # locked for longer than the busy timeout
+                log.warning("delivery: %s; trying again", exc)
+                taken = 0
+            if taken == 0:
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(stop.wait(), idle_s)
+
+    async def aclose(self) -> None:
+        for channel in self.channels.values():
+            await channel.aclose()
+
+    async def _lane(self, rows: list[Claimed]) -> None:
+        for row in rows:
+            await self.deliver(row)
+
+    async def deliver(self, row: Claimed) -> None:
+        conn = self.conn
+        if not store_outbox.still_pending(conn, row):
+            return  # cancelled or suppressed since it was claimed
+        blocked = self._blocked(row)
+        if blocked is not None:
+            with store_outbox.transaction(conn):
+                store_outbox.finish(conn, row, store_outbox.SUPPRESSED, self.now_ms(), reason=blocked)
+            self._count("suppressed")
+            return
+        channel = self.channels[row.channel]
+        outgoing = self._outgoing(row)
+        if outgoing is None:
+            outcome: Outcome = Failed(detail="no push subscription for the subject")
+        else:
+            if isinstance(channel, InboxChannel):
+                channel.rows[row.id] = row
+            try:
+                outcome = await channel.send(outgoing)
+            except Exception as exc:  # a channel bug must not stop the other messages
+                log.exception("channel %s failed on outbox row %d", row.channel, row.id)
+                outcome = Retry(detail=f"{type(exc).__name__}: {exc}")
+        self.settle(row, outcome)
+
+    def _blocked(self, row: Claimed) -> str | None:
+        """Why the message may no longer go: consent withdrawn or the subject suppressed."""
+        if row.channel == "webhook":
+            return None
+        s = store_outbox.standing(
+            self.conn, row.workspace, row.scope, row.subject, row.message.to or None, self.now_ms()
+        )
+        if "*" in s.unsubscribed or row.channel in s.unsubscribed:
+            return "unsubscribed"
+        if row.channel == "email" and s.bounced:
+            return "bounced"
+        if s.suppressed is not None:
+            return "account_suppressed"
+        return None
+
+    def _outgoing(self, row: Claimed) -> Outgoing | None:
+        m = row.message
+        data = m.data
+        if row.channel == "push":
+            subs = store_outbox.subscriptions(self.conn, row.workspace, row.scope, row.subject)
+            if not subs:
+                return None
+            data = {**data, "subscriptions": subs}
+        return Outgoing(
+            id=row.id,
+            key=row.key,
+            channel=row.channel,
+            workspace=row.workspace,
+            trigger=row.trigger,
+            subject=row.subject,
+            scope=row.scope,
+            attempt=row.attempts,
+            to=m.to,
+            title=m.title,
+            text=m.text,
+            html=m.html,
+            data=data,
+            settings=m.settings,
+        )
+
+    def settle(self, row: Claimed, outcome: Outcome) -> None:
+        """Record what came of a send, with its event, in one transaction."""
+        conn = self.conn
+        now = self.now_ms()
+        with store_outbox.transaction(conn):
+            match outcome:
+                case Sent():
+                    store_outbox.finish(conn, row, store_outbox.SENT, now, detail=outcome.detail)
+                    self._event(row, "Message Sent", now, {})
+                    self._count("sent")
+                case Retry():
+                    if row.attempts >= self.max_attempts:
+                        self._dead(row, now, "retries exhausted", outcome.detail)
+                    else:
+                        wait = max(retry_delay_ms(row.attempts, self.rng), outcome.after_ms or 0)
+                        store_outbox.retry_later(conn, row, now + wait, outcome.detail)
+                        self._count("retried")
+                case Failed():
+                    self._dead(row, now, "failed", outcome.detail)
+                case Bounced():
+                    if row.message.to:
+                        store_outbox.bounce(conn, row.workspace, row.message.to, outcome.detail, now)
+                    self._dead(row, now, "bounced", outcome.detail)
+                case Gone():
+                    if row.channel == "webhook":
+                        for url in outcome.endpoints:
+                            store_outbox.disable_endpoint(conn, row.workspace, url, outcome.detail, now)
+                    else:
+                        store_outbox.forget_endpoints(conn, row.workspace, outcome.endpoints)
+                    self._dead(row, now, "gone", outcome.detail)
+                case _:
+                    assert_never(outcome)
+
+    def _dead(self, row: Claimed, now: int, reason: str, detail: str) -> None:
+        store_outbox.finish(self.conn, row, store_outbox.DEAD, now, reason=reason, detail=detail)
+        self._event(row, "Message Failed", now, {"failure": reason, "detail": detail[:500]})
+        self._count("dead")
+
+    def _event(self, row: Claimed, name: str, now: int, extra: dict[str, Any]) -> None:
+        store_sqlite.append_within(
+            self.conn,
+            store_sqlite.Append(
+                row.workspace,
+                RESULTS_SOURCE,
+                now,
+                [result_message(row, name, now, extra)],
+                [f"{row.key}:{name}"],
+            ),
+        )
+
+    def _count(self, what: str) -> None:
+        self.counts[what] = self.counts.get(what, 0) + 1
+
+
+def result_message(row: Claimed, name: str, now_ms: int, extra: dict[str, Any]) -> dict[str, Any]:
+    """A delivery result as a Segment track message, for the subject it concerns."""
+    msg: dict[str, Any] = {
+        "type": "track",
+        "event": name,
+        "messageId": f"{row.key}:{name}",
+        "timestamp": format_time(now_ms),
+        "properties": {
+            "trigger": row.trigger,
+            "channel": row.channel,
+            "key": row.key,
+            "attempt": row.attempts,
+            **extra,
+        },
+    }
+    if row.scope == "account":
+        msg["anonymousId"] = f"account:{row.subject}"
+        msg["context"] = {"groupId": row.subject}
+    else:
+        msg["userId"] = row.subject
+    return msg
