@@ -156,11 +156,12 @@ class GuardedBackend(httpcore.AsyncNetworkBackend):
 
 class GuardedTransport(httpx.AsyncHTTPTransport):
     def __init__(self, allow_private: bool) -> None:
-        super().__init__(trust_env=False)
+        super().__init__()
         # httpx takes no network backend, so the pool it built is swapped for one with ours;
-        # tests/test_netguard.py fails if a later httpx stops sending requests through it
+        # tests/test_netguard.py fails if a later httpx stops sending requests through it.
+        # (SSL_CERT_FILE / SSL_CERT_DIR still apply; proxies are the client's trust_env.)
         self._pool = httpcore.AsyncConnectionPool(
-            ssl_context=httpx.create_ssl_context(trust_env=False),
+            ssl_context=httpx.create_ssl_context(),
             network_backend=GuardedBackend(allow_private),
         )
 
