@@ -227,6 +227,18 @@ def test_slack_body_without_title_or_text():
     assert [b["type"] for b in body["blocks"]] == ["context"]
 
 
+def test_a_body_that_is_not_json_fails():
+    message = outgoing(data={"evidence": {"when": object()}})
+    [outcome] = send(WebhookChannel("http://example.com", SECRET), message)
+    assert isinstance(outcome, Failed) and "cannot be written as JSON" in outcome.detail
+
+
+def test_a_garbled_answer_still_counts_by_its_status():
+    with receiver(Answer(500, {"Content-Encoding": "gzip"}, b"not gzip at all")) as r:
+        [outcome] = send(WebhookChannel(r.url, SECRET, allow_private=True), outgoing())
+    assert isinstance(outcome, Retry) and "500" in outcome.detail
+
+
 def test_unknown_format_fails():
     [outcome] = send(
         WebhookChannel("http://example.com", SECRET), outgoing(settings={"format": "teams"})

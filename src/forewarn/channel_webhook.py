@@ -192,6 +192,8 @@ class WebhookChannel:
             request = self._request(message, url, host)
         except (RefusedTarget, InputError) as e:
             return Failed(e.message)
+        except (TypeError, msgspec.EncodeError) as e:
+            return Failed(f"the webhook body cannot be written as JSON: {e}")
         try:
             async with self.client.stream("POST", url, **request) as response:
                 answer = await read_some(response)
@@ -241,10 +243,13 @@ async def read_some(response: httpx.Response) -> str:
     """The start of the answer, for the outcome's detail; the rest is not read."""
     chunks: list[bytes] = []
     size = 0
-    async for chunk in response.aiter_bytes():
-        chunks.append(chunk)
-        size += len(chunk)
-        if size >= DETAIL_BYTES:
-            break
+    try:
+        async for chunk in response.aiter_bytes():
+            chunks.append(chunk)
+            size += len(chunk)
+            if size >= DETAIL_BYTES:
+                break
+    except httpx.DecodingError:  # a garbled answer is still an answer; its status counts
+        pass
     text = b"".join(chunks)[:DETAIL_BYTES].decode("utf-8", "replace")
     return " ".join(text.split())
