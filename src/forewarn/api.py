@@ -28,7 +28,7 @@ from starlette.requests import Request
 from starlette.responses import PlainTextResponse, Response
 from starlette.routing import Route
 
-from forewarn import clock, ingest, store_sqlite, webhooks
+from forewarn import api_outreach, clock, ingest, store_sqlite, webhooks
 from forewarn import openapi as openapi_document
 from forewarn.errors import ForewarnError, InputError, NotFoundError, TooLargeError
 from forewarn.live import firing_dict
@@ -401,6 +401,7 @@ def routes(app: Forewarn) -> list[Route]:
         Route("/healthz", healthz, methods=["GET"]),
         Route("/metrics", metrics, methods=["GET"]),
         Route("/openapi.json", openapi, methods=["GET"]),
+        *api_outreach.routes(app),
     ]
 
 

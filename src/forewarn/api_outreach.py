@@ -92,7 +92,7 @@ async def _body(request: Request) -> dict[str, Any]:
     except msgspec.DecodeError:
         raise InputError("the body is not JSON: send a JSON object, e.g. {}") from None
     if not isinstance(data, dict):
-        raise InputError("the body must be a JSON object, e.g. {\"scope\": \"account\"}")
+        raise InputError('the body must be a JSON object, e.g. {"scope": "account"}')
     return data
 
 
@@ -118,8 +118,12 @@ def routes(app: Forewarn) -> list[Route]:
             raise InputError(f"status={status!r}: give one of {', '.join(allowed)}")
         limit = _limit(q.get("limit"))
         rows = await run(
-            store_outbox.query_outreach, key.workspace, q.get("subject"), q.get("trigger"),
-            status, limit,
+            store_outbox.query_outreach,
+            key.workspace,
+            q.get("subject"),
+            q.get("trigger"),
+            status,
+            limit,
         )
         for row in rows:
             for name in ("at_ms", "send_at_ms", "done_ms"):
@@ -134,7 +138,7 @@ def routes(app: Forewarn) -> list[Route]:
         scope = _scope(body.get("scope"))
         reason = body.get("reason", "suppressed by the admin API")
         if not isinstance(reason, str) or not reason.strip():
-            raise InputError("reason must be text, e.g. \"incident INC-42\"")
+            raise InputError('reason must be text, e.g. "incident INC-42"')
         until = body.get("until")
         until_ms = None
         if until is not None:
@@ -145,7 +149,12 @@ def routes(app: Forewarn) -> list[Route]:
                     f"until={until!r} is not ISO 8601, e.g. 2026-11-23T18:00:00Z"
                 ) from None
         stopped = await run(
-            store_outbox.suppress, key.workspace, scope, subject, reason[:500], until_ms,
+            store_outbox.suppress,
+            key.workspace,
+            scope,
+            subject,
+            reason[:500],
+            until_ms,
             clock.now_ms(),
         )
         return _json({"subject": subject, "scope": scope, "suppressed": True, "stopped": stopped})
@@ -167,11 +176,17 @@ def routes(app: Forewarn) -> list[Route]:
             raise InputError(f"channel {channel!r}: give one of {', '.join(CHANNELS)}")
         if request.url.path.endswith("/unsubscribe"):
             stopped = await run(
-                store_outbox.unsubscribe, key.workspace, scope, subject, channel, "admin",
+                store_outbox.unsubscribe,
+                key.workspace,
+                scope,
+                subject,
+                channel,
+                "admin",
                 clock.now_ms(),
             )
-            return _json({"subject": subject, "channel": channel, "unsubscribed": True,
-                          "stopped": stopped})
+            return _json(
+                {"subject": subject, "channel": channel, "unsubscribed": True, "stopped": stopped}
+            )
         await run(store_outbox.resubscribe, key.workspace, scope, subject, channel)
         return _json({"subject": subject, "channel": channel, "unsubscribed": False})
 

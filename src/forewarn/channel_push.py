@@ -201,7 +201,7 @@ def _combine(results: list[_Result]) -> Outcome:
     gone = tuple(r.endpoint for r in by_kind.get("gone", ()))
     summary = f"{counts} of {len(results)} subscriptions: {details}"
     if "sent" in by_kind:
-        return Sent(summary)
+        return Sent(summary, endpoints=gone)
     if "retry" in by_kind:
         afters = [r.after_ms for r in by_kind["retry"] if r.after_ms is not None]
         return Retry(summary, after_ms=max(afters) if afters else None)

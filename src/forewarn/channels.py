@@ -43,6 +43,7 @@ class Sent(msgspec.Struct, frozen=True):
     """The peer accepted it."""
 
     detail: str = ""
+    endpoints: tuple[str, ...] = ()  # push subscriptions found gone while others took it
 
 
 class Retry(msgspec.Struct, frozen=True):

@@ -199,6 +199,22 @@ def _serve(args: argparse.Namespace) -> int:
         engines = EngineLoop(args.db, triggers, write_lock=write_lock)
         writer = Writer(args.db, on_commit=engines.committed, write_lock=write_lock)
     app = api.Forewarn(settings, writer, engines)
+    delivery = None
+    if args.delivery == "on":
+        import subprocess
+
+        delivery = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "forewarn",
+                "deliver",
+                "--db",
+                args.db,
+                "--parent",
+                str(os.getpid()),
+            ]
+        )
     url = f"http://{args.host}:{args.port}"
     print(f"Forewarn on {url} with {len(triggers)} triggers, database {args.db}", flush=True)
     if created:
@@ -207,19 +223,40 @@ def _serve(args: argparse.Namespace) -> int:
             print("  " + line, flush=True)
     elif write_key or admin_key:
         print("keys from FOREWARN_WRITE_KEY / FOREWARN_ADMIN_KEY", flush=True)
-    uvicorn.run(
-        api.build(app),
-        host=args.host,
-        port=args.port,
-        log_level=args.log_level,
-        access_log=False,
-        lifespan="on",
-    )
+    try:
+        uvicorn.run(
+            api.build(app),
+            host=args.host,
+            port=args.port,
+            log_level=args.log_level,
+            access_log=False,
+            lifespan="on",
+        )
+    finally:
+        if delivery is not None:
+            delivery.terminate()
+            delivery.wait(timeout=30)
+    return 0
+
+
+def _deliver(args: argparse.Namespace) -> int:
+    from forewarn import deliver
+
+    deliver.main(args.db, args.parent)
     return 0
 
 
 def _keys(args: argparse.Namespace) -> int:
     from forewarn import clock, store_sqlite
+
+    if args.action == "vapid":
+        from forewarn.channel_push import generate_vapid_keys
+
+        private, public = generate_vapid_keys()
+        print(f"FOREWARN_VAPID_PRIVATE_KEY={private}")
+        print(f"FOREWARN_VAPID_PUBLIC_KEY={public}")
+        print("a new Web Push key pair: keep the private key secret", file=sys.stderr)
+        return 0
 
     conn = store_sqlite.connect(args.db)
     ws = store_sqlite.workspace_id(conn, args.workspace)
@@ -306,6 +343,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="run the engine in a process of its own (another core) or a thread of the server",
     )
     serve.add_argument(
+        "--delivery",
+        default=_env("DELIVERY"),
+        choices=("on", "off"),
+        help="run a delivery worker beside the server (off: run `forewarn deliver` yourself)",
+    )
+    serve.add_argument(
         "--log-level",
         default=_env("LOG_LEVEL"),
         choices=("critical", "error", "warning", "info", "debug"),
@@ -318,12 +361,28 @@ def build_parser() -> argparse.ArgumentParser:
         description="Create a key for a workspace (created if missing); the key is printed once "
         "and only its hash is stored.",
     )
-    keys.add_argument("action", choices=("create",), metavar="ACTION", help="create")
+    keys.add_argument(
+        "action",
+        choices=("create", "vapid"),
+        metavar="ACTION",
+        help="create (a write or admin key) or vapid (a Web Push key pair, printed as settings)",
+    )
     keys.add_argument("--db", default=_env("DB"), help="the SQLite file")
     keys.add_argument("--workspace", default=_env("WORKSPACE"))
     keys.add_argument("--kind", choices=("write", "admin"), default="write")
     keys.add_argument("--name", help="a note to recognise the key by")
     keys.set_defaults(run=_keys)
+
+    deliver = commands.add_parser(
+        "deliver",
+        help="run a delivery worker: drain the outbox onto the channels",
+        description="Send what the engine decided: claim due outbox rows, send them on their "
+        "channels, retry with back-off, dead-letter after the last attempt. `serve` runs one; "
+        "more can run beside it on the same database.",
+    )
+    deliver.add_argument("--db", default=_env("DB"), help="the SQLite file")
+    deliver.add_argument("--parent", type=int, help=argparse.SUPPRESS)
+    deliver.set_defaults(run=_deliver)
     return parser
 
 

@@ -118,13 +118,17 @@ class Worker:
         blocked = self._blocked(row)
         if blocked is not None:
             with store_outbox.transaction(conn):
-                store_outbox.finish(conn, row, store_outbox.SUPPRESSED, self.now_ms(), reason=blocked)
+                store_outbox.finish(
+                    conn, row, store_outbox.SUPPRESSED, self.now_ms(), reason=blocked
+                )
             self._count("suppressed")
             return
         channel = self.channels[row.channel]
         outgoing = self._outgoing(row)
         if outgoing is None:
             outcome: Outcome = Failed(detail="no push subscription for the subject")
+        elif row.channel == "webhook" and self._disabled(outgoing, channel):
+            outcome = Failed(detail="the endpoint answered 410 Gone before: it is disabled")
         else:
             if isinstance(channel, InboxChannel):
                 channel.rows[row.id] = row
@@ -134,6 +138,10 @@ class Worker:
                 log.exception("channel %s failed on outbox row %d", row.channel, row.id)
                 outcome = Retry(detail=f"{type(exc).__name__}: {exc}")
         self.settle(row, outcome)
+
+    def _disabled(self, message: Outgoing, channel: Channel) -> bool:
+        url = message.to or message.settings.get("url") or getattr(channel, "url", "")
+        return bool(url) and store_outbox.endpoint_disabled(self.conn, message.workspace, url)
 
     def _blocked(self, row: Claimed) -> str | None:
         """Why the message may no longer go: consent withdrawn or the subject suppressed."""
@@ -182,6 +190,8 @@ class Worker:
         with store_outbox.transaction(conn):
             match outcome:
                 case Sent():
+                    if outcome.endpoints:
+                        store_outbox.forget_endpoints(conn, row.workspace, outcome.endpoints)
                     store_outbox.finish(conn, row, store_outbox.SENT, now, detail=outcome.detail)
                     self._event(row, "Message Sent", now, {})
                     self._count("sent")
@@ -196,12 +206,16 @@ class Worker:
                     self._dead(row, now, "failed", outcome.detail)
                 case Bounced():
                     if row.message.to:
-                        store_outbox.bounce(conn, row.workspace, row.message.to, outcome.detail, now)
+                        store_outbox.bounce(
+                            conn, row.workspace, row.message.to, outcome.detail, now
+                        )
                     self._dead(row, now, "bounced", outcome.detail)
                 case Gone():
                     if row.channel == "webhook":
                         for url in outcome.endpoints:
-                            store_outbox.disable_endpoint(conn, row.workspace, url, outcome.detail, now)
+                            store_outbox.disable_endpoint(
+                                conn, row.workspace, url, outcome.detail, now
+                            )
                     else:
                         store_outbox.forget_endpoints(conn, row.workspace, outcome.endpoints)
                     self._dead(row, now, "gone", outcome.detail)
@@ -250,3 +264,78 @@ def result_message(row: Claimed, name: str, now_ms: int, extra: dict[str, Any]) 
     else:
         msg["userId"] = row.subject
     return msg
+
+
+def channels_from_settings(conn: sqlite3.Connection) -> dict[str, Channel]:
+    """The channels this machine can deliver on. Without their settings, email and push are
+    left out: their messages wait in the outbox until a worker that has them runs."""
+    from forewarn import settings
+    from forewarn.channel_push import PushChannel
+    from forewarn.channel_webhook import WebhookChannel
+
+    allow_private = settings.env("WEBHOOK_ALLOW_PRIVATE") in ("1", "true", "yes")
+    channels: dict[str, Channel] = {
+        "in_app": InboxChannel(conn, "in_app", clock.now_ms),
+        "chat": InboxChannel(conn, "chat", clock.now_ms),
+        "webhook": WebhookChannel(
+            settings.env("WEBHOOK_URL") or "",
+            settings.env("WEBHOOK_SECRET") or "",
+            allow_private=allow_private,
+        ),
+    }
+    vapid = settings.env("VAPID_PRIVATE_KEY")
+    if vapid:
+        channels["push"] = PushChannel(
+            vapid, settings.env("VAPID_SUBJECT") or "", allow_private=allow_private
+        )
+    smtp = settings.env("SMTP_URL")
+    if smtp:
+        from forewarn.channel_email import EmailChannel
+
+        channels["email"] = EmailChannel.from_url(smtp, settings.env("EMAIL_FROM") or "")
+    return channels
+
+
+def main(db: str, parent: int | None = None) -> None:
+    """`forewarn deliver`: drain the outbox until stopped (SIGINT, SIGTERM, or the parent
+    process gone)."""
+    import os
+    import signal
+
+    from forewarn import settings
+
+    logging.basicConfig(level=logging.WARNING)
+    from forewarn.errors import InputError
+    from forewarn.playbook import parse_duration
+
+    try:
+        attempts = int(settings.env("DELIVERY_ATTEMPTS") or MAX_ATTEMPTS)
+        lease_ms = parse_duration(settings.env("DELIVERY_LEASE") or "5m")
+    except ValueError as exc:
+        raise InputError(f"FOREWARN_DELIVERY_ATTEMPTS / FOREWARN_DELIVERY_LEASE: {exc}") from None
+
+    async def run() -> None:
+        conn = store_sqlite.connect(db)
+        worker = Worker(
+            conn, channels_from_settings(conn), max_attempts=attempts, lease_ms=lease_ms
+        )
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, stop.set)
+
+        async def watch() -> None:
+            while parent is not None and not stop.is_set():
+                if os.getppid() != parent:
+                    stop.set()
+                await asyncio.sleep(0.2)
+
+        watcher = asyncio.create_task(watch())
+        try:
+            await worker.run(stop)
+        finally:
+            watcher.cancel()
+            await worker.aclose()
+            conn.close()
+
+    asyncio.run(run())

@@ -104,6 +104,31 @@ def _openapi() -> dict[str, Any]:
         )
     }
     paths["/api/v1/playbooks/reload"] = {"post": _op("Reload the playbooks from disk", admin)}
+    paths["/api/v1/outreach"] = {
+        "get": _op(
+            "Decided outreach, newest first, with its delivery status",
+            admin,
+            [_param("subject"), _param("trigger"), _param("status"), _param("limit")],
+        )
+    }
+    subject = [_param("subject", "path")]
+    for verb, what in (
+        ("suppress", "Stop all outreach to a subject (an incident, say), until a time or lifted"),
+        ("unsuppress", "Lift a subject's suppression"),
+        ("unsubscribe", "Unsubscribe a subject from a channel, or from everything"),
+        ("resubscribe", "Undo an unsubscribe"),
+    ):
+        paths[f"/api/v1/subjects/{{subject}}/{verb}"] = {
+            "post": _op(what, admin, subject, body=True)
+        }
+    paths["/api/v1/subjects/{subject}/inbox"] = {
+        "get": _op("A subject's in-app inbox and chat openers", admin, [*subject, _param("scope")])
+    }
+    link = [_param("token", "path")]
+    paths["/u/{token}"] = {
+        "get": _op("The unsubscribe page: a button that posts; never unsubscribes", None, link),
+        "post": _op("One-click unsubscribe (RFC 8058): takes effect at once", None, link),
+    }
     paths["/healthz"] = {"get": _op("Liveness", None)}
     paths["/metrics"] = {
         "get": {

@@ -33,6 +33,19 @@ SETTINGS: dict[str, str] = {
     "PRIORITY_WINDOW": "30s",
     "EPISODE": "3d",
     "HOLDOUT_SALT": "forewarn",
+    # delivery (docs/channels.md, docs/channels-http.md)
+    "PUBLIC_URL": "http://127.0.0.1:8750",
+    "SMTP_URL": "",
+    "EMAIL_FROM": "",
+    "WEBHOOK_URL": "",
+    "WEBHOOK_SECRET": "",
+    "WEBHOOK_ALLOW_PRIVATE": "",
+    "VAPID_PRIVATE_KEY": "",
+    "VAPID_PUBLIC_KEY": "",
+    "VAPID_SUBJECT": "",
+    "DELIVERY": "on",
+    "DELIVERY_ATTEMPTS": "8",
+    "DELIVERY_LEASE": "5m",
 }
 
 
