@@ -4,6 +4,7 @@ script (then 200 for ever). For the webhook and push channel tests."""
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -24,6 +25,7 @@ class Answer:
     headers: dict[str, str] = field(default_factory=dict)
     body: bytes = b""
     hold: threading.Event | None = None  # wait for this before answering (a slow peer)
+    delay_s: float = 0.0  # or wait this long
 
 
 @dataclass
@@ -48,6 +50,8 @@ def receiver(*script: Answer) -> Iterator[Receiver]:
                     Seen("POST", self.path, {k.lower(): v for k, v in self.headers.items()}, body)
                 )
                 answer = queue.pop(0) if queue else Answer()
+            if answer.delay_s:
+                time.sleep(answer.delay_s)
             if answer.hold is not None:
                 released.append(answer.hold)
                 answer.hold.wait(5)
