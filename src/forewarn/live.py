@@ -317,7 +317,7 @@ def plain_message(trigger: Trigger, firing: Firing, traits: dict[str, Any]) -> s
     """The message as the playbook wrote it, unrendered: for hosts without templates."""
     text = trigger.action.message or trigger.action.template or trigger.id
     return store_outbox.Message(
-        to=str(traits.get("email") or ""),
+        to=str(traits.get("email") or "") if firing.channel == "email" else "",
         title=trigger.description or trigger.id,
         text=text,
         data={"evidence": firing.evidence},
