@@ -42,6 +42,22 @@ def one_trigger(when: str, **keys: str) -> str:
     )
 
 
+def test_an_action_carries_its_channel_settings_and_a_trigger_its_problem():
+    (t,) = parse_playbooks(
+        [
+            (
+                "p.yaml",
+                "triggers:\n  - id: t\n    when: {event: {name: X}}\n    problem: checkout\n"
+                "    action: {channel: webhook, message: hi, title: Alert, url: 'https://h.test/x',"
+                " format: slack}\n",
+            )
+        ]
+    )
+    assert t.problem == "checkout"
+    assert t.action.title == "Alert"
+    assert dict(t.action.settings) == {"url": "https://h.test/x", "format": "slack"}
+
+
 def test_a_full_trigger_parses_into_typed_fields():
     (t,) = parse_playbooks([("p.yaml", GOOD)])
     assert t.id == "storage-85"
@@ -188,6 +204,22 @@ def test_every_condition_kind_parses():
         (
             "triggers:\n  - id: t\n    when: {event: {name: X}}\n    action: {channel: email}\n",
             "action needs exactly one of 'template'",
+        ),
+        (
+            "triggers:\n  - id: t\n    when: {event: {name: X}}\n    action: {channel: email, message: hi, url: 'https://x'}\n",
+            "'url' is not a setting of the email channel; it takes: from, reply_to",
+        ),
+        (
+            "triggers:\n  - id: t\n    when: {event: {name: X}}\n    action: {channel: webhook, message: hi, format: xml}\n",
+            "format 'xml': give one of standard, slack",
+        ),
+        (
+            "triggers:\n  - id: t\n    when: {event: {name: X}}\n    action: {channel: webhook, message: hi, url: 'ftp://x'}\n",
+            "url 'ftp://x' must start with https://",
+        ),
+        (
+            one_trigger("{event: {name: Login}}", problem="Checkout Errors"),
+            "problem 'Checkout Errors' must use only a-z",
         ),
         (
             "triggers:\n  - id: t\n    action: {channel: email, message: hi}\n",

@@ -381,7 +381,9 @@ def build_parser() -> argparse.ArgumentParser:
         "more can run beside it on the same database.",
     )
     deliver.add_argument("--db", default=_env("DB"), help="the SQLite file")
-    deliver.add_argument("--parent", type=int, help=argparse.SUPPRESS)
+    deliver.add_argument(
+        "--parent", type=int, metavar="PID", help="exit when the process PID is gone"
+    )
     deliver.set_defaults(run=_deliver)
     return parser
 

@@ -179,6 +179,15 @@ class Action:
     channel: str
     template: str | None = None
     message: str | None = None
+    title: str | None = None  # the email subject or push title, when no template gives one
+    # the channel's settings for this trigger, over the server's: `url` and `format` for a
+    # webhook, `from` and `reply_to` for an email
+    settings: tuple[tuple[str, str], ...] = ()
+
+
+# per channel, the settings a trigger may give in its action
+ACTION_SETTINGS = {"webhook": ("url", "format"), "email": ("from", "reply_to")}
+WEBHOOK_FORMATS = ("standard", "slack")
 
 
 @dataclass(frozen=True, slots=True)
@@ -597,7 +606,8 @@ def _signal(node: yaml.Node, what: str) -> Signal:
 
 
 def _action(node: yaml.Node) -> Action:
-    f = _fields(node, "action", ("channel",), ("template", "message"))
+    known = sorted({k for keys in ACTION_SETTINGS.values() for k in keys})
+    f = _fields(node, "action", ("channel",), ("template", "message", "title", *known))
     channel = _scalar(f["channel"])
     if channel not in CHANNELS:
         raise _Invalid(f["channel"], f"unknown channel {channel!r}; allowed: {', '.join(CHANNELS)}")
@@ -605,7 +615,25 @@ def _action(node: yaml.Node) -> Action:
     message = _text(f["message"], "action.message") if "message" in f else None
     if (template is None) == (message is None):
         raise _Invalid(node, "action needs exactly one of 'template' (a file) or 'message' (text)")
-    return Action(str(channel), template, message)
+    title = _text(f["title"], "action.title") if "title" in f else None
+    allowed = ACTION_SETTINGS.get(str(channel), ())
+    settings = []
+    for key in known:
+        if key not in f:
+            continue
+        if key not in allowed:
+            raise _Invalid(
+                f[key],
+                f"'{key}' is not a setting of the {channel} channel"
+                + (f"; it takes: {', '.join(allowed)}" if allowed else ""),
+            )
+        value = _text(f[key], f"action.{key}")
+        if key == "format" and value not in WEBHOOK_FORMATS:
+            raise _Invalid(f[key], f"format {value!r}: give one of {', '.join(WEBHOOK_FORMATS)}")
+        if key == "url" and not value.startswith(("https://", "http://")):
+            raise _Invalid(f[key], f"url {value!r} must start with https:// (or http://)")
+        settings.append((key, value))
+    return Action(str(channel), template, message, title, tuple(settings))
 
 
 _TRIGGER_KEYS = (
