@@ -20,6 +20,7 @@ from forewarn.model import Event, parse_time_ms
 from forewarn.playbook import Trigger
 from forewarn.policy import POLICY_TRAITS, Holding, Outreach
 from forewarn.runner import Runner
+from forewarn.settings import policy as policy_settings
 from forewarn.sources import load_playbooks, read_events
 
 PROGRESS_MIN_BYTES = 8 << 20
@@ -171,6 +172,7 @@ def _serve(args: argparse.Namespace) -> int:
     from forewarn.server import EngineLoop, EngineProcess, Engines, Writer
 
     triggers = load_playbooks(args.playbooks)
+    policy_settings()  # bad policy settings stop the start, with what was wrong
     conn = store_sqlite.connect(args.db)
     write_key, admin_key = _env("WRITE_KEY"), _env("ADMIN_KEY")
     created: list[str] = []
@@ -196,7 +198,7 @@ def _serve(args: argparse.Namespace) -> int:
         writer = Writer(args.db, on_commit=engines.committed)
     else:
         write_lock = threading.Lock()  # the writer and the engine take turns at the database
-        engines = EngineLoop(args.db, triggers, write_lock=write_lock)
+        engines = EngineLoop(args.db, triggers, write_lock=write_lock, playbooks=args.playbooks)
         writer = Writer(args.db, on_commit=engines.committed, write_lock=write_lock)
     app = api.Forewarn(settings, writer, engines)
     delivery = None

@@ -223,7 +223,8 @@ class LiveEngine:
             if f.decision != decide.SEND:
                 continue
             trigger = self.by_id[f.trigger]
-            message = self.compose(trigger, f, self.outreach.traits(f.scope, f.subject))
+            own, account = self.outreach.apart(f.scope, f.subject)
+            message = self.compose(self.workspace, trigger, f, own, account)
             key = store_outbox.idempotency_key(
                 self.workspace, f.trigger, f.scope, f.subject, f.at_ms, f.channel
             )
@@ -310,14 +311,22 @@ class LiveEngine:
         return store_sqlite.log_end(self.conn, self.workspace) - self.cursor
 
 
-Compose = Callable[[Trigger, Firing, dict[str, Any]], store_outbox.Message]
+# (workspace, trigger, firing, the subject's own traits, its account's) -> the message
+Compose = Callable[[int, Trigger, Firing, dict[str, Any], dict[str, Any]], store_outbox.Message]
 
 
-def plain_message(trigger: Trigger, firing: Firing, traits: dict[str, Any]) -> store_outbox.Message:
+def plain_message(
+    workspace: int,
+    trigger: Trigger,
+    firing: Firing,
+    own: dict[str, Any],
+    account: dict[str, Any],
+) -> store_outbox.Message:
     """The message as the playbook wrote it, unrendered: for hosts without templates."""
     text = trigger.action.message or trigger.action.template or trigger.id
+    email = own.get("email") or account.get("email")
     return store_outbox.Message(
-        to=str(traits.get("email") or "") if firing.channel == "email" else "",
+        to=str(email or "") if firing.channel == "email" else "",
         title=trigger.description or trigger.id,
         text=text,
         data={"evidence": firing.evidence},

@@ -53,16 +53,22 @@ class Outreach:
         self.consent = consent
         self.displaced_refs: list[Any] = []  # of the last `decide`: stored firings displaced
 
-    def traits(self, scope: str, subject: str) -> dict[str, Any]:
-        """The subject's traits; a user's are laid over its (newest) account's."""
+    def apart(self, scope: str, subject: str) -> tuple[dict[str, Any], dict[str, Any]]:
+        """The subject's own traits, and its (newest) account's; an account's are both."""
         state = self.state
         if scope == "account":
-            return traits_of(state, True, subject)
+            own = traits_of(state, True, subject)
+            return own, own
         own = traits_of(state, False, subject)
         user = state.users.get(subject)
         if user is None or not user.accounts:
-            return own
-        return {**traits_of(state, True, user.accounts[-1]), **own}
+            return own, {}
+        return own, traits_of(state, True, user.accounts[-1])
+
+    def traits(self, scope: str, subject: str) -> dict[str, Any]:
+        """The subject's traits; a user's are laid over its account's."""
+        own, account = self.apart(scope, subject)
+        return own if own is account else {**account, **own}
 
     def facts(self, scope: str, subject: str) -> Facts:
         traits = self.traits(scope, subject)

@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
-from forewarn import clock, engine, store_sqlite
+from forewarn import clock, compose, engine, settings, store_sqlite
 from forewarn.errors import ForewarnError, NotFoundError
 from forewarn.live import Committed, LiveEngine
 from forewarn.model import format_time
@@ -205,8 +205,10 @@ class EngineLoop:
         now_ms: Callable[[], int] = clock.now_ms,
         write_lock: threading.Lock | None = None,
         min_step_ms: float = MIN_STEP_MS,
+        playbooks: str | Path | None = None,
     ) -> None:
         self.path = path
+        self.playbooks = playbooks  # where the message templates are
         self.write_lock = write_lock or threading.Lock()
         self.min_step_ms = min_step_ms
         self._handed: dict[int, list[Committed]] = {}
@@ -255,6 +257,9 @@ class EngineLoop:
     def _run(self) -> None:
         conn = store_sqlite.connect(self.path, store_sqlite.NO_CHECKPOINT)
         engines = self.stats.engines
+        policy = settings.policy()
+        composer: compose.Composer | None = None
+        keep: tuple[tuple[str, ...], tuple[str, ...]] = ((), ())
         last = 0.0
         while not self._stop.is_set():
             self._wake.wait(self.tick_ms / 1000)
@@ -269,11 +274,20 @@ class EngineLoop:
             if reload is not None:
                 self.triggers = reload
                 engines.clear()
+                composer = None
+            if composer is None:
+                composer, keep = compose.for_playbooks(conn, self.playbooks, self.triggers)
             for ws, _ in store_sqlite.workspaces(conn):
                 live = engines.get(ws)
                 if live is None:
                     live = engines[ws] = LiveEngine(
-                        conn, ws, self.triggers, write_lock=self.write_lock
+                        conn,
+                        ws,
+                        self.triggers,
+                        write_lock=self.write_lock,
+                        policy=policy,
+                        compose=composer,
+                        keep=keep,
                     )
                 with self.state_lock:
                     stepped = self._step(live)
@@ -462,7 +476,7 @@ def _engine_main(path: str, playbooks: str, wake: Any, ask: Any, parent: int) ->
     fcntl.flock(lock, fcntl.LOCK_EX)  # waits for an engine of a killed server to be gone
     if os.getppid() != parent:
         return
-    loop = EngineLoop(path, load_playbooks(playbooks))
+    loop = EngineLoop(path, load_playbooks(playbooks), playbooks=playbooks)
 
     def wakes() -> None:
         while True:
