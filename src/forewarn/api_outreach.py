@@ -10,18 +10,21 @@ so a link scanner that fetches every URL in a mail never unsubscribes anyone.
 from __future__ import annotations
 
 import asyncio
+import base64
+import hashlib
 import html
 from typing import TYPE_CHECKING, Any
 
 import msgspec
 from starlette.requests import Request
-from starlette.responses import HTMLResponse, Response
+from starlette.responses import HTMLResponse, RedirectResponse, Response
 from starlette.routing import Route
 
-from forewarn import clock, store_outbox, store_sqlite
+from forewarn import clock, links, store_outbox, store_sqlite
 from forewarn.errors import InputError
 from forewarn.links import CHANNELS, SCOPES, SECRET_NAME, read_token
 from forewarn.model import format_time, parse_time_ms
+from forewarn.store_sqlite import Append
 
 if TYPE_CHECKING:
     from forewarn.api import Forewarn
@@ -162,7 +165,48 @@ def routes(app: Forewarn) -> list[Route]:
         await run(store_outbox.unsubscribe, ws, scope, subject, channel, "link", clock.now_ms())
         return HTMLResponse(_DONE.format(what=html.escape(what)))
 
+    async def record(sent: links.Sent, name: str, extra: dict[str, Any], mid: str) -> None:
+        now = clock.now_ms()
+        message = links.event_message(sent, name, now, extra, mid)
+        await app.writer.submit(Append(sent.workspace, "forewarn", now, [message], [mid], None))
+
+    async def opened(request: Request) -> Response:
+        secret = await run(store_outbox.secret, SECRET_NAME)
+        sent = links.read_engagement(secret, request.path_params["token"])
+        await record(sent, "Message Opened", {}, f"{sent.key}:Message Opened")
+        return Response(PIXEL, media_type="image/gif", headers={"cache-control": "no-store"})
+
+    async def clicked(request: Request) -> Response:
+        secret = await run(store_outbox.secret, SECRET_NAME)
+        sent, url = links.read_click(secret, request.path_params["token"])
+        digest = hashlib.blake2b(url.encode(), digest_size=8).hexdigest()
+        await record(sent, "Message Clicked", {"url": url}, f"{sent.key}:Message Clicked:{digest}")
+        return RedirectResponse(url, status_code=302)
+
+    async def engaged(request: Request) -> Response:
+        secret = await run(store_outbox.secret, SECRET_NAME)
+        sent = links.read_engagement(secret, request.path_params["token"])
+        body = await _body(request)
+        what = body.get("event")
+        if what not in ENGAGEMENTS:
+            raise InputError(f"event {what!r}: give one of {', '.join(ENGAGEMENTS)}")
+        name = ENGAGEMENTS[what]
+        extra: dict[str, Any] = {}
+        mid = f"{sent.key}:{name}"
+        if what == "clicked" and isinstance(body.get("url"), str):
+            extra["url"] = body["url"][:2000]
+        if what == "replied":  # every reply counts
+            text = body.get("text")
+            if isinstance(text, str):
+                extra["text"] = text[:2000]
+            mid += f":{clock.now_ms()}"
+        await record(sent, name, extra, mid)
+        return _json({"recorded": name})
+
     return [
+        Route("/o/{token}", opened, methods=["GET"]),
+        Route("/c/{token}", clicked, methods=["GET"]),
+        Route("/e/{token}", engaged, methods=["POST"]),
         Route("/api/v1/outreach", outreach, methods=["GET"]),
         Route("/api/v1/subjects/{subject}/suppress", suppress, methods=["POST"]),
         Route("/api/v1/subjects/{subject}/unsuppress", unsuppress, methods=["POST"]),
@@ -184,6 +228,15 @@ def _limit(text: str | None) -> int:
 def _json(data: Any) -> Response:
     return Response(msgspec.json.encode(data), media_type="application/json")
 
+
+ENGAGEMENTS = {
+    "opened": "Message Opened",
+    "clicked": "Message Clicked",
+    "dismissed": "Message Dismissed",
+    "replied": "Message Replied",
+}
+# a transparent 1x1 GIF
+PIXEL = base64.b64decode("R0lGODlhAQABAIAAAAAAAP///yH5BAEAAAAALAAAAAABAAEAAAIBRAA7")
 
 _PAGE = """<!doctype html><html><head><meta charset="utf-8"><title>Unsubscribe</title></head>
 <body><form method="post" action="{action}"><p>Stop receiving {what}?</p>

@@ -16,9 +16,8 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
-from forewarn import store_outbox
+from forewarn import links, store_outbox
 from forewarn.engine import Firing
-from forewarn.links import unsubscribe_token, unsubscribe_url
 from forewarn.playbook import Trigger
 from forewarn.templates import Templates
 
@@ -73,28 +72,50 @@ class Composer:
     ) -> store_outbox.Message:
         channel = firing.channel
         traits = own if own is account else {**account, **own}
-        link = ""
+        key = store_outbox.idempotency_key(
+            workspace, firing.trigger, firing.scope, firing.subject, firing.at_ms, channel
+        )
+        sent = links.Sent(workspace, firing.scope, firing.subject, firing.trigger, channel, key)
+        base = self.public_url.rstrip("/")
+        unsubscribe = ""
         if channel == "email":
-            token = unsubscribe_token(self.secret, workspace, firing.scope, firing.subject, "email")
-            link = unsubscribe_url(self.public_url, token)
+            token = links.unsubscribe_token(
+                self.secret, workspace, firing.scope, firing.subject, "email"
+            )
+            unsubscribe = links.unsubscribe_url(base, token)
+        engagement = f"{base}/e/{links.engagement_token(self.secret, sent)}"
+
+        def link(url: object) -> str:
+            """A link that records `Message Clicked`, then goes to `url`."""
+            if not isinstance(url, str) or not url.startswith(("https://", "http://")):
+                return str(url)
+            return f"{base}/c/{links.click_token(self.secret, sent, url)}"
+
         context = {
             "traits": own,
             "account": account,
             "evidence": firing.evidence,
             "trigger": {"id": trigger.id, "description": trigger.description},
             "subject": firing.subject,
-            "unsubscribe_url": link,
+            "unsubscribe_url": unsubscribe,
+            "link": link,
         }
         rendered = self.templates.render(trigger.action.template, trigger.action.message, context)
         title = rendered.title or trigger.action.title or trigger.description or trigger.id
         data: dict[str, Any] = {"evidence": firing.evidence, "traits": traits}
-        if link:
-            data["unsubscribe_url"] = link
+        html = rendered.html
+        if channel == "email":
+            data["unsubscribe_url"] = unsubscribe
+            if html:  # the open pixel
+                pixel = f"{base}/o/{links.engagement_token(self.secret, sent)}"
+                html += f'<img src="{pixel}" width="1" height="1" alt="">'
+        elif channel != "webhook":
+            data["engagement_url"] = engagement
         return store_outbox.Message(
             to=str(traits.get("email") or "") if channel == "email" else "",
             title=title,
             text=rendered.text,
-            html=rendered.html,
+            html=html,
             data=data,
             settings=dict(trigger.action.settings),
         )

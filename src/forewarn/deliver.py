@@ -23,10 +23,9 @@ import sqlite3
 from collections.abc import Callable, Mapping
 from typing import Any, assert_never
 
-from forewarn import clock, store_outbox, store_sqlite
+from forewarn import clock, links, store_outbox, store_sqlite
 from forewarn.channel_webhook import retry_delay_ms
 from forewarn.channels import Bounced, Channel, Failed, Gone, Outcome, Outgoing, Retry, Sent
-from forewarn.model import format_time
 from forewarn.store_outbox import Claimed
 
 log = logging.getLogger("forewarn.deliver")
@@ -245,25 +244,10 @@ class Worker:
 
 def result_message(row: Claimed, name: str, now_ms: int, extra: dict[str, Any]) -> dict[str, Any]:
     """A delivery result as a Segment track message, for the subject it concerns."""
-    msg: dict[str, Any] = {
-        "type": "track",
-        "event": name,
-        "messageId": f"{row.key}:{name}",
-        "timestamp": format_time(now_ms),
-        "properties": {
-            "trigger": row.trigger,
-            "channel": row.channel,
-            "key": row.key,
-            "attempt": row.attempts,
-            **extra,
-        },
-    }
-    if row.scope == "account":
-        msg["anonymousId"] = f"account:{row.subject}"
-        msg["context"] = {"groupId": row.subject}
-    else:
-        msg["userId"] = row.subject
-    return msg
+    sent = links.Sent(row.workspace, row.scope, row.subject, row.trigger, row.channel, row.key)
+    return links.event_message(
+        sent, name, now_ms, {"attempt": row.attempts, **extra}, f"{row.key}:{name}"
+    )
 
 
 def channels_from_settings(conn: sqlite3.Connection) -> dict[str, Channel]:

@@ -129,6 +129,21 @@ def _openapi() -> dict[str, Any]:
         "get": _op("The unsubscribe page: a button that posts; never unsubscribes", None, link),
         "post": _op("One-click unsubscribe (RFC 8058): takes effect at once", None, link),
     }
+    paths["/o/{token}"] = {
+        "get": _op("An email opened: a 1x1 GIF; records `Message Opened` once", None, link)
+    }
+    paths["/c/{token}"] = {
+        "get": _op("A link clicked: records `Message Clicked`, redirects to its URL", None, link)
+    }
+    paths["/e/{token}"] = {
+        "post": _op(
+            "An engagement from the widget or a push service worker: body"
+            " `{event: opened|clicked|dismissed|replied}`",
+            None,
+            link,
+            body=True,
+        )
+    }
     paths["/healthz"] = {"get": _op("Liveness", None)}
     paths["/metrics"] = {
         "get": {
