@@ -323,7 +323,9 @@ _CLOCK = re.compile(r"^([01]?\d|2[0-3]):([0-5]\d)$")
 
 
 def parse_caps(text: str) -> tuple[Cap, ...]:
-    """`2/7d,1/1d`: at most 2 per 7 days and 1 per day. Empty: no cap."""
+    """`2/7d,1/1d`: at most 2 per 7 days and 1 per day. Empty or `off`: no cap."""
+    if text.strip().lower() in ("off", "none"):
+        return ()
     caps = []
     for part in text.split(","):
         if not part.strip():
