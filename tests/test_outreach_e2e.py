@@ -190,7 +190,7 @@ def test_email_webhook_and_inbox_go_out_and_unsubscribe_takes_effect_at_once(wor
 
 
 def test_suppress_and_unsuppress_through_the_admin_api(world):
-    live, catch, hooks = world
+    live, _, _ = world
     now = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
     answer = _admin_post(live, "/api/v1/subjects/bob/suppress", {"reason": "incident INC-7"})
     assert answer == {"subject": "bob", "scope": "user", "suppressed": True, "stopped": 0}
