@@ -25,7 +25,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from forewarn import decide, store_outbox, store_sqlite
+from forewarn import store_outbox, store_sqlite
 from forewarn.decide import Facts, History, Policy, Spec
 
 DAY = 86_400_000

@@ -100,7 +100,7 @@ def test_kill_9_of_the_delivery_worker_loses_nothing_and_repeats_little(tmp_path
     statuses = collections.Counter(s for (s,) in conn.execute("SELECT status FROM outbox"))
     assert statuses == {"sent": 2 * USERS}
     # webhooks: every one arrived, verified; a crash repeated at most one
-    ids = collections.Counter()
+    ids: collections.Counter[str] = collections.Counter()
     for request in seen:
         standardwebhooks.Webhook(SECRET).verify(request.body, request.headers)
         ids[request.headers["webhook-id"]] += 1

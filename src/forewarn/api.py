@@ -370,9 +370,11 @@ def routes(app: Forewarn) -> list[Route]:
 
     async def reload(request: Request) -> Response:
         app.admin_key(request)
+        from forewarn import compose
         from forewarn.sources import load_playbooks
 
         triggers = await asyncio.to_thread(load_playbooks, app.settings.playbooks)
+        await asyncio.to_thread(compose.check, app.settings.playbooks, triggers)
         app.engines.reload(triggers)
         return _json({"reloaded": True, "triggers": [t.id for t in triggers]})
 

@@ -151,7 +151,10 @@ def _print_table(
 
 
 def _check(args: argparse.Namespace) -> int:
+    from forewarn import compose
+
     triggers = load_playbooks(args.playbooks)
+    compose.check(args.playbooks, triggers)
     for t in triggers:
         print(describe.trigger(t))
         print()
@@ -168,10 +171,11 @@ def _serve(args: argparse.Namespace) -> int:
 
     import uvicorn
 
-    from forewarn import api, clock, store_sqlite
+    from forewarn import api, clock, compose, store_sqlite
     from forewarn.server import EngineLoop, EngineProcess, Engines, Writer
 
     triggers = load_playbooks(args.playbooks)
+    compose.check(args.playbooks, triggers)
     policy_settings()  # bad policy settings stop the start, with what was wrong
     conn = store_sqlite.connect(args.db)
     write_key, admin_key = _env("WRITE_KEY"), _env("ADMIN_KEY")

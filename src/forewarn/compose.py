@@ -18,6 +18,7 @@ from typing import Any
 
 from forewarn import links, store_outbox
 from forewarn.engine import Firing
+from forewarn.errors import PlaybookError, Problem
 from forewarn.playbook import Trigger
 from forewarn.templates import Templates
 
@@ -100,8 +101,13 @@ class Composer:
             "unsubscribe_url": unsubscribe,
             "link": link,
         }
-        rendered = self.templates.render(trigger.action.template, trigger.action.message, context)
-        title = rendered.title or trigger.action.title or trigger.description or trigger.id
+        title = trigger.action.title
+        if title is None and trigger.action.message is not None and trigger.description:
+            title = trigger.description  # better than the first line of an inline message
+        rendered = self.templates.render(
+            trigger.action.template, trigger.action.message, context, title=title
+        )
+        title = rendered.title or trigger.description or trigger.id
         data: dict[str, Any] = {"evidence": firing.evidence, "traits": traits}
         html = rendered.html
         if channel == "email":
@@ -138,3 +144,18 @@ def for_playbooks(
     )
     user, account = trait_names(triggers, directory)
     return composer, (tuple(sorted(user)), tuple(sorted(account)))
+
+
+def check(playbooks: str | Path, triggers: list[Trigger]) -> None:
+    """Every trigger's message renders: its template files exist and parse, its inline text
+    and title parse. Raises PlaybookError naming each trigger that does not."""
+    directory = templates_dir(playbooks)
+    templates = Templates(directory if directory.is_dir() else None)
+    problems = []
+    for t in triggers:
+        names = [t.action.template] if t.action.template else []
+        texts = [x for x in (t.action.message, t.action.title) if x]
+        for message in templates.check(names, texts):
+            problems.append(Problem(t.file, t.line, t.id, message))
+    if problems:
+        raise PlaybookError(problems)

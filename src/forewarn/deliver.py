@@ -139,7 +139,7 @@ class Worker:
         self.settle(row, outcome)
 
     def _disabled(self, message: Outgoing, channel: Channel) -> bool:
-        url = message.to or message.settings.get("url") or getattr(channel, "url", "")
+        url = str(message.to or message.settings.get("url") or getattr(channel, "url", ""))
         return bool(url) and store_outbox.endpoint_disabled(self.conn, message.workspace, url)
 
     def _blocked(self, row: Claimed) -> str | None:

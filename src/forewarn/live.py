@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import logging
 import sqlite3
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -31,12 +32,14 @@ import msgspec
 
 from forewarn import decide, engine, store_outbox, store_sqlite
 from forewarn.engine import Firing, Subject, Timer
-from forewarn.errors import EventError
+from forewarn.errors import EventError, ForewarnError
 from forewarn.model import Event, event_from_dict, format_time
 from forewarn.playbook import Trigger
 from forewarn.policy import POLICY_TRAITS, Outreach
 from forewarn.runner import Runner
 from forewarn.signals import NEVER
+
+log = logging.getLogger("forewarn.live")
 
 SNAPSHOT_EVERY_MS = 60_000
 READ_LIMIT = 200  # batches per read
@@ -224,7 +227,12 @@ class LiveEngine:
                 continue
             trigger = self.by_id[f.trigger]
             own, account = self.outreach.apart(f.scope, f.subject)
-            message = self.compose(self.workspace, trigger, f, own, account)
+            failed = None
+            try:
+                message = self.compose(self.workspace, trigger, f, own, account)
+            except ForewarnError as exc:  # a template broken since it was checked
+                log.warning("trigger %s: cannot compose its message: %s", f.trigger, exc)
+                message, failed = store_outbox.Message(), exc.message
             key = store_outbox.idempotency_key(
                 self.workspace, f.trigger, f.scope, f.subject, f.at_ms, f.channel
             )
@@ -241,6 +249,7 @@ class LiveEngine:
                 message,
                 due,
                 now_ms,
+                failed,
             )
         if displaced:
             store_outbox.displace(conn, displaced, now_ms)

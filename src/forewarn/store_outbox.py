@@ -65,22 +65,16 @@ def enqueue(
     message: Message,
     due_ms: int,
     now_ms: int,
+    failed: str | None = None,
 ) -> None:
+    """A message to send; or, with `failed` (why it could not be made), a dead letter."""
+    status, reason, done = (DEAD, "failed", now_ms) if failed is not None else (PENDING, None, None)
+    row = (workspace, firing, key, channel, trigger, subject, scope, _encode(message), due_ms)
     conn.execute(
         "INSERT OR IGNORE INTO outbox (workspace, firing, key, channel, trig, subject, scope,"
-        " message, due_ms, created_ms) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-        (
-            workspace,
-            firing,
-            key,
-            channel,
-            trigger,
-            subject,
-            scope,
-            _encode(message),
-            due_ms,
-            now_ms,
-        ),
+        " message, due_ms, created_ms, status, reason, detail, done_ms)"
+        " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+        (*row, now_ms, status, reason, failed, done),
     )
 
 
