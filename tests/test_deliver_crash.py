@@ -4,6 +4,7 @@ had in flight, which the receivers can recognise by its key."""
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import collections
 import os
@@ -13,15 +14,20 @@ import sqlite3
 import subprocess
 import sys
 import time
+from email import policy
+from email.parser import BytesParser
 from pathlib import Path
+from typing import Any
 
 import standardwebhooks
+from aiosmtpd.controller import Controller
 
 from forewarn import decide, store_outbox, store_sqlite
 from forewarn.live import LiveEngine
 
-from .factories import HOUR, T0_MS, at, playbook, track
+from .factories import HOUR, T0_MS, at, identify, playbook, track
 from .receiver import Answer, receiver
+from .server import free_port
 
 SECRET = "whsec_" + base64.b64encode(b"crash-test-secret-32-bytes-long!").decode()
 USERS = 40
@@ -34,7 +40,24 @@ triggers:
   - id: nudge
     when: {event: {name: Quota Hit}}
     action: {channel: in_app, message: "you hit your quota"}
+  - id: mail
+    when: {event: {name: Quota Hit}}
+    action: {channel: email, message: "you hit your quota"}
 """
+CHANNELS = 3
+
+
+class SlowMailbox:
+    """An SMTP server's handler that takes its time, so that kills land mid-send."""
+
+    def __init__(self) -> None:
+        self.ids: list[str] = []
+
+    async def handle_DATA(self, server: Any, session: Any, envelope: Any) -> str:
+        await asyncio.sleep(0.05)
+        message = BytesParser(policy=policy.default).parsebytes(envelope.content)
+        self.ids.append(str(message["Message-ID"]))
+        return "250 OK"
 
 
 def _decide_everything(db: Path) -> int:
@@ -42,7 +65,8 @@ def _decide_everything(db: Path) -> int:
     store_sqlite.ensure_workspace(conn, "default", 0)
     policy = decide.Policy(caps=(), quiet_start_min=0, quiet_end_min=0, priority_window_ms=0)
     live = LiveEngine(conn, 1, playbook(PLAYBOOK), policy=policy)
-    messages = [track("Quota Hit", at(hours=12), f"u{i}") for i in range(USERS)]
+    messages = [identify(at(hours=11), f"u{i}", email=f"u{i}@example.com") for i in range(USERS)]
+    messages += [track("Quota Hit", at(hours=12), f"u{i}") for i in range(USERS)]
     store_sqlite.append_batches(
         conn,
         [store_sqlite.Append(1, "test", NOON, messages, [str(m["messageId"]) for m in messages])],
@@ -66,7 +90,10 @@ def _pending(db: Path) -> int:
 
 def test_kill_9_of_the_delivery_worker_loses_nothing_and_repeats_little(tmp_path):
     db = tmp_path / "forewarn.db"
-    assert _decide_everything(db) == 2 * USERS
+    assert _decide_everything(db) == CHANNELS * USERS
+    mailbox = SlowMailbox()
+    smtp = Controller(mailbox, hostname="127.0.0.1", port=free_port())
+    smtp.start()
     rng = random.Random(11)
     # a slow receiver, so that kills land while a message is in flight
     with receiver(*[Answer(delay_s=0.08) for _ in range(10_000)]) as hooks:
@@ -76,6 +103,8 @@ def test_kill_9_of_the_delivery_worker_loses_nothing_and_repeats_little(tmp_path
             "FOREWARN_WEBHOOK_SECRET": SECRET,
             "FOREWARN_WEBHOOK_ALLOW_PRIVATE": "1",
             "FOREWARN_DELIVERY_LEASE": "1s",
+            "FOREWARN_SMTP_URL": f"smtp://127.0.0.1:{smtp.port}",
+            "FOREWARN_EMAIL_FROM": "help@example.com",
         }
         command = [sys.executable, "-m", "forewarn", "deliver", "--db", str(db)]
         crashes = 0
@@ -95,10 +124,11 @@ def test_kill_9_of_the_delivery_worker_loses_nothing_and_repeats_little(tmp_path
         assert _pending(db) == 0, "messages left undelivered"
         assert crashes >= 3, "the worker finished before it could be killed: slow the receiver"
         seen = list(hooks.seen)
+    smtp.stop()
 
     conn = store_sqlite.connect(db)
     statuses = collections.Counter(s for (s,) in conn.execute("SELECT status FROM outbox"))
-    assert statuses == {"sent": 2 * USERS}
+    assert statuses == {"sent": CHANNELS * USERS}
     # webhooks: every one arrived, verified; a crash repeated at most one
     ids: collections.Counter[str] = collections.Counter()
     for request in seen:
@@ -107,6 +137,10 @@ def test_kill_9_of_the_delivery_worker_loses_nothing_and_repeats_little(tmp_path
     keys = {k for (k,) in conn.execute("SELECT key FROM outbox WHERE channel = 'webhook'")}
     assert set(ids) == keys
     assert sum(ids.values()) - len(keys) <= crashes
+    # email cannot deduplicate: each crash may repeat the one mail in flight, never more
+    mails = collections.Counter(mailbox.ids)
+    assert len(mails) == USERS
+    assert sum(mails.values()) - USERS <= crashes
     # the inbox stored each message once, however often it was sent
     inbox = conn.execute("SELECT key, count(*) FROM inbox GROUP BY key").fetchall()
     assert len(inbox) == USERS and all(n == 1 for _, n in inbox)
@@ -118,6 +152,6 @@ def test_kill_9_of_the_delivery_worker_loses_nothing_and_repeats_little(tmp_path
             m["properties"].get("key") for m in batch.messages if m.get("event") == "Message Sent"
         ]
     )
-    assert len(sent) == 2 * USERS and set(sent.values()) == {1}
+    assert len(sent) == CHANNELS * USERS and set(sent.values()) == {1}
     assert store_outbox.query_outreach(conn, 1, status="pending") == []
     conn.close()

@@ -210,3 +210,21 @@ def test_suppress_and_unsuppress_through_the_admin_api(world):
         timeout=10,
     )
     assert bad.status_code == 400 and "pending" in bad.json()["error"]["message"]
+
+
+def test_push_subscriptions_are_registered_and_checked(world):
+    live, _, _ = world
+    sub = {
+        "endpoint": "https://push.example.com/send/abc",
+        "keys": {"p256dh": "BPk", "auth": "xyz"},
+    }
+    assert _admin_post(live, "/api/v1/subjects/ann/push-subscriptions", sub)["subscribed"] is True
+    listed = live.admin("/api/v1/subjects/ann/push-subscriptions")["subscriptions"]
+    assert listed == [sub]
+    for bad, says in (
+        ({**sub, "endpoint": "http://10.0.0.1/x"}, "https://"),
+        ({**sub, "keys": {"p256dh": "BPk"}}, "p256dh and auth"),
+    ):
+        with pytest.raises(httpx.HTTPStatusError) as refused:
+            _admin_post(live, "/api/v1/subjects/ann/push-subscriptions", bad)
+        assert says in refused.value.response.json()["error"]["message"]

@@ -155,6 +155,37 @@ def routes(app: Forewarn) -> list[Route]:
         rows = await run(store_outbox.inbox, key.workspace, scope, subject, 100)
         return _json({"subject": subject, "scope": scope, "messages": rows})
 
+    async def push_subscriptions(request: Request) -> Response:
+        key = app.admin_key(request)
+        subject = request.path_params["subject"]
+        if request.method == "GET":
+            scope = _scope(request.query_params.get("scope"))
+            subs = await run(store_outbox.subscriptions, key.workspace, scope, subject)
+            return _json({"subject": subject, "scope": scope, "subscriptions": subs})
+        body = await _body(request)
+        scope = _scope(body.get("scope"))
+        endpoint, keys = body.get("endpoint"), body.get("keys")
+        if not isinstance(endpoint, str) or not endpoint.startswith("https://"):
+            raise InputError("endpoint must be the https:// URL of the browser's PushSubscription")
+        if not isinstance(keys, dict) or not all(
+            isinstance(keys.get(k), str) and keys[k] for k in ("p256dh", "auth")
+        ):
+            raise InputError(
+                "keys must hold the subscription's p256dh and auth, as PushSubscription.toJSON()"
+                " gives them"
+            )
+        await run(
+            store_outbox.subscribe,
+            key.workspace,
+            scope,
+            subject,
+            endpoint[:2000],
+            keys["p256dh"][:200],
+            keys["auth"][:200],
+            clock.now_ms(),
+        )
+        return _json({"subject": subject, "scope": scope, "subscribed": True})
+
     async def unsubscribe_link(request: Request) -> Response:
         token = request.path_params["token"]
         secret = await run(store_outbox.secret, SECRET_NAME)
@@ -213,6 +244,11 @@ def routes(app: Forewarn) -> list[Route]:
         Route("/api/v1/subjects/{subject}/unsubscribe", consent, methods=["POST"]),
         Route("/api/v1/subjects/{subject}/resubscribe", consent, methods=["POST"]),
         Route("/api/v1/subjects/{subject}/inbox", inbox, methods=["GET"]),
+        Route(
+            "/api/v1/subjects/{subject}/push-subscriptions",
+            push_subscriptions,
+            methods=["GET", "POST"],
+        ),
         Route("/u/{token}", unsubscribe_link, methods=["GET", "POST"]),
     ]
 

@@ -124,6 +124,15 @@ def _openapi() -> dict[str, Any]:
     paths["/api/v1/subjects/{subject}/inbox"] = {
         "get": _op("A subject's in-app inbox and chat openers", admin, [*subject, _param("scope")])
     }
+    paths["/api/v1/subjects/{subject}/push-subscriptions"] = {
+        "get": _op("A subject's Web Push subscriptions", admin, [*subject, _param("scope")]),
+        "post": _op(
+            "Register a Web Push subscription (PushSubscription.toJSON()) for a subject",
+            admin,
+            subject,
+            body=True,
+        ),
+    }
     link = [_param("token", "path")]
     paths["/u/{token}"] = {
         "get": _op("The unsubscribe page: a button that posts; never unsubscribes", None, link),
