@@ -242,3 +242,78 @@ def test_progress_bar_shows_on_a_terminal_for_long_inputs():
     short = _Terminal()  # a short input: no bar
     Progress("reading small.jsonl", 100, short)(50)
     assert short.getvalue() == ""
+
+
+def test_replay_runs_the_same_policy_as_the_server(tmp_path, capsys, monkeypatch):
+    """Priority, problem episodes, caps and quiet hours decide a backtest's firings too."""
+    (tmp_path / "p.yaml").write_text(
+        "triggers:\n"
+        "  - id: spike\n    problem: checkout\n    priority: 9\n"
+        "    when: {event: {name: Checkout Failed}}\n    action: {channel: email, message: a}\n"
+        "  - id: bug\n    problem: checkout\n    priority: 5\n"
+        "    when: {event: {name: Checkout Failed}}\n    action: {channel: in_app, message: b}\n"
+        "  - id: tour\n    when: {event: {name: Signed In}}\n    action: {channel: in_app, message: c}\n"
+    )
+    lines = [
+        {
+            "type": "identify",
+            "userId": "ann",
+            "traits": {"timezone": "Europe/Paris"},
+            "timestamp": "2026-03-02T09:00:00Z",
+        },
+        {
+            "type": "track",
+            "userId": "ann",
+            "event": "Checkout Failed",
+            "timestamp": "2026-03-02T10:00:00Z",
+        },
+        {
+            "type": "track",
+            "userId": "ann",
+            "event": "Signed In",
+            "timestamp": "2026-03-02T11:00:00Z",
+        },
+        {
+            "type": "track",
+            "userId": "ann",
+            "event": "Signed In",
+            "timestamp": "2026-03-03T21:30:00Z",
+        },
+    ]
+    events = tmp_path / "e.jsonl"
+    events.write_text("".join(json.dumps(m) + "\n" for m in lines))
+    monkeypatch.setenv("FOREWARN_FREQUENCY_CAPS", "1/1d")
+    code = main(["replay", "--playbooks", str(tmp_path / "p.yaml"), "--events", str(events)])
+    out, _ = capsys.readouterr()
+    assert code == 0
+    decided = [
+        (f["trigger"], f["decision"], f["reason"], f["send_at"])
+        for f in map(json.loads, out.splitlines())
+    ]
+    assert decided == [
+        ("spike", "send", None, "2026-03-02T10:00:30Z"),
+        # the same problem, and a lower priority at the same moment
+        ("bug", "suppressed", "episode_handled", None),
+        ("tour", "suppressed", "frequency_cap", None),  # one a day
+        # 22:30 in Paris: held until 08:00 there
+        ("tour", "send", "deferred:quiet_hours", "2026-03-04T07:00:00Z"),
+    ]
+
+
+def test_bad_policy_settings_are_refused_with_the_variable_named(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("FOREWARN_QUIET_HOURS", "9pm-8am")
+    code = main(["replay", "--playbooks", str(PLAYBOOKS), "--events", str(EVENTS)])
+    _, err = capsys.readouterr()
+    assert code == 2
+    assert "FOREWARN_QUIET_HOURS: bad quiet hours '9pm-8am': write HH:MM-HH:MM" in err
+
+
+def test_keys_vapid_prints_a_usable_key_pair(capsys):
+    from forewarn.channel_push import PushChannel
+
+    assert main(["keys", "vapid"]) == 0
+    out, _ = capsys.readouterr()
+    pairs = dict(line.split("=", 1) for line in out.splitlines())
+    assert set(pairs) == {"FOREWARN_VAPID_PRIVATE_KEY", "FOREWARN_VAPID_PUBLIC_KEY"}
+    channel = PushChannel(pairs["FOREWARN_VAPID_PRIVATE_KEY"], "mailto:ops@example.com")
+    assert channel.public_key == pairs["FOREWARN_VAPID_PUBLIC_KEY"]

@@ -281,3 +281,14 @@ def test_a_channel_that_raises_is_retried_not_fatal(conn):
     )
     asyncio.run(worker.run_once())
     assert sorted(r[1:3] for r in _outbox(conn)) == [("email", "pending"), ("webhook", "sent")]
+
+
+def test_an_open_urgent_ticket_survives_a_restart_from_the_snapshot(conn):
+    live = LiveEngine(conn, 1, playbook(PLAYBOOK), snapshot_every_ms=0)
+    ticket = {"ticket_id": "T-1", "priority": "urgent"}
+    _feed(conn, live, track("Ticket Created", at(hours=11), **ticket), NOON)
+    again = LiveEngine(conn, 1, playbook(PLAYBOOK))  # restored from the snapshot
+    assert again.runner.state.urgent == {"user:u1": ["T-1"]}
+    _feed(conn, again, track("Quota Hit", at(hours=12)), NOON + HOUR)
+    decided = conn.execute("SELECT decision, reason FROM firings").fetchall()
+    assert decided == [("suppressed", "account_suppressed")] * 2

@@ -156,6 +156,15 @@ def test_email_webhook_and_inbox_go_out_and_unsubscribe_takes_effect_at_once(wor
     assert live.wait_for(lambda: live.admin("/api/v1/subjects/ann/inbox")["messages"])
     inbox = live.admin("/api/v1/subjects/ann/inbox")["messages"]
     assert [m["text"] for m in inbox] == ["Need a hand, Ann?"]
+    engage = inbox[0]["engagement_url"]
+    for body in ({"event": "dismissed"}, {"event": "replied", "text": "yes please"}):
+        r = httpx.post(engage, json=body, timeout=10)
+        assert r.status_code == 200, r.text
+    refused = httpx.post(engage, json={"event": "liked"}, timeout=10)
+    assert refused.status_code == 400 and "dismissed" in refused.json()["error"]["message"]
+    assert live.wait_for(lambda: _events(live.db, "Message Replied"))
+    (reply,) = _events(live.db, "Message Replied")
+    assert b"yes please" in reply and _events(live.db, "Message Dismissed")
 
     # the open pixel and the tracked link record engagement; the link goes where it said
     assert httpx.get(pixel.group(1), timeout=10).headers["content-type"] == "image/gif"

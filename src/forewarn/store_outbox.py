@@ -333,9 +333,10 @@ def add_to_inbox(conn: sqlite3.Connection, row: Claimed, kind: str, now_ms: int)
     """The message in the subject's inbox (`kind`: in_app, or chat for a conversation's
     opener); once per key. Whether it was new."""
     m = row.message
+    engagement = str(m.data.get("engagement_url", ""))
     cur = conn.execute(
         "INSERT OR IGNORE INTO inbox (workspace, scope, subject, key, trig, kind, title, text,"
-        " html, created_ms) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+        " html, engagement_url, created_ms) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
         (
             row.workspace,
             row.scope,
@@ -346,32 +347,26 @@ def add_to_inbox(conn: sqlite3.Connection, row: Claimed, kind: str, now_ms: int)
             m.title,
             m.text,
             m.html,
+            engagement,
             now_ms,
         ),
     )
     return cur.rowcount > 0
 
 
+_INBOX = ("id", "kind", "trig", "title", "text", "html", "engagement_url", "created_ms")
+
+
 def inbox(
     conn: sqlite3.Connection, workspace: int, scope: str, subject: str, limit: int = 50
 ) -> list[dict[str, Any]]:
-    cols = (
-        "id",
-        "kind",
-        "trigger",
-        "title",
-        "text",
-        "html",
-        "created_ms",
-        "read_ms",
-        "dismissed_ms",
-    )
     rows = conn.execute(
-        "SELECT id, kind, trig, title, text, html, created_ms, read_ms, dismissed_ms FROM inbox"
+        f"SELECT {', '.join(_INBOX)} FROM inbox"
         " WHERE workspace = ? AND scope = ? AND subject = ? ORDER BY id DESC LIMIT ?",
         (workspace, scope, subject, limit),
     ).fetchall()
-    return [dict(zip(cols, r, strict=True)) for r in rows]
+    names = ["trigger" if c == "trig" else c for c in _INBOX]
+    return [dict(zip(names, r, strict=True)) for r in rows]
 
 
 def subscriptions(

@@ -170,6 +170,7 @@ MIGRATIONS: dict[int, str] = {
         title TEXT NOT NULL,
         text TEXT NOT NULL,
         html TEXT NOT NULL,
+        engagement_url TEXT NOT NULL DEFAULT '',
         created_ms INTEGER NOT NULL,
         read_ms INTEGER,
         dismissed_ms INTEGER,
