@@ -292,3 +292,25 @@ def test_an_open_urgent_ticket_survives_a_restart_from_the_snapshot(conn):
     _feed(conn, again, track("Quota Hit", at(hours=12)), NOON + HOUR)
     decided = conn.execute("SELECT decision, reason FROM firings").fetchall()
     assert decided == [("suppressed", "account_suppressed")] * 2
+
+
+def test_a_webhook_endpoint_that_answered_410_is_not_called_again(conn):
+    text = PLAYBOOK + (
+        "  - id: team2\n    when: {event: {name: Error Burst}}\n"
+        "    action: {channel: webhook, message: errors, url: 'https://hooks.example/team'}\n"
+    )
+    live = LiveEngine(conn, 1, playbook(text), policy=decide.Policy(caps=()))
+    _feed(conn, live, track("Error Burst", at(hours=12)), NOON)
+    clock = Clock(NOON + 30_000)
+    hook = MemoryChannel("webhook", [Gone("410", endpoints=("https://hooks.example/team",))])
+    worker = _worker(conn, clock, webhook=hook, in_app=MemoryChannel("in_app"))
+    asyncio.run(worker.run_once())
+    _feed(conn, live, track("Error Burst", at(hours=13)), NOON + HOUR)
+    clock.ms = NOON + HOUR + 30_000
+    asyncio.run(worker.run_once())
+    assert len(hook.tried) == 1  # the second message never reached the channel
+    rows = conn.execute(
+        "SELECT status, reason, detail FROM outbox WHERE channel = 'webhook' ORDER BY id"
+    ).fetchall()
+    assert [r[:2] for r in rows] == [("dead", "gone"), ("dead", "failed")]
+    assert "410" in rows[1][2]

@@ -67,6 +67,13 @@ def routes(app: Forewarn) -> list[Route]:
 
         return asyncio.to_thread(job)
 
+    async def target(request: Request) -> tuple[int, str, dict[str, Any], str]:
+        """For a POST about a subject: the workspace (of the admin key), the subject, the JSON
+        body and the scope it names."""
+        key = app.admin_key(request)
+        body = await _body(request)
+        return key.workspace, request.path_params["subject"], body, _scope(body.get("scope"))
+
     async def outreach(request: Request) -> Response:
         key = app.admin_key(request)
         q = request.query_params
@@ -90,10 +97,7 @@ def routes(app: Forewarn) -> list[Route]:
         return _json({"outreach": rows})
 
     async def suppress(request: Request) -> Response:
-        key = app.admin_key(request)
-        subject = request.path_params["subject"]
-        body = await _body(request)
-        scope = _scope(body.get("scope"))
+        workspace, subject, body, scope = await target(request)
         reason = body.get("reason", "suppressed by the admin API")
         if not isinstance(reason, str) or not reason.strip():
             raise InputError('reason must be text, e.g. "incident INC-42"')
@@ -108,7 +112,7 @@ def routes(app: Forewarn) -> list[Route]:
                 ) from None
         stopped = await run(
             store_outbox.suppress,
-            key.workspace,
+            workspace,
             scope,
             subject,
             reason[:500],
@@ -118,24 +122,19 @@ def routes(app: Forewarn) -> list[Route]:
         return _json({"subject": subject, "scope": scope, "suppressed": True, "stopped": stopped})
 
     async def unsuppress(request: Request) -> Response:
-        key = app.admin_key(request)
-        subject = request.path_params["subject"]
-        scope = _scope((await _body(request)).get("scope"))
-        lifted = await run(store_outbox.unsuppress, key.workspace, scope, subject)
+        workspace, subject, _, scope = await target(request)
+        lifted = await run(store_outbox.unsuppress, workspace, scope, subject)
         return _json({"subject": subject, "scope": scope, "suppressed": False, "lifted": lifted})
 
     async def consent(request: Request) -> Response:
-        key = app.admin_key(request)
-        subject = request.path_params["subject"]
-        body = await _body(request)
-        scope = _scope(body.get("scope"))
+        workspace, subject, body, scope = await target(request)
         channel = body.get("channel", "*")
         if channel not in CHANNELS:
             raise InputError(f"channel {channel!r}: give one of {', '.join(CHANNELS)}")
         if request.url.path.endswith("/unsubscribe"):
             stopped = await run(
                 store_outbox.unsubscribe,
-                key.workspace,
+                workspace,
                 scope,
                 subject,
                 channel,
@@ -145,7 +144,7 @@ def routes(app: Forewarn) -> list[Route]:
             return _json(
                 {"subject": subject, "channel": channel, "unsubscribed": True, "stopped": stopped}
             )
-        await run(store_outbox.resubscribe, key.workspace, scope, subject, channel)
+        await run(store_outbox.resubscribe, workspace, scope, subject, channel)
         return _json({"subject": subject, "channel": channel, "unsubscribed": False})
 
     async def inbox(request: Request) -> Response:
@@ -156,14 +155,13 @@ def routes(app: Forewarn) -> list[Route]:
         return _json({"subject": subject, "scope": scope, "messages": rows})
 
     async def push_subscriptions(request: Request) -> Response:
-        key = app.admin_key(request)
-        subject = request.path_params["subject"]
         if request.method == "GET":
+            key = app.admin_key(request)
+            subject = request.path_params["subject"]
             scope = _scope(request.query_params.get("scope"))
             subs = await run(store_outbox.subscriptions, key.workspace, scope, subject)
             return _json({"subject": subject, "scope": scope, "subscriptions": subs})
-        body = await _body(request)
-        scope = _scope(body.get("scope"))
+        workspace, subject, body, scope = await target(request)
         endpoint, keys = body.get("endpoint"), body.get("keys")
         if not isinstance(endpoint, str) or not endpoint.startswith("https://"):
             raise InputError("endpoint must be the https:// URL of the browser's PushSubscription")
@@ -176,7 +174,7 @@ def routes(app: Forewarn) -> list[Route]:
             )
         await run(
             store_outbox.subscribe,
-            key.workspace,
+            workspace,
             scope,
             subject,
             endpoint[:2000],

@@ -24,6 +24,8 @@ from typing import Any
 
 import msgspec
 
+from forewarn import store_sqlite
+
 PENDING, SENT, DEAD, CANCELLED, SUPPRESSED = "pending", "sent", "dead", "cancelled", "suppressed"
 STATUSES = (PENDING, SENT, DEAD, CANCELLED, SUPPRESSED)
 
@@ -436,23 +438,18 @@ def query_outreach(
 ) -> list[dict[str, Any]]:
     """Each decided firing with its delivery: `status` is the outbox row's, or the decision
     (`held_out`, `suppressed`) when nothing was to be sent."""
-    where = ["f.workspace = ?"]
-    args: list[Any] = [workspace]
-    if subject is not None:
-        where.append("f.subject = ?")
-        args.append(subject)
-    if trigger is not None:
-        where.append("f.trig = ?")
-        args.append(trigger)
-    if status is not None:
-        where.append("coalesce(o.status, f.decision) = ?")
-        args.append(status)
+    where, args = store_sqlite.filters(
+        ("f.workspace = ?", workspace),
+        ("f.subject = ?", subject),
+        ("f.trig = ?", trigger),
+        ("coalesce(o.status, f.decision) = ?", status),
+    )
     args.append(limit)
     rows = conn.execute(
         "SELECT f.id, f.trig, f.subject, f.scope, f.channel, f.at_ms, f.decision, f.reason,"
         " f.send_at_ms, coalesce(o.status, f.decision), o.reason, o.attempts, o.done_ms,"
         " o.detail, o.key FROM firings f LEFT JOIN outbox o ON o.firing = f.id"
-        f" WHERE {' AND '.join(where)} ORDER BY f.id DESC LIMIT ?",
+        f" WHERE {where} ORDER BY f.id DESC LIMIT ?",
         args,
     ).fetchall()
     cols = (

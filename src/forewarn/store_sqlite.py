@@ -695,6 +695,12 @@ def commit_step(
     return ids
 
 
+def filters(*conditions: tuple[str, Any]) -> tuple[str, list[Any]]:
+    """A WHERE clause of the conditions whose value is not None, and their arguments."""
+    kept = [(sql, value) for sql, value in conditions if value is not None]
+    return " AND ".join(sql for sql, _ in kept) or "1", [value for _, value in kept]
+
+
 def query_firings(
     conn: sqlite3.Connection,
     workspace: int,
@@ -703,20 +709,14 @@ def query_firings(
     since_ms: int | None = None,
     limit: int = 1000,
 ) -> list[FiringRow]:
-    where = ["workspace = ?"]
-    args: list[Any] = [workspace]
-    if trigger is not None:
-        where.append("trig = ?")
-        args.append(trigger)
-    if subject is not None:
-        where.append("subject = ?")
-        args.append(subject)
-    if since_ms is not None:
-        where.append("at_ms >= ?")
-        args.append(since_ms)
+    where, args = filters(
+        ("workspace = ?", workspace),
+        ("trig = ?", trigger),
+        ("subject = ?", subject),
+        ("at_ms >= ?", since_ms),
+    )
     args.append(limit)
     return conn.execute(
-        f"SELECT {FIRING_COLUMNS} FROM firings WHERE {' AND '.join(where)}"
-        " ORDER BY at_ms, id LIMIT ?",
+        f"SELECT {FIRING_COLUMNS} FROM firings WHERE {where} ORDER BY at_ms, id LIMIT ?",
         args,
     ).fetchall()
