@@ -336,9 +336,10 @@ def plain_message(
     email = own.get("email") or account.get("email")
     return store_outbox.Message(
         to=str(email or "") if firing.channel == "email" else "",
-        title=trigger.description or trigger.id,
+        title=trigger.action.title or trigger.description or trigger.id,
         text=text,
         data={"evidence": firing.evidence},
+        settings=dict(trigger.action.settings),
     )
 
 
