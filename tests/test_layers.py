@@ -13,6 +13,8 @@ CORE = {
     "expr",
     "playbook",
     "signals",
+    "adaptive",
+    "detect",
     "engine",
     "runner",
     "decide",

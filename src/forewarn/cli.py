@@ -245,6 +245,41 @@ def _serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def _detect(args: argparse.Namespace) -> int:
+    from forewarn import series
+    from forewarn.playbook import parse_duration
+
+    period = None
+    if args.period:
+        try:
+            period = parse_duration(args.period)
+        except ValueError as exc:
+            raise InputError(f"--period: {exc}") from None
+    if args.input == "-":
+        source: IO[str] = sys.stdin
+    else:
+        try:
+            source = open(args.input, encoding="utf-8", newline="")  # noqa: SIM115
+        except OSError as exc:
+            raise InputError(f"cannot read {args.input}: {exc.strerror}") from None
+    try:
+        alarms = series.run(
+            source,
+            sys.stdout,
+            args.time_column,
+            args.value_column,
+            args.sensitivity,
+            args.direction,
+            period,
+            args.kind,
+        )
+    finally:
+        if source is not sys.stdin:
+            source.close()
+    print(f"{alarms} alarm{'s' if alarms != 1 else ''}", file=sys.stderr)
+    return 0
+
+
 def _deliver(args: argparse.Namespace) -> int:
     from forewarn import deliver
 
@@ -391,6 +426,31 @@ def build_parser() -> argparse.ArgumentParser:
         "--parent", type=int, metavar="PID", help="exit when the process PID is gone"
     )
     deliver.set_defaults(run=_deliver)
+
+    detect = commands.add_parser(
+        "detect",
+        help="score a metric series for anomalies (the detector behind `anomaly`)",
+        description="Read a time series from CSV and print it back as CSV with columns "
+        "timestamp,value,score,alarm: the score in [0, 1] of each value against the series' "
+        "own normal as learned so far, and whether it raises an alarm. The same detector as "
+        "the playbooks' anomaly condition.",
+    )
+    detect.add_argument("--input", required=True, help="the CSV file, or - for stdin")
+    detect.add_argument("--time-column", required=True, help="the column of timestamps")
+    detect.add_argument("--value-column", required=True, help="the column of values")
+    detect.add_argument("--sensitivity", choices=("low", "medium", "high"), default="medium")
+    detect.add_argument("--direction", choices=("up", "down", "both"), default="both")
+    detect.add_argument(
+        "--period", help="the sampling interval, e.g. 1h (default: the median gap between rows)"
+    )
+    detect.add_argument(
+        "--kind",
+        choices=("auto", "counts", "values"),
+        default="auto",
+        help="counts of events per period, or measured values; auto: counts when every value "
+        "is a whole number of 0 or more",
+    )
+    detect.set_defaults(run=_detect)
     return parser
 
 

@@ -38,6 +38,19 @@ def condition(cond: pb.Condition, scope: str) -> str:
         )
     if isinstance(cond, pb.AbsentCond):
         return f"{who} did '{cond.name}'{_where(cond.where)} before but not for {dur(cond.for_ms)}"
+    if isinstance(cond, pb.AnomalyCond):
+        what = f"'{cond.name}'{_where(cond.where)}"
+        measured = f"the {cond.value.source} of {what}" if cond.value else f"the count of {what}"
+        way = {"up": "unusually high", "down": "unusually low", "both": "unusual"}[cond.direction]
+        return (
+            f"{measured} per {dur(cond.window_ms)} is {way} against {who}'s own normal "
+            f"(daily and weekly rhythm included; {cond.sensitivity} sensitivity)"
+        )
+    if isinstance(cond, pb.OverdueCond):
+        return (
+            f"{who} has been silent on '{cond.name}'{_where(cond.where)} for longer than "
+            f"{cond.factor:g}x its own typical gap between them (after {cond.min_events} of them)"
+        )
     if isinstance(cond, pb.ThresholdCond):
         return f"{cond.value.source} {cond.op} {cond.target:g}"
     if isinstance(cond, pb.DwellCond):

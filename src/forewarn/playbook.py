@@ -106,6 +106,24 @@ class AbsentCond:
 
 
 @dataclass(frozen=True, slots=True)
+class AnomalyCond:
+    name: str
+    where: Where
+    value: expr.Expression | None  # of the event's properties; None: count the events
+    window_ms: int
+    direction: str  # up | down | both
+    sensitivity: str  # low | medium | high
+
+
+@dataclass(frozen=True, slots=True)
+class OverdueCond:
+    name: str
+    where: Where
+    factor: float
+    min_events: int
+
+
+@dataclass(frozen=True, slots=True)
 class ThresholdCond:
     value: expr.Expression
     op: str
@@ -162,6 +180,8 @@ Condition = (
     | SpikeCond
     | DropCond
     | AbsentCond
+    | AnomalyCond
+    | OverdueCond
     | ThresholdCond
     | DwellCond
     | DateCond
@@ -402,9 +422,10 @@ _LEAVES = (
     "age",
     "ever",
     "traits",
+    "anomaly",
+    "overdue",
 )
 _COMBINATORS = ("all", "any", "not")
-_PLANNED = ("anomaly", "overdue")
 CONDITION_KINDS = _LEAVES + _COMBINATORS
 
 
@@ -419,10 +440,6 @@ def _condition(node: yaml.Node, scope: str, depth: int = 0) -> Condition:
             "with all: [...] or any: [...]",
         )
     kind, key_node, body = items[0]
-    if kind in _PLANNED:
-        raise _Invalid(
-            key_node, f"condition '{kind}' is not available in this version of Forewarn yet"
-        )
     if kind not in CONDITION_KINDS:
         raise _Invalid(
             key_node, f"unknown condition '{kind}'; allowed: {', '.join(CONDITION_KINDS)}"
@@ -489,6 +506,62 @@ def _absent(body: yaml.Node, scope: str) -> Condition:
     f = _fields(body, "absent", ("name", "for"), ("where",))
     return AbsentCond(
         _text(f["name"], "absent.name"), _where(f.get("where")), _duration(f["for"], "absent.for")
+    )
+
+
+ANOMALY_DIRECTIONS = ("up", "down", "both")
+ANOMALY_SENSITIVITIES = ("low", "medium", "high")
+
+
+def _anomaly(body: yaml.Node, scope: str) -> Condition:
+    f = _fields(
+        body, "anomaly", ("name",), ("where", "value", "window", "direction", "sensitivity")
+    )
+    window = _duration(f["window"], "anomaly.window") if "window" in f else 600_000
+    if window < 60_000:
+        raise _Invalid(f["window"], "anomaly.window must be at least 1m")
+    value = None
+    if "value" in f:
+        source = _scalar(f["value"])
+        if isinstance(source, bool) or not isinstance(source, str):
+            raise _Invalid(f["value"], "anomaly.value must be an expression, e.g. properties.ms")
+        try:
+            value = expr.parse(source)
+        except expr.ExpressionError as exc:
+            raise _Invalid(f["value"], f"anomaly.value does not parse: {exc}") from None
+        if any(root != "properties" for root, _ in value.names):
+            raise _Invalid(
+                f["value"], "anomaly.value reads the event's properties.* only, e.g. properties.ms"
+            )
+    choices = {}
+    for key, allowed, default in (
+        ("direction", ANOMALY_DIRECTIONS, "up"),
+        ("sensitivity", ANOMALY_SENSITIVITIES, "medium"),
+    ):
+        chosen = _scalar(f[key]) if key in f else default
+        if chosen not in allowed:
+            raise _Invalid(f[key], f"anomaly.{key} {chosen!r}: give one of {', '.join(allowed)}")
+        choices[key] = str(chosen)
+    return AnomalyCond(
+        _text(f["name"], "anomaly.name"),
+        _where(f.get("where")),
+        value,
+        window,
+        choices["direction"],
+        choices["sensitivity"],
+    )
+
+
+def _overdue(body: yaml.Node, scope: str) -> Condition:
+    f = _fields(body, "overdue", ("name",), ("where", "factor", "min_events"))
+    min_events = _count(f["min_events"], "overdue.min_events") if "min_events" in f else 3
+    if min_events < 2:
+        raise _Invalid(f["min_events"], "overdue.min_events must be at least 2: a gap needs two")
+    return OverdueCond(
+        _text(f["name"], "overdue.name"),
+        _where(f.get("where")),
+        _number(f["factor"], "overdue.factor", low=1.0) if "factor" in f else 2.0,
+        min_events,
     )
 
 
@@ -571,6 +644,8 @@ def _traits(body: yaml.Node, scope: str) -> Condition:
 
 _LEAF_PARSERS = {
     "event": _event,
+    "anomaly": _anomaly,
+    "overdue": _overdue,
     "spike": _spike,
     "drop": _drop,
     "absent": _absent,

@@ -689,4 +689,10 @@ def compile_condition(cond: playbook.Condition) -> Leaf:
         return Group("any", [compile_condition(c) for c in cond.of])
     if isinstance(cond, playbook.NotCond):
         return Group("not", [compile_condition(cond.of)])
+    if isinstance(cond, playbook.AnomalyCond | playbook.OverdueCond):
+        from forewarn import adaptive  # builds on the leaves here
+
+        if isinstance(cond, playbook.AnomalyCond):
+            return adaptive.AnomalyLeaf(cond)
+        return adaptive.OverdueLeaf(cond)
     return _LEAVES[type(cond)](cond)
