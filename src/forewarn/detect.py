@@ -188,7 +188,7 @@ class Gaps:
 
     The typical gap is a geometric mean (a running mean of log gaps, exponentially weighted once
     there are 8 gaps), so one long holiday moves it far less than it moves an arithmetic mean.
-    Events closer than a minute to the previous one are one burst, not a gap.
+    Events within an hour of the previous one are one burst, not a gap.
     """
 
     __slots__ = ("factor", "min_events")
@@ -229,5 +229,5 @@ class Gaps:
         return int(state[1] + self.factor * math.exp(state[2]))
 
 
-_BURST_MS = 60_000
+_BURST_MS = HOUR_MS
 _GAP_RATE = 1.0 / 8
