@@ -34,7 +34,7 @@ WEEK_MS = 7 * DAY_MS
 # Score thresholds; the score is u²/(1+u²) with u the deviation in units of the medium threshold.
 _THRESHOLDS = {"low": 0.65, "medium": 0.5, "high": 0.35}
 _MEDIUM_DEVIATION = {True: 5.0, False: 6.0}  # spreads, counts / values (measured)
-_ALPHA = 0.05  # level and spread: memory of about 20 samples
+_ALPHA = 0.05  # level and spread: memory of about 20 samples, or 20 hours if shorter
 _GAMMA = 0.1  # seasonal bins: about 10 visits
 _CLIP = 3.0  # residuals move the level and the profile by at most this many spreads
 _CLIP_SPREAD_VALUES = 10.0
@@ -61,6 +61,7 @@ class Detector:
     """Parameters, immutable; one per playbook condition, shared by every series of it."""
 
     __slots__ = (
+        "_alpha",
         "_count_cap",
         "_counts",
         "_direction",
@@ -101,7 +102,10 @@ class Detector:
         self._gamma_day = _GAMMA / max(1.0, DAY_MS / period_ms)
         # a day of samples when the profile has a day to learn, and never fewer than 12
         self.warm_samples = max(_WARM_MIN, DAY_MS // period_ms if self._use_day else 0)
-        self._count_cap = max(self.warm_samples, round(1 / _ALPHA))
+        # below an hour the level would follow the daily cycle itself and leave the profile
+        # nothing to learn: keep its memory at about 20 hours
+        self._alpha = _ALPHA * min(1.0, period_ms / HOUR_MS)
+        self._count_cap = max(self.warm_samples, round(1 / self._alpha))
 
     def new_state(self) -> list[float]:
         return [0] * _STATE_LEN
@@ -166,7 +170,7 @@ class Detector:
                 state[_WAIT] = state[_WAIT] - 1 if u < self._rearm else _REARM_SAMPLES
         limit = _CLIP * spread
         clipped = limit if residual > limit else -limit if residual < -limit else residual
-        rate = max(_ALPHA, 1.0 / (n + 1))
+        rate = max(self._alpha, 1.0 / (n + 1))
         state[_LEVEL] += rate * clipped
         rest = clipped * (1.0 - rate)
         if hour_bin >= 0:
