@@ -23,7 +23,6 @@ CORE = {
     "errors",
     "ingest",
     "webhooks",
-    "detect",
 }
 PURE_THIRD_PARTY = {"msgspec", "yaml"}
 # Modules of the standard library that reach the outside world (clock, disk, network, processes).

@@ -7,7 +7,8 @@ a sum. When a period is over — at the next matching event after it, or on a ti
 for `direction: down` and `both` — its count (or the mean of its values) goes to the detector,
 which judges it against the normal learned so far and then learns it. The condition is true
 while the last closed period was alarming, or, for `up` and `both`, as soon as the period still
-filling already is: a burst of errors is noticed as it happens, not ten minutes later. Periods
+filling already is (counts only): a burst of errors is noticed as it happens, not ten minutes
+later. Periods
 with no events count as zeros (counts only); after a silence longer than `CATCH_UP` periods,
 only the last `CATCH_UP` are learned.
 
@@ -45,7 +46,9 @@ class AnomalyLeaf(Leaf):
         self.detector = detect.Detector(
             cond.window_ms, cond.direction, cond.sensitivity, counts=self.counts
         )
-        self.early = cond.direction != "down"  # a period still filling can already be high
+        # a count still filling can already be too high; a partial mean of values cannot be
+        # judged against the normal of whole periods
+        self.early = self.counts and cond.direction != "down"
 
     def new(self) -> list[Any]:
         return [self.detector.new_state(), [-1, 0, 0.0, False, 0.0, 0.0, 0.0]]
@@ -115,7 +118,7 @@ class AnomalyLeaf(Leaf):
         end = current[START] + self.period
         if truth:
             return True, end  # looked at again when this period is over
-        if self.early and self.cond.direction == "up":
+        if self.cond.direction == "up":
             return False, NEVER  # only events can make it high
         # a drop shows at the end of a period, even one with no events: look then, while the
         # subject's normal is busy enough for silence to mean something
@@ -183,7 +186,8 @@ class OverdueLeaf(Leaf):
     def explain(self, c: Ctx) -> dict[str, Any]:
         out = _named("overdue", self.cond.name, self.cond.where)
         state, last = c.ts[self.slot], c.ts[self.slot + 1]
-        gap = self.gaps.typical_gap_ms(state)
+        typical = self.gaps.typical_gap_ms(state)
+        gap = None if typical is None else round(typical)
         silent = c.now - last if last >= 0 else None
         out.update(last_seen=format_time(last) if last >= 0 else None, factor=self.cond.factor)
         if gap is None or silent is None:
