@@ -22,6 +22,7 @@ import gzip
 import itertools
 import json
 import math
+import random
 import statistics
 import sys
 import time
@@ -508,6 +509,71 @@ def cost() -> dict[str, Any]:
     }
 
 
+def engine_cost(events: int = 200_000, subjects: int = 2_000) -> dict[str, Any]:
+    """What an `anomaly` trigger adds per event in the engine, against a windowed `event`
+    count over the same events, and its state per subject."""
+    from forewarn import engine
+    from forewarn.model import Event
+    from forewarn.playbook import parse_playbooks
+    from forewarn.runner import Runner
+
+    rng = random.Random(4)
+    t0 = 1_767_571_200_000
+    span = 14 * DAY_MS
+    stamps = sorted(rng.randrange(span) for _ in range(events))
+    stream = [
+        Event("track", "Error", f"u{rng.randrange(subjects)}", None, None, {}, {}, t0 + t)
+        for t in stamps
+    ]
+    conditions = {
+        "event_within": "{event: {name: Error, count: 100000000, within: 10m}}",
+        "anomaly_up": "{anomaly: {name: Error, window: 10m}}",
+        "anomaly_both": "{anomaly: {name: Error, window: 10m, direction: both}}",
+    }
+    out: dict[str, Any] = {"events": events, "subjects": subjects}
+    for label, when in conditions.items():
+        text = (
+            f"triggers:\n  - id: t\n    when: {when}\n    action: {{channel: email, message: x}}\n"
+        )
+        triggers = parse_playbooks([("bench.yaml", text)])
+        best = float("inf")
+        for _ in range(3):
+            runner = Runner(engine.State(engine.Playbook(triggers)), lateness_ms=0)
+            start = time.process_time()
+            runner.replay(stream, t0 + span, lambda f: None)
+            best = min(best, time.process_time() - start)
+        states = [s.states[0] for s in runner.state.users.values() if s.states]
+        size = statistics.median(len(msgspec.msgpack.encode(st)) for st in states)
+        out[label] = {"us_per_event": round(best / events * 1e6, 2), "state_msgpack_bytes": size}
+    base = out["event_within"]["us_per_event"]
+    for label in ("anomaly_up", "anomaly_both"):
+        out[label]["added_us_per_event"] = round(out[label]["us_per_event"] - base, 2)
+    return out
+
+
+def detect_cli_cost(rows: int = 1_000_000) -> dict[str, Any]:
+    """`forewarn detect` over a CSV of `rows` rows, in this process, output discarded."""
+    import io
+    import os
+    import tempfile
+
+    from forewarn import series
+
+    rng = random.Random(1)
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "series.csv")
+        with open(path, "w", encoding="utf-8") as f:
+            f.write("t,v\n")
+            t = 1_700_000_000
+            for i in range(rows):
+                f.write(f"{t + i * 60},{rng.randrange(40)}\n")
+        start = time.perf_counter()
+        with open(path, encoding="utf-8", newline="") as source:
+            alarms = series.run(source, io.StringIO(), "t", "v", err=io.StringIO())
+        seconds = time.perf_counter() - start
+    return {"rows": rows, "seconds": round(seconds, 2), "alarms": alarms}
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="a smoke run on a subset")
@@ -520,6 +586,8 @@ def main(argv: list[str] | None = None) -> int:
     if not args.quick:
         out["retail"] = retail()
     out["cost"] = cost()
+    out["engine"] = engine_cost(20_000 if args.quick else 200_000)
+    out["detect_cli"] = detect_cli_cost(100_000 if args.quick else 1_000_000)
     out["seconds"] = round(time.perf_counter() - started, 1)
     print(json.dumps(out, indent=1))
     return 0

@@ -325,3 +325,22 @@ def test_real_crash_rate_series(
     recall, precision = hits / runs, hits / (hits + false)
     assert recall >= recall_floor, (runs, hits, false)
     assert precision >= precision_floor, (runs, hits, false)
+
+
+def test_idle_learns_a_silence_about_as_the_zero_samples_would():
+    detector = Detector(600_000, "up", "medium", counts=True)
+    t0 = 1_767_571_200_000
+    exact, fast = detector.new_state(), detector.new_state()
+    for i in range(500):
+        for state in (exact, fast):
+            detector.update(state, t0 + i * 600_000, float(5 + i % 3))
+    start = t0 + 500 * 600_000
+    for i in range(300):
+        detector.update(exact, start + i * 600_000, 0.0)
+    detector.idle(fast, start, 300)
+    after = start + 300 * 600_000
+    slow_view = detector.peek(exact, after, 5.0)
+    fast_view = detector.peek(fast, after, 5.0)
+    assert fast_view.expected == pytest.approx(slow_view.expected, abs=0.5)
+    assert fast_view.alarm == slow_view.alarm
+    assert detector.idle(fast, after, 0) is None

@@ -156,8 +156,8 @@ def test_every_condition_kind_parses():
             "p.yaml:3: trigger 't1': unknown condition 'surge'; allowed: event, spike, drop",
         ),
         (
-            one_trigger("{anomaly: {name: Error}}"),
-            "p.yaml:3: trigger 't1': condition 'anomaly' is not available",
+            one_trigger("{anomaly: {name: Error, window: 10m, direction: sideways}}"),
+            "p.yaml:3: trigger 't1': anomaly.direction 'sideways': give one of up, down, both",
         ),
         (
             one_trigger('{threshold: {value: "traits.a / ", ">=": 1}}'),

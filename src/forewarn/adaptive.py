@@ -9,8 +9,8 @@ which judges it against the normal learned so far and then learns it. The condit
 while the last closed period was alarming, or, for `up` and `both`, as soon as the period still
 filling already is (counts only): a burst of errors is noticed as it happens, not ten minutes
 later. Periods
-with no events count as zeros (counts only); after a silence longer than `CATCH_UP` periods,
-only the last `CATCH_UP` are learned.
+with no events count as zeros (counts only), learned in closed form past the first
+(`Detector.idle`), so a long silence costs no more than a short one.
 
 `overdue` keeps the subject's typical gap between matching events and is true once the silence
 since the last one is longer than `factor` times it (a timer at that moment).
@@ -28,7 +28,6 @@ from forewarn.signals import NEVER, Ctx, Leaf, _named
 if TYPE_CHECKING:
     from forewarn.engine import TState
 
-CATCH_UP = 7 * 24 * 6  # periods of silence learned as zeros at most (a week of 10 minutes)
 # the current period: [start_ms, events, sum of values, alarm, score, expected, observed]
 START, EVENTS, TOTAL, ALARM, SCORE, EXPECTED, OBSERVED = range(7)
 QUIET = 0.5  # an expected count below this is not worth a timer for a drop
@@ -86,10 +85,9 @@ class AnomalyLeaf(Leaf):
         if sample is not None:
             verdict = detector.update(state, current[START], sample)
         if self.counts:  # the periods with no events in between were zeros
-            t = max(current[START] + period, upto - CATCH_UP * period)
-            while t < upto:
-                verdict = detector.update(state, t, 0.0)
-                t += period
+            first = current[START] + period
+            silent = detector.idle(state, first, (upto - first) // period)
+            verdict = silent or verdict
         if verdict is None:
             current[ALARM] = False
         else:

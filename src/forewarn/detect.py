@@ -119,6 +119,36 @@ class Detector:
     def peek(self, state: list[float], t_ms: int, value: float) -> Verdict:
         return self._judge(state, t_ms, value, learn=False)
 
+    def idle(self, state: list[float], t_ms: int, periods: int) -> Verdict | None:
+        """Learn `periods` samples of zero from `t_ms` on (a silence, for counts). The first is
+        judged and learned exactly (a sudden silence can be the anomaly); the rest in closed
+        form, as that many updates would move the level, the spread and the profile toward
+        the zero level if every one were inside the clip. A week of silence then costs what
+        two samples do, instead of a thousand."""
+        if periods <= 0:
+            return None
+        verdict = self.update(state, t_ms, 0.0)
+        rest = periods - 1
+        if rest <= 0 or state[_N] == 0:
+            return verdict
+        keep = (1.0 - self._alpha) ** rest
+        zero = self._transform(0.0)
+        state[_LEVEL] = zero + (state[_LEVEL] - zero) * keep
+        state[_SPREAD] *= keep
+        if self._use_day:
+            visits = rest / max(1.0, DAY_MS / self.period_ms) * _HOUR_BINS
+            fade = (1.0 - self._gamma_hour) ** max(1.0, visits)
+            for i in range(_BINS, _BINS + _HOUR_BINS):
+                state[i] *= fade
+        if self._use_week:
+            fade = (1.0 - self._gamma_day) ** rest
+            state[_WEEKDAY] *= fade
+            state[_WEEKDAY + 1] *= fade
+        state[_WAIT] = max(0, state[_WAIT] - rest)  # quiet samples re-arm it
+        n = state[_N] + rest
+        state[_N] = n if n < self._count_cap else max(state[_N], self._count_cap)
+        return verdict
+
     def _transform(self, value: float) -> float:
         if self._counts:
             return 2.0 * math.sqrt(max(value, 0.0) + 0.375)
