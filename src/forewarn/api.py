@@ -28,7 +28,7 @@ from starlette.requests import Request
 from starlette.responses import PlainTextResponse, Response
 from starlette.routing import Route
 
-from forewarn import api_outreach, clock, ingest, store_sqlite, webhooks
+from forewarn import api_outreach, clock, ingest, store_sqlite, webhooks, widget
 from forewarn import openapi as openapi_document
 from forewarn.errors import ForewarnError, InputError, NotFoundError, TooLargeError
 from forewarn.live import firing_dict
@@ -70,6 +70,7 @@ class Settings:
     rate_burst: float = 100_000.0
     stripe_secret: str | None = None
     stripe_tolerance_s: int = 300
+    write_key: str | None = None  # the key the server was started with: the demo uses it
 
 
 @dataclass
@@ -100,6 +101,24 @@ class Forewarn:
         self._read = store_sqlite.connect(settings.db)
         self._keys: dict[str, tuple[Key | None, float]] = {}
         self._buckets: dict[int, Bucket] = {}
+        self._origins: dict[int, tuple[frozenset[str], float]] = {}
+        self._assistant: widget.Answers | None = None
+
+    def assistant(self) -> widget.Answers | None:
+        """The chat assistant, if a knowledge base is configured."""
+        return self._assistant
+
+    async def widget_origins(self, token: str | None) -> frozenset[str]:
+        """The web origins the widget of this write key's workspace may be used from."""
+        key = self.key(token)
+        if key is None:
+            return frozenset()
+        now = time.monotonic()
+        cached = self._origins.get(key.workspace)
+        if cached is None or now - cached[1] > 5.0:
+            cached = (widget.get_origins(self._read, key.workspace), now)
+            self._origins[key.workspace] = cached
+        return cached[0]
 
     # --- auth -------------------------------------------------------------------------
 
@@ -404,6 +423,8 @@ def routes(app: Forewarn) -> list[Route]:
         Route("/metrics", metrics, methods=["GET"]),
         Route("/openapi.json", openapi, methods=["GET"]),
         *api_outreach.routes(app),
+        *widget.routes(app, app.assistant),
+        *widget.demo_routes(app, app.settings.write_key),
     ]
 
 
@@ -562,7 +583,7 @@ def build(app: Forewarn) -> Starlette:
             app.writer.stop()
             app.engines.stop()
 
-    return Starlette(
+    web = Starlette(
         lifespan=lifespan,
         routes=routes(app),
         exception_handlers={
@@ -571,3 +592,5 @@ def build(app: Forewarn) -> Starlette:
             Exception: _server_error,
         },
     )
+    web.add_middleware(widget.Cors, origins=app.widget_origins)
+    return web

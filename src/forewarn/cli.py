@@ -187,7 +187,17 @@ def _serve(args: argparse.Namespace) -> int:
         if not admin_key:
             admin_key = store_sqlite.new_key_token("admin")
             created.append(f"admin key: {admin_key}")
-    store_sqlite.ensure_workspace(conn, args.workspace, clock.now_ms(), write_key, admin_key)
+    ws = store_sqlite.ensure_workspace(conn, args.workspace, clock.now_ms(), write_key, admin_key)
+    from forewarn import widget
+
+    if _env("WIDGET_ORIGINS") is not None:
+        widget.set_origins(conn, ws, _env("WIDGET_ORIGINS") or "")
+    identity = _env("IDENTITY_SECRET")
+    if identity:
+        conn.execute(
+            "INSERT OR REPLACE INTO secrets (name, value) VALUES (?, ?)",
+            (f"identity:{ws}", identity),
+        )
     conn.close()
     settings = api.Settings(
         db=args.db,
@@ -195,6 +205,7 @@ def _serve(args: argparse.Namespace) -> int:
         rate_limit_per_s=float(args.rate_limit),
         rate_burst=float(args.rate_limit * 2),
         stripe_secret=_env("STRIPE_SECRET"),
+        write_key=write_key,
     )
     engines: Engines
     if args.engine == "process":
@@ -290,6 +301,21 @@ def _deliver(args: argparse.Namespace) -> int:
 def _keys(args: argparse.Namespace) -> int:
     from forewarn import clock, store_sqlite
 
+    if args.action == "identity":
+        from forewarn import widget
+
+        conn = store_sqlite.connect(args.db)
+        ws = store_sqlite.workspace_id(conn, args.workspace)
+        if ws is None:
+            ws = store_sqlite.ensure_workspace(conn, args.workspace, clock.now_ms())
+        print(widget.identity_secret(conn, ws))
+        conn.close()
+        print(
+            f"the identity secret of workspace '{args.workspace}': your backend signs each "
+            "user's widget token with it (JWT HS256, sub = user id, exp); keep it secret",
+            file=sys.stderr,
+        )
+        return 0
     if args.action == "vapid":
         from forewarn.channel_push import generate_vapid_keys
 
@@ -404,9 +430,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     keys.add_argument(
         "action",
-        choices=("create", "vapid"),
+        choices=("create", "vapid", "identity"),
         metavar="ACTION",
-        help="create (a write or admin key) or vapid (a Web Push key pair, printed as settings)",
+        help="create (a write or admin key), vapid (a Web Push key pair, printed as settings) "
+        "or identity (the secret that signs the widget's user tokens)",
     )
     keys.add_argument("--db", default=_env("DB"), help="the SQLite file")
     keys.add_argument("--workspace", default=_env("WORKSPACE"))

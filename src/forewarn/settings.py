@@ -43,6 +43,13 @@ SETTINGS: dict[str, str] = {
     "VAPID_PRIVATE_KEY": "",
     "VAPID_PUBLIC_KEY": "",
     "VAPID_SUBJECT": "",
+    # the widget and the assistant (docs/widget.md, docs/assistant.md)
+    "WIDGET_ORIGINS": "",
+    "IDENTITY_SECRET": "",
+    "KB": "",
+    "LLM_URL": "",
+    "LLM_MODEL": "",
+    "LLM_KEY": "",
     "DELIVERY": "on",
     "DELIVERY_ATTEMPTS": "8",
     "DELIVERY_LEASE": "5m",

@@ -371,6 +371,79 @@ def inbox(
     return [dict(zip(names, r, strict=True)) for r in rows]
 
 
+def inbox_after(
+    conn: sqlite3.Connection, workspace: int, scope: str, subject: str, after_id: int
+) -> list[dict[str, Any]]:
+    """The subject's inbox messages newer than `after_id`, oldest first (for the stream)."""
+    rows = conn.execute(
+        f"SELECT {', '.join(_INBOX)} FROM inbox WHERE workspace = ? AND scope = ?"
+        " AND subject = ? AND id > ? ORDER BY id LIMIT 100",
+        (workspace, scope, subject, after_id),
+    ).fetchall()
+    names = ["trigger" if c == "trig" else c for c in _INBOX]
+    return [dict(zip(names, r, strict=True)) for r in rows]
+
+
+@dataclass(frozen=True)
+class Conversation:
+    id: int
+    trigger: str
+    key: str
+    context: dict[str, Any]
+    escalated: bool
+
+
+def conversation(
+    conn: sqlite3.Connection, workspace: int, scope: str, subject: str, conversation_id: int
+) -> Conversation | None:
+    """The subject's own conversation with that id; None for anyone else's."""
+    row = conn.execute(
+        "SELECT id, trig, key, context, escalated_ms FROM inbox WHERE id = ? AND workspace = ?"
+        " AND scope = ? AND subject = ? AND kind = 'chat'",
+        (conversation_id, workspace, scope, subject),
+    ).fetchone()
+    if row is None:
+        return None
+    return Conversation(
+        int(row[0]), str(row[1]), str(row[2]), msgspec.json.decode(row[3]), row[4] is not None
+    )
+
+
+def conversation_messages(conn: sqlite3.Connection, conversation_id: int) -> list[dict[str, Any]]:
+    return [
+        {"id": i, "author": a, "text": t, "at_ms": at}
+        for i, a, t, at in conn.execute(
+            "SELECT id, author, text, at_ms FROM conversation_messages WHERE conversation = ?"
+            " ORDER BY id",
+            (conversation_id,),
+        )
+    ]
+
+
+def add_conversation_message(
+    conn: sqlite3.Connection,
+    workspace: int,
+    conversation_id: int,
+    author: str,
+    text: str,
+    now_ms: int,
+) -> int:
+    cur = conn.execute(
+        "INSERT INTO conversation_messages (workspace, conversation, author, text, at_ms)"
+        " VALUES (?, ?, ?, ?, ?)",
+        (workspace, conversation_id, author, text, now_ms),
+    )
+    return int(cur.lastrowid or 0)
+
+
+def escalate(conn: sqlite3.Connection, conversation_id: int, now_ms: int) -> bool:
+    cur = conn.execute(
+        "UPDATE inbox SET escalated_ms = ? WHERE id = ? AND escalated_ms IS NULL",
+        (now_ms, conversation_id),
+    )
+    return cur.rowcount > 0
+
+
 def subscriptions(
     conn: sqlite3.Connection, workspace: int, scope: str, subject: str
 ) -> list[dict[str, Any]]:

@@ -37,7 +37,7 @@ import msgspec
 
 from forewarn.errors import ForewarnError, InputError
 
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 DEDUP_DAYS = 7
 KEY_KINDS = ("write", "admin")
 _KEY_PREFIX = {"write": "fw_wk_", "admin": "fw_ak_"}
@@ -199,6 +199,20 @@ MIGRATIONS: dict[int, str] = {
         name TEXT PRIMARY KEY,
         value TEXT NOT NULL
     ) WITHOUT ROWID;
+    """,
+    # chat conversations in the widget: see store_outbox
+    4: """
+    ALTER TABLE inbox ADD COLUMN context TEXT NOT NULL DEFAULT '{}';
+    ALTER TABLE inbox ADD COLUMN escalated_ms INTEGER;
+    CREATE TABLE conversation_messages (
+        id INTEGER PRIMARY KEY,
+        workspace INTEGER NOT NULL,
+        conversation INTEGER NOT NULL,
+        author TEXT NOT NULL,
+        text TEXT NOT NULL,
+        at_ms INTEGER NOT NULL
+    );
+    CREATE INDEX conversation_messages_by ON conversation_messages (conversation, id);
     """,
 }
 
