@@ -193,6 +193,11 @@ def _serve(args: argparse.Namespace) -> int:
     if _env("WIDGET_ORIGINS") is not None:
         widget.set_origins(conn, ws, _env("WIDGET_ORIGINS") or "")
     identity = _env("IDENTITY_SECRET")
+    if identity and len(identity.encode()) < 32:
+        raise InputError(
+            "FOREWARN_IDENTITY_SECRET is shorter than 32 bytes: HS256 needs at least 32; "
+            "leave it unset and Forewarn makes one (forewarn keys identity prints it)"
+        )
     if identity:
         conn.execute(
             "INSERT OR REPLACE INTO secrets (name, value) VALUES (?, ?)",

@@ -336,27 +336,35 @@ def add_to_inbox(conn: sqlite3.Connection, row: Claimed, kind: str, now_ms: int)
     opener); once per key. Whether it was new."""
     m = row.message
     engagement = str(m.data.get("engagement_url", ""))
+    # why it was sent, for the assistant of a chat: the trigger and its evidence
+    context = _encode({"trigger": row.trigger, "evidence": m.data.get("evidence", {})}).decode()
+    values = (row.workspace, row.scope, row.subject, row.key, row.trigger, kind, m.title, m.text)
     cur = conn.execute(
         "INSERT OR IGNORE INTO inbox (workspace, scope, subject, key, trig, kind, title, text,"
-        " html, engagement_url, created_ms) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-        (
-            row.workspace,
-            row.scope,
-            row.subject,
-            row.key,
-            row.trigger,
-            kind,
-            m.title,
-            m.text,
-            m.html,
-            engagement,
-            now_ms,
-        ),
+        " html, engagement_url, context, created_ms) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+        (*values, m.html, engagement, context, now_ms),
     )
+    if cur.rowcount and kind == "chat":  # the opener is the conversation's first message
+        conn.execute(
+            "INSERT INTO conversation_messages (workspace, conversation, author, text, at_ms)"
+            " VALUES (?, ?, 'assistant', ?, ?)",
+            (row.workspace, cur.lastrowid, m.text, now_ms),
+        )
     return cur.rowcount > 0
 
 
-_INBOX = ("id", "kind", "trig", "title", "text", "html", "engagement_url", "created_ms")
+_INBOX = (
+    "id",
+    "kind",
+    "trig",
+    "title",
+    "text",
+    "html",
+    "engagement_url",
+    "created_ms",
+    "read_ms",
+    "dismissed_ms",
+)
 
 
 def inbox(
