@@ -21,7 +21,6 @@ from forewarn.assistant import (
     Assistant,
     KnowledgeBase,
     OpenAICompatible,
-    Passage,
     chat_endpoint,
     guard_links,
     wants_human,
@@ -654,11 +653,6 @@ def test_the_article_that_says_ignore_previous_instructions(tmp_path):
     answer = ask(Assistant(kb), "how do I export?")
     assert "To export, open Settings > Export." in answer.text
     assert "http://evil.example" not in answer.text and "[link removed]" in answer.text
-    assert answer.sources == [
-        Passage(
-            "Exports",
-            "https://help.example.com/exports",
-            answer.sources[0].text,
-            answer.sources[0].score,
-        )
+    assert [(p.article, p.url) for p in answer.sources] == [
+        ("Exports", "https://help.example.com/exports")
     ]
