@@ -3,7 +3,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: run test check bench clean
+.PHONY: run test check bench clean browser
 
 $(STAMP): pyproject.toml
 	python3 -m venv $(VENV)
@@ -21,10 +21,19 @@ run: $(STAMP)
 	$(VENV)/bin/forewarn replay $(EXAMPLE) --format table
 	@echo "write key (Segment Basic-auth user, PostHog api_key, Sentry DSN key): $(WRITE_KEY)"
 	@echo "admin key (Authorization: Bearer ... on /api/v1): $(ADMIN_KEY)"
-	env FOREWARN_WRITE_KEY=$(WRITE_KEY) FOREWARN_ADMIN_KEY=$(ADMIN_KEY) $(VENV)/bin/forewarn serve --db forewarn.db --playbooks examples/playbooks
+	@echo "demo app with the widget: http://127.0.0.1:8750/demo/"
+	env FOREWARN_WRITE_KEY=$(WRITE_KEY) FOREWARN_ADMIN_KEY=$(ADMIN_KEY) FOREWARN_KB=examples/kb $(VENV)/bin/forewarn serve --db forewarn.db --playbooks examples/playbooks
 
-test: $(STAMP)
+test: $(STAMP) browser
 	$(PY) -m pytest -q
+
+# The browser tests drive Debian's Chromium; install it where this machine lets us (root with
+# apt). Where it cannot be installed, those tests skip and say why.
+browser:
+	@command -v chromium >/dev/null 2>&1 || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1 && \
+	  { apt-get install -y -q chromium >/dev/null 2>&1 || { apt-get update -q >/dev/null 2>&1 && \
+	    apt-get install -y -q chromium >/dev/null 2>&1; }; }; } || \
+	  echo "chromium is not installed and could not be: the browser tests will be skipped"
 
 check: $(STAMP)
 	$(VENV)/bin/ruff check src tests bench

@@ -103,10 +103,43 @@ class Forewarn:
         self._buckets: dict[int, Bucket] = {}
         self._origins: dict[int, tuple[frozenset[str], float]] = {}
         self._assistant: widget.Answers | None = None
+        self._model: Any = None
+        self.knowledge: Any = None  # the loaded knowledge base, when there is one
+
+    def use_knowledge(
+        self,
+        folder: str,
+        llm_url: str | None,
+        llm_model: str | None,
+        llm_key: str | None,
+        base_url: str = "",
+    ) -> int:
+        """Answer chat replies from this folder of articles (and a language model, when
+        given). Returns the number of articles; a broken folder raises InputError."""
+        from pathlib import Path
+
+        from forewarn.assistant import KnowledgeBase
+
+        self.knowledge = KnowledgeBase.load(Path(folder), base_url)
+        self._llm = (llm_url, llm_model, llm_key) if llm_url else None
+        return len(self.knowledge)
 
     def assistant(self) -> widget.Answers | None:
-        """The chat assistant, if a knowledge base is configured."""
+        """The chat assistant, if a knowledge base is configured (made on first use, on the
+        server's event loop, where its model client lives)."""
+        if self._assistant is None and self.knowledge is not None:
+            from forewarn.assistant import Assistant, OpenAICompatible
+
+            llm = getattr(self, "_llm", None)
+            if llm is not None:
+                url, model, key = llm
+                self._model = OpenAICompatible(url, model or "", key)
+            self._assistant = Assistant(self.knowledge, llm=self._model)
         return self._assistant
+
+    async def close(self) -> None:
+        if self._model is not None:
+            await self._model.aclose()
 
     async def widget_origins(self, token: str | None) -> frozenset[str]:
         """The web origins the widget of this write key's workspace may be used from."""
@@ -582,6 +615,7 @@ def build(app: Forewarn) -> Starlette:
         finally:
             app.writer.stop()
             app.engines.stop()
+            await app.close()
 
     web = Starlette(
         lifespan=lifespan,

@@ -221,6 +221,16 @@ def _serve(args: argparse.Namespace) -> int:
         engines = EngineLoop(args.db, triggers, write_lock=write_lock, playbooks=args.playbooks)
         writer = Writer(args.db, on_commit=engines.committed, write_lock=write_lock)
     app = api.Forewarn(settings, writer, engines)
+    knowledge = _env("KB")
+    articles = None
+    if knowledge:
+        articles = app.use_knowledge(
+            knowledge,
+            _env("LLM_URL"),
+            _env("LLM_MODEL"),
+            _env("LLM_KEY"),
+            _env("KB_BASE_URL") or "",
+        )
     delivery = None
     if args.delivery == "on":
         import subprocess
@@ -239,6 +249,8 @@ def _serve(args: argparse.Namespace) -> int:
         )
     url = f"http://{args.host}:{args.port}"
     print(f"Forewarn on {url} with {len(triggers)} triggers, database {args.db}", flush=True)
+    if articles is not None:
+        print(f"the chat assistant answers from {articles} articles in {knowledge}", flush=True)
     if created:
         print("workspace '" + args.workspace + "' created; keys (shown once):", flush=True)
         for line in created:

@@ -47,6 +47,7 @@ SETTINGS: dict[str, str] = {
     "WIDGET_ORIGINS": "",
     "IDENTITY_SECRET": "",
     "KB": "",
+    "KB_BASE_URL": "",
     "LLM_URL": "",
     "LLM_MODEL": "",
     "LLM_KEY": "",

@@ -15,7 +15,7 @@ user id forced to the token's (or removed, without a token).
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from importlib import resources
 from typing import TYPE_CHECKING, Any, Protocol
@@ -50,9 +50,14 @@ class AuthError(ForewarnError):
 
 
 class Answer(Protocol):
-    text: str
-    answered: bool
-    escalate: bool
+    @property
+    def text(self) -> str: ...
+
+    @property
+    def answered(self) -> bool: ...
+
+    @property
+    def escalate(self) -> bool: ...
 
 
 class Answers(Protocol):
@@ -62,8 +67,8 @@ class Answers(Protocol):
         self,
         question: str,
         *,
-        context: dict[str, Any] | None = None,
-        transcript: list[tuple[str, str]] = ...,
+        context: Mapping[str, Any] | None = None,
+        transcript: Sequence[tuple[str, str]] = ...,
     ) -> Answer: ...
 
 
@@ -213,7 +218,8 @@ def routes(app: Forewarn, assistant: Callable[[], Answers | None]) -> list[Route
         sent = links.Sent(ws, "user", who.subject, found.trigger, "chat", found.key)
         await _record(app, sent, "Message Replied", {"text": text}, f"{found.key}:reply:{now}")
         history = await run(store_outbox.conversation_messages, found.id)
-        transcript = [(m["author"], m["text"]) for m in history]
+        # the turns before this one, as the assistant reads them
+        transcript = [(m["author"].split(":")[0], m["text"]) for m in history[:-1]]
         helper = assistant()
         answer_text, answered, escalate = (
             "Thanks: a teammate will follow up with you here.",
@@ -237,7 +243,8 @@ def routes(app: Forewarn, assistant: Callable[[], Answers | None]) -> list[Route
         await run(store_outbox.add_conversation_message, ws, found.id, author, answer_text, now)
         escalated = found.escalated
         if escalate and not found.escalated:
-            escalated = await _escalate(app, run, sent, found.id, transcript, now)
+            turns = [*transcript, ("user", text), ("assistant", answer_text)]
+            escalated = await _escalate(app, run, sent, found.id, turns, now)
         return _json({"text": answer_text, "answered": answered, "escalated": escalated})
 
     async def script(request: Request) -> Response:

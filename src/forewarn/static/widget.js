@@ -117,7 +117,9 @@
     if (!message.engagement_url) return;
     var body = {event: event};
     for (var k in extra || {}) body[k] = extra[k];
-    fetch(message.engagement_url, {method: "POST", headers: {"content-type": "application/json"}, body: JSON.stringify(body), keepalive: true, credentials: "omit"})
+    // the link's path, on the server this widget talks to
+    var url = base + new URL(message.engagement_url, base).pathname;
+    fetch(url, {method: "POST", headers: {"content-type": "application/json"}, body: JSON.stringify(body), keepalive: true, credentials: "omit"})
       .catch(function () {});
   }
   // text with its http(s) links made clickable; everything else stays text
