@@ -45,6 +45,7 @@ bench: $(STAMP)
 	$(PY) bench/engine.py
 	$(PY) bench/ingest.py
 	$(PY) bench/outreach.py
+	$(PY) bench/widget.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

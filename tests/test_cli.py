@@ -252,7 +252,7 @@ def test_replay_runs_the_same_policy_as_the_server(tmp_path, capsys, monkeypatch
         "    when: {event: {name: Checkout Failed}}\n    action: {channel: email, message: a}\n"
         "  - id: bug\n    problem: checkout\n    priority: 5\n"
         "    when: {event: {name: Checkout Failed}}\n    action: {channel: in_app, message: b}\n"
-        "  - id: tour\n    when: {event: {name: Signed In}}\n    action: {channel: in_app, message: c}\n"
+        "  - id: tour\n    when: {event: {name: Signed In}}\n    action: {channel: email, message: c}\n"
     )
     lines = [
         {

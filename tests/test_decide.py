@@ -257,7 +257,11 @@ def test_storm_never_exceeds_a_cap_and_never_sends_in_quiet_hours(firings, cap):
             in_week = [u for u in times[i:] if u - t < days * DAY]
             assert len(in_week) <= limit
             assert len([u for u in times[i:] if u - t < DAY]) <= 1
-            minute = _local_minute(t, zone_of[subject])
+        for r in records:
+            if r.channel in decide.LIVE_CHANNELS:
+                assert r.send_at_ms == r.at_ms  # seen in the product: at once
+                continue
+            minute = _local_minute(r.send_at_ms, zone_of[subject])
             assert 8 * 60 <= minute < 21 * 60, "sent inside the quiet hours"
 
 
@@ -305,3 +309,11 @@ triggers:
     assert fire(track("Quota Hit", at(hours=15), "u1", "acme"), NOON + 3 * HOUR) == [("send", None)]
     # a user's traits lie over its account's
     assert outreach.traits("user", "u1") == {"email": "a@example.com", "timezone": "Europe/Paris"}
+
+
+def test_in_app_and_chat_go_at_once_even_at_night():
+    at = T0_MS + 23 * HOUR  # 23:00 UTC: quiet hours for an email
+    for channel in ("in_app", "chat"):
+        d = one(Spec("live", channel), at=at, history=History(Policy()))
+        assert (d.decision, d.reason, d.send_at_ms) == ("send", None, at)
+    assert one(Spec("mail", "email"), at=at).reason == "deferred:quiet_hours"

@@ -22,8 +22,10 @@ Consent, caps and quiet hours protect the customer; a `webhook` goes to the team
 apply to it. Holdout is a stable hash of (trigger, subject, salt), never a random draw, so a
 subject stays in the same group for a trigger across replays, restarts and machines.
 
-Every message is held for the priority window before it may go (`send_at_ms`), so that a more
-important trigger firing a moment later can still take its place.
+Every email, push and webhook is held for the priority window before it may go (`send_at_ms`),
+so that a more important trigger firing a moment later can still take its place. In-app and chat
+messages are seen while the subject is using the product: they go at once, and quiet hours do
+not hold them.
 """
 
 from __future__ import annotations
@@ -59,6 +61,9 @@ REASONS = {
 }
 
 TEAM_CHANNELS = frozenset({"webhook"})  # reach the team, not the customer
+# seen while the subject is in the product, so they go at once: not held for the priority
+# window (a stuck user needs the chat now) nor for quiet hours (they are using the product)
+LIVE_CHANNELS = frozenset({"in_app", "chat"})
 DAY_MS = 86_400_000
 
 
@@ -239,9 +244,11 @@ def evaluate(
         and r.priority < spec.priority
         and customer == (r.channel not in TEAM_CHANNELS)
     )
-    send_at = at_ms + policy.priority_window_ms
+    held = spec.channel not in LIVE_CHANNELS
+    send_at = at_ms + policy.priority_window_ms if held else at_ms
     if customer:
-        send_at = quiet_end(policy, traits.get("timezone"), send_at)
+        if held:
+            send_at = quiet_end(policy, traits.get("timezone"), send_at)
         kept = [r for r in records if r not in displaced and r.channel not in TEAM_CHANNELS]
         if _over_cap(policy.caps, [r.send_at_ms for r in kept], send_at) or _over_cap(
             policy.channel_caps.get(spec.channel, ()),
@@ -257,7 +264,7 @@ def evaluate(
             and customer == (r.channel not in TEAM_CHANNELS)
         ):
             return Decision(SUPPRESSED, "lower_priority")
-    deferred = send_at > at_ms + policy.priority_window_ms
+    deferred = held and send_at > at_ms + policy.priority_window_ms
     reason = DEFERRED if deferred else None
     if spec.holdout > 0 and holdout_bucket(spec.id, subject, policy.salt) < spec.holdout:
         return Decision(HELD_OUT, reason, send_at, displaced)
