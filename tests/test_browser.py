@@ -115,6 +115,10 @@ def test_dwelling_on_settings_opens_the_chat_and_it_answers(live):
             reply = answers[-1].inner_text()
             assert "help.example.com" in reply, reply
             page.screenshot(path=str(ARTIFACTS / "chat-open.png"))
+            with page.context.expect_page() as opened:  # a link in the answer: a new tab
+                page.click(".fw-msg[data-author=assistant] >> nth=-1 >> a")
+            opened.value.close()
+            assert live.wait_for(lambda: _events(live.db, "Message Clicked"), timeout_s=10)
             page.click(".fw-chat .fw-close")
             assert live.wait_for(lambda: _events(live.db, "Message Dismissed"), timeout_s=10)
             assert not errors, errors
@@ -123,6 +127,7 @@ def test_dwelling_on_settings_opens_the_chat_and_it_answers(live):
     views = _page_paths(live.db)
     assert "/" in views and "/kb/settings" in views  # the route change was a page view
     assert _events(live.db, "Message Replied")
+    assert live.wait_for(lambda: _events(live.db, "Active Time"), timeout_s=10)
 
 
 def _page_paths(db: Path) -> list[str]:

@@ -44,6 +44,12 @@
       method: method, headers: headers(), body: body ? JSON.stringify(body) : undefined,
       keepalive: method === "POST", credentials: "omit", mode: "cors"
     }).then(function (r) {
+      if (r.status === 401 && token) {
+        // an expired or wrong identity token: go on as the anonymous visitor
+        console.warn("forewarn: the identity token was refused; continuing anonymously");
+        token = "";
+        return call(method, path, body);
+      }
       if (!r.ok) throw new Error("forewarn: " + method + " " + path + " answered " + r.status);
       return r.json();
     });
