@@ -18,6 +18,7 @@ CORE = {
     "engine",
     "runner",
     "decide",
+    "outcomes",
     "policy",
     "describe",
     "errors",

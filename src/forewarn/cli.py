@@ -273,6 +273,71 @@ def _serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def _backtest(args: argparse.Namespace) -> int:
+    from forewarn import backtest
+    from forewarn.model import order_key
+
+    triggers = load_playbooks(args.playbooks)
+    until_ms = None
+    if args.until:
+        try:
+            until_ms = parse_time_ms(args.until)
+        except ValueError:
+            raise InputError(
+                f"--until {args.until!r} is not an ISO 8601 time, e.g. 2026-11-23T00:00:00Z"
+            ) from None
+    if (args.events is None) == (args.since is None):
+        raise InputError("give --events FILE, or --since DURATION to read the server's own log")
+    if args.events is not None:
+        batch = read_events(args.events, Progress("", 0))
+        for bad in batch.rejected[:20]:
+            print(bad, file=sys.stderr)
+        events = batch.events
+    else:
+        events = _log_events(args.db, args.workspace, args.since)
+    events.sort(key=order_key)
+    if until_ms is not None:
+        events = [e for e in events if e.timestamp_ms <= until_ms]
+    result = backtest.run(triggers, events, settings.policy(), until_ms)
+    if args.format == "json":
+        sys.stdout.write(msgspec.json.encode(result).decode() + "\n")
+    else:
+        sys.stdout.write(backtest.table(result))
+    print(f"backtested {len(events)} events over {result['days']} days", file=sys.stderr)
+    return 0
+
+
+def _log_events(db: str, workspace: str, since: str) -> list[Event]:
+    """The events of the server's log stamped within `since` of now."""
+    from forewarn import clock, store_sqlite
+    from forewarn.live import events_of
+    from forewarn.playbook import parse_duration
+
+    try:
+        span = parse_duration(since)
+    except ValueError as exc:
+        raise InputError(f"--since: {exc}") from None
+    if not Path(db).exists():
+        raise InputError(f"no database {db}: give the server's --db, or --events FILE")
+    conn = store_sqlite.connect(db)
+    try:
+        ws = store_sqlite.workspace_id(conn, workspace)
+        if ws is None:
+            raise InputError(f"no workspace '{workspace}' in {db}")
+        oldest = clock.now_ms() - span
+        events: list[Event] = []
+        cursor = 0
+        while True:
+            batches = store_sqlite.read_log(conn, ws, cursor, 500)
+            if not batches:
+                return events
+            for b in batches:
+                events.extend(e for e in events_of(b) if e.timestamp_ms >= oldest)
+                cursor = b.id
+    finally:
+        conn.close()
+
+
 def _detect(args: argparse.Namespace) -> int:
     from forewarn import series
     from forewarn.playbook import parse_duration
@@ -470,6 +535,23 @@ def build_parser() -> argparse.ArgumentParser:
         "--parent", type=int, metavar="PID", help="exit when the process PID is gone"
     )
     deliver.set_defaults(run=_deliver)
+
+    backtest = commands.add_parser(
+        "backtest",
+        help="what playbooks would have done over history, and how it turned out",
+        description="Replay history (a file, or the server's own event log) through the "
+        "playbooks with the full policy on a virtual clock, and report per trigger: firings "
+        "per day, subjects hit more than once, overlap, what the policy would have suppressed, "
+        "goal and failure rates of treated and held-out subjects, precision and recall.",
+    )
+    backtest.add_argument("--playbooks", required=True, help="a playbook file or folder")
+    backtest.add_argument("--events", help="JSONL of Segment messages (gzip accepted), a folder")
+    backtest.add_argument("--since", help="read the server's log: the events of the last 30d")
+    backtest.add_argument("--db", default=_env("DB"), help="the SQLite file, with --since")
+    backtest.add_argument("--workspace", default=_env("WORKSPACE"), help="with --since")
+    backtest.add_argument("--until", help="run the clock on to this ISO 8601 time")
+    backtest.add_argument("--format", choices=("table", "json"), default="table")
+    backtest.set_defaults(run=_backtest)
 
     detect = commands.add_parser(
         "detect",
