@@ -134,3 +134,49 @@ def test_the_backtest_command_reports_per_trigger(capsys):
     assert rows["known-bug"]["decisions"] == {"send": 1, "suppressed:cooldown": 1}
     assert rows["known-bug"]["subjects_hit_more_than_once"] == 1
     assert {tuple(o["triggers"]) for o in result["overlap"]} >= {("renewal-at-risk", "usage-drop")}
+
+
+def test_the_live_report_reads_outcomes_from_the_log(tmp_path, capsys):
+    from forewarn import report
+
+    conn = store_sqlite.connect(tmp_path / "forewarn.db")
+    store_sqlite.ensure_workspace(conn, "default", 0)
+    live = LiveEngine(
+        conn, 1, TRIGGERS, policy=decide.Policy(caps=(), quiet_start_min=0, quiet_end_min=0)
+    )
+    messages = []
+    for i in range(40):
+        messages.append(track("Quota Hit", at(days=i, hours=10), f"u{i}"))
+        if i % 2:
+            messages.append(track("Plan Upgraded", at(days=i, hours=12), f"u{i}"))
+        if i % 5 == 0:
+            messages.append(track("Ticket Created", at(days=i + 1), f"u{i}", priority="urgent"))
+    messages.sort(key=lambda m: order_key(event_from_dict(m)))
+    for m in messages:
+        t = event_from_dict(m).timestamp_ms
+        store_sqlite.append_batches(
+            conn,
+            [store_sqlite.Append(1, "t", t, [m], [str(m["messageId"])])],
+            store_sqlite.SeenIds(),
+        )
+        live.step(t)
+    result = report.live_report(conn, 1, TRIGGERS, T0_MS, T0_MS + 60 * DAY)
+    (row,) = result["triggers"]
+    assert row["firings"] == 40 and row["subjects"] == 40
+    treated, control = row["treated"], row["held_out"]
+    assert treated["n"] + control["n"] == 40
+    assert treated["goals"] + control["goals"] == 20  # every odd user upgraded within the day
+    assert treated["failures"] + control["failures"] == 8
+    assert row["recall"] == 1.0 and row["failures_in_history"] == 8
+    conn.close()
+    code = main(
+        [
+            "report",
+            "--playbooks",
+            str(tmp_path / "none.yaml"),
+            "--db",
+            str(tmp_path / "forewarn.db"),
+        ]
+    )
+    _, err = capsys.readouterr()
+    assert code == 2 and "none.yaml" in err

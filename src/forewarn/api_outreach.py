@@ -67,6 +67,24 @@ def routes(app: Forewarn) -> list[Route]:
 
         return asyncio.to_thread(job)
 
+    async def reports(request: Request) -> Response:
+        from forewarn import report
+        from forewarn.playbook import parse_duration
+
+        key = app.admin_key(request)
+        q = request.query_params
+        trigger = q.get("trigger")
+        triggers = app.engines.triggers
+        if trigger is not None and trigger not in {t.id for t in triggers}:
+            raise InputError(f"trigger={trigger!r}: no such trigger in the loaded playbooks")
+        try:
+            span = parse_duration(q.get("since", "30d"))
+        except ValueError as exc:
+            raise InputError(f"since: {exc}") from None
+        now = clock.now_ms()
+        result = await run(report.live_report, key.workspace, triggers, now - span, now, trigger)
+        return _json(result)
+
     async def target(request: Request) -> tuple[int, str, dict[str, Any], str]:
         """For a POST about a subject: the workspace (of the admin key), the subject, the JSON
         body and the scope it names."""
@@ -237,6 +255,7 @@ def routes(app: Forewarn) -> list[Route]:
         Route("/c/{token}", clicked, methods=["GET"]),
         Route("/e/{token}", engaged, methods=["POST"]),
         Route("/api/v1/outreach", outreach, methods=["GET"]),
+        Route("/api/v1/reports", reports, methods=["GET"]),
         Route("/api/v1/subjects/{subject}/suppress", suppress, methods=["POST"]),
         Route("/api/v1/subjects/{subject}/unsuppress", unsuppress, methods=["POST"]),
         Route("/api/v1/subjects/{subject}/unsubscribe", consent, methods=["POST"]),

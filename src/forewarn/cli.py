@@ -307,6 +307,44 @@ def _backtest(args: argparse.Namespace) -> int:
     return 0
 
 
+def _report(args: argparse.Namespace) -> int:
+    import csv
+
+    from forewarn import backtest, clock, report, store_sqlite
+    from forewarn.playbook import parse_duration
+
+    triggers = load_playbooks(args.playbooks)
+    if args.trigger and args.trigger not in {t.id for t in triggers}:
+        known = ", ".join(t.id for t in triggers)
+        raise InputError(f"no trigger '{args.trigger}' in the playbooks; they define: {known}")
+    try:
+        span = parse_duration(args.since)
+    except ValueError as exc:
+        raise InputError(f"--since: {exc}") from None
+    if not Path(args.db).exists():
+        raise InputError(f"no database {args.db}: give the server's --db")
+    conn = store_sqlite.connect(args.db)
+    try:
+        ws = store_sqlite.workspace_id(conn, args.workspace)
+        if ws is None:
+            raise InputError(f"no workspace '{args.workspace}' in {args.db}")
+        now = clock.now_ms()
+        result = report.live_report(conn, ws, triggers, now - span, now, args.trigger)
+    finally:
+        conn.close()
+    if args.format == "json":
+        sys.stdout.write(msgspec.json.encode(result).decode() + "\n")
+    elif args.format == "csv":
+        writer = csv.writer(sys.stdout, lineterminator="\n")
+        columns = ["trigger", "firings", "firings_per_day", "subjects", "precision", "recall"]
+        writer.writerow(columns)
+        for row in result["triggers"]:
+            writer.writerow([row[c] for c in columns])
+    else:
+        sys.stdout.write(backtest.table(result))
+    return 0
+
+
 def _log_events(db: str, workspace: str, since: str) -> list[Event]:
     """The events of the server's log stamped within `since` of now."""
     from forewarn import clock, store_sqlite
@@ -552,6 +590,21 @@ def build_parser() -> argparse.ArgumentParser:
     backtest.add_argument("--until", help="run the clock on to this ISO 8601 time")
     backtest.add_argument("--format", choices=("table", "json"), default="table")
     backtest.set_defaults(run=_backtest)
+
+    report = commands.add_parser(
+        "report",
+        help="how the live server's triggers did: decisions, outcomes, precision, recall",
+        description="Report on the firings the server recorded and what happened after each, "
+        "read from its own event log: per trigger, the decisions, the goal and failure rates of "
+        "treated and held-out subjects, precision and recall.",
+    )
+    report.add_argument("--playbooks", default=_env("PLAYBOOKS"), help="a playbook file or folder")
+    report.add_argument("--db", default=_env("DB"), help="the SQLite file")
+    report.add_argument("--workspace", default=_env("WORKSPACE"))
+    report.add_argument("--trigger", help="one trigger only")
+    report.add_argument("--since", default="30d", help="the period: the last 30d")
+    report.add_argument("--format", choices=("table", "json", "csv"), default="table")
+    report.set_defaults(run=_report)
 
     detect = commands.add_parser(
         "detect",

@@ -111,6 +111,13 @@ def _openapi() -> dict[str, Any]:
             [_param("subject"), _param("trigger"), _param("status"), _param("limit")],
         )
     }
+    paths["/api/v1/reports"] = {
+        "get": _op(
+            "Per trigger: decisions, outcomes of treated and held-out subjects, precision, recall",
+            admin,
+            [_param("trigger"), _param("since")],
+        )
+    }
     subject = [_param("subject", "path")]
     for verb, what in (
         ("suppress", "Stop all outreach to a subject (an incident, say), until a time or lifted"),

@@ -87,6 +87,7 @@ class Outcomes:
     def __init__(self, triggers: Iterable[Trigger], state: State | None = None) -> None:
         self.specs = {t.id: t for t in triggers}
         self.state = state  # to tell which accounts a user belongs to
+        self.members: dict[str, list[str]] = {}  # learned from group calls, without a state
         self.open: dict[tuple[str, str], list[_Watch]] = {}  # (scope, subject) -> watches
         self._closing: list[tuple[int, int, _Watch]] = []
         self._seq = 0
@@ -111,6 +112,12 @@ class Outcomes:
 
     def observe(self, event: Event) -> None:
         """An event, before it is applied: does it settle a goal, a failure or engagement?"""
+        if event.kind == "group" and self.state is None and event.account_id is not None:
+            person = event.user_id or event.anonymous_id
+            if person is not None:
+                joined = self.members.setdefault(person, [])
+                if event.account_id not in joined:
+                    joined.append(event.account_id)
         if event.kind != "track":
             return
         name = event.name
@@ -136,6 +143,8 @@ class Outcomes:
             user = self.state.users.get(person)
             for account in (user.accounts or []) if user is not None else []:
                 found.append(("account", account))
+        elif person is not None:
+            found.extend(("account", a) for a in self.members.get(person, ()))
         return found
 
     def _settle(
