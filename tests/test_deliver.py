@@ -314,3 +314,23 @@ def test_a_webhook_endpoint_that_answered_410_is_not_called_again(conn):
     ).fetchall()
     assert [r[:2] for r in rows] == [("dead", "gone"), ("dead", "failed")]
     assert "410" in rows[1][2]
+
+
+def test_a_paused_trigger_records_its_firings_and_sends_nothing_until_resumed(conn):
+    live = _engine(conn, caps=())
+    store_outbox.override_trigger(conn, 1, "quota", "paused", "too many dismissals", "admin", NOON)
+    _feed(conn, live, track("Quota Hit", at(hours=12)), NOON)
+    store_outbox.override_trigger(conn, 1, "team", "shadow", "trying it quietly", "admin", NOON)
+    _feed(conn, live, track("Quota Hit", at(hours=13)), NOON + HOUR)
+    assert store_outbox.resume_trigger(conn, 1, "quota")
+    _feed(conn, live, track("Quota Hit", at(hours=14)), NOON + 2 * HOUR)
+    decided = conn.execute("SELECT trig, decision, reason FROM firings ORDER BY id").fetchall()
+    assert decided == [
+        ("quota", "suppressed", "paused"),
+        ("team", "send", None),
+        ("quota", "suppressed", "paused"),
+        ("team", "suppressed", "shadow"),
+        ("quota", "send", None),
+        ("team", "suppressed", "shadow"),
+    ]
+    assert store_outbox.trigger_overrides(conn, 1)["team"]["reason"] == "trying it quietly"

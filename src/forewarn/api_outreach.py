@@ -21,7 +21,7 @@ from starlette.responses import HTMLResponse, RedirectResponse, Response
 from starlette.routing import Route
 
 from forewarn import clock, links, store_outbox, store_sqlite
-from forewarn.errors import InputError
+from forewarn.errors import InputError, NotFoundError
 from forewarn.links import CHANNELS, SCOPES, SECRET_NAME, read_token
 from forewarn.model import format_time, parse_time_ms
 from forewarn.store_sqlite import Append
@@ -84,6 +84,40 @@ def routes(app: Forewarn) -> list[Route]:
         now = clock.now_ms()
         result = await run(report.live_report, key.workspace, triggers, now - span, now, trigger)
         return _json(result)
+
+    async def pause(request: Request) -> Response:
+        key = app.admin_key(request)
+        trigger = request.path_params["trigger"]
+        if trigger not in {t.id for t in app.engines.triggers}:
+            raise NotFoundError(f"no trigger '{trigger}' in the loaded playbooks")
+        if request.url.path.endswith("/resume"):
+            resumed = await run(store_outbox.resume_trigger, key.workspace, trigger)
+            return _json({"trigger": trigger, "mode": None, "resumed": resumed})
+        body = await _body(request)
+        mode = body.get("mode", "paused")
+        if mode not in store_outbox.OVERRIDE_MODES:
+            allowed = ", ".join(store_outbox.OVERRIDE_MODES)
+            raise InputError(f"mode {mode!r}: give one of {allowed}")
+        reason = body.get("reason", "paused through the admin API")
+        if not isinstance(reason, str) or not reason.strip():
+            raise InputError('reason must be text, e.g. "too many dismissals"')
+        await run(
+            store_outbox.override_trigger,
+            key.workspace,
+            trigger,
+            mode,
+            reason[:500],
+            "admin",
+            clock.now_ms(),
+        )
+        return _json({"trigger": trigger, "mode": mode, "reason": reason[:500]})
+
+    async def overrides(request: Request) -> Response:
+        key = app.admin_key(request)
+        found = await run(store_outbox.trigger_overrides, key.workspace)
+        for value in found.values():
+            value["at"] = format_time(value.pop("at_ms"))
+        return _json({"overrides": found})
 
     async def target(request: Request) -> tuple[int, str, dict[str, Any], str]:
         """For a POST about a subject: the workspace (of the admin key), the subject, the JSON
@@ -256,6 +290,9 @@ def routes(app: Forewarn) -> list[Route]:
         Route("/e/{token}", engaged, methods=["POST"]),
         Route("/api/v1/outreach", outreach, methods=["GET"]),
         Route("/api/v1/reports", reports, methods=["GET"]),
+        Route("/api/v1/triggers/overrides", overrides, methods=["GET"]),
+        Route("/api/v1/triggers/{trigger}/pause", pause, methods=["POST"]),
+        Route("/api/v1/triggers/{trigger}/resume", pause, methods=["POST"]),
         Route("/api/v1/subjects/{subject}/suppress", suppress, methods=["POST"]),
         Route("/api/v1/subjects/{subject}/unsuppress", unsuppress, methods=["POST"]),
         Route("/api/v1/subjects/{subject}/unsubscribe", consent, methods=["POST"]),

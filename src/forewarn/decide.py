@@ -2,7 +2,8 @@
 
 The policy, in order; the first rule that applies names the firing's reason:
 
-1. the trigger runs in shadow mode → `shadow`;
+1. the trigger is paused (by hand or by the auto-guard) → `paused`; it runs in shadow mode →
+   `shadow`;
 2. the subject unsubscribed from the channel or from everything, or its email address bounced
    or complained → `unsubscribed` / `bounced`;
 3. the account is suppressed: an open urgent ticket, an incident declared, `do_not_contact`
@@ -46,6 +47,7 @@ DEFERRED = "deferred:quiet_hours"
 
 # Every reason the policy can give; docs/ must describe each one.
 REASONS = {
+    "paused": "the trigger is paused, by hand or by the auto-guard: recorded, not sent",
     "shadow": "the trigger runs in shadow mode: decisions are recorded, nothing is sent",
     "unsubscribed": "the subject unsubscribed from this channel or from all outreach",
     "bounced": "the subject's email address bounced for good or complained",
@@ -211,8 +213,8 @@ def evaluate(
     history: Iterable[Record],
 ) -> Decision:
     """The policy for one firing, given the subject's recent outreach. Pure."""
-    if spec.mode == "shadow":
-        return Decision(SUPPRESSED, "shadow")
+    if spec.mode in ("paused", "shadow"):
+        return Decision(SUPPRESSED, spec.mode)
     customer = spec.channel not in TEAM_CHANNELS
     traits = facts.traits
     if customer:

@@ -184,6 +184,8 @@ class LiveEngine:
         if not firings and cursor == self.cursor and not self._snapshot_due(now_ms):
             return 0  # nothing happened: nothing to commit
         self._now_ms = now_ms
+        if firings:
+            self._apply_overrides()
         displaced: list[int] = []
         for f in firings:
             self.outreach.decide(f)
@@ -253,6 +255,15 @@ class LiveEngine:
             )
         if displaced:
             store_outbox.displace(conn, displaced, now_ms)
+
+    def _apply_overrides(self) -> None:
+        """Triggers paused or put in shadow since the playbooks loaded decide as such."""
+        overrides = store_outbox.trigger_overrides(self.conn, self.workspace)
+        for t in self.triggers:
+            spec = self.outreach.specs[t.id]
+            mode = overrides.get(t.id, {}).get("mode", t.mode)
+            if spec.mode != mode:
+                self.outreach.specs[t.id] = spec._replace(mode=mode)
 
     def _standing(
         self, scope: str, subject: str, traits: dict[str, Any]

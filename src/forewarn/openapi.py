@@ -118,6 +118,16 @@ def _openapi() -> dict[str, Any]:
             [_param("trigger"), _param("since")],
         )
     }
+    paths["/api/v1/triggers/overrides"] = {
+        "get": _op("Triggers paused or in shadow since the playbooks loaded, and why", admin)
+    }
+    trig = [_param("trigger", "path")]
+    paths["/api/v1/triggers/{trigger}/pause"] = {
+        "post": _op("Pause a trigger (or put it in shadow), with a reason", admin, trig, body=True)
+    }
+    paths["/api/v1/triggers/{trigger}/resume"] = {
+        "post": _op("Lift a trigger's pause or shadow", admin, trig, body=True)
+    }
     subject = [_param("subject", "path")]
     for verb, what in (
         ("suppress", "Stop all outreach to a subject (an incident, say), until a time or lifted"),

@@ -580,3 +580,41 @@ class _transaction:
 
 
 transaction = _transaction
+
+
+# --- triggers paused or put in shadow (by hand, or by the auto-guard) -------------------------
+
+OVERRIDE_MODES = ("paused", "shadow")
+
+
+def override_trigger(
+    conn: sqlite3.Connection,
+    workspace: int,
+    trigger: str,
+    mode: str,
+    reason: str,
+    by: str,
+    now_ms: int,
+) -> None:
+    conn.execute(
+        "INSERT OR REPLACE INTO trigger_overrides (workspace, trig, mode, reason, by, at_ms)"
+        " VALUES (?, ?, ?, ?, ?, ?)",
+        (workspace, trigger, mode, reason, by, now_ms),
+    )
+
+
+def resume_trigger(conn: sqlite3.Connection, workspace: int, trigger: str) -> bool:
+    cur = conn.execute(
+        "DELETE FROM trigger_overrides WHERE workspace = ? AND trig = ?", (workspace, trigger)
+    )
+    return cur.rowcount > 0
+
+
+def trigger_overrides(conn: sqlite3.Connection, workspace: int) -> dict[str, dict[str, Any]]:
+    return {
+        str(t): {"mode": m, "reason": r, "by": b, "at_ms": a}
+        for t, m, r, b, a in conn.execute(
+            "SELECT trig, mode, reason, by, at_ms FROM trigger_overrides WHERE workspace = ?",
+            (workspace,),
+        )
+    }

@@ -213,6 +213,15 @@ MIGRATIONS: dict[int, str] = {
         at_ms INTEGER NOT NULL
     );
     CREATE INDEX conversation_messages_by ON conversation_messages (conversation, id);
+    CREATE TABLE trigger_overrides (
+        workspace INTEGER NOT NULL,
+        trig TEXT NOT NULL,
+        mode TEXT NOT NULL,
+        reason TEXT NOT NULL,
+        by TEXT NOT NULL,
+        at_ms INTEGER NOT NULL,
+        PRIMARY KEY (workspace, trig)
+    ) WITHOUT ROWID;
     """,
 }
 
