@@ -219,6 +219,19 @@ class Signal:
     where: Where = Where()
 
 
+GUARD_ACTIONS = ("shadow", "pause", "off")
+
+
+@dataclass(frozen=True, slots=True)
+class Guard:
+    """What the auto-guard does with this trigger when its outreach does harm or no good."""
+
+    action: str = "shadow"  # shadow | pause | off
+    effect: float = 0.05  # the smallest change in the failure rate worth detecting
+    max_unsubscribes: float = 0.02  # share of treated subjects who unsubscribe after it
+    max_dismissals: float = 0.6  # share of in-app and chat messages dismissed
+
+
 @dataclass(frozen=True, slots=True)
 class Trigger:
     id: str
@@ -233,6 +246,7 @@ class Trigger:
     failure: Signal | None = None
     mode: str = "live"
     problem: str | None = None  # triggers naming one problem reach out once per episode
+    guard: Guard = Guard()
     file: str = ""
     line: int = 0
 
@@ -671,6 +685,25 @@ def _instantaneous(cond: Condition) -> bool:
     return False
 
 
+def _guard(node: yaml.Node) -> Guard:
+    f = _fields(node, "guard", (), ("action", "effect", "max_unsubscribes", "max_dismissals"))
+    action = _scalar(f["action"]) if "action" in f else "shadow"
+    if action not in GUARD_ACTIONS:
+        raise _Invalid(
+            f["action"], f"guard.action {action!r}: give one of {', '.join(GUARD_ACTIONS)}"
+        )
+    return Guard(
+        str(action),
+        _number(f["effect"], "guard.effect", 0.005, 0.5) if "effect" in f else 0.05,
+        _number(f["max_unsubscribes"], "guard.max_unsubscribes", 0.0, 1.0)
+        if "max_unsubscribes" in f
+        else 0.02,
+        _number(f["max_dismissals"], "guard.max_dismissals", 0.0, 1.0)
+        if "max_dismissals" in f
+        else 0.6,
+    )
+
+
 def _signal(node: yaml.Node, what: str) -> Signal:
     f = _fields(node, what, ("event", "within"), ("where",))
     return Signal(
@@ -724,6 +757,7 @@ _TRIGGER_KEYS = (
     "failure",
     "mode",
     "problem",
+    "guard",
 )
 
 
@@ -778,6 +812,7 @@ def _trigger(node: yaml.Node, file: str, problems: list[Problem]) -> Trigger | N
             failure=_signal(f["failure"], "failure") if "failure" in f else None,
             mode=mode,
             problem=problem,
+            guard=_guard(f["guard"]) if "guard" in f else Guard(),
             file=file,
             line=line,
         )
