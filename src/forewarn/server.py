@@ -258,6 +258,8 @@ class EngineLoop:
         conn = store_sqlite.connect(self.path, store_sqlite.NO_CHECKPOINT)
         engines = self.stats.engines
         policy = settings.policy()
+        guard_every = settings.guard_every_ms()
+        guarded_at: dict[int, int] = {}
         composer: compose.Composer | None = None
         keep: tuple[tuple[str, ...], tuple[str, ...]] = ((), ())
         last = 0.0
@@ -293,7 +295,21 @@ class EngineLoop:
                     stepped = self._step(live)
                 if not stepped:
                     del engines[ws]  # its memory ran ahead of the database: rebuild it
+                now = self.now_ms()
+                if guard_every and now - guarded_at.get(ws, 0) >= guard_every:
+                    guarded_at[ws] = now
+                    self._guard(conn, ws, now)
         conn.close()
+
+    def _guard(self, conn: sqlite3.Connection, workspace: int, now: int) -> None:
+        from forewarn import guard
+
+        try:
+            with self.write_lock:
+                for found in guard.run(conn, workspace, self.triggers, now):
+                    log.warning("auto-guard: %s %s: %s", found.trigger, found.mode, found.reason)
+        except Exception:  # the guard must never stop the engine
+            log.exception("the auto-guard failed; it will try again")
 
     # --- reading the state, for the admin API ---
 

@@ -51,6 +51,7 @@ SETTINGS: dict[str, str] = {
     "LLM_URL": "",
     "LLM_MODEL": "",
     "LLM_KEY": "",
+    "GUARD_EVERY": "1h",
     "DELIVERY": "on",
     "DELIVERY_ATTEMPTS": "8",
     "DELIVERY_LEASE": "5m",
@@ -96,3 +97,14 @@ def policy() -> decide.Policy:
         episode_ms=episode,
         salt=env("HOLDOUT_SALT") or "forewarn",
     )
+
+
+def guard_every_ms() -> int:
+    """How often the auto-guard looks; 0 when it is off."""
+    text = env("GUARD_EVERY") or "1h"
+    if text.strip().lower() in ("0", "off"):
+        return 0
+    try:
+        return parse_duration(text)
+    except ValueError as exc:
+        raise InputError(f"{PREFIX}GUARD_EVERY: {exc}") from None

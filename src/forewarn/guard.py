@@ -1,0 +1,138 @@
+"""The auto-guard: stop a trigger whose outreach does harm, annoys, or does no good. Edge (reads
+and writes the database).
+
+For each trigger with a holdout and `guard.action` other than `off`, from its report over the
+last `WINDOW` (firings with their outcomes, read from the log):
+
+- harm: the failure rate of treated subjects is higher than the held-out one's, by a sequential
+  test that keeps its false-alarm rate under `ALPHA` however often the guard looks;
+- annoyance: the lower bound of the 95% interval of the share of treated subjects who
+  unsubscribed after the message, or of in-app and chat messages dismissed, is above the
+  trigger's `max_unsubscribes` / `max_dismissals`;
+- no good: the planned sample (enough to see `effect` on the failure rate) is reached and the
+  interval of the difference lies within ±`effect`.
+
+The trigger is then put in shadow or paused (`store_outbox.override_trigger`, by `auto-guard`),
+and the team webhook gets a message. A trigger already paused or in shadow is left as it is:
+a person resumes it.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+from typing import Any, NamedTuple
+
+from forewarn import report, stats, store_outbox
+from forewarn.playbook import Trigger
+
+WINDOW_MS = 30 * 86_400_000
+ALPHA = 0.05
+MIN_TREATED = 20  # no judgement on fewer treated subjects than this
+
+
+class Judgement(NamedTuple):
+    trigger: str
+    mode: str  # shadow | paused
+    reason: str
+
+
+def judge(trigger: Trigger, row: dict[str, Any], unsubscribed: int) -> Judgement | None:
+    """The guard's verdict on one trigger's report row; None to leave it alone."""
+    guard = trigger.guard
+    if guard.action == "off" or trigger.holdout <= 0:
+        return None
+    treated, control = row.get("treated"), row.get("held_out")
+    if not treated or not control or treated["n"] < MIN_TREATED:
+        return None
+    mode = "shadow" if guard.action == "shadow" else "paused"
+    n1, n2 = treated["n"], control["n"]
+    if trigger.failure is not None:
+        x1, x2 = treated["failures"], control["failures"]
+        if stats.Sequential(alpha=ALPHA).harmful(x1, n1, x2, n2, bad="higher"):
+            return Judgement(
+                trigger.id,
+                mode,
+                f"reaching out raises failures: {x1}/{n1} treated against {x2}/{n2} held out",
+            )
+    low = stats.wilson(unsubscribed, n1).low
+    if low > guard.max_unsubscribes:
+        return Judgement(
+            trigger.id,
+            mode,
+            f"{unsubscribed} of {n1} treated subjects unsubscribed after it (at least "
+            f"{low:.1%}, over the {guard.max_unsubscribes:.0%} allowed)",
+        )
+    dismissed = treated.get("dismissed", 0)
+    if trigger.action.channel in ("in_app", "chat"):
+        low = stats.wilson(dismissed, n1).low
+        if low > guard.max_dismissals:
+            return Judgement(
+                trigger.id,
+                mode,
+                f"{dismissed} of {n1} messages dismissed (at least {low:.0%}, over the "
+                f"{guard.max_dismissals:.0%} allowed)",
+            )
+    if trigger.failure is not None:
+        x1, x2 = treated["failures"], control["failures"]
+        baseline = x2 / n2 if n2 else 0.0
+        planned = stats.sample_size(max(baseline, 0.01), guard.effect, holdout=trigger.holdout)
+        said = stats.verdict("failure", x1, n1, x2, n2, holdout=trigger.holdout,
+                             effect=guard.effect, planned=planned)
+        if said.word == "no effect":
+            return Judgement(trigger.id, mode, f"no effect after {n1 + n2} firings: {said.text}")
+    return None
+
+
+def run(
+    conn: sqlite3.Connection, workspace: int, triggers: list[Trigger], now_ms: int,
+    webhook: bool = True,
+) -> list[Judgement]:
+    """Judge every guarded trigger; stop those that must be, and tell the team."""
+    overrides = store_outbox.trigger_overrides(conn, workspace)
+    watched = [t for t in triggers if t.guard.action != "off" and t.holdout > 0
+               and t.id not in overrides and t.mode == "live"]
+    if not watched:
+        return []
+    result = report.live_report(conn, workspace, watched, now_ms - WINDOW_MS, now_ms)
+    rows = {r["trigger"]: r for r in result["triggers"]}
+    stopped = []
+    for t in watched:
+        unsubscribed = _unsubscribed(conn, workspace, t.id, now_ms - WINDOW_MS)
+        found = judge(t, rows.get(t.id, {}), unsubscribed)
+        if found is None:
+            continue
+        with store_outbox.transaction(conn):
+            store_outbox.override_trigger(
+                conn, workspace, t.id, found.mode, found.reason, "auto-guard", now_ms
+            )
+            if webhook:
+                _tell_the_team(conn, workspace, found, now_ms)
+        stopped.append(found)
+    return stopped
+
+
+def _unsubscribed(conn: sqlite3.Connection, workspace: int, trigger: str, since_ms: int) -> int:
+    """Treated subjects of the trigger who unsubscribed after its message."""
+    row = conn.execute(
+        "SELECT count(DISTINCT f.subject) FROM firings f JOIN consent c"
+        " ON c.workspace = f.workspace AND c.scope = f.scope AND c.subject = f.subject"
+        " WHERE f.workspace = ? AND f.trig = ? AND f.decision = 'send' AND f.at_ms >= ?"
+        " AND c.at_ms > f.at_ms",
+        (workspace, trigger, since_ms),
+    ).fetchone()
+    return int(row[0])
+
+
+def _tell_the_team(conn: sqlite3.Connection, workspace: int, found: Judgement, now_ms: int) -> None:
+    verb = "put in shadow" if found.mode == "shadow" else "paused"
+    text = f"Forewarn {verb} trigger '{found.trigger}': {found.reason}."
+    key = f"guard:{workspace}:{found.trigger}:{now_ms}"
+    message = store_outbox.Message(
+        title=f"Trigger {found.trigger} {verb}",
+        text=text,
+        data={"payload": {"type": "trigger.guarded", "data": found._asdict()}},
+    )
+    store_outbox.enqueue(
+        conn, workspace, 0, key, "webhook", found.trigger, "account", "team", message,
+        now_ms, now_ms,
+    )
