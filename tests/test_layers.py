@@ -24,6 +24,7 @@ CORE = {
     "errors",
     "ingest",
     "webhooks",
+    "stats",
 }
 PURE_THIRD_PARTY = {"msgspec", "yaml"}
 # Modules of the standard library that reach the outside world (clock, disk, network, processes).
