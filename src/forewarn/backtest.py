@@ -16,7 +16,7 @@ from collections.abc import Iterable, Iterator, Sequence
 from itertools import combinations
 from typing import Any
 
-from forewarn import decide, engine
+from forewarn import decide, engine, stats
 from forewarn.engine import Firing
 from forewarn.model import Event
 from forewarn.outcomes import Outcome, Outcomes, tally
@@ -99,6 +99,12 @@ def report(
                 "goal_rate": _rates(t.goal is not None, treated, control, "goals"),
                 "failure_rate": _rates(t.failure is not None, treated, control, "failures"),
                 # of the held-out subjects it fired for, how many had the problem anyway
+                "goal_lift": _lift(t, "goals", treated, control) if t.goal is not None else None,
+                "failure_lift": _lift(t, "failures", treated, control)
+                if t.failure is not None
+                else None,
+                "dismissal_rate": _share(treated, "dismissed"),
+                "escalation_rate": _share(treated, "escalated"),
                 "precision": _share(control, "failures") if t.failure is not None else None,
                 "recall": None if recall is None else _round(recall.rate),
                 "failures_in_history": None if recall is None else recall.failures,
@@ -112,6 +118,32 @@ def report(
     return {"events": events, "days": round(days, 2), "triggers": rows, "overlap": overlap}
 
 
+def _lift(
+    t: Trigger, what: str, treated: dict[str, int] | None, control: dict[str, int] | None
+) -> dict[str, Any] | None:
+    """Treated against held out: the difference with its 95% interval, the verdict, and, for
+    failures, how many were prevented among the treated."""
+    if not treated or not control or not treated["n"] or not control["n"]:
+        return None
+    x1, n1, x2, n2 = treated[what], treated["n"], control[what], control["n"]
+    lift = stats.lift(x1, n1, x2, n2)
+    kind = "goal" if what == "goals" else "failure"
+    said = stats.verdict(kind, x1, n1, x2, n2, holdout=max(t.holdout, 0.01))
+    out: dict[str, Any] = {
+        "absolute": _round(lift.absolute),
+        "absolute_ci": None if lift.absolute_ci is None else [_round(v) for v in lift.absolute_ci],
+        "relative": _round(lift.relative),
+        "relative_ci": None if lift.relative_ci is None else [_round(v) for v in lift.relative_ci],
+        "verdict": said.word,
+        "says": said.text,
+    }
+    if kind == "failure":
+        estimate, interval = stats.prevented(x1, n1, x2, n2)
+        out["prevented"] = round(estimate, 1)
+        out["prevented_ci"] = [round(interval.low, 1), round(interval.high, 1)]
+    return out
+
+
 def _rates(
     has: bool, treated: dict[str, int] | None, control: dict[str, int] | None, what: str
 ) -> dict[str, float | None] | None:
@@ -123,7 +155,7 @@ def _rates(
 def _share(group: dict[str, int] | None, what: str) -> float | None:
     if not group or not group["n"]:
         return None
-    return _round(group[what] / group["n"])
+    return _round(group.get(what, 0) / group["n"])
 
 
 def _round(value: float | None) -> float | None:
@@ -173,9 +205,13 @@ def table(result: dict[str, Any]) -> str:
         "  ".join(c.ljust(w) for c, w in zip(line, widths, strict=True)).rstrip() for line in lines
     ]
     for o in result["overlap"]:
-        out.append(
-            f"overlap: {o['triggers'][0]} and {o['triggers'][1]} hit {o['subjects']} subjects both"
-        )
+        a, b = o["triggers"]
+        out.append(f"overlap: {a} and {b} both hit {o['subjects']} subjects")
+    for r in result["triggers"]:
+        for what, label in (("failure_lift", "failures"), ("goal_lift", "goals")):
+            lift = r.get(what)
+            if lift:
+                out.append(f"{r['trigger']} {label}: {lift['verdict']}: {lift['says']}")
     return "\n".join(out) + "\n"
 
 

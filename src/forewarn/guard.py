@@ -74,23 +74,33 @@ def judge(trigger: Trigger, row: dict[str, Any], unsubscribed: int) -> Judgement
             )
     if trigger.failure is not None:
         x1, x2 = treated["failures"], control["failures"]
-        baseline = x2 / n2 if n2 else 0.0
-        planned = stats.sample_size(max(baseline, 0.01), guard.effect, holdout=trigger.holdout)
-        said = stats.verdict("failure", x1, n1, x2, n2, holdout=trigger.holdout,
-                             effect=guard.effect, planned=planned)
+        baseline = min(max(x2 / n2 if n2 else 0.0, guard.effect + 0.01), 0.99 - guard.effect)
+        planned = max(
+            stats.sample_size(baseline, e, holdout=trigger.holdout)
+            for e in (guard.effect, -guard.effect)
+        )
+        said = stats.verdict(
+            "failure", x1, n1, x2, n2, holdout=trigger.holdout, effect=guard.effect, planned=planned
+        )
         if said.word == "no effect":
             return Judgement(trigger.id, mode, f"no effect after {n1 + n2} firings: {said.text}")
     return None
 
 
 def run(
-    conn: sqlite3.Connection, workspace: int, triggers: list[Trigger], now_ms: int,
+    conn: sqlite3.Connection,
+    workspace: int,
+    triggers: list[Trigger],
+    now_ms: int,
     webhook: bool = True,
 ) -> list[Judgement]:
     """Judge every guarded trigger; stop those that must be, and tell the team."""
     overrides = store_outbox.trigger_overrides(conn, workspace)
-    watched = [t for t in triggers if t.guard.action != "off" and t.holdout > 0
-               and t.id not in overrides and t.mode == "live"]
+    watched = [
+        t
+        for t in triggers
+        if t.guard.action != "off" and t.holdout > 0 and t.id not in overrides and t.mode == "live"
+    ]
     if not watched:
         return []
     result = report.live_report(conn, workspace, watched, now_ms - WINDOW_MS, now_ms)
@@ -133,6 +143,15 @@ def _tell_the_team(conn: sqlite3.Connection, workspace: int, found: Judgement, n
         data={"payload": {"type": "trigger.guarded", "data": found._asdict()}},
     )
     store_outbox.enqueue(
-        conn, workspace, 0, key, "webhook", found.trigger, "account", "team", message,
-        now_ms, now_ms,
+        conn,
+        workspace,
+        0,
+        key,
+        "webhook",
+        found.trigger,
+        "account",
+        "team",
+        message,
+        now_ms,
+        now_ms,
     )
