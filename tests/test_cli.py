@@ -317,3 +317,33 @@ def test_keys_vapid_prints_a_usable_key_pair(capsys):
     assert set(pairs) == {"FOREWARN_VAPID_PRIVATE_KEY", "FOREWARN_VAPID_PUBLIC_KEY"}
     channel = PushChannel(pairs["FOREWARN_VAPID_PRIVATE_KEY"], "mailto:ops@example.com")
     assert channel.public_key == pairs["FOREWARN_VAPID_PUBLIC_KEY"]
+
+
+def test_plan_says_how_many_firings_and_how_long(capsys):
+    assert (
+        main(
+            [
+                "plan",
+                "--baseline",
+                "0.2",
+                "--effect",
+                "-0.05",
+                "--holdout",
+                "0.5",
+                "--per-day",
+                "100",
+                "--format",
+                "json",
+            ]
+        )
+        == 0
+    )
+    planned = json.loads(capsys.readouterr().out)
+    # the classic two-group figure: about 1,100 per group for 20% to 15%
+    assert (
+        1000 <= planned["held_out"] <= 1200
+        and planned["treated"] + planned["held_out"] == planned["firings"]
+    )
+    assert planned["days"] == pytest.approx(planned["firings"] / 100)
+    assert main(["plan", "--baseline", "1.5", "--effect", "0.1"]) == 2
+    assert "between 0 and 1" in capsys.readouterr().err

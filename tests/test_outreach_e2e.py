@@ -237,3 +237,33 @@ def test_push_subscriptions_are_registered_and_checked(world):
         with pytest.raises(httpx.HTTPStatusError) as refused:
             _admin_post(live, "/api/v1/subjects/ann/push-subscriptions", bad)
         assert says in refused.value.response.json()["error"]["message"]
+
+
+def test_a_backtest_through_the_api_runs_over_the_servers_log(world):
+    live, catch, _ = world
+    now = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+    _send(live, {"type": "track", "userId": "dan", "event": "Stuck", "timestamp": now})
+    live.wait_for(lambda: live.admin("/api/v1/outreach", subject="dan")["outreach"])
+    started = _admin_post(live, "/api/v1/backtests", {"since": "1d", "triggers": ["tip"]})
+    assert started["status"] == "running" and started["triggers"] == ["tip"]
+
+    def finished() -> Any:
+        got = live.admin(f"/api/v1/backtests/{started['id']}")
+        return got if got["status"] != "running" else None
+
+    done = live.wait_for(finished, timeout_s=20)
+    assert done["status"] == "done", done
+    (row,) = done["result"]["triggers"]
+    assert row["trigger"] == "tip" and row["firings"] >= 1
+    with pytest.raises(httpx.HTTPStatusError) as refused:
+        _admin_post(live, "/api/v1/backtests", {"triggers": ["nope"]})
+    assert "loaded triggers" in refused.value.response.json()["error"]["message"]
+    assert (
+        httpx.get(
+            live.url + "/api/v1/backtests/999",
+            headers={"Authorization": f"Bearer {srv.ADMIN_KEY}"},
+            timeout=10,
+        ).status_code
+        == 404
+    )
+    del catch

@@ -119,6 +119,41 @@ def routes(app: Forewarn) -> list[Route]:
             value["at"] = format_time(value.pop("at_ms"))
         return _json({"overrides": found})
 
+    async def start_backtest(request: Request) -> Response:
+        from forewarn.playbook import parse_duration
+
+        key = app.admin_key(request)
+        body = await _body(request)
+        since = body.get("since", "30d")
+        try:
+            span = parse_duration(since)
+        except ValueError as exc:
+            raise InputError(f"since: {exc}") from None
+        triggers = app.engines.triggers
+        chosen = body.get("triggers")
+        if chosen is not None:
+            known = {t.id for t in triggers}
+            if not isinstance(chosen, list) or not all(c in known for c in chosen):
+                raise InputError(
+                    f"triggers must be a list of the loaded triggers: {', '.join(sorted(known))}"
+                )
+            triggers = [t for t in triggers if t.id in chosen]
+        now = clock.now_ms()
+        params = {"since": since, "triggers": [t.id for t in triggers]}
+        job = await run(_new_backtest, key.workspace, params, now)
+        asyncio.get_running_loop().create_task(
+            _run_backtest(db, key.workspace, job, triggers, now - span, now)
+        )
+        return _json({"id": job, "status": "running", **params})
+
+    async def get_backtest(request: Request) -> Response:
+        key = app.admin_key(request)
+        raw = request.path_params["id"]
+        found = await run(_read_backtest, key.workspace, int(raw)) if raw.isdigit() else None
+        if found is None:
+            raise NotFoundError(f"no backtest {raw}")
+        return _json(found)
+
     async def target(request: Request) -> tuple[int, str, dict[str, Any], str]:
         """For a POST about a subject: the workspace (of the admin key), the subject, the JSON
         body and the scope it names."""
@@ -290,6 +325,8 @@ def routes(app: Forewarn) -> list[Route]:
         Route("/e/{token}", engaged, methods=["POST"]),
         Route("/api/v1/outreach", outreach, methods=["GET"]),
         Route("/api/v1/reports", reports, methods=["GET"]),
+        Route("/api/v1/backtests", start_backtest, methods=["POST"]),
+        Route("/api/v1/backtests/{id}", get_backtest, methods=["GET"]),
         Route("/api/v1/triggers/overrides", overrides, methods=["GET"]),
         Route("/api/v1/triggers/{trigger}/pause", pause, methods=["POST"]),
         Route("/api/v1/triggers/{trigger}/resume", pause, methods=["POST"]),
@@ -305,6 +342,57 @@ def routes(app: Forewarn) -> list[Route]:
         ),
         Route("/u/{token}", unsubscribe_link, methods=["GET", "POST"]),
     ]
+
+
+def _new_backtest(conn: Any, workspace: int, params: dict[str, Any], now: int) -> int:
+    cur = conn.execute(
+        "INSERT INTO backtests (workspace, created_ms, status, params) VALUES (?, ?, 'running', ?)",
+        (workspace, now, msgspec.json.encode(params).decode()),
+    )
+    return int(cur.lastrowid or 0)
+
+
+def _read_backtest(conn: Any, workspace: int, job: int) -> dict[str, Any] | None:
+    row = conn.execute(
+        "SELECT id, status, params, result, created_ms, done_ms FROM backtests"
+        " WHERE id = ? AND workspace = ?",
+        (job, workspace),
+    ).fetchone()
+    if row is None:
+        return None
+    out: dict[str, Any] = {"id": row[0], "status": row[1], **msgspec.json.decode(row[2])}
+    out["created"] = format_time(row[4])
+    if row[3] is not None:
+        out["result"] = msgspec.json.decode(row[3])
+    if row[5] is not None:
+        out["done"] = format_time(row[5])
+    return out
+
+
+async def _run_backtest(
+    db: str, workspace: int, job: int, triggers: list[Any], since_ms: int, until_ms: int
+) -> None:
+    """The server's own log over the period, through the playbooks and the policy."""
+
+    def work() -> None:
+        from forewarn import backtest, report, settings
+
+        conn = store_sqlite.connect(db)
+        try:
+            try:
+                events = report.log_events(conn, workspace, since_ms, until_ms)
+                result = backtest.run(triggers, events, settings.policy(), until_ms)
+                status, payload = "done", msgspec.json.encode(result).decode()
+            except Exception as exc:  # recorded for whoever asks, not lost in a log
+                status, payload = "failed", msgspec.json.encode({"error": str(exc)}).decode()
+            conn.execute(
+                "UPDATE backtests SET status = ?, result = ?, done_ms = ? WHERE id = ?",
+                (status, payload, clock.now_ms(), job),
+            )
+        finally:
+            conn.close()
+
+    await asyncio.to_thread(work)
 
 
 def _limit(text: str | None) -> int:

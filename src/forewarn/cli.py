@@ -345,6 +345,38 @@ def _report(args: argparse.Namespace) -> int:
     return 0
 
 
+def _plan(args: argparse.Namespace) -> int:
+    from forewarn import stats
+
+    for name in ("baseline", "holdout"):
+        value = getattr(args, name)
+        if not 0 < value < 1:
+            raise InputError(f"--{name} {value}: give a share between 0 and 1, e.g. 0.2")
+    if not 0 < args.baseline + args.effect < 1 or args.effect == 0:
+        raise InputError(
+            f"--effect {args.effect}: give a non-zero change that keeps the rate between 0 and "
+            "1, e.g. -0.05 for 20% to 15%"
+        )
+    if args.per_day < 0:
+        raise InputError("--per-day: give the trigger's firings per day, 0 or more")
+    planned = stats.plan(args.baseline, args.effect, args.per_day, args.holdout, so_far=args.so_far)
+    if args.format == "json":
+        sys.stdout.write(msgspec.json.encode(planned).decode() + "\n")
+        return 0
+    days = planned["days"]
+    when = (
+        f"about {days:.0f} days at {args.per_day:g} firings a day"
+        if days is not None
+        else ("give --per-day to know how long")
+    )
+    print(
+        f"{planned['firings']} firings ({planned['treated']} treated, {planned['held_out']} held "
+        f"out) to see a change from {args.baseline:.0%} of {args.effect * 100:+g} points with "
+        f"80% power at the 5% level; {planned['remaining']} still to come: {when}"
+    )
+    return 0
+
+
 def _log_events(db: str, workspace: str, since: str) -> list[Event]:
     """The events of the server's log stamped within `since` of now."""
     from forewarn import clock, store_sqlite
@@ -605,6 +637,21 @@ def build_parser() -> argparse.ArgumentParser:
     report.add_argument("--since", default="30d", help="the period: the last 30d")
     report.add_argument("--format", choices=("table", "json", "csv"), default="table")
     report.set_defaults(run=_report)
+
+    plan = commands.add_parser(
+        "plan",
+        help="how many firings a holdout test needs, and how long that takes",
+        description="The sample-size planner: given the rate of the goal or failure among "
+        "held-out subjects and the smallest change worth seeing, how many firings the "
+        "comparison needs, and how many days at the trigger's current volume.",
+    )
+    plan.add_argument("--baseline", type=float, required=True, help="e.g. 0.2: 20% file a ticket")
+    plan.add_argument("--effect", type=float, required=True, help="e.g. -0.05: down to 15%")
+    plan.add_argument("--holdout", type=float, default=0.1, help="the trigger's holdout share")
+    plan.add_argument("--per-day", type=float, default=0.0, help="the trigger's firings per day")
+    plan.add_argument("--so-far", type=int, default=0, help="firings already counted")
+    plan.add_argument("--format", choices=("text", "json"), default="text")
+    plan.set_defaults(run=_plan)
 
     detect = commands.add_parser(
         "detect",

@@ -118,6 +118,19 @@ def _openapi() -> dict[str, Any]:
             [_param("trigger"), _param("since")],
         )
     }
+    paths["/api/v1/backtests"] = {
+        "post": _op(
+            "Start a backtest of the loaded playbooks over the server's log: body"
+            " {since: 30d, triggers?: [...]}",
+            admin,
+            body=True,
+        )
+    }
+    paths["/api/v1/backtests/{id}"] = {
+        "get": _op(
+            "A backtest: running, done (with its report) or failed", admin, [_param("id", "path")]
+        )
+    }
     paths["/api/v1/triggers/overrides"] = {
         "get": _op("Triggers paused or in shadow since the playbooks loaded, and why", admin)
     }

@@ -36,7 +36,7 @@ def live_report(
         [ENGAGEMENT_MS]
         + [s.within_ms for t in chosen for s in (t.goal, t.failure) if s is not None]
     )
-    events = _events(conn, workspace, since_ms - span, until_ms + span)
+    events = log_events(conn, workspace, since_ms - span, until_ms + span)
     outcomes = Outcomes(chosen)
     done: list[Outcome] = []
     i = 0
@@ -81,7 +81,9 @@ def _firings(
     ]
 
 
-def _events(conn: sqlite3.Connection, workspace: int, since_ms: int, until_ms: int) -> list[Event]:
+def log_events(
+    conn: sqlite3.Connection, workspace: int, since_ms: int, until_ms: int
+) -> list[Event]:
     """The log's events stamped in [since, until], in time order."""
     out: list[Event] = []
     cursor = 0

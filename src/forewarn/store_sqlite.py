@@ -213,6 +213,15 @@ MIGRATIONS: dict[int, str] = {
         at_ms INTEGER NOT NULL
     );
     CREATE INDEX conversation_messages_by ON conversation_messages (conversation, id);
+    CREATE TABLE backtests (
+        id INTEGER PRIMARY KEY,
+        workspace INTEGER NOT NULL,
+        created_ms INTEGER NOT NULL,
+        status TEXT NOT NULL,
+        params TEXT NOT NULL,
+        result TEXT,
+        done_ms INTEGER
+    );
     CREATE TABLE trigger_overrides (
         workspace INTEGER NOT NULL,
         trig TEXT NOT NULL,
