@@ -168,6 +168,11 @@ def test_the_live_report_reads_outcomes_from_the_log(tmp_path, capsys):
     assert treated["goals"] + control["goals"] == 20  # every odd user upgraded within the day
     assert treated["failures"] + control["failures"] == 8
     assert row["recall"] == 1.0 and row["failures_in_history"] == 8
+    # recorded once their windows have closed, once per firing
+    for _ in range(2):
+        report.live_report(conn, 1, TRIGGERS, T0_MS, T0_MS + 60 * DAY, record=True)
+    recorded = conn.execute("SELECT count(*), sum(goal), sum(failure) FROM outcomes").fetchone()
+    assert recorded == (40, 20, 8)
     conn.close()
     code = main(
         [

@@ -45,12 +45,14 @@ class Outcome(NamedTuple):
     failure: bool | None  # None: the trigger has no failure signal
     engaged: frozenset[str]  # opened, clicked, dismissed, replied, escalated
     closes_ms: int
+    ref: Any = None  # the host's handle on the firing (its row id)
 
 
 @dataclass
 class _Watch:
     firing: Firing
     closes_ms: int
+    ref: Any = None
     goal_at: int | None = None
     failure_at: int | None = None
     engaged: set[str] = field(default_factory=set)
@@ -68,6 +70,7 @@ class _Watch:
             None if failure is None else self.failure_at is not None,
             frozenset(self.engaged),
             self.closes_ms,
+            self.ref,
         )
 
 
@@ -97,13 +100,13 @@ class Outcomes:
         self._failure_names = {t.failure.event for t in self.specs.values() if t.failure}
         self._goal_names = {t.goal.event for t in self.specs.values() if t.goal}
 
-    def fired(self, firing: Firing) -> None:
+    def fired(self, firing: Firing, ref: Any = None) -> None:
         spec = self.specs.get(firing.trigger)
         if spec is None:
             return
         spans = [s.within_ms for s in (spec.goal, spec.failure) if s is not None]
         span = max([*spans, ENGAGEMENT_MS if firing.decision == "send" else 0])
-        watch = _Watch(firing, firing.at_ms + span)
+        watch = _Watch(firing, firing.at_ms + span, ref)
         self.open.setdefault((firing.scope, firing.subject), []).append(watch)
         self._seq += 1
         heapq.heappush(self._closing, (watch.closes_ms, self._seq, watch))
@@ -234,6 +237,8 @@ def tally(
         subjects[k].add(o.subject)
         decided = o.decision if o.decision != "suppressed" else f"suppressed:{o.reason}"
         row["decisions"][decided] = row["decisions"].get(decided, 0) + 1
+        if o.reason == "deferred:quiet_hours":  # sent, but later: what quiet hours held back
+            row["decisions"][o.reason] = row["decisions"].get(o.reason, 0) + 1
         group = {"send": "treated", "held_out": "control"}.get(o.decision)
         if group is None:
             continue

@@ -14,7 +14,7 @@ from typing import Any
 
 import msgspec
 
-from forewarn import backtest, store_sqlite
+from forewarn import backtest, store_outbox, store_sqlite
 from forewarn.engine import Firing
 from forewarn.live import events_of
 from forewarn.model import Event
@@ -29,9 +29,13 @@ def live_report(
     since_ms: int,
     until_ms: int,
     trigger: str | None = None,
+    record: bool = False,
 ) -> dict[str, Any]:
+    """The report; with `record`, the outcomes whose windows have closed are also written to
+    the `outcomes` table (once per firing)."""
     chosen = [t for t in triggers if trigger is None or t.id == trigger]
-    firings = _firings(conn, workspace, since_ms, until_ms, {t.id for t in chosen})
+    ids: list[int] = []
+    firings = _firings(conn, workspace, since_ms, until_ms, {t.id for t in chosen}, ids)
     span = max(
         [ENGAGEMENT_MS]
         + [s.within_ms for t in chosen for s in (t.goal, t.failure) if s is not None]
@@ -43,27 +47,60 @@ def live_report(
     for event in events:
         t = event.timestamp_ms
         while i < len(firings) and firings[i].at_ms < t:
-            outcomes.fired(firings[i])
+            outcomes.fired(firings[i], ids[i])
             i += 1
         done.extend(outcomes.close(t))
         outcomes.observe(event)
-    for f in firings[i:]:
-        outcomes.fired(f)
+    for f, fid in zip(firings[i:], ids[i:], strict=True):
+        outcomes.fired(f, fid)
     done.extend(outcomes.finish())
+    if record:
+        _record(conn, workspace, [o for o in done if o.closes_ms <= until_ms])
     days = max(1.0, (until_ms - since_ms) / backtest.DAY_MS)
     result = backtest.report(chosen, firings, done, outcomes, days, len(events))
     result["since"], result["until"] = since_ms, until_ms
     return result
 
 
+def _record(conn: sqlite3.Connection, workspace: int, closed: list[Outcome]) -> None:
+    def flag(value: bool | None) -> int | None:
+        return None if value is None else int(value)
+
+    with store_outbox.transaction(conn):
+        conn.executemany(
+            "INSERT OR IGNORE INTO outcomes (firing, workspace, trig, goal, failure, engaged,"
+            " closed_ms) VALUES (?, ?, ?, ?, ?, ?, ?)",
+            [
+                (
+                    o.ref,
+                    workspace,
+                    o.trigger,
+                    flag(o.goal),
+                    flag(o.failure),
+                    ",".join(sorted(o.engaged)),
+                    o.closes_ms,
+                )
+                for o in closed
+                if o.ref is not None
+            ],
+        )
+
+
 def _firings(
-    conn: sqlite3.Connection, workspace: int, since_ms: int, until_ms: int, ids: set[str]
+    conn: sqlite3.Connection,
+    workspace: int,
+    since_ms: int,
+    until_ms: int,
+    wanted: set[str],
+    ids: list[int],
 ) -> list[Firing]:
     rows = conn.execute(
-        "SELECT trig, subject, scope, at_ms, evidence, decision, reason, channel, send_at_ms"
+        "SELECT trig, subject, scope, at_ms, evidence, decision, reason, channel, send_at_ms, id"
         " FROM firings WHERE workspace = ? AND at_ms >= ? AND at_ms <= ? ORDER BY at_ms, id",
         (workspace, since_ms, until_ms),
     ).fetchall()
+    rows = [r for r in rows if r[0] in wanted]
+    ids.extend(int(r[9]) for r in rows)
     return [
         Firing(
             trig,
@@ -76,8 +113,7 @@ def _firings(
             channel,
             send_at_ms=send_at,
         )
-        for trig, subject, scope, at, ev, decision, reason, channel, send_at in rows
-        if trig in ids
+        for trig, subject, scope, at, ev, decision, reason, channel, send_at, _ in rows
     ]
 
 

@@ -302,10 +302,14 @@ class EngineLoop:
         conn.close()
 
     def _guard(self, conn: sqlite3.Connection, workspace: int, now: int) -> None:
-        from forewarn import guard
+        """Record the outcomes whose windows have closed, then let the auto-guard judge."""
+        from forewarn import guard, report
 
         try:
             with self.write_lock:
+                report.live_report(
+                    conn, workspace, self.triggers, now - guard.WINDOW_MS, now, record=True
+                )
                 for found in guard.run(conn, workspace, self.triggers, now):
                     log.warning("auto-guard: %s %s: %s", found.trigger, found.mode, found.reason)
         except Exception:  # the guard must never stop the engine

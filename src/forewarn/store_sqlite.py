@@ -213,6 +213,16 @@ MIGRATIONS: dict[int, str] = {
         at_ms INTEGER NOT NULL
     );
     CREATE INDEX conversation_messages_by ON conversation_messages (conversation, id);
+    CREATE TABLE outcomes (
+        firing INTEGER PRIMARY KEY,
+        workspace INTEGER NOT NULL,
+        trig TEXT NOT NULL,
+        goal INTEGER,
+        failure INTEGER,
+        engaged TEXT NOT NULL,
+        closed_ms INTEGER NOT NULL
+    );
+    CREATE INDEX outcomes_trigger ON outcomes (workspace, trig);
     CREATE TABLE backtests (
         id INTEGER PRIMARY KEY,
         workspace INTEGER NOT NULL,
