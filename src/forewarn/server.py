@@ -296,7 +296,8 @@ class EngineLoop:
                 if not stepped:
                     del engines[ws]  # its memory ran ahead of the database: rebuild it
                 now = self.now_ms()
-                if guard_every and now - guarded_at.get(ws, 0) >= guard_every:
+                # the first look comes an interval after start, not while the engine catches up
+                if guard_every and now - guarded_at.setdefault(ws, now) >= guard_every:
                     guarded_at[ws] = now
                     self._guard(conn, ws, now)
         conn.close()
