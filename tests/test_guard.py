@@ -4,6 +4,7 @@ simulated population with a known effect, through the live engine and the server
 from __future__ import annotations
 
 import random
+import time
 from typing import Any
 
 from forewarn import decide, guard, store_outbox, store_sqlite
@@ -51,7 +52,9 @@ def test_judge_on_clear_cases():
     assert unsubscribes is not None and "unsubscribed" in unsubscribes.reason
 
 
-def test_the_guard_stops_the_harmful_trigger_and_leaves_the_helpful_one(tmp_path):
+def _population(tmp_path: Any) -> tuple[Any, LiveEngine, int]:
+    """600 firings of the two triggers, and tickets that follow their decisions: the harmful
+    trigger's messages raise them, the helpful one's lower them."""
     rng = random.Random(4)
     conn = store_sqlite.connect(tmp_path / "forewarn.db")
     store_sqlite.ensure_workspace(conn, "default", 0)
@@ -90,6 +93,11 @@ def test_the_guard_stops_the_harmful_trigger_and_leaves_the_helpful_one(tmp_path
         [store_sqlite.Append(1, "t", now, tickets, [str(m["messageId"]) for m in tickets])],
         store_sqlite.SeenIds(),
     )
+    return conn, live, now
+
+
+def test_the_guard_stops_the_harmful_trigger_and_leaves_the_helpful_one(tmp_path):
+    conn, live, now = _population(tmp_path)
     stopped = guard.run(conn, 1, TRIGGERS, now)
     assert [s.trigger for s in stopped] == ["harmful"]
     overrides = store_outbox.trigger_overrides(conn, 1)
@@ -110,3 +118,33 @@ def test_the_guard_stops_the_harmful_trigger_and_leaves_the_helpful_one(tmp_path
     ).fetchall()
     assert row == ("suppressed", "shadow")
     assert guard.run(conn, 1, TRIGGERS, now) == []  # already stopped: a person resumes it
+
+
+def test_the_engine_loop_runs_the_guard_on_its_own(tmp_path, monkeypatch):
+    import threading
+
+    from forewarn.server import EngineLoop
+
+    conn, _, now = _population(tmp_path)
+    conn.close()
+    monkeypatch.setenv("FOREWARN_GUARD_EVERY", "1s")
+    ticks = iter(range(now, now + 10**9, 700))
+    lock = threading.Lock()
+
+    def clock() -> int:
+        with lock:
+            return next(ticks)
+
+    loop = EngineLoop(tmp_path / "forewarn.db", TRIGGERS, tick_ms=50, now_ms=clock)
+    loop.start()
+    try:
+        check = store_sqlite.connect(tmp_path / "forewarn.db")
+        deadline = time.monotonic() + 20
+        while "harmful" not in store_outbox.trigger_overrides(check, 1):
+            assert time.monotonic() < deadline, "the guard never ran"
+            time.sleep(0.05)
+        recorded = check.execute("SELECT count(*) FROM outcomes").fetchone()[0]
+        assert recorded > 0  # and the closed outcomes were recorded
+        check.close()
+    finally:
+        loop.stop()
