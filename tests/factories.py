@@ -101,3 +101,19 @@ def replay(
 def times(firings: Iterable[Firing]) -> list[str]:
     """Firing moments as ISO strings, for readable assertions."""
     return [f.to_dict()["at"] for f in firings]
+
+
+def feed_live(conn: Any, live: Any, messages: Iterable[dict[str, Any]]) -> None:
+    """Each message into the log as its own batch, received at its timestamp, and a live
+    engine step right then: the live server with events arriving as they happen."""
+    from forewarn import store_sqlite
+
+    ordered = sorted(messages, key=lambda m: order_key(event_from_dict(m)))
+    for m in ordered:
+        t = event_from_dict(m).timestamp_ms
+        store_sqlite.append_batches(
+            conn,
+            [store_sqlite.Append(1, "t", t, [m], [str(m["messageId"])])],
+            store_sqlite.SeenIds(),
+        )
+        live.step(t)

@@ -9,9 +9,8 @@ from typing import Any
 
 from forewarn import decide, guard, store_outbox, store_sqlite
 from forewarn.live import LiveEngine
-from forewarn.model import event_from_dict, order_key
 
-from .factories import DAY, T0_MS, at, playbook, track
+from .factories import DAY, T0_MS, at, feed_live, playbook, track
 
 TRIGGERS = playbook("""
 triggers:
@@ -64,14 +63,7 @@ def _population(tmp_path: Any) -> tuple[Any, LiveEngine, int]:
     for i in range(600):
         which = "Harmful Moment" if i % 2 else "Helpful Moment"
         moments.append(track(which, at(days=i // 40, hours=i % 24), f"u{i}"))
-    for m in sorted(moments, key=lambda m: order_key(event_from_dict(m))):
-        t = event_from_dict(m).timestamp_ms
-        store_sqlite.append_batches(
-            conn,
-            [store_sqlite.Append(1, "t", t, [m], [str(m["messageId"])])],
-            store_sqlite.SeenIds(),
-        )
-        live.step(t)
+    feed_live(conn, live, moments)
     # tickets follow the decisions: the harmful trigger's messages raise them
     rates = {
         ("harmful", "send"): 0.35,

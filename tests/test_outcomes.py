@@ -14,7 +14,7 @@ from forewarn.model import event_from_dict, order_key
 from forewarn.outcomes import Outcomes, tally
 from forewarn.sources import load_playbooks, read_events
 
-from .factories import DAY, HOUR, T0_MS, at, playbook, track
+from .factories import DAY, HOUR, T0_MS, at, feed_live, playbook, track
 
 ROOT = Path(__file__).resolve().parent.parent
 TRIGGERS = playbook("""
@@ -97,15 +97,7 @@ def test_a_backtest_decides_exactly_as_the_live_server(tmp_path):
         for line in f.read_text().splitlines()
         if line
     ]
-    raw.sort(key=lambda m: order_key(event_from_dict(m)))
-    for m in raw:
-        t = event_from_dict(m).timestamp_ms
-        store_sqlite.append_batches(
-            conn,
-            [store_sqlite.Append(1, "t", t, [m], [str(m["messageId"])])],
-            store_sqlite.SeenIds(),
-        )
-        live.step(t)
+    feed_live(conn, live, raw)
     for f in map(firing_dict, store_sqlite.query_firings(conn, 1, limit=10_000)):
         firings.append((f["trigger"], f["subject"], f["at"], f["decision"], f["reason"]))
     backtested = [
@@ -151,15 +143,7 @@ def test_the_live_report_reads_outcomes_from_the_log(tmp_path, capsys):
             messages.append(track("Plan Upgraded", at(days=i, hours=12), f"u{i}"))
         if i % 5 == 0:
             messages.append(track("Ticket Created", at(days=i + 1), f"u{i}", priority="urgent"))
-    messages.sort(key=lambda m: order_key(event_from_dict(m)))
-    for m in messages:
-        t = event_from_dict(m).timestamp_ms
-        store_sqlite.append_batches(
-            conn,
-            [store_sqlite.Append(1, "t", t, [m], [str(m["messageId"])])],
-            store_sqlite.SeenIds(),
-        )
-        live.step(t)
+    feed_live(conn, live, messages)
     result = report.live_report(conn, 1, TRIGGERS, T0_MS, T0_MS + 60 * DAY)
     (row,) = result["triggers"]
     assert row["firings"] == 40 and row["subjects"] == 40

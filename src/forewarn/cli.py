@@ -48,16 +48,21 @@ class Progress:
             self.stream.flush()
 
 
+def _until(text: str | None) -> int | None:
+    """--until as milliseconds, or None."""
+    if not text:
+        return None
+    try:
+        return parse_time_ms(text)
+    except ValueError:
+        raise InputError(
+            f"--until {text!r} is not an ISO 8601 time, e.g. 2026-11-23T00:00:00Z"
+        ) from None
+
+
 def _replay(args: argparse.Namespace) -> int:
     triggers = load_playbooks(args.playbooks)
-    until_ms = None
-    if args.until:
-        try:
-            until_ms = parse_time_ms(args.until)
-        except ValueError:
-            raise InputError(
-                f"--until {args.until!r} is not an ISO 8601 time, e.g. 2026-11-23T00:00:00Z"
-            ) from None
+    until_ms = _until(args.until)
     size = os.path.getsize(args.events) if args.events != "-" and Path(args.events).is_file() else 0
     progress = Progress(f"reading {args.events}", size)
     batch = read_events(args.events, progress)
@@ -278,14 +283,7 @@ def _backtest(args: argparse.Namespace) -> int:
     from forewarn.model import order_key
 
     triggers = load_playbooks(args.playbooks)
-    until_ms = None
-    if args.until:
-        try:
-            until_ms = parse_time_ms(args.until)
-        except ValueError:
-            raise InputError(
-                f"--until {args.until!r} is not an ISO 8601 time, e.g. 2026-11-23T00:00:00Z"
-            ) from None
+    until_ms = _until(args.until)
     if (args.events is None) == (args.since is None):
         raise InputError("give --events FILE, or --since DURATION to read the server's own log")
     if args.events is not None:
