@@ -131,3 +131,18 @@ def running(db: Path, env: dict[str, str] | None = None) -> Iterator[Server]:
                 server.kill()
         if server.process.stdout is not None:
             server.process.stdout.close()
+
+
+def serve_playbook(folder: Path, playbook: str, env: dict[str, str]) -> Server:
+    """A server running one playbook file written into `folder`."""
+    playbooks = folder / "playbooks"
+    playbooks.mkdir(exist_ok=True)
+    (playbooks / "p.yaml").write_text(playbook)
+    return start(folder / "forewarn.db", env=env, playbooks=playbooks)
+
+
+def stop(server: Server) -> None:
+    server.process.terminate()
+    server.process.wait(timeout=20)
+    if server.process.stdout is not None:
+        server.process.stdout.close()

@@ -46,22 +46,15 @@ def _require_browser() -> Any:
 
 @pytest.fixture(scope="module")
 def live(tmp_path_factory: pytest.TempPathFactory) -> Any:
-    tmp = tmp_path_factory.mktemp("browser")
-    playbooks = tmp / "playbooks"
-    playbooks.mkdir()
-    (playbooks / "p.yaml").write_text(PLAYBOOK)
     env = {
         "FOREWARN_PRIORITY_WINDOW": "0",
         "FOREWARN_QUIET_HOURS": "off",
         "FOREWARN_FREQUENCY_CAPS": "off",
         "FOREWARN_KB": str(ROOT / "examples" / "kb"),
     }
-    server = srv.start(tmp / "forewarn.db", env=env, playbooks=playbooks)
+    server = srv.serve_playbook(tmp_path_factory.mktemp("browser"), PLAYBOOK, env)
     yield server
-    server.process.terminate()
-    server.process.wait(timeout=20)
-    if server.process.stdout is not None:
-        server.process.stdout.close()
+    srv.stop(server)
 
 
 def _events(db: Path, name: str) -> list[dict[str, Any]]:

@@ -36,10 +36,6 @@ def token(user: str, *, ttl_s: int = 600, secret: str = SECRET) -> str:
 
 @pytest.fixture(scope="module")
 def live(tmp_path_factory: pytest.TempPathFactory) -> Any:
-    tmp = tmp_path_factory.mktemp("widget")
-    playbooks = tmp / "playbooks"
-    playbooks.mkdir()
-    (playbooks / "p.yaml").write_text(PLAYBOOK)
     env = {
         "FOREWARN_IDENTITY_SECRET": SECRET,
         "FOREWARN_WIDGET_ORIGINS": ORIGIN,
@@ -47,12 +43,9 @@ def live(tmp_path_factory: pytest.TempPathFactory) -> Any:
         "FOREWARN_QUIET_HOURS": "off",
         "FOREWARN_FREQUENCY_CAPS": "off",
     }
-    server = srv.start(tmp / "forewarn.db", env=env, playbooks=playbooks)
+    server = srv.serve_playbook(tmp_path_factory.mktemp("widget"), PLAYBOOK, env)
     yield server
-    server.process.terminate()
-    server.process.wait(timeout=20)
-    if server.process.stdout is not None:
-        server.process.stdout.close()
+    srv.stop(server)
 
 
 def call(live: Any, method: str, path: str, user: str | None = None, **kw: Any) -> httpx.Response:
