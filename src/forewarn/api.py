@@ -104,6 +104,7 @@ class Forewarn:
         self._origins: dict[int, tuple[frozenset[str], float]] = {}
         self._assistant: widget.Answers | None = None
         self._model: Any = None
+        self._llm: tuple[str, str | None, str | None] | None = None  # url, model, key
         self.knowledge: Any = None  # the loaded knowledge base, when there is one
 
     def use_knowledge(
@@ -130,9 +131,8 @@ class Forewarn:
         if self._assistant is None and self.knowledge is not None:
             from forewarn.assistant import Assistant, OpenAICompatible
 
-            llm = getattr(self, "_llm", None)
-            if llm is not None:
-                url, model, key = llm
+            if self._llm is not None:
+                url, model, key = self._llm
                 self._model = OpenAICompatible(url, model or "", key)
             self._assistant = Assistant(self.knowledge, llm=self._model)
         return self._assistant

@@ -227,6 +227,8 @@ class Worker:
         self._count("dead")
 
     def _event(self, row: Claimed, name: str, now: int, extra: dict[str, Any]) -> None:
+        if row.firing == 0:
+            return  # a message to the team about a trigger (the auto-guard's), not a subject
         store_sqlite.append_within(
             self.conn,
             store_sqlite.Append(
