@@ -37,11 +37,19 @@ class Server:
     env: dict[str, str]
 
     def admin(self, path: str, **params: Any) -> Any:
-        r = httpx.get(
+        return self.admin_call("GET", path, params=params)
+
+    def admin_post(self, path: str, body: dict[str, Any]) -> Any:
+        return self.admin_call("POST", path, json=body)
+
+    def admin_call(self, method: str, path: str, **kw: Any) -> Any:
+        """An admin API call; raises httpx.HTTPStatusError on an error answer."""
+        r = httpx.request(
+            method,
             self.url + path,
-            params=params,
             headers={"Authorization": f"Bearer {ADMIN_KEY}"},
             timeout=10,
+            **kw,
         )
         r.raise_for_status()
         return r.json()

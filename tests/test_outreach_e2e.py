@@ -62,17 +62,6 @@ def _send(live: srv.Server, *messages: dict[str, Any]) -> None:
     assert r.status_code == 200, r.text
 
 
-def _admin_post(live: srv.Server, path: str, body: dict[str, Any]) -> Any:
-    r = httpx.post(
-        live.url + path,
-        json=body,
-        headers={"Authorization": f"Bearer {srv.ADMIN_KEY}"},
-        timeout=10,
-    )
-    r.raise_for_status()
-    return r.json()
-
-
 def _events(db: Path, name: str) -> list[bytes]:
     conn = sqlite3.connect(db)
     try:
@@ -202,14 +191,14 @@ def test_email_webhook_and_inbox_go_out_and_unsubscribe_takes_effect_at_once(wor
 def test_suppress_and_unsuppress_through_the_admin_api(world):
     live, _, _ = world
     now = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
-    answer = _admin_post(live, "/api/v1/subjects/bob/suppress", {"reason": "incident INC-7"})
+    answer = live.admin_post("/api/v1/subjects/bob/suppress", {"reason": "incident INC-7"})
     assert answer == {"subject": "bob", "scope": "user", "suppressed": True, "stopped": 0}
     _send(live, {"type": "track", "userId": "bob", "event": "Stuck", "timestamp": now})
     rows = live.wait_for(lambda: live.admin("/api/v1/outreach", subject="bob")["outreach"])
     assert [(r["decision"], r["reason"]) for r in rows] == [("suppressed", "account_suppressed")]
-    assert _admin_post(live, "/api/v1/subjects/bob/unsuppress", {})["lifted"] is True
+    assert live.admin_post("/api/v1/subjects/bob/unsuppress", {})["lifted"] is True
     with pytest.raises(httpx.HTTPStatusError) as refused:
-        _admin_post(live, "/api/v1/subjects/bob/suppress", {"until": "tomorrow"})
+        live.admin_post("/api/v1/subjects/bob/suppress", {"until": "tomorrow"})
     assert refused.value.response.status_code == 400
     assert "ISO 8601" in refused.value.response.json()["error"]["message"]
     bad = httpx.get(
@@ -227,7 +216,7 @@ def test_push_subscriptions_are_registered_and_checked(world):
         "endpoint": "https://push.example.com/send/abc",
         "keys": {"p256dh": "BPk", "auth": "xyz"},
     }
-    assert _admin_post(live, "/api/v1/subjects/ann/push-subscriptions", sub)["subscribed"] is True
+    assert live.admin_post("/api/v1/subjects/ann/push-subscriptions", sub)["subscribed"] is True
     listed = live.admin("/api/v1/subjects/ann/push-subscriptions")["subscriptions"]
     assert listed == [sub]
     for bad, says in (
@@ -235,7 +224,7 @@ def test_push_subscriptions_are_registered_and_checked(world):
         ({**sub, "keys": {"p256dh": "BPk"}}, "p256dh and auth"),
     ):
         with pytest.raises(httpx.HTTPStatusError) as refused:
-            _admin_post(live, "/api/v1/subjects/ann/push-subscriptions", bad)
+            live.admin_post("/api/v1/subjects/ann/push-subscriptions", bad)
         assert says in refused.value.response.json()["error"]["message"]
 
 
@@ -244,7 +233,7 @@ def test_a_backtest_through_the_api_runs_over_the_servers_log(world):
     now = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
     _send(live, {"type": "track", "userId": "dan", "event": "Stuck", "timestamp": now})
     live.wait_for(lambda: live.admin("/api/v1/outreach", subject="dan")["outreach"])
-    started = _admin_post(live, "/api/v1/backtests", {"since": "1d", "triggers": ["tip"]})
+    started = live.admin_post("/api/v1/backtests", {"since": "1d", "triggers": ["tip"]})
     assert started["status"] == "running" and started["triggers"] == ["tip"]
 
     def finished() -> Any:
@@ -256,7 +245,7 @@ def test_a_backtest_through_the_api_runs_over_the_servers_log(world):
     (row,) = done["result"]["triggers"]
     assert row["trigger"] == "tip" and row["firings"] >= 1
     with pytest.raises(httpx.HTTPStatusError) as refused:
-        _admin_post(live, "/api/v1/backtests", {"triggers": ["nope"]})
+        live.admin_post("/api/v1/backtests", {"triggers": ["nope"]})
     assert "loaded triggers" in refused.value.response.json()["error"]["message"]
     assert (
         httpx.get(
