@@ -93,7 +93,52 @@ def test_events_carry_the_tokens_user_whatever_the_page_claims(live):
     (signed,) = stored(live, "Claimed")
     assert signed["userId"] == "alice"
     (anon,) = stored(live, "Claimed Anonymously")
-    assert "userId" not in anon and anon["anonymousId"] == "anon-0123456789"
+    assert "userId" not in anon and anon["anonymousId"] == "anon:anon-0123456789"
+
+
+def test_an_anonymous_id_never_names_a_signed_in_user(live):
+    """A page without a token that claims a signed-in user's id as its anonymous id reads
+    nothing of theirs, and its events are not theirs."""
+    send(live, "victim-user-01", {"type": "track", "event": "Need Help"})
+    assert live.wait_for(lambda: inbox(live, "victim-user-01"))
+    r = httpx.get(
+        f"{live.url}/w/v1/inbox",
+        params={"key": srv.WRITE_KEY},
+        headers={"x-forewarn-anonymous-id": "victim-user-01"},
+        timeout=10,
+    )
+    assert r.status_code == 200 and r.json()["messages"] == []
+    send_as = httpx.post(
+        f"{live.url}/w/v1/events",
+        params={"key": srv.WRITE_KEY},
+        headers={"x-forewarn-anonymous-id": "victim-user-01"},
+        json={"batch": [{"type": "track", "event": "Impersonated"}]},
+        timeout=10,
+    )
+    assert send_as.status_code == 200
+    (event,) = live.wait_for(lambda: stored(live, "Impersonated"))
+    assert event["anonymousId"] == "anon:victim-user-01" and "userId" not in event
+
+
+def test_a_page_cannot_send_engagement_tickets_or_memberships(live):
+    r = call(
+        live,
+        "POST",
+        "/w/v1/events",
+        "mallory",
+        json={
+            "batch": [
+                {"type": "track", "event": "Message Dismissed", "properties": {"trigger": "tip"}},
+                {"type": "track", "event": "Ticket Created", "properties": {"priority": "urgent"}},
+                {"type": "group", "groupId": "someone-elses-account"},
+                {"type": "alias", "previousId": "victim-user-01"},
+                {"type": "track", "event": "Allowed Event"},
+            ]
+        },
+    )
+    assert r.status_code == 200 and r.json()["accepted"] == 1
+    assert live.wait_for(lambda: stored(live, "Allowed Event"))
+    assert not [m for m in stored(live, "Ticket Created") if m.get("userId") == "mallory"]
 
 
 @pytest.mark.parametrize(

@@ -143,7 +143,8 @@ def routes(app: Forewarn, assistant: Callable[[], Answers | None]) -> list[Route
         anonymous = h.get("x-forewarn-anonymous-id") or q.get("anon") or ""
         if not 8 <= len(anonymous) <= 100:
             raise AuthError("without an identity token, give the anonymous id the widget made")
-        return Visitor(key, anonymous, False)
+        # in a namespace of its own: an id a page makes up can never name a signed-in user
+        return Visitor(key, ANONYMOUS_PREFIX + anonymous, False)
 
     async def events(request: Request) -> Response:
         who = await visitor(request)
@@ -151,9 +152,8 @@ def routes(app: Forewarn, assistant: Callable[[], Answers | None]) -> list[Route
         batch = body.get("batch")
         if not isinstance(batch, list):
             raise InputError('send {"batch": [...]}: the events as Segment messages')
+        batch = [m for m in batch if isinstance(m, dict) and _allowed(m)]
         for message in batch:
-            if not isinstance(message, dict):
-                continue
             # the token decides who this is, never the page
             message.pop("userId", None)
             message.pop("user_id", None)
@@ -308,6 +308,24 @@ async def _escalate(
     }
     await _record(app, sent, "Ticket Created", ticket, f"{sent.key}:escalated")
     return True
+
+
+ANONYMOUS_PREFIX = "anon:"
+# what only Forewarn itself (engagement, escalations), a helpdesk or the host's server may say
+SERVER_ONLY_EVENTS = frozenset({"Ticket Created", "Ticket Solved"})
+SERVER_ONLY_TYPES = frozenset({"alias", "group"})
+
+
+def _allowed(message: dict[str, Any]) -> bool:
+    """Whether a page may send this: not engagement with messages (Forewarn records it), not
+    tickets, not identity merges or account memberships (those come from your server)."""
+    kind = message.get("type")
+    if kind in SERVER_ONLY_TYPES:
+        return False
+    name = message.get("event")
+    return not (
+        isinstance(name, str) and (name in SERVER_ONLY_EVENTS or name.startswith("Message "))
+    )
 
 
 def _shown(row: dict[str, Any]) -> dict[str, Any]:
