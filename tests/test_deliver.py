@@ -334,3 +334,36 @@ def test_a_paused_trigger_records_its_firings_and_sends_nothing_until_resumed(co
         ("team", "suppressed", "shadow"),
     ]
     assert store_outbox.trigger_overrides(conn, 1)["team"]["reason"] == "trying it quietly"
+
+
+def test_suppressing_an_account_stops_its_users_messages(conn):
+    from .factories import group
+
+    live = _engine(conn, caps=())
+    _feed(conn, live, group(at(hours=11), "acme", "u1"), NOON)
+    _feed(conn, live, track("Quota Hit", at(hours=12)), NOON)  # u1's email, waiting
+    # what waits for its users stops, as a suppression of the user itself would
+    assert store_outbox.suppress(conn, 1, "account", "acme", "incident", None, NOON + 1) == 2
+    _feed(conn, live, track("Error Burst", at(hours=13)), NOON + HOUR)
+    rows = conn.execute(
+        "SELECT f.trig, f.decision, f.reason, o.status FROM firings f"
+        " LEFT JOIN outbox o ON o.firing = f.id ORDER BY f.id"
+    ).fetchall()
+    assert rows == [
+        ("quota", "send", None, "suppressed"),
+        ("team", "send", None, "suppressed"),
+        ("spike", "suppressed", "account_suppressed", None),  # and none decided after
+    ]
+
+
+def test_a_trigger_paused_after_its_message_was_queued_stops_it(conn):
+    live = _engine(conn)
+    _feed(conn, live, track("Quota Hit", at(hours=12)), NOON)
+    store_outbox.override_trigger(conn, 1, "quota", "paused", "harm found", "auto-guard", NOON)
+    email, hook = MemoryChannel("email"), MemoryChannel("webhook")
+    asyncio.run(_worker(conn, Clock(NOON + 30_000), email=email, webhook=hook).run_once())
+    assert email.tried == [] and len(hook.sent) == 1
+    assert [r[1:4] for r in _outbox(conn)] == [
+        ("email", "suppressed", "paused"),
+        ("webhook", "sent", None),
+    ]

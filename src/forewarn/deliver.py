@@ -143,11 +143,23 @@ class Worker:
         return bool(url) and store_outbox.endpoint_disabled(self.conn, message.workspace, url)
 
     def _blocked(self, row: Claimed) -> str | None:
-        """Why the message may no longer go: consent withdrawn or the subject suppressed."""
+        """Why the message may no longer go: its trigger paused or put in shadow since, consent
+        withdrawn, or the subject (or its account) suppressed."""
+        if row.firing != 0:  # (not the auto-guard's own message about the trigger)
+            override = store_outbox.trigger_overrides(self.conn, row.workspace).get(row.trigger)
+            if override is not None:
+                return "paused" if override["mode"] == "paused" else "shadow"
         if row.channel == "webhook":
             return None
+        accounts = row.message.data.get("accounts") or []
         s = store_outbox.standing(
-            self.conn, row.workspace, row.scope, row.subject, row.message.to or None, self.now_ms()
+            self.conn,
+            row.workspace,
+            row.scope,
+            row.subject,
+            row.message.to or None,
+            self.now_ms(),
+            [str(a) for a in accounts],
         )
         if "*" in s.unsubscribed or row.channel in s.unsubscribed:
             return "unsubscribed"

@@ -232,6 +232,10 @@ class LiveEngine:
             failed = None
             try:
                 message = self.compose(self.workspace, trigger, f, own, account)
+                accounts = self._accounts(f.scope, f.subject)
+                if accounts:  # so that suppressing an account stops its users' messages
+                    data = {**message.data, "accounts": accounts}
+                    message = msgspec.structs.replace(message, data=data)
             except ForewarnError as exc:  # a template broken since it was checked
                 log.warning("trigger %s: cannot compose its message: %s", f.trigger, exc)
                 message, failed = store_outbox.Message(), exc.message
@@ -256,6 +260,13 @@ class LiveEngine:
         if displaced:
             store_outbox.displace(conn, displaced, now_ms)
 
+    def _accounts(self, scope: str, subject: str) -> list[str]:
+        """A user's accounts (their suppression covers it); none for an account."""
+        if scope != "user":
+            return []
+        user = self.runner.state.users.get(subject)
+        return list(user.accounts or []) if user is not None else []
+
     def _apply_overrides(self) -> None:
         """Triggers paused or put in shadow since the playbooks loaded decide as such."""
         overrides = store_outbox.trigger_overrides(self.conn, self.workspace)
@@ -269,7 +280,13 @@ class LiveEngine:
         self, scope: str, subject: str, traits: dict[str, Any]
     ) -> tuple[frozenset[str], bool, str | None]:
         s = store_outbox.standing(
-            self.conn, self.workspace, scope, subject, traits.get("email"), self._now_ms
+            self.conn,
+            self.workspace,
+            scope,
+            subject,
+            traits.get("email"),
+            self._now_ms,
+            self._accounts(scope, subject),
         )
         return s.unsubscribed, s.bounced, s.suppressed
 

@@ -181,11 +181,25 @@ def suppress(
             " at_ms) VALUES (?, ?, ?, ?, ?, ?)",
             (workspace, scope, subject, reason, until_ms, now_ms),
         )
+        # the subject's own messages, and for an account those of its users
         cur = conn.execute(
             "UPDATE outbox SET status = ?, reason = 'account_suppressed', done_ms = ?"
-            " WHERE workspace = ? AND scope = ? AND subject = ? AND status = ?"
-            " AND (? IS NULL OR due_ms < ?)",
-            (SUPPRESSED, now_ms, workspace, scope, subject, PENDING, until_ms, until_ms),
+            " WHERE workspace = ? AND status = ? AND (? IS NULL OR due_ms < ?)"
+            " AND ((scope = ? AND subject = ?) OR (? = 'account' AND scope = 'user' AND"
+            " EXISTS (SELECT 1 FROM json_each(CAST(message AS TEXT), '$.data.accounts')"
+            " WHERE value = ?)))",
+            (
+                SUPPRESSED,
+                now_ms,
+                workspace,
+                PENDING,
+                until_ms,
+                until_ms,
+                scope,
+                subject,
+                scope,
+                subject,
+            ),
         )
         return cur.rowcount
 
@@ -214,7 +228,9 @@ def standing(
     subject: str,
     email: str | None,
     now_ms: int,
+    accounts: Iterable[str] = (),
 ) -> Standing:
+    """`accounts`: a user's accounts, whose suppression covers the user too."""
     channels = frozenset(
         str(c)
         for (c,) in conn.execute(
@@ -231,12 +247,18 @@ def standing(
             ).fetchone()
             is not None
         )
-    row = conn.execute(
-        "SELECT reason FROM suppressions WHERE workspace = ? AND scope = ? AND subject = ?"
-        " AND (until_ms IS NULL OR until_ms > ?)",
-        (workspace, scope, subject, now_ms),
-    ).fetchone()
-    return Standing(channels, bounced, str(row[0]) if row else None)
+    held = [(scope, subject)] + [("account", a) for a in accounts]
+    suppressed = None
+    for held_scope, held_subject in held:
+        row = conn.execute(
+            "SELECT reason FROM suppressions WHERE workspace = ? AND scope = ? AND subject = ?"
+            " AND (until_ms IS NULL OR until_ms > ?)",
+            (workspace, held_scope, held_subject, now_ms),
+        ).fetchone()
+        if row is not None:
+            suppressed = str(row[0])
+            break
+    return Standing(channels, bounced, suppressed)
 
 
 # --- the delivery worker's side ---------------------------------------------------------------
