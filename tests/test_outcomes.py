@@ -169,3 +169,33 @@ def test_the_live_report_reads_outcomes_from_the_log(tmp_path, capsys):
     )
     _, err = capsys.readouterr()
     assert code == 2 and "none.yaml" in err
+
+
+def test_engagement_counts_for_the_latest_message_only():
+    outcomes = Outcomes(TRIGGERS)
+    outcomes.fired(_firing("u1", T0_MS))
+    outcomes.fired(_firing("u1", T0_MS + DAY))
+    outcomes.observe(
+        event_from_dict(track("Message Dismissed", at(days=1, hours=1), "u1", trigger="quota"))
+    )
+    first, second = outcomes.finish()
+    assert (first.engaged, second.engaged) == (frozenset(), frozenset({"dismissed"}))
+
+
+def test_a_backtest_sees_the_goal_that_comes_before_the_next_firing(tmp_path):
+    (tmp_path / "p.yaml").write_text(
+        "triggers:\n  - id: stuck\n    when: {event: {name: Stuck}}\n"
+        "    action: {channel: in_app, message: hi}\n    goal: {event: Done, within: 1d}\n"
+    )
+    events = [
+        event_from_dict(m)
+        for m in (
+            track("Stuck", at(hours=1), "u1"),
+            track("Done", at(hours=2), "u1"),
+        )
+    ]
+    result = backtest.run(
+        load_playbooks(tmp_path / "p.yaml"), events, decide.Policy(), T0_MS + 3 * DAY
+    )
+    (row,) = result["triggers"]
+    assert row["treated"]["goals"] == 1 and row["goal_rate"] == {"treated": 1.0, "held_out": None}

@@ -43,11 +43,11 @@ def run(
     firings: list[Firing] = []
     done: list[Outcome] = []
 
-    def emit(f: Firing) -> None:
-        firings.append(f)
-        outcomes.fired(f)
+    holding = Holding(outreach, firings.append)
 
-    holding = Holding(outreach, emit)
+    def decided(f: Firing) -> None:
+        holding(f)  # decides it (and prints the ones no longer open to displacement)
+        outcomes.fired(f)  # watched from the moment it fired, whatever happens to it later
 
     def watched(stream: Iterable[Event]) -> Iterator[Event]:
         for event in stream:
@@ -56,7 +56,7 @@ def run(
             yield event
 
     end = until_ms if until_ms is not None else (events[-1].timestamp_ms if events else None)
-    runner.replay(watched(events), end, holding)
+    runner.replay(watched(events), end, decided)
     holding.release()
     done.extend(outcomes.finish())
     start = events[0].timestamp_ms if events else 0

@@ -23,6 +23,7 @@ import sqlite3
 from typing import Any, NamedTuple
 
 from forewarn import report, stats, store_outbox
+from forewarn.engine import State
 from forewarn.playbook import Trigger
 
 WINDOW_MS = 30 * 86_400_000
@@ -93,8 +94,10 @@ def run(
     triggers: list[Trigger],
     now_ms: int,
     webhook: bool = True,
+    state: State | None = None,
 ) -> list[Judgement]:
-    """Judge every guarded trigger; stop those that must be, and tell the team."""
+    """Judge every guarded trigger; stop those that must be, and tell the team. `state`: the
+    live engine's, for which accounts each user belongs to."""
     overrides = store_outbox.trigger_overrides(conn, workspace)
     watched = [
         t
@@ -103,7 +106,7 @@ def run(
     ]
     if not watched:
         return []
-    result = report.live_report(conn, workspace, watched, now_ms - WINDOW_MS, now_ms)
+    result = report.live_report(conn, workspace, watched, now_ms - WINDOW_MS, now_ms, state=state)
     rows = {r["trigger"]: r for r in result["triggers"]}
     stopped = []
     for t in watched:

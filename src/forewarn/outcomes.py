@@ -132,8 +132,11 @@ class Outcomes:
         for scope, subject in self._subjects_of(event):
             if name in self._failure_names:
                 self._count_failure(scope, subject, event)
-            for watch in self.open.get((scope, subject), ()):
-                self._settle(watch, event, engagement, escalation)
+            watches = self.open.get((scope, subject), ())
+            for watch in watches:
+                self._settle(watch, event)
+            if engagement is not None or escalation:
+                self._engage(watches, event, engagement or "escalated")
 
     def _subjects_of(self, event: Event) -> list[tuple[str, str]]:
         found = []
@@ -150,20 +153,28 @@ class Outcomes:
             found.extend(("account", a) for a in self.members.get(person, ()))
         return found
 
-    def _settle(
-        self, watch: _Watch, event: Event, engagement: str | None, escalation: bool
-    ) -> None:
+    def _engage(self, watches: Iterable[_Watch], event: Event, what: str) -> None:
+        """Engagement is with one message: the trigger's latest before it, for the subject."""
+        t = event.timestamp_ms
+        trigger = event.properties.get("trigger")
+        latest = None
+        for watch in watches:
+            f = watch.firing
+            if (
+                f.trigger == trigger
+                and f.at_ms < t <= f.at_ms + ENGAGEMENT_MS
+                and (latest is None or f.at_ms > latest.firing.at_ms)
+            ):
+                latest = watch
+        if latest is not None:
+            latest.engaged.add(what)
+
+    def _settle(self, watch: _Watch, event: Event) -> None:
         f = watch.firing
         t = event.timestamp_ms
         if t <= f.at_ms:
             return
         spec = self.specs[f.trigger]
-        if (
-            (engagement is not None or escalation)
-            and event.properties.get("trigger") == f.trigger
-            and t <= f.at_ms + ENGAGEMENT_MS
-        ):
-            watch.engaged.add(engagement or "escalated")
         for signal, attr in ((spec.goal, "goal_at"), (spec.failure, "failure_at")):
             if (
                 signal is not None

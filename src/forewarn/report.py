@@ -15,7 +15,7 @@ from typing import Any
 import msgspec
 
 from forewarn import backtest, store_outbox, store_sqlite
-from forewarn.engine import Firing
+from forewarn.engine import Firing, State
 from forewarn.live import events_of
 from forewarn.model import Event
 from forewarn.outcomes import ENGAGEMENT_MS, Outcome, Outcomes
@@ -30,9 +30,11 @@ def live_report(
     until_ms: int,
     trigger: str | None = None,
     record: bool = False,
+    state: State | None = None,
 ) -> dict[str, Any]:
     """The report; with `record`, the outcomes whose windows have closed are also written to
-    the `outcomes` table (once per firing)."""
+        the `outcomes` table (once per firing). `state`: the live engine's, to know which
+    accounts each user belongs to (without it, only the group calls read in the period tell)."""
     chosen = [t for t in triggers if trigger is None or t.id == trigger]
     ids: list[int] = []
     firings = _firings(conn, workspace, since_ms, until_ms, {t.id for t in chosen}, ids)
@@ -41,7 +43,7 @@ def live_report(
         + [s.within_ms for t in chosen for s in (t.goal, t.failure) if s is not None]
     )
     events = log_events(conn, workspace, since_ms - span, until_ms + span)
-    outcomes = Outcomes(chosen)
+    outcomes = Outcomes(chosen, state)
     done: list[Outcome] = []
     i = 0
     for event in events:

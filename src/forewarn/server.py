@@ -299,19 +299,27 @@ class EngineLoop:
                 # the first look comes an interval after start, not while the engine catches up
                 if guard_every and now - guarded_at.setdefault(ws, now) >= guard_every:
                     guarded_at[ws] = now
-                    self._guard(conn, ws, now)
+                    self._guard(conn, ws, now, live.runner.state)
         conn.close()
 
-    def _guard(self, conn: sqlite3.Connection, workspace: int, now: int) -> None:
+    def _guard(
+        self, conn: sqlite3.Connection, workspace: int, now: int, state: engine.State
+    ) -> None:
         """Record the outcomes whose windows have closed, then let the auto-guard judge."""
         from forewarn import guard, report
 
         try:
             with self.write_lock:
                 report.live_report(
-                    conn, workspace, self.triggers, now - guard.WINDOW_MS, now, record=True
+                    conn,
+                    workspace,
+                    self.triggers,
+                    now - guard.WINDOW_MS,
+                    now,
+                    record=True,
+                    state=state,
                 )
-                for found in guard.run(conn, workspace, self.triggers, now):
+                for found in guard.run(conn, workspace, self.triggers, now, state=state):
                     log.warning("auto-guard: %s %s: %s", found.trigger, found.mode, found.reason)
         except Exception:  # the guard must never stop the engine
             log.exception("the auto-guard failed; it will try again")
