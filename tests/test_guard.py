@@ -140,3 +140,17 @@ def test_the_engine_loop_runs_the_guard_on_its_own(tmp_path, monkeypatch):
         check.close()
     finally:
         loop.stop()
+
+
+def test_an_unsubscribe_counts_against_the_trigger_whose_message_came_last(tmp_path):
+    conn = store_sqlite.connect(tmp_path / "f.db")
+    store_sqlite.ensure_workspace(conn, "default", 0)
+    message = store_outbox.Message(to="a@x.test")
+    for i, (trig, done) in enumerate((("harmful", 100), ("helpful", 200))):
+        store_outbox.enqueue(conn, 1, i + 1, f"k{i}", "email", trig, "user", "u1", message, 0, 0)
+        conn.execute(
+            "UPDATE outbox SET status = 'sent', done_ms = ? WHERE key = ?", (done, f"k{i}")
+        )
+    store_outbox.unsubscribe(conn, 1, "user", "u1", "email", "link", 300)
+    assert guard._unsubscribed(conn, 1, "helpful", 0) == 1
+    assert guard._unsubscribed(conn, 1, "harmful", 0) == 0

@@ -125,13 +125,15 @@ def run(
 
 
 def _unsubscribed(conn: sqlite3.Connection, workspace: int, trigger: str, since_ms: int) -> int:
-    """Treated subjects of the trigger who unsubscribed after its message."""
+    """Unsubscribes this trigger caused: those whose latest message before them (on that
+    channel, or any for an unsubscribe from everything) was the trigger's."""
     row = conn.execute(
-        "SELECT count(DISTINCT f.subject) FROM firings f JOIN consent c"
-        " ON c.workspace = f.workspace AND c.scope = f.scope AND c.subject = f.subject"
-        " WHERE f.workspace = ? AND f.trig = ? AND f.decision = 'send' AND f.at_ms >= ?"
-        " AND c.at_ms > f.at_ms",
-        (workspace, trigger, since_ms),
+        "SELECT count(*) FROM consent c WHERE c.workspace = ? AND c.at_ms >= ? AND ("
+        " SELECT o.trig FROM outbox o WHERE o.workspace = c.workspace AND o.scope = c.scope"
+        " AND o.subject = c.subject AND o.status = 'sent' AND o.done_ms <= c.at_ms"
+        " AND o.channel != 'webhook' AND (c.channel = '*' OR o.channel = c.channel)"
+        " ORDER BY o.done_ms DESC, o.id DESC LIMIT 1) = ?",
+        (workspace, since_ms, trigger),
     ).fetchone()
     return int(row[0])
 

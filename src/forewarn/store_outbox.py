@@ -84,10 +84,11 @@ def displace(conn: sqlite3.Connection, firing_ids: Iterable[int], now_ms: int) -
     """Firings a higher priority took the place of: their message is cancelled if it has not
     gone yet, and their record says `lower_priority`."""
     for fid in firing_ids:
+        # not one a worker holds right now: that one may be on its way, and its record stays
         cur = conn.execute(
             "UPDATE outbox SET status = ?, reason = 'lower_priority', done_ms = ?"
-            " WHERE firing = ? AND status = ?",
-            (CANCELLED, now_ms, fid, PENDING),
+            " WHERE firing = ? AND status = ? AND lease_ms <= ?",
+            (CANCELLED, now_ms, fid, PENDING, now_ms),
         )
         held_out = conn.execute(
             "SELECT 1 FROM firings WHERE id = ? AND decision = 'held_out'", (fid,)
