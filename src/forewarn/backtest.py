@@ -211,7 +211,7 @@ def table(result: dict[str, Any]) -> str:
         for what, label in (("failure_lift", "failures"), ("goal_lift", "goals")):
             lift = r.get(what)
             if lift:
-                out.append(f"{r['trigger']} {label}: {lift['verdict']}: {lift['says']}")
+                out.append(f"{r['trigger']} {label}: {lift['says']}")
     return "\n".join(out) + "\n"
 
 

@@ -375,6 +375,36 @@ def _plan(args: argparse.Namespace) -> int:
     return 0
 
 
+def _simulate(args: argparse.Namespace) -> int:
+    import gzip
+
+    from forewarn import simulate
+
+    if args.accounts < 1 or args.days < 1:
+        raise InputError("--accounts and --days must be 1 or more")
+    start = _until(args.start) if args.start else 1_767_225_600_000  # 2026-01-01T00:00:00Z
+    assert start is not None
+    world, messages = simulate.generate(args.accounts, args.days, args.seed, start)
+    out = Path(args.out)
+    opener = gzip.open if out.suffix == ".gz" else open
+    encode = msgspec.json.Encoder().encode
+    count = 0
+    with opener(out, "wb") as f:
+        for message in messages:
+            f.write(encode(message) + b"\n")
+            count += 1
+    truth = Path(args.truth) if args.truth else out.with_name(out.name + ".truth.jsonl")
+    with open(truth, "wb") as f:
+        for t in world.truth:
+            f.write(encode(t.__dict__) + b"\n")
+    print(
+        f"{count} events of {args.accounts} accounts over {args.days} days in {out}; "
+        f"{len(world.truth)} problems in {truth}",
+        file=sys.stderr,
+    )
+    return 0
+
+
 def _log_events(db: str, workspace: str, since: str) -> list[Event]:
     """The events of the server's log stamped within `since` of now."""
     from forewarn import clock, store_sqlite
@@ -650,6 +680,22 @@ def build_parser() -> argparse.ArgumentParser:
     plan.add_argument("--so-far", type=int, default=0, help="firings already counted")
     plan.add_argument("--format", choices=("text", "json"), default="text")
     plan.set_defaults(run=_plan)
+
+    simulate = commands.add_parser(
+        "simulate",
+        help="a synthetic SaaS product's events, with known problems and their ground truth",
+        description="Generate the events of a synthetic SaaS product — accounts, users, daily "
+        "and weekly rhythm — with injected problems (error spikes, users stuck in settings, "
+        "usage decay, storage limits, failed payments, stalled onboarding), and a ground-truth "
+        "file of who had which problem when and whether it led to a ticket.",
+    )
+    simulate.add_argument("--accounts", type=int, default=100)
+    simulate.add_argument("--days", type=int, default=30)
+    simulate.add_argument("--seed", type=int, default=1)
+    simulate.add_argument("--start", help="when the world starts (ISO 8601; default 2026-01-01)")
+    simulate.add_argument("--out", required=True, help="the events, JSONL (.gz to compress)")
+    simulate.add_argument("--truth", help="the ground truth, JSONL (default: OUT.truth.jsonl)")
+    simulate.set_defaults(run=_simulate)
 
     detect = commands.add_parser(
         "detect",

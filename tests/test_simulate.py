@@ -1,0 +1,86 @@
+"""The simulated SaaS world: the same seed gives the same world, and its ground truth matches
+its events."""
+
+from __future__ import annotations
+
+import gzip
+import json
+from typing import Any
+
+from forewarn import simulate
+from forewarn.cli import main
+from forewarn.model import event_from_dict, parse_time_ms
+
+START = 1_767_225_600_000  # 2026-01-01T00:00:00Z
+
+
+def world(
+    seed: int, accounts: int = 60, days: int = 21
+) -> tuple[simulate.World, list[dict[str, Any]]]:
+    w, messages = simulate.generate(accounts, days, seed, START)
+    return w, list(messages)
+
+
+def test_the_same_seed_gives_the_same_world_and_another_seed_another():
+    a, first = world(5)
+    b, again = world(5)
+    _, other = world(6)
+    assert first == again and a.truth == b.truth
+    assert first != other
+
+
+def test_every_message_is_valid_and_in_time_order():
+    _, messages = world(7)
+    times = [parse_time_ms(m["timestamp"]) for m in messages]
+    assert times == sorted(times)
+    for m in messages:
+        event_from_dict(m)  # raises on anything a client could not send
+    assert len({m["messageId"] for m in messages}) == len(messages)
+
+
+def test_the_ground_truth_matches_the_events():
+    w, messages = world(11, accounts=200)
+    kinds = {t.kind for t in w.truth}
+    assert kinds == set(simulate.PROBLEMS)
+    by_name: dict[str, list[dict[str, Any]]] = {}
+    for m in messages:
+        by_name.setdefault(m.get("event", m["type"]), []).append(m)
+    for t in w.truth:
+        if t.ticket_ms is not None:
+            name = "Subscription Cancelled" if t.kind == "usage_decay" else "Ticket Created"
+            found = [
+                m
+                for m in by_name[name]
+                if m["properties"]["problem"] == t.kind
+                and parse_time_ms(m["timestamp"]) == t.ticket_ms
+            ]
+            assert found, t
+            assert t.onset_ms < t.ticket_ms <= t.onset_ms + 3 * simulate.DAY_MS
+        if t.kind == "error_spike":
+            errors = [m for m in by_name["Error"] if m["context"]["groupId"] == t.subject]
+            assert len(errors) >= 25 and parse_time_ms(errors[0]["timestamp"]) == t.onset_ms
+        if t.kind == "stuck_in_settings":
+            assert any(
+                m.get("userId") == t.subject and m["properties"]["path"] == "/kb/settings"
+                for m in by_name["page"]
+            )
+    # left alone, problems lead to tickets at about their configured rates
+    with_ticket = sum(t.ticket_ms is not None for t in w.truth) / len(w.truth)
+    assert 0.25 < with_ticket < 0.75
+
+
+def test_the_command_writes_events_and_truth(tmp_path, capsys):
+    out = tmp_path / "world.jsonl.gz"
+    assert (
+        main(["simulate", "--accounts", "20", "--days", "10", "--seed", "2", "--out", str(out)])
+        == 0
+    )
+    assert "events of 20 accounts over 10 days" in capsys.readouterr().err
+    with gzip.open(out, "rt") as f:
+        events = [json.loads(line) for line in f]
+    truth = [
+        json.loads(line)
+        for line in (tmp_path / "world.jsonl.gz.truth.jsonl").read_text().splitlines()
+    ]
+    assert events and all("kind" in t and "onset_ms" in t for t in truth)
+    assert main(["simulate", "--accounts", "0", "--out", str(out)]) == 2
