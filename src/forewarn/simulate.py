@@ -76,174 +76,235 @@ def activity(hour_of_week: int) -> float:
 def generate(
     accounts: int, days: int, seed: int, start_ms: int
 ) -> tuple[World, Iterator[dict[str, Any]]]:
-    """The world, and its messages in time order (generated lazily, account by account, and
-    merged)."""
+    """The world (its ground truth complete at once), and its messages in time order,
+    generated hour by hour across all accounts, so memory holds one hour of them."""
     world = World(accounts, days, seed, start_ms)
-    streams = [_account(world, i, random.Random(f"{seed}:{i}")) for i in range(accounts)]
-    return world, _merge(streams)
+    built = [_Account(world, i, random.Random(f"{seed}:{i}")) for i in range(accounts)]
+    return world, _stream(world, built)
 
 
-def _merge(streams: list[Iterator[tuple[int, int, dict[str, Any]]]]) -> Iterator[dict[str, Any]]:
-    for _, _, message in heapq.merge(*streams, key=lambda item: (item[0], item[1])):
-        yield message
+def _stream(world: World, accounts: list[_Account]) -> Iterator[dict[str, Any]]:
+    for hour in range(-1, world.days * 24 + 3 * 24):  # -1: what comes before the first hour
+        until = world.start_ms + (hour + 1) * HOUR_MS
+        batch: list[tuple[int, int, int, dict[str, Any]]] = []
+        for i, account in enumerate(accounts):
+            for t, seq, message in account.until(hour, until):
+                batch.append((t, i, seq, message))
+        batch.sort(key=lambda item: (item[0], item[1], item[2]))
+        for *_, message in batch:
+            yield message
 
 
-def _account(
-    world: World, index: int, rng: random.Random
-) -> Iterator[tuple[int, int, dict[str, Any]]]:
-    """One account's messages, in time order, as (time, sequence, message)."""
-    out: list[tuple[int, int, dict[str, Any]]] = []
-    seq = [0]
-    account = f"acct-{index:06d}"
-    start, end = world.start_ms, world.start_ms + world.days * DAY_MS
-    plan, limit = rng.choice(PLANS)
-    users = [f"{account}-u{j}" for j in range(rng.randint(1, 6))]
+class _Account:
+    """One account: its users, rhythm and problems, decided at the start; its everyday
+    events made hour by hour."""
 
-    def emit(t: int, msg: dict[str, Any]) -> None:
-        seq[0] += 1
-        msg["timestamp"] = format_time(t)
-        msg["messageId"] = f"sim-{world.seed}-{account}-{seq[0]}"
-        out.append((t, seq[0], msg))
+    def __init__(self, world: World, index: int, rng: random.Random) -> None:
+        self.world, self.rng = world, rng
+        self.name = f"acct-{index:06d}"
+        self.seq = 0
+        self.start, self.end = world.start_ms, world.start_ms + world.days * DAY_MS
+        start = self.start
+        plan, limit = rng.choice(PLANS)
+        self.users = [f"{self.name}-u{j}" for j in range(rng.randint(1, 6))]
+        self.rate = rng.uniform(0.2, 1.2)  # logins per user per busy hour
+        self.pending: list[tuple[int, int, dict[str, Any]]] = []  # setup, problems, tickets
+        used = rng.uniform(0.2, 0.6) * limit
+        renewal = format_time(start + rng.randint(10, 120) * DAY_MS)
+        traits = {
+            "plan": plan,
+            "storage_limit": limit,
+            "storage_used": round(used, 2),
+            "renewal_date": renewal,
+        }
+        self.emit(
+            start,
+            {"type": "group", "userId": self.users[0], "groupId": self.name, "traits": traits},
+        )
+        for user in self.users:
+            # long since onboarded: stamped before their traits arrive, so that no onboarding
+            # trigger sees them as new for an instant
+            self.track(start - 1_000, user, "Onboarding Completed")
+            created = format_time(start - rng.randint(30, 700) * DAY_MS)
+            self.emit(
+                start,
+                {
+                    "type": "identify",
+                    "userId": user,
+                    "traits": {
+                        "email": f"{user}@example.test",
+                        "timezone": "Europe/London",
+                        "created_at": created,
+                    },
+                },
+            )
+            self.emit(start, {"type": "group", "userId": user, "groupId": self.name, "traits": {}})
+        self.decay_at = None
+        span = world.days * DAY_MS
+        if rng.random() < PROBLEMS["usage_decay"][0]:
+            self.decay_at = start + rng.randint(7, max(8, world.days - 7)) * DAY_MS
+            self.truth("usage_decay", "account", self.name, self.decay_at)
+        if rng.random() < PROBLEMS["error_spike"][0]:
+            onset = start + rng.randrange(span - 2 * HOUR_MS)
+            t = onset
+            for _ in range(rng.randint(25, 80)):
+                self.track(t, self.users[0], "Error", type="ExportError")
+                t += rng.randint(20_000, 70_000)
+            self.truth("error_spike", "account", self.name, onset)
+        if rng.random() < PROBLEMS["stuck_in_settings"][0]:
+            user = rng.choice(self.users)
+            onset = start + rng.randrange(span - HOUR_MS)
+            self.emit(
+                onset,
+                {
+                    "type": "page",
+                    "userId": user,
+                    "name": "Settings",
+                    "properties": {"path": "/kb/settings"},
+                },
+            )
+            self.truth("stuck_in_settings", "user", user, onset)
+        if rng.random() < PROBLEMS["storage_limit"][0]:
+            onset = start + rng.randrange(span)
+            used = round(limit * rng.uniform(0.86, 0.97), 2)
+            self.emit(
+                onset,
+                {
+                    "type": "group",
+                    "userId": self.users[0],
+                    "groupId": self.name,
+                    "traits": {"storage_used": used},
+                },
+            )
+            self.truth("storage_limit", "account", self.name, onset)
+        if rng.random() < PROBLEMS["payment_failed"][0]:
+            onset = start + rng.randrange(span)
+            self.track(onset, self.users[0], "Payment Failed", amount=49)
+            self.truth("payment_failed", "account", self.name, onset)
+        self.newcomer = None
+        if rng.random() < PROBLEMS["stalled_onboarding"][0]:
+            user = f"{self.name}-new"
+            onset = start + rng.randrange(max(1, world.days - 8) * DAY_MS)
+            self.emit(
+                onset,
+                {
+                    "type": "identify",
+                    "userId": user,
+                    "traits": {"email": f"{user}@example.test", "created_at": format_time(onset)},
+                },
+            )
+            self.emit(onset, {"type": "group", "userId": user, "groupId": self.name, "traits": {}})
+            self.track(onset + 60_000, user, "Login")
+            self.truth("stalled_onboarding", "user", user, onset + 7 * DAY_MS)
+        self.pending.sort(key=lambda item: (item[0], item[1]))
+        self.next = 0
+        self.later: list[tuple[int, int, dict[str, Any]]] = []  # everyday events not yet due
 
-    def track(t: int, user: str, name: str, **props: Any) -> None:
-        emit(
+    def emit(self, t: int, message: dict[str, Any]) -> tuple[int, int, dict[str, Any]]:
+        self.seq += 1
+        message["timestamp"] = format_time(t)
+        message["messageId"] = f"sim-{self.world.seed}-{self.name}-{self.seq}"
+        item = (t, self.seq, message)
+        self.pending.append(item)
+        return item
+
+    def track(self, t: int, user: str, name: str, **props: Any) -> tuple[int, int, dict[str, Any]]:
+        return self.emit(
             t,
             {
                 "type": "track",
                 "event": name,
                 "userId": user,
                 "properties": props,
-                "context": {"groupId": account},
+                "context": {"groupId": self.name},
             },
         )
 
-    def truth(kind: str, scope: str, subject: str, onset: int) -> None:
-        p_ticket = PROBLEMS[kind][1]
+    def truth(self, kind: str, scope: str, subject: str, onset: int) -> None:
         ticket = None
-        if rng.random() < p_ticket:
-            ticket = onset + rng.randint(HOUR_MS, 3 * DAY_MS - HOUR_MS)
-            if ticket < end:
-                user = users[0] if scope == "account" else subject
+        if self.rng.random() < PROBLEMS[kind][1]:
+            ticket = onset + self.rng.randint(HOUR_MS, 3 * DAY_MS - HOUR_MS)
+            if ticket < self.end:
+                user = self.users[0] if scope == "account" else subject
                 name = "Subscription Cancelled" if kind == "usage_decay" else "Ticket Created"
-                track(
+                self.track(
                     ticket,
                     user,
                     name,
-                    ticket_id=f"t-{account}-{kind}",
+                    ticket_id=f"t-{self.name}-{kind}",
                     priority="normal",
                     problem=kind,
                 )
             else:
                 ticket = None
-        world.truth.append(Truth(kind, scope, subject, onset, ticket))
+        self.world.truth.append(Truth(kind, scope, subject, onset, ticket))
 
-    used = rng.uniform(0.2, 0.6) * limit
-    emit(
-        start,
-        {
-            "type": "group",
-            "userId": users[0],
-            "groupId": account,
-            "traits": {
-                "plan": plan,
-                "storage_limit": limit,
-                "storage_used": round(used, 2),
-                "renewal_date": format_time(start + rng.randint(10, 120) * DAY_MS),
-            },
-        },
-    )
-    for user in users:
-        emit(
-            start,
-            {
-                "type": "identify",
-                "userId": user,
-                "traits": {
-                    "email": f"{user}@example.test",
-                    "timezone": "Europe/London",
-                    "created_at": format_time(start - rng.randint(30, 700) * DAY_MS),
-                },
-            },
-        )
-        emit(start, {"type": "group", "userId": user, "groupId": account, "traits": {}})
-        # long since: they are established (stamped before their traits arrive, so that no
-        # onboarding trigger sees them as new for an instant)
-        track(start - 1_000, user, "Onboarding Completed")
+    def until(self, hour: int, until_ms: int) -> list[tuple[int, int, dict[str, Any]]]:
+        """This hour's everyday events, and the decided ones before `until_ms`."""
+        out = []
+        pending = self.pending
+        while self.next < len(pending) and pending[self.next][0] < until_ms:
+            out.append(pending[self.next])
+            self.next += 1
+        later = self.later
+        if 0 <= hour < self.world.days * 24:
+            for item in self._hour(hour):
+                heapq.heappush(later, item)
+        while later and later[0][0] < until_ms:  # (a feature used a minute after the hour)
+            out.append(heapq.heappop(later))
+        return out
 
-    decay_at = None
-    if rng.random() < PROBLEMS["usage_decay"][0]:
-        decay_at = start + rng.randint(7, max(8, world.days - 7)) * DAY_MS
-        truth("usage_decay", "account", account, decay_at)
-    # daily life: logins and feature use, hour by hour
-    rate = rng.uniform(0.2, 1.2)  # logins per user per busy hour
-    for hour in range(world.days * 24):
-        t0 = start + hour * HOUR_MS
+    def _hour(self, hour: int) -> list[tuple[int, int, dict[str, Any]]]:
+        rng = self.rng
+        t0 = self.start + hour * HOUR_MS
         level = activity((t0 // HOUR_MS + 72) % 168)  # the epoch was a Thursday
-        if decay_at is not None and t0 > decay_at:
-            level *= max(0.0, 1.0 - (t0 - decay_at) / (14 * DAY_MS))
-        for user in users:
-            if rng.random() < rate * level:
+        if self.decay_at is not None and t0 > self.decay_at:
+            level *= max(0.0, 1.0 - (t0 - self.decay_at) / (14 * DAY_MS))
+        out = []
+        for user in self.users:
+            if rng.random() < self.rate * level:
                 t = t0 + rng.randrange(HOUR_MS)
-                track(t, user, "Login")
-                emit(
-                    t + 1000,
-                    {
-                        "type": "page",
-                        "userId": user,
-                        "name": "Dashboard",
-                        "properties": {"path": "/dashboard"},
-                    },
+                out.append(
+                    self._make(
+                        t,
+                        {
+                            "type": "track",
+                            "event": "Login",
+                            "userId": user,
+                            "properties": {},
+                            "context": {"groupId": self.name},
+                        },
+                    )
+                )
+                out.append(
+                    self._make(
+                        t + 1000,
+                        {
+                            "type": "page",
+                            "userId": user,
+                            "name": "Dashboard",
+                            "properties": {"path": "/dashboard"},
+                        },
+                    )
                 )
                 if rng.random() < 0.5:
-                    track(t + 60_000, user, "Feature Used", feature=rng.choice(FEATURES))
-    if rng.random() < PROBLEMS["error_spike"][0]:
-        onset = start + rng.randrange(world.days * DAY_MS - 2 * HOUR_MS)
-        for k in range(rng.randint(25, 80)):
-            track(onset + k * rng.randint(20_000, 70_000), users[0], "Error", type="ExportError")
-        truth("error_spike", "account", account, onset)
-    if rng.random() < PROBLEMS["stuck_in_settings"][0]:
-        user = rng.choice(users)
-        onset = start + rng.randrange(world.days * DAY_MS - HOUR_MS)
-        emit(
-            onset,
-            {
-                "type": "page",
-                "userId": user,
-                "name": "Settings",
-                "properties": {"path": "/kb/settings"},
-            },
-        )
-        truth("stuck_in_settings", "user", user, onset)
-    if rng.random() < PROBLEMS["storage_limit"][0]:
-        onset = start + rng.randrange(world.days * DAY_MS)
-        emit(
-            onset,
-            {
-                "type": "group",
-                "userId": users[0],
-                "groupId": account,
-                "traits": {"storage_used": round(limit * rng.uniform(0.86, 0.97), 2)},
-            },
-        )
-        truth("storage_limit", "account", account, onset)
-    if rng.random() < PROBLEMS["payment_failed"][0]:
-        onset = start + rng.randrange(world.days * DAY_MS)
-        track(onset, users[0], "Payment Failed", amount=49)
-        truth("payment_failed", "account", account, onset)
-    if rng.random() < PROBLEMS["stalled_onboarding"][0]:
-        user = f"{account}-new"
-        onset = start + rng.randrange(max(1, world.days - 8) * DAY_MS)
-        emit(
-            onset,
-            {
-                "type": "identify",
-                "userId": user,
-                "traits": {"email": f"{user}@example.test", "created_at": format_time(onset)},
-            },
-        )
-        emit(onset, {"type": "group", "userId": user, "groupId": account, "traits": {}})
-        track(onset + 60_000, user, "Login")
-        users.append(user)
-        truth("stalled_onboarding", "user", user, onset + 7 * DAY_MS)
-    out.sort(key=lambda item: (item[0], item[1]))
-    yield from out
+                    feature = rng.choice(FEATURES)
+                    out.append(
+                        self._make(
+                            t + 60_000,
+                            {
+                                "type": "track",
+                                "event": "Feature Used",
+                                "userId": user,
+                                "properties": {"feature": feature},
+                                "context": {"groupId": self.name},
+                            },
+                        )
+                    )
+        return out
+
+    def _make(self, t: int, message: dict[str, Any]) -> tuple[int, int, dict[str, Any]]:
+        self.seq += 1
+        message["timestamp"] = format_time(t)
+        message["messageId"] = f"sim-{self.world.seed}-{self.name}-{self.seq}"
+        return (t, self.seq, message)
