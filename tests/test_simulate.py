@@ -84,3 +84,22 @@ def test_the_command_writes_events_and_truth(tmp_path, capsys):
     ]
     assert events and all("kind" in t and "onset_ms" in t for t in truth)
     assert main(["simulate", "--accounts", "0", "--out", str(out)]) == 2
+
+
+def test_the_world_can_be_sent_to_a_server_through_segments_client(tmp_path, capsys):
+    from . import server as srv
+
+    live = srv.start(tmp_path / "forewarn.db")
+    try:
+        truth = tmp_path / "truth.jsonl"
+        args = ["simulate", "--accounts", "3", "--days", "2", "--seed", "4", "--truth", str(truth)]
+        code = main([*args, "--to", live.url, "--write-key", srv.WRITE_KEY])
+        err = capsys.readouterr().err
+        assert code == 0, err
+        sent = int(err.split("sent ", 1)[1].split(" ", 1)[0])
+        _, messages = simulate.generate(3, 2, 4, START)
+        assert sent == len(list(messages))
+        assert live.wait_for(lambda: live.metric("forewarn_events_accepted_total") == sent)
+        assert truth.is_file()
+    finally:
+        srv.stop(live)

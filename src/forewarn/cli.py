@@ -385,6 +385,22 @@ def _simulate(args: argparse.Namespace) -> int:
     start = _until(args.start) if args.start else 1_767_225_600_000  # 2026-01-01T00:00:00Z
     assert start is not None
     world, messages = simulate.generate(args.accounts, args.days, args.seed, start)
+    if (args.out is None) == (args.to is None):
+        raise InputError("give --out FILE to write the events, or --to URL to send them")
+    if args.to is not None:
+        key = args.write_key or _env("WRITE_KEY")
+        if not key:
+            raise InputError("--to needs the server's write key: --write-key or FOREWARN_WRITE_KEY")
+        sent = simulate.send(messages, args.to, key)
+        truth_file = Path(args.truth or "simulated.truth.jsonl")
+        with open(truth_file, "wb") as f:
+            for t in world.truth:
+                f.write(msgspec.json.encode(t.__dict__) + b"\n")
+        print(
+            f"sent {sent} events to {args.to}; {len(world.truth)} problems in {truth_file}",
+            file=sys.stderr,
+        )
+        return 0
     out = Path(args.out)
     opener = gzip.open if out.suffix == ".gz" else open
     encode = msgspec.json.Encoder().encode
@@ -693,7 +709,9 @@ def build_parser() -> argparse.ArgumentParser:
     simulate.add_argument("--days", type=int, default=30)
     simulate.add_argument("--seed", type=int, default=1)
     simulate.add_argument("--start", help="when the world starts (ISO 8601; default 2026-01-01)")
-    simulate.add_argument("--out", required=True, help="the events, JSONL (.gz to compress)")
+    simulate.add_argument("--out", help="the events, JSONL (.gz to compress)")
+    simulate.add_argument("--to", help="or send them to this server, e.g. http://127.0.0.1:8750")
+    simulate.add_argument("--write-key", help="with --to: the server's write key")
     simulate.add_argument("--truth", help="the ground truth, JSONL (default: OUT.truth.jsonl)")
     simulate.set_defaults(run=_simulate)
 

@@ -308,3 +308,45 @@ class _Account:
         message["timestamp"] = format_time(t)
         message["messageId"] = f"sim-{self.world.seed}-{self.name}-{self.seq}"
         return (t, self.seq, message)
+
+
+def send(messages: Iterator[dict[str, Any]], url: str, write_key: str) -> int:
+    """Send the messages to a Forewarn server (or anything speaking the Segment HTTP API)
+    through Segment's own Python client, batched and gzipped as it sends them. Returns how
+    many were sent; raises InputError if the server refused any."""
+    from datetime import datetime
+
+    from segment.analytics.client import Client  # type: ignore[import-untyped]
+
+    from forewarn.errors import InputError
+
+    errors: list[str] = []
+    client = Client(
+        write_key,
+        host=url.rstrip("/"),
+        gzip=True,
+        max_queue_size=200_000,
+        upload_size=100,
+        on_error=lambda error, batch: errors.append(str(error)),
+    )
+    count = 0
+    for m in messages:
+        when = datetime.fromisoformat(m["timestamp"].replace("Z", "+00:00"))
+        common = {"timestamp": when, "message_id": m["messageId"]}
+        kind = m["type"]
+        if kind == "track":
+            client.track(m["userId"], m["event"], m.get("properties"), m.get("context"), **common)
+        elif kind == "identify":
+            client.identify(m["userId"], m.get("traits"), **common)
+        elif kind == "group":
+            client.group(m["userId"], m["groupId"], m.get("traits"), **common)
+        elif kind == "page":
+            client.page(m["userId"], None, m.get("name"), m.get("properties"), **common)
+        count += 1
+    client.flush()
+    client.join()
+    if errors:
+        raise InputError(
+            f"the server refused some events: {errors[0]} (and {len(errors) - 1} more)"
+        )
+    return count
