@@ -4,13 +4,15 @@ from __future__ import annotations
 
 import argparse
 import bisect
+import contextlib
 import gc
 import os
+import sqlite3
 import sys
 from collections import Counter, defaultdict
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import IO
+from typing import IO, Any
 
 import msgspec
 
@@ -308,28 +310,16 @@ def _backtest(args: argparse.Namespace) -> int:
 def _report(args: argparse.Namespace) -> int:
     import csv
 
-    from forewarn import backtest, clock, report, store_sqlite
-    from forewarn.playbook import parse_duration
+    from forewarn import backtest, clock, report
 
     triggers = load_playbooks(args.playbooks)
     if args.trigger and args.trigger not in {t.id for t in triggers}:
         known = ", ".join(t.id for t in triggers)
         raise InputError(f"no trigger '{args.trigger}' in the playbooks; they define: {known}")
-    try:
-        span = parse_duration(args.since)
-    except ValueError as exc:
-        raise InputError(f"--since: {exc}") from None
-    if not Path(args.db).exists():
-        raise InputError(f"no database {args.db}: give the server's --db")
-    conn = store_sqlite.connect(args.db)
-    try:
-        ws = store_sqlite.workspace_id(conn, args.workspace)
-        if ws is None:
-            raise InputError(f"no workspace '{args.workspace}' in {args.db}")
+    span = _since(args.since)
+    with _workspace_db(args.db, args.workspace) as (conn, ws):
         now = clock.now_ms()
         result = report.live_report(conn, ws, triggers, now - span, now, args.trigger)
-    finally:
-        conn.close()
     if args.format == "json":
         sys.stdout.write(msgspec.json.encode(result).decode() + "\n")
     elif args.format == "csv":
@@ -392,10 +382,7 @@ def _simulate(args: argparse.Namespace) -> int:
         if not key:
             raise InputError("--to needs the server's write key: --write-key or FOREWARN_WRITE_KEY")
         sent = simulate.send(messages, args.to, key)
-        truth_file = Path(args.truth or "simulated.truth.jsonl")
-        with open(truth_file, "wb") as f:
-            for t in world.truth:
-                f.write(msgspec.json.encode(t.__dict__) + b"\n")
+        truth_file = _write_truth(world, Path(args.truth or "simulated.truth.jsonl"))
         print(
             f"sent {sent} events to {args.to}; {len(world.truth)} problems in {truth_file}",
             file=sys.stderr,
@@ -409,10 +396,7 @@ def _simulate(args: argparse.Namespace) -> int:
         for message in messages:
             f.write(encode(message) + b"\n")
             count += 1
-    truth = Path(args.truth) if args.truth else out.with_name(out.name + ".truth.jsonl")
-    with open(truth, "wb") as f:
-        for t in world.truth:
-            f.write(encode(t.__dict__) + b"\n")
+    truth = _write_truth(world, Path(args.truth or out.with_name(out.name + ".truth.jsonl")))
     print(
         f"{count} events of {args.accounts} accounts over {args.days} days in {out}; "
         f"{len(world.truth)} problems in {truth}",
@@ -421,35 +405,49 @@ def _simulate(args: argparse.Namespace) -> int:
     return 0
 
 
-def _log_events(db: str, workspace: str, since: str) -> list[Event]:
-    """The events of the server's log stamped within `since` of now."""
-    from forewarn import clock, store_sqlite
-    from forewarn.live import events_of
+def _write_truth(world: Any, path: Path) -> Path:
+    """The simulated world's ground truth, one JSON line per problem."""
+    with open(path, "wb") as f:
+        for t in world.truth:
+            f.write(msgspec.json.encode(t.__dict__) + b"\n")
+    return path
+
+
+def _since(text: str) -> int:
+    """--since as milliseconds."""
     from forewarn.playbook import parse_duration
 
     try:
-        span = parse_duration(since)
+        return parse_duration(text)
     except ValueError as exc:
         raise InputError(f"--since: {exc}") from None
+
+
+@contextlib.contextmanager
+def _workspace_db(db: str, workspace: str) -> Iterator[tuple[sqlite3.Connection, int]]:
+    """The server's database and the workspace's id in it, for commands that read them."""
+    from forewarn import store_sqlite
+
     if not Path(db).exists():
-        raise InputError(f"no database {db}: give the server's --db, or --events FILE")
+        raise InputError(f"no database {db}: give the server's --db")
     conn = store_sqlite.connect(db)
     try:
         ws = store_sqlite.workspace_id(conn, workspace)
         if ws is None:
             raise InputError(f"no workspace '{workspace}' in {db}")
-        oldest = clock.now_ms() - span
-        events: list[Event] = []
-        cursor = 0
-        while True:
-            batches = store_sqlite.read_log(conn, ws, cursor, 500)
-            if not batches:
-                return events
-            for b in batches:
-                events.extend(e for e in events_of(b) if e.timestamp_ms >= oldest)
-                cursor = b.id
+        yield conn, ws
     finally:
         conn.close()
+
+
+def _log_events(db: str, workspace: str, since: str) -> list[Event]:
+    """The events of the server's log stamped within `since` of now."""
+    from forewarn import clock, report
+
+    span = _since(since)
+    with _workspace_db(db, workspace) as (conn, ws):
+        now = clock.now_ms()
+        return report.log_events(conn, ws, now - span, now)
 
 
 def _detect(args: argparse.Namespace) -> int:
