@@ -95,9 +95,11 @@ def run(
     now_ms: int,
     webhook: bool = True,
     state: State | None = None,
+    result: dict[str, Any] | None = None,
 ) -> list[Judgement]:
     """Judge every guarded trigger; stop those that must be, and tell the team. `state`: the
-    live engine's, for which accounts each user belongs to."""
+    live engine's, for which accounts each user belongs to; `result`: the report of the last
+    `WINDOW_MS` already made (for these triggers or more), so the log is not read again."""
     overrides = store_outbox.trigger_overrides(conn, workspace)
     watched = [
         t
@@ -106,7 +108,9 @@ def run(
     ]
     if not watched:
         return []
-    result = report.live_report(conn, workspace, watched, now_ms - WINDOW_MS, now_ms, state=state)
+    if result is None:
+        since = now_ms - WINDOW_MS
+        result = report.live_report(conn, workspace, watched, since, now_ms, state=state)
     rows = {r["trigger"]: r for r in result["triggers"]}
     stopped = []
     for t in watched:

@@ -310,7 +310,7 @@ class EngineLoop:
 
         try:
             with self.write_lock:
-                report.live_report(
+                result = report.live_report(
                     conn,
                     workspace,
                     self.triggers,
@@ -319,7 +319,8 @@ class EngineLoop:
                     record=True,
                     state=state,
                 )
-                for found in guard.run(conn, workspace, self.triggers, now, state=state):
+                judged = guard.run(conn, workspace, self.triggers, now, state=state, result=result)
+                for found in judged:
                     log.warning("auto-guard: %s %s: %s", found.trigger, found.mode, found.reason)
         except Exception:  # the guard must never stop the engine
             log.exception("the auto-guard failed; it will try again")
