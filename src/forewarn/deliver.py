@@ -50,7 +50,7 @@ class InboxChannel:
 
     async def send(self, message: Outgoing) -> Outcome:
         row = self.rows.pop(message.id)
-        with store_outbox.transaction(self.conn):
+        with store_sqlite.transaction(self.conn):
             new = store_outbox.add_to_inbox(self.conn, row, self.name, self.now_ms())
         return Sent(detail="" if new else "already in the inbox")
 
@@ -116,7 +116,7 @@ class Worker:
             return  # cancelled or suppressed since it was claimed
         blocked = self._blocked(row)
         if blocked is not None:
-            with store_outbox.transaction(conn):
+            with store_sqlite.transaction(conn):
                 store_outbox.finish(
                     conn, row, store_outbox.SUPPRESSED, self.now_ms(), reason=blocked
                 )
@@ -198,7 +198,7 @@ class Worker:
         """Record what came of a send, with its event, in one transaction."""
         conn = self.conn
         now = self.now_ms()
-        with store_outbox.transaction(conn):
+        with store_sqlite.transaction(conn):
             match outcome:
                 case Sent():
                     if outcome.endpoints:

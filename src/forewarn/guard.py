@@ -22,7 +22,7 @@ from __future__ import annotations
 import sqlite3
 from typing import Any, NamedTuple
 
-from forewarn import report, stats, store_outbox
+from forewarn import report, stats, store_outbox, store_sqlite
 from forewarn.engine import State
 from forewarn.playbook import Trigger
 
@@ -118,7 +118,7 @@ def run(
         found = judge(t, rows.get(t.id, {}), unsubscribed)
         if found is None:
             continue
-        with store_outbox.transaction(conn):
+        with store_sqlite.transaction(conn):
             store_outbox.override_trigger(
                 conn, workspace, t.id, found.mode, found.reason, "auto-guard", now_ms
             )

@@ -14,7 +14,7 @@ from typing import Any
 
 import msgspec
 
-from forewarn import backtest, store_outbox, store_sqlite
+from forewarn import backtest, store_sqlite
 from forewarn.engine import Firing, State
 from forewarn.live import events_of
 from forewarn.model import Event
@@ -68,7 +68,7 @@ def _record(conn: sqlite3.Connection, workspace: int, closed: list[Outcome]) -> 
     def flag(value: bool | None) -> int | None:
         return None if value is None else int(value)
 
-    with store_outbox.transaction(conn):
+    with store_sqlite.transaction(conn):
         conn.executemany(
             "INSERT OR IGNORE INTO outcomes (firing, workspace, trig, goal, failure, engaged,"
             " closed_ms) VALUES (?, ?, ?, ?, ?, ?, ?)",

@@ -131,7 +131,7 @@ def unsubscribe(
 ) -> int:
     """Takes effect at once: what is still waiting in the outbox for the subject on that
     channel (every channel for `*`) is suppressed. Returns how many messages that stopped."""
-    with _transaction(conn):
+    with store_sqlite.transaction(conn):
         conn.execute(
             "INSERT OR REPLACE INTO consent (workspace, scope, subject, channel, at_ms, source)"
             " VALUES (?, ?, ?, ?, ?, ?)",
@@ -176,7 +176,7 @@ def suppress(
 ) -> int:
     """The subject is not to be contacted until `until_ms` (or until lifted); messages still
     waiting for it are suppressed. Returns how many."""
-    with _transaction(conn):
+    with store_sqlite.transaction(conn):
         conn.execute(
             "INSERT OR REPLACE INTO suppressions (workspace, scope, subject, reason, until_ms,"
             " at_ms) VALUES (?, ?, ?, ?, ?, ?)",
@@ -285,7 +285,7 @@ def claim(
     """Take up to `limit` due rows on these channels for `lease_ms`."""
     names = sorted(channels)
     marks = ", ".join("?" * len(names))
-    with _transaction(conn):
+    with store_sqlite.transaction(conn):
         rows = conn.execute(
             "UPDATE outbox SET lease_ms = ?, attempts = attempts + 1 WHERE id IN ("
             f" SELECT id FROM outbox WHERE status = ? AND due_ms <= ? AND lease_ms <= ?"
@@ -393,23 +393,26 @@ _INBOX = (
 def inbox(
     conn: sqlite3.Connection, workspace: int, scope: str, subject: str, limit: int = 50
 ) -> list[dict[str, Any]]:
-    rows = conn.execute(
-        f"SELECT {', '.join(_INBOX)} FROM inbox"
-        " WHERE workspace = ? AND scope = ? AND subject = ? ORDER BY id DESC LIMIT ?",
-        (workspace, scope, subject, limit),
-    ).fetchall()
-    names = ["trigger" if c == "trig" else c for c in _INBOX]
-    return [dict(zip(names, r, strict=True)) for r in rows]
+    """The subject's inbox, newest first."""
+    return _inbox_rows(conn, "ORDER BY id DESC LIMIT ?", workspace, scope, subject, limit)
 
 
 def inbox_after(
     conn: sqlite3.Connection, workspace: int, scope: str, subject: str, after_id: int
 ) -> list[dict[str, Any]]:
     """The subject's inbox messages newer than `after_id`, oldest first (for the stream)."""
+    return _inbox_rows(
+        conn, "AND id > ? ORDER BY id LIMIT 100", workspace, scope, subject, after_id
+    )
+
+
+def _inbox_rows(
+    conn: sqlite3.Connection, rest: str, workspace: int, scope: str, subject: str, arg: int
+) -> list[dict[str, Any]]:
     rows = conn.execute(
         f"SELECT {', '.join(_INBOX)} FROM inbox WHERE workspace = ? AND scope = ?"
-        " AND subject = ? AND id > ? ORDER BY id LIMIT 100",
-        (workspace, scope, subject, after_id),
+        f" AND subject = ? {rest}",
+        (workspace, scope, subject, arg),
     ).fetchall()
     names = ["trigger" if c == "trig" else c for c in _INBOX]
     return [dict(zip(names, r, strict=True)) for r in rows]
@@ -583,26 +586,6 @@ def secret(conn: sqlite3.Connection, name: str) -> str:
         (name, secrets.token_urlsafe(32)),
     )
     return str(conn.execute("SELECT value FROM secrets WHERE name = ?", (name,)).fetchone()[0])
-
-
-class _transaction:
-    """BEGIN IMMEDIATE … COMMIT, or ROLLBACK on an error; inside an open transaction, nothing."""
-
-    def __init__(self, conn: sqlite3.Connection) -> None:
-        self.conn = conn
-        self.own = False
-
-    def __enter__(self) -> None:
-        if not self.conn.in_transaction:
-            self.conn.execute("BEGIN IMMEDIATE")
-            self.own = True
-
-    def __exit__(self, kind: object, exc: object, tb: object) -> None:
-        if self.own:
-            self.conn.execute("ROLLBACK" if kind is not None else "COMMIT")
-
-
-transaction = _transaction
 
 
 # --- triggers paused or put in shadow (by hand, or by the auto-guard) -------------------------

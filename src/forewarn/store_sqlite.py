@@ -24,11 +24,12 @@ Every connection is opened by `connect`; each thread or process opens its own.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import secrets
 import sqlite3
 import struct
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -284,17 +285,28 @@ def migrate(conn: sqlite3.Connection) -> int:
             f"({SCHEMA_VERSION}): upgrade Forewarn"
         )
     for step in range(version + 1, SCHEMA_VERSION + 1):
-        conn.execute("BEGIN IMMEDIATE")
-        try:
+        with transaction(conn):
             if conn.execute("PRAGMA user_version").fetchone()[0] < step:  # not raced to it
                 for statement in _statements(MIGRATIONS[step]):
                     conn.execute(statement)
                 conn.execute(f"PRAGMA user_version={step}")
-            conn.execute("COMMIT")
-        except BaseException:
-            conn.execute("ROLLBACK")
-            raise
     return SCHEMA_VERSION
+
+
+@contextlib.contextmanager
+def transaction(conn: sqlite3.Connection) -> Iterator[None]:
+    """BEGIN IMMEDIATE … COMMIT, or ROLLBACK on any error; inside a transaction already open,
+    it is that transaction's part (the caller commits)."""
+    if conn.in_transaction:
+        yield
+        return
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        yield
+    except BaseException:
+        conn.execute("ROLLBACK")
+        raise
+    conn.execute("COMMIT")
 
 
 def _statements(script: str) -> list[str]:
@@ -381,8 +393,7 @@ def ensure_workspace(
 ) -> int:
     """The workspace called `name`, created if missing; the given keys are added to it unless
     they are already known (a restart with the same environment changes nothing)."""
-    conn.execute("BEGIN IMMEDIATE")
-    try:
+    with transaction(conn):
         ws = workspace_id(conn, name)
         if ws is None:
             ws = create_workspace(conn, name, now_ms)
@@ -396,10 +407,6 @@ def ensure_workspace(
                         f"the {kind} key from the environment is already a {known.kind} key "
                         "of another workspace: give each key one use"
                     )
-        conn.execute("COMMIT")
-    except BaseException:
-        conn.execute("ROLLBACK")
-        raise
     return ws
 
 
@@ -512,16 +519,11 @@ def append_batches(
     results: list[Appended] = []
     added: list[tuple[int, list[int]]] = []
     fresh: set[int] = set()  # ids of this transaction
-    conn.execute("BEGIN IMMEDIATE")
-    try:
+    with transaction(conn):
         for a in appends:
             result, hashes = _append(conn, a, seen, fresh)
             results.append(result)
             added.append((a.received_ms, hashes))
-        conn.execute("COMMIT")
-    except BaseException:
-        conn.execute("ROLLBACK")
-        raise
     for received_ms, hashes in added:
         seen.add(received_ms, hashes)
     return results
@@ -696,8 +698,7 @@ def commit_step(
     """One engine step, atomically: its firings, how far it read, and its clock; with a
     snapshot of the state when one is given (older ticks are then no longer needed); and
     whatever `then` writes, given the new firings' ids (the outbox rows). Returns the ids."""
-    conn.execute("BEGIN IMMEDIATE")
-    try:
+    with transaction(conn):
         insert = (
             f"INSERT INTO firings (workspace, {FIRING_COLUMNS}, cursor, recorded_ms)"
             " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
@@ -730,10 +731,6 @@ def commit_step(
             )
         if then is not None:
             then(conn, ids)
-        conn.execute("COMMIT")
-    except BaseException:
-        conn.execute("ROLLBACK")
-        raise
     return ids
 
 
