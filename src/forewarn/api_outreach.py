@@ -281,7 +281,7 @@ def routes(app: Forewarn) -> list[Route]:
         await run(store_outbox.unsubscribe, ws, scope, subject, channel, "link", clock.now_ms())
         return HTMLResponse(_DONE.format(what=html.escape(what)))
 
-    async def record(sent: links.Sent, name: str, extra: dict[str, Any], mid: str) -> None:
+    async def record(sent: links.About, name: str, extra: dict[str, Any], mid: str) -> None:
         now = clock.now_ms()
         message = links.event_message(sent, name, now, extra, mid)
         await app.writer.submit(Append(sent.workspace, "forewarn", now, [message], [mid], None))

@@ -76,7 +76,7 @@ class Composer:
         key = store_outbox.idempotency_key(
             workspace, firing.trigger, firing.scope, firing.subject, firing.at_ms, channel
         )
-        sent = links.Sent(workspace, firing.scope, firing.subject, firing.trigger, channel, key)
+        sent = links.About(workspace, firing.scope, firing.subject, firing.trigger, channel, key)
         base = self.public_url.rstrip("/")
         unsubscribe = ""
         if channel == "email":

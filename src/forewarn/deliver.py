@@ -258,7 +258,7 @@ class Worker:
 
 def result_message(row: Claimed, name: str, now_ms: int, extra: dict[str, Any]) -> dict[str, Any]:
     """A delivery result as a Segment track message, for the subject it concerns."""
-    sent = links.Sent(row.workspace, row.scope, row.subject, row.trigger, row.channel, row.key)
+    sent = links.About(row.workspace, row.scope, row.subject, row.trigger, row.channel, row.key)
     return links.event_message(
         sent, name, now_ms, {"attempt": row.attempts, **extra}, f"{row.key}:{name}"
     )

@@ -78,7 +78,7 @@ def unsubscribe_url(public_url: str, token: str) -> str:
     return f"{public_url.rstrip('/')}/u/{token}"
 
 
-class Sent(NamedTuple):
+class About(NamedTuple):
     """Which message an engagement link is about."""
 
     workspace: int
@@ -89,28 +89,28 @@ class Sent(NamedTuple):
     key: str
 
 
-def engagement_token(secret: str, sent: Sent) -> str:
+def engagement_token(secret: str, sent: About) -> str:
     return _sign(secret, ["e", *sent])
 
 
-def read_engagement(secret: str, token: str) -> Sent:
+def read_engagement(secret: str, token: str) -> About:
     ws, scope, subject, trigger, channel, key = _read(secret, token, "e", 7)
-    return Sent(ws, scope, str(subject), str(trigger), str(channel), str(key))
+    return About(ws, scope, str(subject), str(trigger), str(channel), str(key))
 
 
-def click_token(secret: str, sent: Sent, url: str) -> str:
+def click_token(secret: str, sent: About, url: str) -> str:
     return _sign(secret, ["c", *sent, url])
 
 
-def read_click(secret: str, token: str) -> tuple[Sent, str]:
+def read_click(secret: str, token: str) -> tuple[About, str]:
     ws, scope, subject, trigger, channel, key, url = _read(secret, token, "c", 8)
     if not isinstance(url, str) or not url.startswith(("https://", "http://")):
         raise LinkError("this link is not valid: use the link from the message as it came")
-    return Sent(ws, scope, str(subject), str(trigger), str(channel), str(key)), url
+    return About(ws, scope, str(subject), str(trigger), str(channel), str(key)), url
 
 
 def event_message(
-    sent: Sent, name: str, now_ms: int, extra: dict[str, Any], message_id: str
+    sent: About, name: str, now_ms: int, extra: dict[str, Any], message_id: str
 ) -> dict[str, Any]:
     """What happened to a message, as a Segment track message of the subject it concerns (an
     account's as `anonymousId: account:ID` with its `groupId`)."""

@@ -215,7 +215,7 @@ def routes(app: Forewarn, assistant: Callable[[], Answers | None]) -> list[Route
         now = clock.now_ms()
         ws = who.key.workspace
         await run(store_outbox.add_conversation_message, ws, found.id, "user", text, now)
-        sent = links.Sent(ws, "user", who.subject, found.trigger, "chat", found.key)
+        sent = links.About(ws, "user", who.subject, found.trigger, "chat", found.key)
         await _record(app, sent, "Message Replied", {"text": text}, f"{found.key}:reply:{now}")
         history = await run(store_outbox.conversation_messages, found.id)
         # the turns before this one, as the assistant reads them
@@ -278,7 +278,7 @@ async def _own_conversation(
 
 
 async def _record(
-    app: Forewarn, sent: links.Sent, name: str, extra: dict[str, Any], message_id: str
+    app: Forewarn, sent: links.About, name: str, extra: dict[str, Any], message_id: str
 ) -> None:
     now = clock.now_ms()
     message = links.event_message(sent, name, now, extra, message_id)
@@ -288,7 +288,7 @@ async def _record(
 async def _escalate(
     app: Forewarn,
     run: Callable[..., Awaitable[Any]],
-    sent: links.Sent,
+    sent: links.About,
     conversation_id: int,
     transcript: list[tuple[str, str]],
     now: int,
