@@ -188,8 +188,7 @@ class LiveEngine:
             self._apply_overrides()
         displaced: list[int] = []
         for f in firings:
-            self.outreach.decide(f)
-            displaced.extend(self.outreach.displaced_refs)
+            displaced.extend(self.outreach.decide(f))
         self.tick += 1
         snapshot = None
         if self._snapshot_due(now_ms):

@@ -51,7 +51,6 @@ class Outreach:
         self.history = History(self.policy)
         self.specs = {t.id: spec_of(t) for t in triggers}
         self.consent = consent
-        self.displaced_refs: list[Any] = []  # of the last `decide`: stored firings displaced
 
     def apart(self, scope: str, subject: str) -> tuple[dict[str, Any], dict[str, Any]]:
         """The subject's own traits, and its (newest) account's; an account's are both."""
@@ -88,10 +87,10 @@ class Outreach:
             suppressed = suppressed or held
         return Facts(traits, unsubscribed, bounced, suppressed)
 
-    def decide(self, firing: Firing) -> list[Firing]:
-        """Decide `firing` in place; returns the earlier firings it displaced, changed to
-        `lower_priority` (those the host already recorded appear as their `ref`s in
-        `displaced_refs`)."""
+    def decide(self, firing: Firing) -> list[Any]:
+        """Decide `firing` in place. The earlier firings it displaced become `lower_priority`:
+        those still in memory are changed in place; for those the host already stored, their
+        `ref`s are returned, for the host to change."""
         spec = self.specs[firing.trigger]
         d = self.history.decide(
             spec,
@@ -103,8 +102,7 @@ class Outreach:
             ref=firing,
         )
         firing.decision, firing.reason, firing.send_at_ms = d.decision, d.reason, d.send_at_ms
-        changed = []
-        self.displaced_refs = []
+        stored = []
         for record in d.displaced:
             if isinstance(record.ref, Firing):
                 old = record.ref
@@ -113,10 +111,9 @@ class Outreach:
                     "lower_priority",
                     None,
                 )
-                changed.append(old)
             else:
-                self.displaced_refs.append(record.ref)
-        return changed
+                stored.append(record.ref)
+        return stored
 
     def recorded(self, firing: Firing, ref: Any) -> None:
         """The host stored `firing` as `ref`: its record refers to that from now on (so a
