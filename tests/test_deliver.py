@@ -236,7 +236,6 @@ def test_the_inbox_keeps_one_copy_of_a_resent_message(conn):
     worker = Worker(conn, {"in_app": inbox}, now_ms=clock, lease_ms=1_000)
     # a worker that sent and died before settling: the lease runs out, another sends again
     (row,) = store_outbox.claim(conn, clock.ms, 1_000, 10, ["in_app"])
-    inbox.rows[row.id] = row
     asyncio.run(inbox.send(worker._outgoing(row)))  # type: ignore[arg-type]
     clock.ms += 2_000
     assert asyncio.run(worker.run_once()) == 1

@@ -46,12 +46,10 @@ class InboxChannel:
         self.conn = conn
         self.name = name
         self.now_ms = now_ms
-        self.rows: dict[int, Claimed] = {}  # set by the worker before each send
 
     async def send(self, message: Outgoing) -> Outcome:
-        row = self.rows.pop(message.id)
         with store_sqlite.transaction(self.conn):
-            new = store_outbox.add_to_inbox(self.conn, row, self.name, self.now_ms())
+            new = store_outbox.add_to_inbox(self.conn, message, self.name, self.now_ms())
         return Sent(detail="" if new else "already in the inbox")
 
     async def aclose(self) -> None:
@@ -129,8 +127,6 @@ class Worker:
         elif row.channel == "webhook" and self._disabled(outgoing, channel):
             outcome = Failed(detail="the endpoint answered 410 Gone before: it is disabled")
         else:
-            if isinstance(channel, InboxChannel):
-                channel.rows[row.id] = row
             try:
                 outcome = await channel.send(outgoing)
             except Exception as exc:  # a channel bug must not stop the other messages

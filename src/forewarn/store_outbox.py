@@ -25,6 +25,7 @@ from typing import Any
 import msgspec
 
 from forewarn import store_sqlite
+from forewarn.channels import Outgoing
 
 PENDING, SENT, DEAD, CANCELLED, SUPPRESSED = "pending", "sent", "dead", "cancelled", "suppressed"
 STATUSES = (PENDING, SENT, DEAD, CANCELLED, SUPPRESSED)
@@ -354,14 +355,13 @@ def next_due(conn: sqlite3.Connection, channels: Iterable[str]) -> int | None:
 # --- inbox, push subscriptions, endpoints -------------------------------------------------------
 
 
-def add_to_inbox(conn: sqlite3.Connection, row: Claimed, kind: str, now_ms: int) -> bool:
+def add_to_inbox(conn: sqlite3.Connection, m: Outgoing, kind: str, now_ms: int) -> bool:
     """The message in the subject's inbox (`kind`: in_app, or chat for a conversation's
     opener); once per key. Whether it was new."""
-    m = row.message
     engagement = str(m.data.get("engagement_url", ""))
     # why it was sent, for the assistant of a chat: the trigger and its evidence
-    context = _encode({"trigger": row.trigger, "evidence": m.data.get("evidence", {})}).decode()
-    values = (row.workspace, row.scope, row.subject, row.key, row.trigger, kind, m.title, m.text)
+    context = _encode({"trigger": m.trigger, "evidence": m.data.get("evidence", {})}).decode()
+    values = (m.workspace, m.scope, m.subject, m.key, m.trigger, kind, m.title, m.text)
     cur = conn.execute(
         "INSERT OR IGNORE INTO inbox (workspace, scope, subject, key, trig, kind, title, text,"
         " html, engagement_url, context, created_ms) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
@@ -371,7 +371,7 @@ def add_to_inbox(conn: sqlite3.Connection, row: Claimed, kind: str, now_ms: int)
         conn.execute(
             "INSERT INTO conversation_messages (workspace, conversation, author, text, at_ms)"
             " VALUES (?, ?, 'assistant', ?, ?)",
-            (row.workspace, cur.lastrowid, m.text, now_ms),
+            (m.workspace, cur.lastrowid, m.text, now_ms),
         )
     return cur.rowcount > 0
 
