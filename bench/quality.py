@@ -384,36 +384,52 @@ def retail() -> dict[str, Any]:
                 "auc": round(auc(days_since, outcome), 4),
             }
         )
-        # overdue: silence / typical gap, the typical gap from forewarn.detect.Gaps
-        for variant in ("Gaps (geometric, bursts merged)",):
-            gaps = Gaps(factor=2.0, min_events=2)
-            ratio = []
-            for c in members:
-                state = gaps.new_state()
-                for t in calib[c]:
-                    gaps.update(state, t)
-                typical = gaps.typical_gap_ms(state)
-                ratio.append((cut - calib[c][-1]) / typical if typical else math.nan)
-            known = [(r, o) for r, o in zip(ratio, outcome, strict=True) if not math.isnan(r)]
+        # overdue: silence / typical gap (factor), and the probability of having stopped
+        # (lapse), both from forewarn.detect.Gaps, fed the customer's purchases in order
+        gaps = Gaps(factor=2.0, min_events=2)
+        ratio, stopped = [], []
+        for c in members:
+            state = gaps.new_state()
+            for t in calib[c]:
+                gaps.update(state, t)
+            typical = gaps.typical_gap_ms(state)
+            ratio.append((cut - calib[c][-1]) / typical if typical else math.nan)
+            p = gaps.stopped(state, cut)
+            stopped.append(math.nan if p is None else p)
+        for score, values in (
+            ("overdue (factor): silence / typical gap", ratio),
+            ("overdue (lapse): probability of having stopped", stopped),
+        ):
+            known = [(r, o) for r, o in zip(values, outcome, strict=True) if not math.isnan(r)]
             if known:
                 aucs.append(
                     {
                         "population": pop,
-                        "score": f"silence / typical gap: {variant}",
+                        "score": score,
                         "scored": len(known),
                         "auc": round(auc([r for r, _ in known], [o for _, o in known]), 4),
                     }
                 )
-            for factor in (1.5, 2.0, 3.0, 4.0):
-                rows.append(
-                    rule_row(
-                        pop,
-                        f"overdue: {variant}",
-                        factor,
-                        (not math.isnan(r) and r >= factor for r in ratio),
-                        outcome,
-                    )
+        for factor in (1.5, 2.0, 3.0, 4.0):
+            rows.append(
+                rule_row(
+                    pop,
+                    "overdue: factor",
+                    factor,
+                    (not math.isnan(r) and r >= factor for r in ratio),
+                    outcome,
                 )
+            )
+        for lapse in (0.5, 0.6, 0.7, 0.8):
+            rows.append(
+                rule_row(
+                    pop,
+                    "overdue: lapse",
+                    lapse,
+                    (not math.isnan(p) and p >= lapse for p in stopped),
+                    outcome,
+                )
+            )
         # the arithmetic mean gap, as in the baselines
         mean_ratio = []
         for c in members:

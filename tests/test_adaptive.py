@@ -12,7 +12,7 @@ from typing import Any
 import msgspec
 import pytest
 
-from forewarn import engine
+from forewarn import describe, engine
 from forewarn.cli import main
 from forewarn.errors import PlaybookError
 from forewarn.live import Snapshot
@@ -105,6 +105,11 @@ def test_a_value_far_from_its_normal_fires():
         ("{anomaly: {name: E, value: 'properties.ms +'}}", "anomaly.value does not parse"),
         ("{overdue: {name: E, min_events: 1}}", "overdue.min_events must be at least 2"),
         ("{overdue: {name: E, factor: 0.5}}", "overdue.factor"),
+        ("{overdue: {name: E, lapse: 0.3}}", "overdue.lapse must be between 0.5 and 0.999"),
+        (
+            "{overdue: {name: E, factor: 2, lapse: 0.6}}",
+            "factor (silence against the typical gap) or lapse",
+        ),
     ],
 )
 def test_bad_settings_are_refused_with_what_to_write(cond, says):
@@ -134,6 +139,30 @@ def test_overdue_fires_at_its_own_rhythm_and_rearms_at_the_next_event():
     # overdue on day 42, re-armed by the order on day 50, overdue again later
     assert len(again) == 2 and times(again)[0] == at(days=42)
     assert again[1].at_ms > T0_MS + 50 * DAY
+
+
+def test_overdue_with_lapse_fires_when_stopping_is_likely_and_rearms_at_the_next_event():
+    weekly = [track("Order", at(days=7 * i), "u1") for i in range(5)]
+    cond = "{overdue: {name: Order, lapse: 0.7, min_events: 3}}"
+    fired = replay(trigger(cond), weekly, until=at(days=150))
+    assert len(fired) == 1
+    ev = fired[0].evidence
+    assert ev["lapse"] == 0.7 and ev["expected"] == "7d" and 0.7 <= ev["stopped"] == ev["score"]
+    silent_days = (fired[0].at_ms - T0_MS) / DAY - 28
+    assert 14 < silent_days < 35  # past the factor-2 point, the record of 4 repeats trusted
+    back = track("Order", at(days=60), "u1")
+    again = replay(trigger(cond), [*weekly, back], until=at(days=200))
+    assert (
+        len(again) == 2 and again[0].at_ms == fired[0].at_ms and again[1].at_ms > T0_MS + 60 * DAY
+    )
+
+
+def test_check_says_what_each_overdue_rule_waits_for():
+    (by_factor,) = trigger("{overdue: {name: Order, factor: 2.5}}")
+    (by_lapse,) = trigger("{overdue: {name: Order, lapse: 0.7}}")
+    assert "longer than 2.5x its own typical gap" in describe.trigger(by_factor)
+    assert "probably stopped 'Order'" in describe.trigger(by_lapse)
+    assert "at least 70%" in describe.trigger(by_lapse)
 
 
 def test_overdue_waits_for_min_events():

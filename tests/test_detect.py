@@ -249,6 +249,52 @@ def test_gaps_one_long_holiday_moves_the_typical_gap_little() -> None:
     assert gaps.due_ms(state_after) == gaps.due_ms(state)
 
 
+def test_gaps_stopped_follows_the_bg_nbd_odds_and_lapse_is_due_where_it_crosses() -> None:
+    gaps = Gaps(min_events=3, lapse=0.7)
+    state = gaps.new_state()
+    for week in range(5):
+        gaps.update(state, START + week * 7 * DAY_MS)
+    last, span, repeats = START + 28 * DAY_MS, 28 * DAY_MS, 4
+    for silence in (0, 7 * DAY_MS, 30 * DAY_MS):
+        odds = 0.793 / (2.426 + repeats - 1) * ((span + silence) / span) ** (0.243 + repeats)
+        assert gaps.stopped(state, last + silence) == pytest.approx(odds / (1 + odds))
+    due = gaps.due_ms(state)
+    assert due is not None and due > last
+    stopped_before, stopped_at = gaps.stopped(state, due - 1), gaps.stopped(state, due)
+    assert stopped_before is not None and stopped_at is not None
+    assert stopped_before < 0.7 <= stopped_at
+
+
+def test_gaps_lapse_gives_a_longer_record_at_the_same_rhythm_more_benefit_of_the_doubt() -> None:
+    """Subjects who have come back many times rarely stop: at the same weekly rhythm, the one
+    with 30 repeats is judged stopped after a longer silence, in its own gaps, than the one
+    with 3."""
+    gaps = Gaps(min_events=2, lapse=0.5)
+    waits = []
+    for repeats in (3, 30):
+        state = gaps.new_state()
+        for week in range(repeats + 1):
+            gaps.update(state, START + week * 7 * DAY_MS)
+        due = gaps.due_ms(state)
+        assert due is not None
+        waits.append((due - state[1]) / (7 * DAY_MS))
+    assert 1.5 < waits[0] < waits[1] < 5
+
+
+def test_gaps_a_state_kept_without_its_first_burst_falls_back_to_factor() -> None:
+    """States stored before the first burst was kept have three numbers: the factor rule still
+    works on them, the probability of having stopped is unknown until relearned."""
+    old = [5, START + 28 * DAY_MS, math.log(7 * DAY_MS)]
+    assert Gaps(factor=2.0).due_ms(old) == pytest.approx(START + 42 * DAY_MS, abs=1)
+    assert Gaps(lapse=0.6).due_ms(old) is None and Gaps().stopped(old, START) is None
+
+
+@pytest.mark.parametrize("lapse", [0.4, 1.0])
+def test_gaps_lapse_out_of_range_is_refused(lapse: float) -> None:
+    with pytest.raises(ValueError, match=r"lapse must be between 0\.5 and 0\.999"):
+        Gaps(lapse=lapse)
+
+
 # --------------------------------------------------------------------------- real data
 
 MONITORING = (

@@ -173,7 +173,7 @@ class OverdueLeaf(Leaf):
         self.cond = cond
         self.names = (cond.name,)
         self.where = cond.where.matcher()
-        self.gaps = detect.Gaps(cond.factor, cond.min_events)
+        self.gaps = detect.Gaps(cond.factor, cond.min_events, cond.lapse)
 
     def new(self) -> list[Any]:
         return [self.gaps.new_state(), -1]
@@ -198,7 +198,20 @@ class OverdueLeaf(Leaf):
         typical = self.gaps.typical_gap_ms(state)
         gap = None if typical is None else round(typical)
         silent = c.now - last if last >= 0 else None
-        out.update(last_seen=format_time(last) if last >= 0 else None, factor=self.cond.factor)
+        out.update(last_seen=format_time(last) if last >= 0 else None)
+        stopped = self.gaps.stopped(state, c.now)
+        out["stopped"] = None if stopped is None else round(stopped, 4)
+        if self.cond.lapse is not None:
+            due = self.gaps.due_ms(state)
+            out.update(
+                lapse=self.cond.lapse,
+                expected=None if gap is None else dur(int(gap)),
+                observed=None if silent is None else dur(max(0, int(silent))),
+                threshold=None if due is None else dur(max(0, due - int(last))),
+                score=out["stopped"],
+            )
+            return out
+        out["factor"] = self.cond.factor
         if gap is None or silent is None:
             out.update(expected=None, observed=None, score=None)
             return out

@@ -46,6 +46,12 @@ def condition(cond: pb.Condition, scope: str) -> str:
             f"{measured} per {dur(cond.window_ms)} is {way} against {who}'s own normal "
             f"(daily and weekly rhythm included; {cond.sensitivity} sensitivity)"
         )
+    if isinstance(cond, pb.OverdueCond) and cond.lapse is not None:
+        return (
+            f"{who} has probably stopped '{cond.name}'{_where(cond.where)}: the chance, judged "
+            f"from its own rhythm and how long it has been silent, is at least "
+            f"{cond.lapse:.0%} (after {cond.min_events} of them)"
+        )
     if isinstance(cond, pb.OverdueCond):
         return (
             f"{who} has been silent on '{cond.name}'{_where(cond.where)} for longer than "

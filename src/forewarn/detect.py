@@ -223,25 +223,42 @@ class Gaps:
     The typical gap is a geometric mean (a running mean of log gaps, exponentially weighted once
     there are 8 gaps), so one long holiday moves it far less than it moves an arithmetic mean.
     Events within an hour of the previous one are one burst, not a gap.
+
+    Overdue is judged one of two ways. By default, silence longer than `factor` × the typical
+    gap. With `lapse`, when the probability that the subject has stopped reaches `lapse`: the
+    BG/NBD model of repeat behaviour (Fader, Hardie & Lee 2005) with its time scale at zero, so it
+    needs no unit of time: odds(stopped) = a / (b + x − 1) · (T / t)^(r + x), for x repeat
+    bursts, t from the first burst to the last and T from the first burst to now. It weighs the
+    silence against the subject's own rhythm and how sure that rhythm is (more repeats, more
+    sure), and the published population shape (r, a, b from the CDNOW fit) lets frequent
+    subjects, who rarely stop, pause a little longer before they count as stopped.
     """
 
-    __slots__ = ("factor", "min_events")
+    __slots__ = ("_lapse_log_odds", "factor", "lapse", "min_events")
 
-    def __init__(self, factor: float = 2.0, min_events: int = 3) -> None:
+    def __init__(
+        self, factor: float = 2.0, min_events: int = 3, lapse: float | None = None
+    ) -> None:
         if factor <= 0:
             raise ValueError(f"factor must be positive, got {factor}")
         if min_events < 2:
             raise ValueError(f"min_events must be at least 2, got {min_events}")
+        if lapse is not None and not LAPSE_MIN <= lapse <= LAPSE_MAX:
+            raise ValueError(f"lapse must be between {LAPSE_MIN} and {LAPSE_MAX}, got {lapse}")
         self.factor = factor
         self.min_events = min_events
+        self.lapse = lapse
+        self._lapse_log_odds = 0.0 if lapse is None else math.log(lapse / (1.0 - lapse))
 
     def new_state(self) -> list[float]:
-        return [0, 0, 0.0]  # events, last event (ms), mean log gap (log ms)
+        # events (bursts), last burst (ms), mean log gap (log ms), first burst (ms)
+        return [0, 0, 0.0, 0]
 
     def update(self, state: list[float], t_ms: int) -> None:
         events = state[0]
         if events == 0:
             state[0], state[1] = 1, t_ms
+            state[3:] = [t_ms]
             return
         gap = t_ms - state[1]
         if gap < _BURST_MS:
@@ -257,10 +274,45 @@ class Gaps:
             return None
         return math.exp(state[2])
 
+    def stopped(self, state: list[float], now_ms: int) -> float | None:
+        """The probability that the subject has stopped, judged at `now_ms` (None before two
+        bursts)."""
+        span = _span(state)
+        if span is None:
+            return None
+        repeats = state[0] - 1
+        silence = max(0, now_ms - state[1])
+        log_odds = math.log(_A / (_B + repeats - 1)) + (_R + repeats) * math.log1p(silence / span)
+        return 1.0 / (1.0 + math.exp(-log_odds)) if log_odds > -700 else 0.0
+
     def due_ms(self, state: list[float]) -> int | None:
         if state[0] < self.min_events:
             return None
-        return int(state[1] + self.factor * math.exp(state[2]))
+        if self.lapse is None:
+            return int(state[1] + self.factor * math.exp(state[2]))
+        span = _span(state)
+        if span is None:
+            return None
+        # solve stopped(now) = lapse for the silence: (r + x) · log(1 + s / t) = K
+        repeats = state[0] - 1
+        k = self._lapse_log_odds - math.log(_A / (_B + repeats - 1))
+        # K > 0 always: lapse ≥ 0.5 and a / (b + x − 1) < 1; a silence of at least a millisecond
+        silence = span * math.expm1(k / (_R + repeats))
+        return int(state[1] + max(1.0, math.ceil(silence)))
+
+
+def _span(state: list[float]) -> float | None:
+    """Time from the first burst to the last, or None: too few bursts, or a state kept before
+    the first burst was recorded."""
+    if state[0] < 2 or len(state) < 4 or state[1] <= state[3]:
+        return None
+    return state[1] - state[3]
+
+
+# BG/NBD population shape (Fader, Hardie & Lee 2005, CDNOW): r for purchase rates, a and b for
+# the chance of stopping after each purchase. Dimensionless; the time scale alpha is set to 0.
+_R, _A, _B = 0.243, 0.793, 2.426
+LAPSE_MIN, LAPSE_MAX = 0.5, 0.999
 
 
 _BURST_MS = HOUR_MS

@@ -15,7 +15,7 @@ from typing import Any
 
 import yaml
 
-from forewarn import expr
+from forewarn import detect, expr
 from forewarn.errors import PlaybookError, Problem
 
 SCOPES = ("user", "account")
@@ -121,6 +121,7 @@ class OverdueCond:
     where: Where
     factor: float
     min_events: int
+    lapse: float | None = None  # judge by the probability of having stopped instead of factor
 
 
 @dataclass(frozen=True, slots=True)
@@ -567,15 +568,27 @@ def _anomaly(body: yaml.Node, scope: str) -> Condition:
 
 
 def _overdue(body: yaml.Node, scope: str) -> Condition:
-    f = _fields(body, "overdue", ("name",), ("where", "factor", "min_events"))
+    f = _fields(body, "overdue", ("name",), ("where", "factor", "min_events", "lapse"))
     min_events = _count(f["min_events"], "overdue.min_events") if "min_events" in f else 3
     if min_events < 2:
         raise _Invalid(f["min_events"], "overdue.min_events must be at least 2: a gap needs two")
+    if "factor" in f and "lapse" in f:
+        raise _Invalid(
+            f["lapse"],
+            "overdue takes factor (silence against the typical gap) or lapse (the probability "
+            "of having stopped), not both: remove one",
+        )
+    lapse = (
+        _number(f["lapse"], "overdue.lapse", low=detect.LAPSE_MIN, high=detect.LAPSE_MAX)
+        if "lapse" in f
+        else None
+    )
     return OverdueCond(
         _text(f["name"], "overdue.name"),
         _where(f.get("where")),
         _number(f["factor"], "overdue.factor", low=1.0) if "factor" in f else 2.0,
         min_events,
+        lapse,
     )
 
 
