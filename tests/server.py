@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+from aiosmtpd.controller import Controller
 
 ROOT = Path(__file__).resolve().parent.parent
 PLAYBOOKS = ROOT / "examples" / "playbooks"
@@ -26,6 +27,22 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
+
+
+def start_smtp(handler: Any, port: int | None = None, **options: Any) -> Controller:
+    """A real SMTP server (aiosmtpd) on a free local port, started. A free port can be taken by
+    another process between finding it and binding it, so a port taken is tried again with
+    another (only when no port was asked for)."""
+    for _ in range(20):
+        controller = Controller(handler, hostname="127.0.0.1", port=port or free_port(), **options)
+        try:
+            controller.start()
+        except OSError:
+            if port:
+                raise
+            continue
+        return controller
+    raise RuntimeError("no free local port for the SMTP server after 20 tries")
 
 
 @dataclass

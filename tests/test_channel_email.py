@@ -8,7 +8,6 @@ import contextlib
 import datetime
 import email.utils
 import ipaddress
-import socket
 import ssl
 from collections.abc import Iterator
 from email import policy
@@ -18,7 +17,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from aiosmtpd.controller import Controller
 from aiosmtpd.smtp import AuthResult, LoginPassword
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
@@ -27,6 +25,8 @@ from cryptography.x509.oid import NameOID
 
 from forewarn.channel_email import EmailChannel, SmtpServer, message_id
 from forewarn.channels import Bounced, Channel, Failed, Outcome, Outgoing, Retry, Sent
+
+from .server import free_port, start_smtp
 
 HOST = "127.0.0.1"
 NOW_MS = 1_767_571_200_000  # 2026-01-05T00:00:00Z
@@ -69,19 +69,11 @@ class Inbox:
         return "250 2.0.0 queued as 42"
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind((HOST, 0))
-        return int(s.getsockname()[1])
-
-
 @contextlib.contextmanager
 def smtp_server(handler: Inbox, port: int | None = None, **options: Any) -> Iterator[int]:
-    port = port or free_port()
-    controller = Controller(handler, hostname=HOST, port=port, **options)
-    controller.start()
+    controller = start_smtp(handler, port, **options)
     try:
-        yield port
+        yield controller.port
     finally:
         controller.stop()
 

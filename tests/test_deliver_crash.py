@@ -20,14 +20,13 @@ from pathlib import Path
 from typing import Any
 
 import standardwebhooks
-from aiosmtpd.controller import Controller
 
 from forewarn import decide, store_outbox, store_sqlite
 from forewarn.live import LiveEngine
 
 from .factories import HOUR, T0_MS, at, identify, playbook, track
 from .receiver import Answer, receiver
-from .server import free_port
+from .server import start_smtp
 
 SECRET = "whsec_" + base64.b64encode(b"crash-test-secret-32-bytes-long!").decode()
 USERS = 40
@@ -92,8 +91,7 @@ def test_kill_9_of_the_delivery_worker_loses_nothing_and_repeats_little(tmp_path
     db = tmp_path / "forewarn.db"
     assert _decide_everything(db) == CHANNELS * USERS
     mailbox = SlowMailbox()
-    smtp = Controller(mailbox, hostname="127.0.0.1", port=free_port())
-    smtp.start()
+    smtp = start_smtp(mailbox)
     rng = random.Random(11)
     # a slow receiver, so that kills land while a message is in flight
     with receiver(*[Answer(delay_s=0.08) for _ in range(10_000)]) as hooks:

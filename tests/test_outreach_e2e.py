@@ -18,7 +18,6 @@ from typing import Any
 import httpx
 import pytest
 import standardwebhooks
-from aiosmtpd.controller import Controller
 
 from . import server as srv
 from .receiver import receiver
@@ -82,9 +81,8 @@ def world(tmp_path: Path) -> Any:
     (playbooks / "templates" / "quota.txt").write_text(TEXT)
     (playbooks / "templates" / "quota.html").write_text(HTML)
     catch = Catch()
-    smtp_port = srv.free_port()
-    controller = Controller(catch, hostname="127.0.0.1", port=smtp_port)
-    controller.start()
+    controller = srv.start_smtp(catch)
+    smtp_port = controller.port
     with receiver() as hooks:
         port = srv.free_port()
         env = {
