@@ -101,7 +101,9 @@ def start(
     port: int | None = None,
     env: dict[str, str] | None = None,
     playbooks: Path = PLAYBOOKS,
+    wrap: list[str] | None = None,
 ) -> Server:
+    """`wrap` is a command the server runs under (strace, say)."""
     port = port or free_port()
     full_env = {
         **os.environ,
@@ -111,6 +113,7 @@ def start(
     }
     process = subprocess.Popen(
         [
+            *(wrap or []),
             sys.executable,
             "-m",
             "forewarn",
