@@ -14,6 +14,8 @@ import asyncio
 import base64
 import binascii
 import contextlib
+import logging
+import sqlite3
 import time
 import zlib
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -36,6 +38,7 @@ from forewarn.model import parse_time_ms
 from forewarn.server import Engines, Writer
 from forewarn.store_sqlite import Append, Key
 
+log = logging.getLogger("forewarn")
 RECENT_EVENTS = 50  # events in a subject's timeline (from the latest part of the log)
 MAX_BODY_BYTES = 2 * 1024 * 1024  # on the wire, before decompression
 MAX_INFLATED_BYTES = ingest.MAX_ENVELOPE_BYTES + 1024  # the largest body any route takes
@@ -599,6 +602,14 @@ async def _http_error(request: Request, exc: Exception) -> Response:
     return _json({"error": {"code": code, "message": message}}, exc.status_code)
 
 
+async def _store_failure(request: Request, exc: Exception) -> Response:
+    """SQLite failed under a request (a full disk, a lock held too long): the request changed
+    nothing, so it is a 507 or a 503 the client can retry, never a 500."""
+    assert isinstance(exc, sqlite3.Error)
+    log.warning("%s %s: the store failed: %s", request.method, request.url.path, exc)
+    return await _forewarn_error(request, store_sqlite.unavailable(exc))
+
+
 async def _server_error(request: Request, exc: Exception) -> Response:
     return _json(
         {"error": {"code": "internal", "message": "an internal error: it is logged; retry"}}, 500
@@ -623,6 +634,7 @@ def build(app: Forewarn) -> Starlette:
         exception_handlers={
             ForewarnError: _forewarn_error,
             HTTPException: _http_error,
+            sqlite3.Error: _store_failure,
             Exception: _server_error,
         },
     )

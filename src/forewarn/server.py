@@ -40,11 +40,6 @@ CHECKPOINT_EVERY_S = 0.25
 MIN_STEP_MS = 10.0  # the engine steps at most this often: under load, steps gather commits
 
 
-class DiskFullError(ForewarnError):
-    status = 507
-    code = "storage_full"
-
-
 @dataclass
 class _Job:
     append: Append
@@ -132,7 +127,7 @@ class Writer:
             with self.write_lock:
                 results = store_sqlite.append_batches(conn, [j.append for j in jobs], self.seen)
         except sqlite3.Error as exc:
-            error = _store_error(exc)
+            error = store_sqlite.unavailable(exc)
             log.error("could not commit %d requests: %s", len(jobs), exc)
             for j in jobs:
                 j.loop.call_soon_threadsafe(_fail, j.future, error)
@@ -149,13 +144,6 @@ class Writer:
                 )
         if self.on_commit is not None:
             self.on_commit(handed)
-
-
-def _store_error(exc: sqlite3.Error) -> ForewarnError:
-    text = str(exc)
-    if "full" in text or getattr(exc, "sqlite_errorcode", None) == 13:  # SQLITE_FULL
-        return DiskFullError("the disk is full: nothing was stored; retry when space is freed")
-    return StoreError(f"the database is unavailable ({text}); nothing was stored, retry")
 
 
 def _resolve(future: asyncio.Future[Appended], result: Appended) -> None:

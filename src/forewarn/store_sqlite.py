@@ -253,6 +253,21 @@ class StoreError(ForewarnError):
     code = "unavailable"
 
 
+class StoreFullError(StoreError):
+    """The disk under the database is full."""
+
+    status = 507
+    code = "storage_full"
+
+
+def unavailable(exc: sqlite3.Error) -> StoreError:
+    """What to tell a client whose write or read failed in SQLite: nothing of it was stored."""
+    text = str(exc)
+    if "full" in text or getattr(exc, "sqlite_errorcode", None) == sqlite3.SQLITE_FULL:
+        return StoreFullError("the disk is full: nothing was stored; retry when space is freed")
+    return StoreError(f"the database is unavailable ({text}); nothing was stored, retry")
+
+
 NO_CHECKPOINT = 100_000  # pages: a connection that leaves checkpoints to the checkpointer
 
 
