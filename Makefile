@@ -3,7 +3,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: run test check bench clean browser
+.PHONY: run test check bench soak clean browser
 
 $(STAMP): pyproject.toml
 	python3 -m venv $(VENV)
@@ -46,6 +46,10 @@ bench: $(STAMP)
 	$(PY) bench/ingest.py
 	$(PY) bench/outreach.py
 	$(PY) bench/widget.py
+
+# 10 minutes of steady ingest against a real server: errors, memory and latency over time
+soak: $(STAMP)
+	$(PY) bench/soak.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache
