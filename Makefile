@@ -19,10 +19,7 @@ ADMIN_KEY ?= fw_ak_local-admin-key-change-me
 run: $(STAMP)
 	$(VENV)/bin/forewarn check examples/playbooks | tail -n 1
 	$(VENV)/bin/forewarn replay $(EXAMPLE) --format table
-	@echo "write key (Segment Basic-auth user, PostHog api_key, Sentry DSN key): $(WRITE_KEY)"
-	@echo "admin key (Authorization: Bearer ... on /api/v1): $(ADMIN_KEY)"
-	@echo "demo app with the widget: http://127.0.0.1:8750/demo/"
-	env FOREWARN_WRITE_KEY=$(WRITE_KEY) FOREWARN_ADMIN_KEY=$(ADMIN_KEY) FOREWARN_KB=examples/kb $(VENV)/bin/forewarn serve --db forewarn.db --playbooks examples/playbooks
+	env FOREWARN_WRITE_KEY=$(WRITE_KEY) FOREWARN_ADMIN_KEY=$(ADMIN_KEY) $(VENV)/bin/forewarn demo --dir forewarn-demo
 
 test: $(STAMP) browser
 	$(PY) -m pytest -q

@@ -780,7 +780,36 @@ def build_parser() -> argparse.ArgumentParser:
         "is a whole number of 0 or more",
     )
     detect.set_defaults(run=_detect)
+
+    demo = commands.add_parser(
+        "demo",
+        help="run the guided demo: server, SMTP sink and a simulated product feeding it",
+        description="Start `forewarn serve` with the example playbooks, an SMTP sink keeping "
+        "each email as a file, and the simulated product sending it live traffic; print the "
+        "URLs, and run until Ctrl-C.",
+    )
+    demo.add_argument("--dir", default="forewarn-demo", help="the demo's database, mail, logs")
+    demo.add_argument("--host", default=_env("HOST"))
+    demo.add_argument("--port", type=int, default=_env("PORT"))
+    demo.add_argument("--accounts", type=int, default=2000, help="accounts in the product")
+    demo.add_argument("--seed", type=int, default=1)
+    demo.add_argument("--effect", type=float, default=0.5, help="the true effect of outreach")
+    demo.add_argument("--playbooks", help="default: the examples (examples/playbooks)")
+    demo.add_argument("--for", dest="duration", type=float, help="stop after this many seconds")
+    demo.set_defaults(run=_demo)
     return parser
+
+
+def _demo(args: argparse.Namespace) -> int:
+    from forewarn import demo
+
+    if args.accounts < 1 or not 0.0 <= args.effect <= 1.0:
+        raise InputError("--accounts must be 1 or more, --effect between 0 and 1")
+    options = demo.Options(Path(args.dir), args.host, args.port, args.accounts, args.seed)
+    options.effect, options.duration_s = args.effect, args.duration
+    if args.playbooks:
+        options.playbooks = Path(args.playbooks)
+    return demo.run(options)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
