@@ -7,7 +7,9 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import httpx
 
@@ -16,7 +18,7 @@ from forewarn.demo import ADMIN_KEY
 from .server import free_port
 
 
-def wait_for(check, timeout_s: float):  # type: ignore[no-untyped-def]
+def wait_for(check: Callable[[], Any], timeout_s: float) -> Any:
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         value = check()
