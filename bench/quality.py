@@ -7,7 +7,9 @@
    sensitivity, the fixed `spike` rule (count ≥ 5 × the mean of the previous 7 days and ≥ a
    minimum, rising edge), an EWMA mean/variance z-score, a Poisson tail probability on an EW mean,
    and the detector without its seasonal profile.
-2. Online Retail (../shared/datasets/onlineretail): at the end of the calibration period
+2. Simulated worlds (bench/detection.py): each example trigger's precision and recall against
+   the simulator's ground truth, and the delay from a problem's onset to the outreach.
+3. Online Retail (../shared/datasets/onlineretail): at the end of the calibration period
    (2011-09-01), predict "no purchase in the holdout" with `overdue` (forewarn.detect.Gaps) and a
    `drop`-like rule, beside the simple inactivity baselines of baseline_trigger_eval.csv.
 
@@ -35,6 +37,9 @@ from typing import Any
 import msgspec
 
 from forewarn.detect import DAY_MS, Detector, Gaps
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import detection
 
 DATASETS = Path(__file__).resolve().parents[2] / "shared" / "datasets"
 MONITORING = DATASETS / "ms-cloud-monitoring" / "data"
@@ -583,6 +588,7 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     started = time.perf_counter()
     out: dict[str, Any] = {"monitoring": monitoring(args.quick)}
+    out["simulated"] = detection.measure(*((200, 40) if args.quick else (2000, 45)), seed=1)
     if not args.quick:
         out["retail"] = retail()
     out["cost"] = cost()

@@ -13,7 +13,7 @@ reached, for its true effect. Edge (network, clock).
 from __future__ import annotations
 
 import threading
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from datetime import datetime
 from typing import Any
 
@@ -31,7 +31,13 @@ from forewarn.simulate import Truth
 class EngineReach:
     """The playbooks and the policy, in-process, fed each message of the world in time order."""
 
-    def __init__(self, triggers: list[Trigger], policy: decide.Policy) -> None:
+    def __init__(
+        self,
+        triggers: list[Trigger],
+        policy: decide.Policy,
+        watch: Callable[[engine.Firing], None] | None = None,
+    ) -> None:
+        self.watch = watch  # given every firing once decided, whatever the decision
         keep = (POLICY_TRAITS, POLICY_TRAITS)
         self.runner = Runner(engine.State(engine.Playbook(triggers, keep=keep)), lateness_ms=0)
         self.outreach = Outreach(self.runner.state, triggers, policy)
@@ -39,6 +45,8 @@ class EngineReach:
         self.sent: dict[str, list[int]] = {}  # subject -> when messages to it were due
 
     def _decided(self, firing: engine.Firing) -> None:
+        if self.watch is not None:
+            self.watch(firing)
         if firing.decision == decide.SEND:
             due = firing.send_at_ms if firing.send_at_ms is not None else firing.at_ms
             self.sent.setdefault(firing.subject, []).append(due)
@@ -54,6 +62,12 @@ class EngineReach:
         self.holding.release(until_ms - self.outreach.policy.priority_window_ms)
         times = [t for t in self.sent.get(truth.subject, ()) if truth.onset_ms <= t < until_ms]
         return min(times) if times else None
+
+    def finish(self, until_ms: int) -> None:
+        """The world has ended: run the timers due by `until_ms` and pass every firing on."""
+        for firing in self.runner.finish(until_ms):
+            self.holding(firing)
+        self.holding.release()
 
 
 class Sender:
