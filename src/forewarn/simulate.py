@@ -106,6 +106,23 @@ class World:
     due: dict[str, tuple[Truth, float]] = field(default_factory=dict)
 
 
+_DAYS: dict[int, str] = {}
+
+
+def stamp(ms: int) -> str:
+    """`model.format_time`, a few times faster: the date part is made once per day."""
+    day, rest = divmod(ms, DAY_MS)
+    prefix = _DAYS.get(day)
+    if prefix is None:
+        prefix = _DAYS[day] = format_time(day * DAY_MS)[:11]
+    seconds, milli = divmod(rest, 1000)
+    minutes, sec = divmod(seconds, 60)
+    hour, minute = divmod(minutes, 60)
+    if milli:
+        return f"{prefix}{hour:02d}:{minute:02d}:{sec:02d}.{milli:03d}Z"
+    return f"{prefix}{hour:02d}:{minute:02d}:{sec:02d}Z"
+
+
 def activity(hour_of_week: int) -> float:
     """Relative activity by hour of the week (Monday 00:00 = 0): busy weekday working hours,
     quiet nights, quieter weekends."""
@@ -142,7 +159,7 @@ def _stream(world: World, accounts: list[_Account], reach: Reach) -> Iterator[di
         for i, account in enumerate(accounts):
             for t, seq, message in account.until(hour, until):
                 batch.append((t, i, seq, message))
-        batch.sort(key=lambda item: (item[0], item[1], item[2]))
+        batch.sort()  # (time, account, seq) never tie: the messages are not compared
         for t, _, _, message in batch:
             pending = due.pop(message["messageId"], None) if due else None
             if pending is not None and not _settle(world, reach, *pending, t):
@@ -275,7 +292,7 @@ class _Account:
 
     def emit(self, t: int, message: dict[str, Any]) -> tuple[int, int, dict[str, Any]]:
         self.seq += 1
-        message["timestamp"] = format_time(t)
+        message["timestamp"] = stamp(t)
         message["messageId"] = f"sim-{self.world.seed}-{self.name}-{self.seq}"
         item = (t, self.seq, message)
         self.pending.append(item)
@@ -376,6 +393,6 @@ class _Account:
 
     def _make(self, t: int, message: dict[str, Any]) -> tuple[int, int, dict[str, Any]]:
         self.seq += 1
-        message["timestamp"] = format_time(t)
+        message["timestamp"] = stamp(t)
         message["messageId"] = f"sim-{self.world.seed}-{self.name}-{self.seq}"
         return (t, self.seq, message)
