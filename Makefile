@@ -38,11 +38,10 @@ check: $(STAMP)
 	$(VENV)/bin/mypy
 	$(PY) -m pytest -q tests/test_layers.py
 
+# every benchmark (about an hour on 2 cores, most of it the 100k-account backtest); JSON and a
+# summary in bench/results/ (not committed). BENCH_ARGS=--quick for a smoke run of a few minutes.
 bench: $(STAMP)
-	$(PY) bench/engine.py
-	$(PY) bench/ingest.py
-	$(PY) bench/outreach.py
-	$(PY) bench/widget.py
+	$(PY) bench/run_all.py $(BENCH_ARGS)
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

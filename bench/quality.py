@@ -582,13 +582,17 @@ def detect_cli_cost(rows: int = 1_000_000) -> dict[str, Any]:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="a smoke run on a subset")
+    parser.add_argument(
+        "--no-simulated", action="store_true", help="skip the simulated world (bench/detection.py)"
+    )
     args = parser.parse_args(argv)
     if not DATASETS.is_dir():
         print(json.dumps({"error": f"datasets not found: {DATASETS}"}))
         return 1
     started = time.perf_counter()
     out: dict[str, Any] = {"monitoring": monitoring(args.quick)}
-    out["simulated"] = detection.measure(*((200, 40) if args.quick else (2000, 45)), seed=1)
+    if not args.no_simulated:
+        out["simulated"] = detection.measure(*((200, 40) if args.quick else (2000, 45)), seed=1)
     if not args.quick:
         out["retail"] = retail()
     out["cost"] = cost()
