@@ -10,8 +10,8 @@ HORIZON before it. Per trigger:
 - `precision`: true-positive firings / firings;
 - `recall`: problems of the kind caught by at least one such firing / problems of the kind
   (all of them, including those too early in the world for the trigger's baseline to exist:
-  `recall_eligible` counts only problems the trigger could have caught within the horizon, the
-  world having run long enough by then for its baseline);
+  `recall_eligible` counts only problems that start once the world has run long enough for
+  the trigger's baseline);
 - `delay_to_firing_s` / `delay_to_outreach_s`: the median time from a caught problem's onset to
   its first firing, and to the first message decided `send` (its send time: the priority window
   and quiet hours included), with the 90th percentile beside it.
@@ -107,7 +107,7 @@ def measure(accounts: int, days: int, seed: int) -> dict[str, Any]:
                 caught[id(p)] = (min(first, f.at_ms), sent)
         of_kind = [p for p in world.truth if p.kind == kind]
         need = history_needed_ms(t)
-        eligible = [p for p in of_kind if p.onset_ms + horizon - START_MS >= need]
+        eligible = [p for p in of_kind if p.onset_ms - START_MS >= need]
         onset = {id(p): p.onset_ms for p in of_kind}
         to_firing = [(first - onset[k]) / 1000 for k, (first, _) in caught.items()]
         to_send = [(sent - onset[k]) / 1000 for k, (_, sent) in caught.items() if sent]
