@@ -121,9 +121,8 @@ def _n(value: Any, unit: str = "") -> str:
 
 
 def _ratio(a: Any, b: Any) -> str:
-    return (
-        f"{a / b:.2f}" if isinstance(a, int | float) and isinstance(b, int | float) and b else "—"
-    )
+    numbers = isinstance(a, int | float) and isinstance(b, int | float)
+    return f"{a / b:.3g}" if numbers and b else "—"
 
 
 def summary(results: dict[str, dict[str, Any]], meta: dict[str, Any]) -> str:
