@@ -163,3 +163,43 @@ def test_without_effect_outreach_changes_nothing():
 
 def outreach_triggers() -> list[Trigger]:
     return parse_playbooks([("outreach.yaml", OUTREACH)])
+
+
+def test_against_a_live_server_the_world_learns_whom_it_reached(tmp_path):
+    """In real time, with the server's own decisions: every problem its outreach reached before
+    the would-be ticket loses the ticket when the effect is total, and only those."""
+    from itertools import takewhile
+
+    from forewarn import clock
+    from forewarn.simulate_outreach import Sender, ServerReach, send
+
+    from . import server as srv
+
+    playbook = OUTREACH.replace("holdout: 0.5", "holdout: 0.0")
+    env = {"FOREWARN_QUIET_HOURS": "off", "FOREWARN_PRIORITY_WINDOW": "0"}
+    live = srv.serve_playbook(tmp_path, playbook, env)
+    try:
+        sender = Sender(live.url, srv.WRITE_KEY)
+        reach = ServerReach(live.url, srv.ADMIN_KEY, sender, lag_s=0.2)
+        w, messages = simulate.generate(
+            40,
+            1,
+            5,  # a seed with four would-be tickets for the playbook's problems
+            clock.now_ms(),
+            effect=1.0,
+            reach=reach,
+            onsets_within_ms=1_000,
+            ticket_delay_ms=(2_000, 3_000),
+        )
+        watched = [t for t in w.truth if t.kind in ("payment_failed", "storage_limit")]
+        due = [t.would_ticket_ms for t in watched if t.would_ticket_ms is not None]
+        assert due, "the seed gives no would-be ticket to watch"
+        last = simulate.stamp(max(due))
+        send(takewhile(lambda m: m["timestamp"] <= last, messages), sender, realtime=True)
+        sent = {f["subject"] for f in live.firings() if f["decision"] == "send"}
+    finally:
+        srv.stop(live)
+    for t in watched:
+        if t.would_ticket_ms is not None:
+            assert t.subject in sent, t
+            assert t.reached_ms is not None and t.ticket_ms is None, t  # prevented
