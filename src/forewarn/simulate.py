@@ -107,20 +107,21 @@ class World:
 
 
 _DAYS: dict[int, str] = {}
+_CLOCK: list[str] = []  # "HH:MM:SS" for each second of a day, made on first use
+_MILLIS = ["Z"] + [f".{ms:03d}Z" for ms in range(1, 1000)]
 
 
 def stamp(ms: int) -> str:
-    """`model.format_time`, a few times faster: the date part is made once per day."""
+    """`model.format_time`, several times faster: the date once per day, the time of day and
+    the milliseconds from tables."""
     day, rest = divmod(ms, DAY_MS)
     prefix = _DAYS.get(day)
     if prefix is None:
         prefix = _DAYS[day] = format_time(day * DAY_MS)[:11]
-    seconds, milli = divmod(rest, 1000)
-    minutes, sec = divmod(seconds, 60)
-    hour, minute = divmod(minutes, 60)
-    if milli:
-        return f"{prefix}{hour:02d}:{minute:02d}:{sec:02d}.{milli:03d}Z"
-    return f"{prefix}{hour:02d}:{minute:02d}:{sec:02d}Z"
+    if not _CLOCK:
+        _CLOCK.extend(f"{s // 3600:02d}:{s // 60 % 60:02d}:{s % 60:02d}" for s in range(86_400))
+    second, milli = divmod(rest, 1000)
+    return prefix + _CLOCK[second] + _MILLIS[milli]
 
 
 def activity(hour_of_week: int) -> float:
@@ -153,6 +154,7 @@ def generate(
 
 def _stream(world: World, accounts: list[_Account], reach: Reach) -> Iterator[dict[str, Any]]:
     due = world.due
+    saw = None if reach is NO_REACH else reach.saw
     for hour in range(-1, world.days * 24 + 3 * 24):  # -1: what comes before the first hour
         until = world.start_ms + (hour + 1) * HOUR_MS
         batch: list[tuple[int, int, int, dict[str, Any]]] = []
@@ -164,7 +166,8 @@ def _stream(world: World, accounts: list[_Account], reach: Reach) -> Iterator[di
             pending = due.pop(message["messageId"], None) if due else None
             if pending is not None and not _settle(world, reach, *pending, t):
                 continue  # outreach prevented this ticket
-            reach.saw(message)
+            if saw is not None:
+                saw(message)
             yield message
 
 
@@ -187,6 +190,8 @@ class _Account:
     def __init__(self, world: World, index: int, rng: random.Random) -> None:
         self.world, self.rng = world, rng
         self.name = f"acct-{index:06d}"
+        self.ids = f"sim-{world.seed}-{self.name}-"  # + seq: each message's id
+        self.hours = world.days * 24
         self.seq = 0
         self.start, self.end = world.start_ms, world.start_ms + world.days * DAY_MS
         start = self.start
@@ -293,7 +298,7 @@ class _Account:
     def emit(self, t: int, message: dict[str, Any]) -> tuple[int, int, dict[str, Any]]:
         self.seq += 1
         message["timestamp"] = stamp(t)
-        message["messageId"] = f"sim-{self.world.seed}-{self.name}-{self.seq}"
+        message["messageId"] = f"{self.ids}{self.seq}"
         item = (t, self.seq, message)
         self.pending.append(item)
         return item
@@ -335,64 +340,78 @@ class _Account:
             out.append(pending[self.next])
             self.next += 1
         later = self.later
-        if 0 <= hour < self.world.days * 24:
-            for item in self._hour(hour):
-                heapq.heappush(later, item)
-        while later and later[0][0] < until_ms:  # (a feature used a minute after the hour)
+        while later and later[0][0] < until_ms:
             out.append(heapq.heappop(later))
+        if 0 <= hour < self.hours:
+            for item in self._hour(hour):
+                if item[0] < until_ms:
+                    out.append(item)
+                else:  # (a feature used a minute after the hour)
+                    heapq.heappush(later, item)
         return out
 
     def _hour(self, hour: int) -> list[tuple[int, int, dict[str, Any]]]:
         rng = self.rng
+        random = rng.random
         t0 = self.start + hour * HOUR_MS
         level = activity((t0 // HOUR_MS + 72) % 168)  # the epoch was a Thursday
         if self.decay_at is not None and t0 > self.decay_at:
             level *= max(0.0, 1.0 - (t0 - self.decay_at) / (14 * DAY_MS))
-        out = []
+        chance = self.rate * level
+        out: list[tuple[int, int, dict[str, Any]]] = []
+        name = self.name
+        ids = self.ids
         for user in self.users:
-            if rng.random() < self.rate * level:
+            if random() < chance:
                 t = t0 + rng.randrange(HOUR_MS)
+                seq = self.seq
                 out.append(
-                    self._make(
+                    (
                         t,
+                        seq + 1,
                         {
                             "type": "track",
                             "event": "Login",
                             "userId": user,
                             "properties": {},
-                            "context": {"groupId": self.name},
+                            "context": {"groupId": name},
+                            "timestamp": stamp(t),
+                            "messageId": f"{ids}{seq + 1}",
                         },
                     )
                 )
                 out.append(
-                    self._make(
+                    (
                         t + 1000,
+                        seq + 2,
                         {
                             "type": "page",
                             "userId": user,
                             "name": "Dashboard",
                             "properties": {"path": "/dashboard"},
+                            "timestamp": stamp(t + 1000),
+                            "messageId": f"{ids}{seq + 2}",
                         },
                     )
                 )
-                if rng.random() < 0.5:
+                seq += 2
+                if random() < 0.5:
                     feature = rng.choice(FEATURES)
+                    seq += 1
                     out.append(
-                        self._make(
+                        (
                             t + 60_000,
+                            seq,
                             {
                                 "type": "track",
                                 "event": "Feature Used",
                                 "userId": user,
                                 "properties": {"feature": feature},
-                                "context": {"groupId": self.name},
+                                "context": {"groupId": name},
+                                "timestamp": stamp(t + 60_000),
+                                "messageId": f"{ids}{seq}",
                             },
                         )
                     )
+                self.seq = seq
         return out
-
-    def _make(self, t: int, message: dict[str, Any]) -> tuple[int, int, dict[str, Any]]:
-        self.seq += 1
-        message["timestamp"] = stamp(t)
-        message["messageId"] = f"sim-{self.world.seed}-{self.name}-{self.seq}"
-        return (t, self.seq, message)
