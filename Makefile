@@ -38,7 +38,7 @@ check: $(STAMP)
 	$(VENV)/bin/mypy
 	$(PY) -m pytest -q tests/test_layers.py
 
-# every benchmark (about an hour on 2 cores, most of it the 100k-account backtest); JSON and a
+# every benchmark (about an hour and a half on 2 cores, most of it the 100k-account backtest); JSON and a
 # summary in bench/results/ (not committed). BENCH_ARGS=--quick for a smoke run of a few minutes.
 bench: $(STAMP)
 	$(PY) bench/run_all.py $(BENCH_ARGS)
