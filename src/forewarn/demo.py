@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import IO, Any
 
 import httpx
+import msgspec
 
 from forewarn import clock, simulate, simulate_outreach
 from forewarn.errors import InputError
@@ -144,6 +145,7 @@ def run(options: Options, out: IO[str] = sys.stdout) -> int:
         pass
     finally:
         stop.set()
+        stopped = clock.now_ms()
         if feeder is not None:
             feeder.join(timeout=15)
         signal.signal(signal.SIGTERM, previous)
@@ -159,10 +161,16 @@ def run(options: Options, out: IO[str] = sys.stdout) -> int:
     if "error" in result:
         print(f"the simulator stopped: {result['error']}", file=sys.stderr)
     world, sender = result.get("world"), result.get("sender")
-    problems = len(world.truth) if world is not None else 0
+    truth = world.truth if world is not None else []
+    with open(folder / "truth.jsonl", "wb") as f:  # the ground truth, as `simulate` writes it
+        for t in truth:
+            f.write(msgspec.json.encode(t.__dict__) + b"\n")
+    settled = [t for t in truth if t.would_ticket_ms is not None and t.would_ticket_ms < stopped]
+    prevented = sum(1 for t in settled if t.ticket_ms is None)
     print(
-        f"demo stopped: {sender.count if sender else 0} events sent, {problems} problems, "
-        f"{sink.count} emails in {maildir}",
+        f"demo stopped: {sender.count if sender else 0} events sent, {len(truth)} problems, "
+        f"{len(settled) - prevented} tickets, {prevented} prevented by outreach; "
+        f"{sink.count} emails in {maildir}; the ground truth in {folder / 'truth.jsonl'}",
         file=out,
         flush=True,
     )
