@@ -19,10 +19,7 @@ ADMIN_KEY ?= fw_ak_local-admin-key-change-me
 run: $(STAMP)
 	$(VENV)/bin/forewarn check examples/playbooks | tail -n 1
 	$(VENV)/bin/forewarn replay $(EXAMPLE) --format table
-	@echo "write key (Segment Basic-auth user, PostHog api_key, Sentry DSN key): $(WRITE_KEY)"
-	@echo "admin key (Authorization: Bearer ... on /api/v1): $(ADMIN_KEY)"
-	@echo "demo app with the widget: http://127.0.0.1:8750/demo/"
-	env FOREWARN_WRITE_KEY=$(WRITE_KEY) FOREWARN_ADMIN_KEY=$(ADMIN_KEY) FOREWARN_KB=examples/kb $(VENV)/bin/forewarn serve --db forewarn.db --playbooks examples/playbooks
+	env FOREWARN_WRITE_KEY=$(WRITE_KEY) FOREWARN_ADMIN_KEY=$(ADMIN_KEY) $(VENV)/bin/forewarn demo --dir forewarn-demo
 
 test: $(STAMP) browser
 	$(PY) -m pytest -q
@@ -41,11 +38,10 @@ check: $(STAMP)
 	$(VENV)/bin/mypy
 	$(PY) -m pytest -q tests/test_layers.py
 
+# every benchmark (about an hour and a half on 2 cores, most of it the 100k-account backtest); JSON and a
+# summary in bench/results/ (not committed). BENCH_ARGS=--quick for a smoke run of a few minutes.
 bench: $(STAMP)
-	$(PY) bench/engine.py
-	$(PY) bench/ingest.py
-	$(PY) bench/outreach.py
-	$(PY) bench/widget.py
+	$(PY) bench/run_all.py $(BENCH_ARGS)
 
 # 10 minutes of steady ingest against a real server: errors, memory and latency over time
 soak: $(STAMP)

@@ -7,6 +7,9 @@ Two runs against one server each:
   measured as a client sending at that rate sees it, not inflated by the generator waiting;
 - `max`: as fast as the server answers, on `--connections` connections (closed loop).
 
+and, as the physical reference on the same server and connections, `noop`: `GET /healthz`
+(routing and the HTTP stack, no parsing, no storage) as fast as it answers.
+
 Each batch carries one `Payment Failed` for an account of its own, so each batch makes one
 firing; event→firing latency is when the firing was recorded minus when its event was received.
 """
@@ -159,7 +162,10 @@ async def _generate(
 
 
 def _generator(port: int, count: int, run: str, rate: float | None, conns: int, out: Any) -> None:
-    reqs = [_request(port, b) for b in bodies(count, run)]
+    if run == "noop":
+        reqs = [f"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n\r\n".encode()] * count
+    else:
+        reqs = [_request(port, b) for b in bodies(count, run)]
     out.put(asyncio.run(_generate(port, reqs, rate, conns)))
 
 
@@ -234,8 +240,11 @@ def run(seconds: float, rate: float, connections: int) -> dict[str, Any]:
             for name, load_rate, conns in (
                 ("at_rate", rate, connections),
                 ("max", None, connections),
+                ("noop", None, connections),
             ):
                 count = int((load_rate or rate * 2) * seconds / BATCH)
+                if name == "noop":
+                    count *= 5  # each is much cheaper: run about as long
                 out = ctx.Queue()
                 gen = ctx.Process(
                     target=_generator, args=(port, count, name, load_rate, conns, out)
@@ -244,7 +253,12 @@ def run(seconds: float, rate: float, connections: int) -> dict[str, Any]:
                 result = out.get()
                 gen.join()
                 result["target_events_per_s"] = load_rate
-                result.update(_firing_latency(db, name, result.pop("sent_ms")))
+                sent_ms = result.pop("sent_ms")
+                if name == "noop":  # no events: requests answered per second
+                    result["requests_per_s"] = round(result["acknowledged_events_per_s"] / BATCH)
+                    del result["acknowledged_events_per_s"]
+                else:
+                    result.update(_firing_latency(db, name, sent_ms))
                 results[name] = result
         finally:
             server.terminate()

@@ -7,7 +7,9 @@
    sensitivity, the fixed `spike` rule (count ≥ 5 × the mean of the previous 7 days and ≥ a
    minimum, rising edge), an EWMA mean/variance z-score, a Poisson tail probability on an EW mean,
    and the detector without its seasonal profile.
-2. Online Retail (../shared/datasets/onlineretail): at the end of the calibration period
+2. Simulated worlds (bench/detection.py): each example trigger's precision and recall against
+   the simulator's ground truth, and the delay from a problem's onset to the outreach.
+3. Online Retail (../shared/datasets/onlineretail): at the end of the calibration period
    (2011-09-01), predict "no purchase in the holdout" with `overdue` (forewarn.detect.Gaps) and a
    `drop`-like rule, beside the simple inactivity baselines of baseline_trigger_eval.csv.
 
@@ -35,6 +37,9 @@ from typing import Any
 import msgspec
 
 from forewarn.detect import DAY_MS, Detector, Gaps
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import detection
 
 DATASETS = Path(__file__).resolve().parents[2] / "shared" / "datasets"
 MONITORING = DATASETS / "ms-cloud-monitoring" / "data"
@@ -593,12 +598,17 @@ def detect_cli_cost(rows: int = 1_000_000) -> dict[str, Any]:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="a smoke run on a subset")
+    parser.add_argument(
+        "--no-simulated", action="store_true", help="skip the simulated world (bench/detection.py)"
+    )
     args = parser.parse_args(argv)
     if not DATASETS.is_dir():
         print(json.dumps({"error": f"datasets not found: {DATASETS}"}))
         return 1
     started = time.perf_counter()
     out: dict[str, Any] = {"monitoring": monitoring(args.quick)}
+    if not args.no_simulated:
+        out["simulated"] = detection.measure(*((200, 40) if args.quick else (2000, 45)), seed=1)
     if not args.quick:
         out["retail"] = retail()
     out["cost"] = cost()

@@ -368,26 +368,53 @@ def _plan(args: argparse.Namespace) -> int:
 def _simulate(args: argparse.Namespace) -> int:
     import gzip
 
-    from forewarn import simulate
+    from forewarn import clock, simulate, simulate_outreach
 
     if args.accounts < 1 or args.days < 1:
         raise InputError("--accounts and --days must be 1 or more")
-    start = _until(args.start) if args.start else 1_767_225_600_000  # 2026-01-01T00:00:00Z
-    assert start is not None
-    world, messages = simulate.generate(args.accounts, args.days, args.seed, start)
+    if not 0.0 <= args.effect <= 1.0:
+        raise InputError(f"--effect {args.effect} must be between 0 and 1 (0.5 halves tickets)")
     if (args.out is None) == (args.to is None):
         raise InputError("give --out FILE to write the events, or --to URL to send them")
+    default_start = clock.now_ms() if args.realtime else 1_767_225_600_000  # 2026-01-01
+    start = _until(args.start) if args.start else default_start
+    assert start is not None
+    reach: simulate.Reach = simulate.NO_REACH
     if args.to is not None:
         key = args.write_key or _env("WRITE_KEY")
         if not key:
             raise InputError("--to needs the server's write key: --write-key or FOREWARN_WRITE_KEY")
-        sent = simulate.send(messages, args.to, key)
+        sender = simulate_outreach.Sender(args.to, key)
+        if args.effect > 0:
+            admin = args.admin_key or _env("ADMIN_KEY")
+            if not admin or not args.realtime:
+                raise InputError(
+                    "--effect with --to learns from the server who was reached: it needs "
+                    "--realtime (its firings are stamped with its clock) and the admin key "
+                    "(--admin-key or FOREWARN_ADMIN_KEY)"
+                )
+            reach = simulate_outreach.ServerReach(args.to, admin, sender)
+        world, messages = simulate.generate(
+            args.accounts, args.days, args.seed, start, args.effect, reach
+        )
+        sent = simulate_outreach.send(messages, sender, realtime=args.realtime)
         truth_file = _write_truth(world, Path(args.truth or "simulated.truth.jsonl"))
         print(
             f"sent {sent} events to {args.to}; {len(world.truth)} problems in {truth_file}",
             file=sys.stderr,
         )
         return 0
+    if args.effect > 0:
+        if not args.playbooks:
+            raise InputError(
+                "--effect with --out needs --playbooks: the outreach that lowers tickets is what "
+                "those playbooks and the policy would send over the simulated events"
+            )
+        triggers = load_playbooks(args.playbooks)
+        reach = simulate_outreach.EngineReach(triggers, policy_settings())
+    world, messages = simulate.generate(
+        args.accounts, args.days, args.seed, start, args.effect, reach
+    )
     out = Path(args.out)
     opener = gzip.open if out.suffix == ".gz" else open
     encode = msgspec.json.Encoder().encode
@@ -711,6 +738,22 @@ def build_parser() -> argparse.ArgumentParser:
     simulate.add_argument("--to", help="or send them to this server, e.g. http://127.0.0.1:8750")
     simulate.add_argument("--write-key", help="with --to: the server's write key")
     simulate.add_argument("--truth", help="the ground truth, JSONL (default: OUT.truth.jsonl)")
+    simulate.add_argument(
+        "--effect",
+        type=float,
+        default=0.0,
+        help="the true effect of outreach in time: it multiplies a ticket's probability by "
+        "1 - EFFECT (default 0: outreach changes nothing)",
+    )
+    simulate.add_argument(
+        "--playbooks", help="with --out and --effect: the playbooks whose outreach counts"
+    )
+    simulate.add_argument(
+        "--realtime",
+        action="store_true",
+        help="with --to: start now and send each event when its time comes",
+    )
+    simulate.add_argument("--admin-key", help="with --to and --effect: the server's admin key")
     simulate.set_defaults(run=_simulate)
 
     detect = commands.add_parser(
@@ -737,7 +780,36 @@ def build_parser() -> argparse.ArgumentParser:
         "is a whole number of 0 or more",
     )
     detect.set_defaults(run=_detect)
+
+    demo = commands.add_parser(
+        "demo",
+        help="run the guided demo: server, SMTP sink and a simulated product feeding it",
+        description="Start `forewarn serve` with the example playbooks, an SMTP sink keeping "
+        "each email as a file, and the simulated product sending it live traffic; print the "
+        "URLs, and run until Ctrl-C.",
+    )
+    demo.add_argument("--dir", default="forewarn-demo", help="the demo's database, mail, logs")
+    demo.add_argument("--host", default=_env("HOST"))
+    demo.add_argument("--port", type=int, default=_env("PORT"))
+    demo.add_argument("--accounts", type=int, default=2000, help="accounts in the product")
+    demo.add_argument("--seed", type=int, default=1)
+    demo.add_argument("--effect", type=float, default=0.5, help="the true effect of outreach")
+    demo.add_argument("--playbooks", help="default: the examples (examples/playbooks)")
+    demo.add_argument("--for", dest="duration", type=float, help="stop after this many seconds")
+    demo.set_defaults(run=_demo)
     return parser
+
+
+def _demo(args: argparse.Namespace) -> int:
+    from forewarn import demo
+
+    if args.accounts < 1 or not 0.0 <= args.effect <= 1.0:
+        raise InputError("--accounts must be 1 or more, --effect between 0 and 1")
+    options = demo.Options(Path(args.dir), args.host, args.port, args.accounts, args.seed)
+    options.effect, options.duration_s = args.effect, args.duration
+    if args.playbooks:
+        options.playbooks = Path(args.playbooks)
+    return demo.run(options)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

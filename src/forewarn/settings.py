@@ -55,6 +55,8 @@ SETTINGS: dict[str, str] = {
     "DELIVERY": "on",
     "DELIVERY_ATTEMPTS": "8",
     "DELIVERY_LEASE": "5m",
+    # `forewarn demo`: the folder its SMTP sink writes each email into, for the dashboard
+    "DEMO_MAILDIR": "",
 }
 
 

@@ -15,9 +15,17 @@ injected, each recorded in the ground truth with its subject and onset:
 - `stalled_onboarding`: a new user signs up and never completes onboarding.
 
 A problem left alone leads to a ticket (`Ticket Created`) within three days with a known
-probability per kind (churn: to a `Subscription Cancelled`), also in the ground truth, so a
-trigger's precision and recall, and the delay from onset to outreach, can be measured.
-Messages are Segment-spec dicts, in time order; the same seed gives the same world.
+probability per kind (churn: to a `Subscription Cancelled` within one to three weeks), also in
+the ground truth, so a trigger's precision and recall, and the delay from onset to outreach, can
+be measured.
+
+The loop closes: outreach sent to the problem's subject between its onset and the would-be
+ticket lowers the ticket's probability by the world's true `effect` (0.5 halves it). Who was
+reached is asked of a `Reach` when the ticket comes due (in time order, so everything before
+it has been seen): nobody (`NO_REACH`), the playbooks run in-process (`simulate_outreach`), or a
+live server. Subjects held out as control get no outreach, so the lift a report measures can be
+set against the true effect. Messages are Segment-spec dicts, in time order; the same seed (and
+the same outreach) gives the same world.
 """
 
 from __future__ import annotations
@@ -26,7 +34,7 @@ import heapq
 import random
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 from forewarn.model import format_time
 
@@ -43,17 +51,45 @@ PROBLEMS = {
     "payment_failed": (0.04, 0.5),
     "stalled_onboarding": (0.05, 0.35),
 }
+# when the ticket comes after the onset, if it does: (earliest, latest); churn takes longer
+TICKET_DELAY_MS = {kind: (HOUR_MS, 3 * DAY_MS - HOUR_MS) for kind in PROBLEMS}
+TICKET_DELAY_MS["usage_decay"] = (7 * DAY_MS, 21 * DAY_MS)
 
 
-@dataclass(frozen=True)
+@dataclass
 class Truth:
-    """One injected problem."""
+    """One injected problem. Its ticket is settled when it comes due (`ticket_ms` is None until
+    then, and stays None if the problem did not lead to one)."""
 
     kind: str
     scope: str  # user | account
     subject: str
     onset_ms: int
-    ticket_ms: int | None  # when it led to a ticket (or a cancellation), if it did
+    ticket_ms: int | None = None  # when it led to a ticket (or a cancellation), if it did
+    would_ticket_ms: int | None = None  # when it would have, left alone (None: it would not)
+    reached_ms: int | None = None  # outreach first sent to the subject in (onset, would-be ticket)
+
+
+class Reach(Protocol):
+    """Who the outreach reached, as the world unfolds."""
+
+    def saw(self, message: dict[str, Any]) -> None:
+        """`message` happened (called for each, in time order, before it is yielded)."""
+
+    def reached(self, truth: Truth, until_ms: int) -> int | None:
+        """When outreach was first sent to `truth.subject` at or after its onset and before
+        `until_ms`; None if it was not."""
+
+
+class _NoReach:
+    def saw(self, message: dict[str, Any]) -> None:
+        pass
+
+    def reached(self, truth: Truth, until_ms: int) -> int | None:
+        return None
+
+
+NO_REACH: Reach = _NoReach()
 
 
 @dataclass
@@ -62,7 +98,30 @@ class World:
     days: int
     seed: int
     start_ms: int
+    effect: float = 0.0  # the true effect: outreach in time multiplies P(ticket) by 1 - effect
+    onsets_within_ms: int | None = None  # problems start within this of the start (the demo)
+    ticket_delay_ms: tuple[int, int] | None = None  # tickets this soon after onset (the demo)
     truth: list[Truth] = field(default_factory=list)
+    # would-be tickets not yet due, by messageId: the problem and its draw
+    due: dict[str, tuple[Truth, float]] = field(default_factory=dict)
+
+
+_DAYS: dict[int, str] = {}
+_CLOCK: list[str] = []  # "HH:MM:SS" for each second of a day, made on first use
+_MILLIS = ["Z"] + [f".{ms:03d}Z" for ms in range(1, 1000)]
+
+
+def stamp(ms: int) -> str:
+    """`model.format_time`, several times faster: the date once per day, the time of day and
+    the milliseconds from tables."""
+    day, rest = divmod(ms, DAY_MS)
+    prefix = _DAYS.get(day)
+    if prefix is None:
+        prefix = _DAYS[day] = format_time(day * DAY_MS)[:11]
+    if not _CLOCK:
+        _CLOCK.extend(f"{s // 3600:02d}:{s // 60 % 60:02d}:{s % 60:02d}" for s in range(86_400))
+    second, milli = divmod(rest, 1000)
+    return prefix + _CLOCK[second] + _MILLIS[milli]
 
 
 def activity(hour_of_week: int) -> float:
@@ -74,25 +133,54 @@ def activity(hour_of_week: int) -> float:
 
 
 def generate(
-    accounts: int, days: int, seed: int, start_ms: int
+    accounts: int,
+    days: int,
+    seed: int,
+    start_ms: int,
+    effect: float = 0.0,
+    reach: Reach = NO_REACH,
+    onsets_within_ms: int | None = None,
+    ticket_delay_ms: tuple[int, int] | None = None,
 ) -> tuple[World, Iterator[dict[str, Any]]]:
-    """The world (its ground truth complete at once), and its messages in time order,
-    generated hour by hour across all accounts, so memory holds one hour of them."""
-    world = World(accounts, days, seed, start_ms)
+    """The world (its problems known at once, their tickets settled as the messages are read),
+    and its messages in time order, generated hour by hour across all accounts, so memory holds
+    one hour of them. `reach` says who outreach reached, for the true `effect` (0 to 1)."""
+    if not 0.0 <= effect <= 1.0:
+        raise ValueError(f"the effect must be between 0 and 1, not {effect}")
+    world = World(accounts, days, seed, start_ms, effect, onsets_within_ms, ticket_delay_ms)
     built = [_Account(world, i, random.Random(f"{seed}:{i}")) for i in range(accounts)]
-    return world, _stream(world, built)
+    return world, _stream(world, built, reach)
 
 
-def _stream(world: World, accounts: list[_Account]) -> Iterator[dict[str, Any]]:
+def _stream(world: World, accounts: list[_Account], reach: Reach) -> Iterator[dict[str, Any]]:
+    due = world.due
+    saw = None if reach is NO_REACH else reach.saw
     for hour in range(-1, world.days * 24 + 3 * 24):  # -1: what comes before the first hour
         until = world.start_ms + (hour + 1) * HOUR_MS
         batch: list[tuple[int, int, int, dict[str, Any]]] = []
         for i, account in enumerate(accounts):
             for t, seq, message in account.until(hour, until):
                 batch.append((t, i, seq, message))
-        batch.sort(key=lambda item: (item[0], item[1], item[2]))
-        for *_, message in batch:
+        batch.sort()  # (time, account, seq) never tie: the messages are not compared
+        for t, _, _, message in batch:
+            pending = due.pop(message["messageId"], None) if due else None
+            if pending is not None and not _settle(world, reach, *pending, t):
+                continue  # outreach prevented this ticket
+            if saw is not None:
+                saw(message)
             yield message
+
+
+def _settle(world: World, reach: Reach, truth: Truth, draw: float, t: int) -> bool:
+    """Whether the would-be ticket at `t` happens: with outreach in time, only if the draw is
+    also under the lowered probability."""
+    p = PROBLEMS[truth.kind][1]
+    if world.effect > 0.0:
+        truth.reached_ms = reach.reached(truth, t)
+    if truth.reached_ms is not None and draw >= p * (1.0 - world.effect):
+        return False
+    truth.ticket_ms = t
+    return True
 
 
 class _Account:
@@ -102,6 +190,8 @@ class _Account:
     def __init__(self, world: World, index: int, rng: random.Random) -> None:
         self.world, self.rng = world, rng
         self.name = f"acct-{index:06d}"
+        self.ids = f"sim-{world.seed}-{self.name}-"  # + seq: each message's id
+        self.hours = world.days * 24
         self.seq = 0
         self.start, self.end = world.start_ms, world.start_ms + world.days * DAY_MS
         start = self.start
@@ -113,6 +203,7 @@ class _Account:
         renewal = format_time(start + rng.randint(10, 120) * DAY_MS)
         traits = {
             "plan": plan,
+            "email": f"{self.users[0]}@example.test",  # the account's contact
             "storage_limit": limit,
             "storage_used": round(used, 2),
             "renewal_date": renewal,
@@ -141,11 +232,15 @@ class _Account:
             self.emit(start, {"type": "group", "userId": user, "groupId": self.name, "traits": {}})
         self.decay_at = None
         span = world.days * DAY_MS
+        if world.onsets_within_ms is not None:
+            span = min(span, world.onsets_within_ms)
         if rng.random() < PROBLEMS["usage_decay"][0]:
             self.decay_at = start + rng.randint(7, max(8, world.days - 7)) * DAY_MS
+            if world.onsets_within_ms is not None:
+                self.decay_at = start + rng.randrange(span)
             self.truth("usage_decay", "account", self.name, self.decay_at)
         if rng.random() < PROBLEMS["error_spike"][0]:
-            onset = start + rng.randrange(span - 2 * HOUR_MS)
+            onset = start + rng.randrange(max(1, span - 2 * HOUR_MS))
             t = onset
             for _ in range(rng.randint(25, 80)):
                 self.track(t, self.users[0], "Error", type="ExportError")
@@ -153,7 +248,7 @@ class _Account:
             self.truth("error_spike", "account", self.name, onset)
         if rng.random() < PROBLEMS["stuck_in_settings"][0]:
             user = rng.choice(self.users)
-            onset = start + rng.randrange(span - HOUR_MS)
+            onset = start + rng.randrange(max(1, span - HOUR_MS))
             self.emit(
                 onset,
                 {
@@ -184,7 +279,7 @@ class _Account:
         self.newcomer = None
         if rng.random() < PROBLEMS["stalled_onboarding"][0]:
             user = f"{self.name}-new"
-            onset = start + rng.randrange(max(1, world.days - 8) * DAY_MS)
+            onset = start + rng.randrange(min(span, max(1, world.days - 8) * DAY_MS))
             self.emit(
                 onset,
                 {
@@ -202,8 +297,8 @@ class _Account:
 
     def emit(self, t: int, message: dict[str, Any]) -> tuple[int, int, dict[str, Any]]:
         self.seq += 1
-        message["timestamp"] = format_time(t)
-        message["messageId"] = f"sim-{self.world.seed}-{self.name}-{self.seq}"
+        message["timestamp"] = stamp(t)
+        message["messageId"] = f"{self.ids}{self.seq}"
         item = (t, self.seq, message)
         self.pending.append(item)
         return item
@@ -221,23 +316,21 @@ class _Account:
         )
 
     def truth(self, kind: str, scope: str, subject: str, onset: int) -> None:
-        ticket = None
-        if self.rng.random() < PROBLEMS[kind][1]:
-            ticket = onset + self.rng.randint(HOUR_MS, 3 * DAY_MS - HOUR_MS)
-            if ticket < self.end:
-                user = self.users[0] if scope == "account" else subject
-                name = "Subscription Cancelled" if kind == "usage_decay" else "Ticket Created"
-                self.track(
-                    ticket,
-                    user,
-                    name,
-                    ticket_id=f"t-{self.name}-{kind}",
-                    priority="normal",
-                    problem=kind,
-                )
-            else:
-                ticket = None
-        self.world.truth.append(Truth(kind, scope, subject, onset, ticket))
+        truth = Truth(kind, scope, subject, onset)
+        self.world.truth.append(truth)
+        draw = self.rng.random()
+        if draw >= PROBLEMS[kind][1]:
+            return
+        ticket = onset + self.rng.randint(*(self.world.ticket_delay_ms or TICKET_DELAY_MS[kind]))
+        if ticket >= self.end:
+            return
+        truth.would_ticket_ms = ticket
+        user = self.users[0] if scope == "account" else subject
+        name = "Subscription Cancelled" if kind == "usage_decay" else "Ticket Created"
+        _, _, message = self.track(
+            ticket, user, name, ticket_id=f"t-{self.name}-{kind}", priority="normal", problem=kind
+        )
+        self.world.due[message["messageId"]] = (truth, draw)
 
     def until(self, hour: int, until_ms: int) -> list[tuple[int, int, dict[str, Any]]]:
         """This hour's everyday events, and the decided ones before `until_ms`."""
@@ -247,106 +340,78 @@ class _Account:
             out.append(pending[self.next])
             self.next += 1
         later = self.later
-        if 0 <= hour < self.world.days * 24:
-            for item in self._hour(hour):
-                heapq.heappush(later, item)
-        while later and later[0][0] < until_ms:  # (a feature used a minute after the hour)
+        while later and later[0][0] < until_ms:
             out.append(heapq.heappop(later))
+        if 0 <= hour < self.hours:
+            for item in self._hour(hour):
+                if item[0] < until_ms:
+                    out.append(item)
+                else:  # (a feature used a minute after the hour)
+                    heapq.heappush(later, item)
         return out
 
     def _hour(self, hour: int) -> list[tuple[int, int, dict[str, Any]]]:
         rng = self.rng
+        random = rng.random
         t0 = self.start + hour * HOUR_MS
         level = activity((t0 // HOUR_MS + 72) % 168)  # the epoch was a Thursday
         if self.decay_at is not None and t0 > self.decay_at:
             level *= max(0.0, 1.0 - (t0 - self.decay_at) / (14 * DAY_MS))
-        out = []
+        chance = self.rate * level
+        out: list[tuple[int, int, dict[str, Any]]] = []
+        name = self.name
+        ids = self.ids
         for user in self.users:
-            if rng.random() < self.rate * level:
+            if random() < chance:
                 t = t0 + rng.randrange(HOUR_MS)
+                seq = self.seq
                 out.append(
-                    self._make(
+                    (
                         t,
+                        seq + 1,
                         {
                             "type": "track",
                             "event": "Login",
                             "userId": user,
                             "properties": {},
-                            "context": {"groupId": self.name},
+                            "context": {"groupId": name},
+                            "timestamp": stamp(t),
+                            "messageId": f"{ids}{seq + 1}",
                         },
                     )
                 )
                 out.append(
-                    self._make(
+                    (
                         t + 1000,
+                        seq + 2,
                         {
                             "type": "page",
                             "userId": user,
                             "name": "Dashboard",
                             "properties": {"path": "/dashboard"},
+                            "timestamp": stamp(t + 1000),
+                            "messageId": f"{ids}{seq + 2}",
                         },
                     )
                 )
-                if rng.random() < 0.5:
+                seq += 2
+                if random() < 0.5:
                     feature = rng.choice(FEATURES)
+                    seq += 1
                     out.append(
-                        self._make(
+                        (
                             t + 60_000,
+                            seq,
                             {
                                 "type": "track",
                                 "event": "Feature Used",
                                 "userId": user,
                                 "properties": {"feature": feature},
-                                "context": {"groupId": self.name},
+                                "context": {"groupId": name},
+                                "timestamp": stamp(t + 60_000),
+                                "messageId": f"{ids}{seq}",
                             },
                         )
                     )
+                self.seq = seq
         return out
-
-    def _make(self, t: int, message: dict[str, Any]) -> tuple[int, int, dict[str, Any]]:
-        self.seq += 1
-        message["timestamp"] = format_time(t)
-        message["messageId"] = f"sim-{self.world.seed}-{self.name}-{self.seq}"
-        return (t, self.seq, message)
-
-
-def send(messages: Iterator[dict[str, Any]], url: str, write_key: str) -> int:
-    """Send the messages to a Forewarn server (or anything speaking the Segment HTTP API)
-    through Segment's own Python client, batched and gzipped as it sends them. Returns how
-    many were sent; raises InputError if the server refused any."""
-    from datetime import datetime
-
-    from segment.analytics.client import Client  # type: ignore[import-untyped]
-
-    from forewarn.errors import InputError
-
-    errors: list[str] = []
-    client = Client(
-        write_key,
-        host=url.rstrip("/"),
-        gzip=True,
-        max_queue_size=200_000,
-        upload_size=100,
-        on_error=lambda error, batch: errors.append(str(error)),
-    )
-    count = 0
-    for m in messages:
-        when = datetime.fromisoformat(m["timestamp"].replace("Z", "+00:00"))
-        common = {"timestamp": when, "message_id": m["messageId"]}
-        kind = m["type"]
-        if kind == "track":
-            client.track(m["userId"], m["event"], m.get("properties"), m.get("context"), **common)
-        elif kind == "identify":
-            client.identify(m["userId"], m.get("traits"), **common)
-        elif kind == "group":
-            client.group(m["userId"], m["groupId"], m.get("traits"), **common)
-        elif kind == "page":
-            client.page(m["userId"], None, m.get("name"), m.get("properties"), **common)
-        count += 1
-    client.flush()
-    client.join()
-    if errors:
-        raise InputError(
-            f"the server refused some events: {errors[0]} (and {len(errors) - 1} more)"
-        )
-    return count
