@@ -55,6 +55,8 @@ SETTINGS: dict[str, str] = {
     "DELIVERY": "on",
     "DELIVERY_ATTEMPTS": "8",
     "DELIVERY_LEASE": "5m",
+    # the demo's mail sink writes each email here as an .eml file; the dashboard reads them
+    "DEMO_MAILDIR": "",
 }
 
 
