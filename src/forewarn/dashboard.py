@@ -94,7 +94,6 @@ def environment() -> jinja2.Environment:
         lstrip_blocks=True,
     )
     env.filters["pct"] = _pct
-    env.filters["json"] = lambda v: msgspec.json.encode(v).decode()
     return env
 
 
