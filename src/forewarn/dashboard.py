@@ -28,9 +28,7 @@ from forewarn import (
     api_outreach,
     clock,
     dashboard_auth,
-    dashboard_data,
-    dashboard_more,
-    report,
+    dashboard_pages,
     store_outbox,
     store_sqlite,
 )
@@ -59,7 +57,6 @@ ASSETS = {
     "uplot.min.js": "text/javascript",
     "uplot.min.css": "text/css",
 }
-PERIODS = ("1d", "7d", "30d", "90d")
 MAX_FORM_BYTES = 64 * 1024
 NAV = (
     ("/", "Overview"),
@@ -126,16 +123,8 @@ def _safe_next(target: str | None) -> str:
     return target
 
 
-def _period(request: Request) -> tuple[str, int]:
-    text = request.query_params.get("since", "7d")
-    try:
-        return text, parse_duration(text)
-    except ValueError as exc:
-        raise InputError(f"since={text!r}: {exc}; e.g. 7d") from None
-
-
 Handler = Callable[[Request], Awaitable[Response]]
-PageData = Callable[[Request, Viewer, sqlite3.Connection], dict[str, Any]]
+PageData = Callable[["Forewarn", Request, Viewer, sqlite3.Connection], dict[str, Any]]
 
 
 def routes(app: Forewarn) -> list[Route]:
@@ -160,7 +149,8 @@ def routes(app: Forewarn) -> list[Route]:
         if request.headers.get("authorization"):  # a script with the admin key: twins only
             key = app.admin_key(request)
             return Viewer(key.workspace, 0, key.prefix, "")
-        return await with_conn(lambda conn: viewer_of(conn, request))  # type: ignore[no-any-return]
+        found: Viewer | None = await with_conn(lambda conn: viewer_of(conn, request))
+        return found
 
     def render(
         request: Request, name: str, data: dict[str, Any], viewer: Viewer | None
@@ -209,112 +199,12 @@ def routes(app: Forewarn) -> list[Route]:
                     )
                 target = request.url.path + (f"?{request.url.query}" if request.url.query else "")
                 return RedirectResponse(f"/signin?next={quote(target)}", status_code=303)
-            data = await with_conn(lambda conn: load(request, viewer, conn))
+            data = await with_conn(lambda conn: load(app, request, viewer, conn))
             if as_json:
                 return _json(data)
             return render(request, template, data, viewer)
 
         return handler
-
-    def report_of(conn: sqlite3.Connection, workspace: int, span_ms: int) -> dict[str, Any]:
-        now = clock.now_ms()
-        return report.live_report(conn, workspace, app.engines.triggers, now - span_ms, now)
-
-    def trigger_named(request: Request) -> Any:
-        name = request.path_params["trigger"].removesuffix(".json")
-        for t in app.engines.triggers:
-            if t.id == name:
-                return t
-        raise NotFoundError(f"no trigger '{name}' in the loaded playbooks: see /triggers")
-
-    # --- the pages ---
-
-    def load_overview(request: Request, viewer: Viewer, conn: sqlite3.Connection) -> Any:
-        since, span = _period(request)
-        now = clock.now_ms()
-        data = dashboard_data.overview(conn, viewer.workspace, now, now - span)
-        data["period"], data["periods"] = since, PERIODS
-        stats = app.engines.stats_view()
-        data["engine"] = {"up": stats.up, "lag_batches": sum(stats.lag.values())}
-        return data
-
-    def load_triggers(request: Request, viewer: Viewer, conn: sqlite3.Connection) -> Any:
-        since, span = _period(request)
-        found = report_of(conn, viewer.workspace, span)
-        overrides = store_outbox.trigger_overrides(conn, viewer.workspace)
-        data = dashboard_data.triggers(app.engines.triggers, found, overrides)
-        data["period"], data["periods"] = since, PERIODS
-        return data
-
-    def load_trigger(request: Request, viewer: Viewer, conn: sqlite3.Connection) -> Any:
-        trigger = trigger_named(request)
-        since, span = _period(request)
-        now = clock.now_ms()
-        found = report_of(conn, viewer.workspace, span)
-        override = store_outbox.trigger_overrides(conn, viewer.workspace).get(trigger.id)
-        data = dashboard_data.trigger_detail(
-            conn, viewer.workspace, trigger, found, override, now, now - span
-        )
-        data["period"], data["periods"] = since, PERIODS
-        return data
-
-    def load_customer(request: Request, viewer: Viewer, conn: sqlite3.Connection) -> Any:
-        subject = request.path_params["subject"]
-        if request.url.path.endswith(".json"):
-            subject = subject.removesuffix(".json")
-        try:
-            found = app.engines.subject_state(viewer.workspace, subject)
-        except NotFoundError:
-            found = []  # the engine has not started yet: the stored record still shows
-        events = store_sqlite.recent_events(conn, viewer.workspace, subject, 100)
-        data = dashboard_data.customer(conn, viewer.workspace, subject, found, events)
-        if not found and not data["timeline"]:
-            raise NotFoundError(f"no customer '{subject}' in this workspace's events")
-        data["triggers"] = [t.id for t in app.engines.triggers]
-        asked = request.query_params.get("why")
-        data["why"] = None
-        if asked:
-            trigger_named_ = asked
-            if trigger_named_ not in data["triggers"]:
-                raise InputError(f"why={asked!r}: no such trigger in the loaded playbooks")
-            data["why"] = app.engines.why(viewer.workspace, subject, asked, clock.now_ms())
-        return data
-
-    def load_outreach(request: Request, viewer: Viewer, conn: sqlite3.Connection) -> Any:
-        q = request.query_params
-        status = q.get("status") or None
-        allowed = (*store_outbox.STATUSES, "held_out")
-        if status is not None and status not in allowed:
-            raise InputError(f"status={status!r}: give one of {', '.join(allowed)}")
-        data = dashboard_data.outreach(
-            conn, viewer.workspace, q.get("trigger") or None, status, q.get("subject") or None, 200
-        )
-        data["triggers"] = [t.id for t in app.engines.triggers]
-        return data
-
-    def load_outbox(request: Request, viewer: Viewer, conn: sqlite3.Connection) -> Any:
-        return dashboard_more.outbox(conn, viewer.workspace, clock.now_ms())
-
-    def load_backtests(request: Request, viewer: Viewer, conn: sqlite3.Connection) -> Any:
-        data = dashboard_more.backtests(conn, viewer.workspace)
-        data["triggers"] = [t.id for t in app.engines.triggers]
-        data["periods"] = PERIODS
-        return data
-
-    def load_backtest(request: Request, viewer: Viewer, conn: sqlite3.Connection) -> Any:
-        raw = request.path_params["id"].removesuffix(".json")
-        found = (
-            api_outreach._read_backtest(conn, viewer.workspace, int(raw)) if raw.isdigit() else None
-        )
-        if found is None:
-            raise NotFoundError(f"no backtest {raw}: see /backtests")
-        return found
-
-    def load_settings(request: Request, viewer: Viewer, conn: sqlite3.Connection) -> Any:
-        return dashboard_more.settings_view(conn, viewer.workspace)
-
-    def load_customers(request: Request, viewer: Viewer, conn: sqlite3.Connection) -> Any:
-        return dashboard_more.recent_customers(conn, viewer.workspace)
 
     # --- forms ---
 
@@ -401,7 +291,7 @@ def routes(app: Forewarn) -> list[Route]:
     @friendly
     async def trigger_action(request: Request) -> Response:
         viewer, fields = await checked(request)
-        trigger = trigger_named(request)
+        trigger = dashboard_pages.trigger_named(app, request)
         action = request.path_params["action"]
         if action not in ACTIONS:
             raise NotFoundError(f"no action '{action}': give one of {', '.join(ACTIONS)}")
@@ -449,7 +339,7 @@ def routes(app: Forewarn) -> list[Route]:
             if await who(request) is None:
                 return RedirectResponse("/signin?next=/customers", status_code=303)
             return RedirectResponse(f"/customers/{quote(wanted, safe='')}", status_code=303)
-        return await page("customers.html", load_customers)(request)
+        return await page("customers.html", dashboard_pages.customers)(request)
 
     async def asset(request: Request) -> Response:
         name = request.path_params["name"]
@@ -460,15 +350,15 @@ def routes(app: Forewarn) -> list[Route]:
             body, media_type=ASSETS[name], headers={"cache-control": "public, max-age=3600"}
         )
 
-    overview_page = page("overview.html", load_overview)
-    triggers_page = page("triggers.html", load_triggers)
-    trigger_page = page("trigger.html", load_trigger)
-    customer_page = page("customer.html", load_customer)
-    outreach_page = page("outreach.html", load_outreach)
-    outbox_page = page("outbox.html", load_outbox)
-    backtests_page = page("backtests.html", load_backtests)
-    backtest_page = page("backtest.html", load_backtest)
-    settings_page = page("settings.html", load_settings)
+    overview_page = page("overview.html", dashboard_pages.overview)
+    triggers_page = page("triggers.html", dashboard_pages.triggers)
+    trigger_page = page("trigger.html", dashboard_pages.trigger)
+    customer_page = page("customer.html", dashboard_pages.customer)
+    outreach_page = page("outreach.html", dashboard_pages.outreach)
+    outbox_page = page("outbox.html", dashboard_pages.outbox)
+    backtests_page = page("backtests.html", dashboard_pages.backtests)
+    backtest_page = page("backtest.html", dashboard_pages.backtest)
+    settings_page = page("settings.html", dashboard_pages.settings)
     return [
         Route("/", overview_page, methods=["GET"]),
         Route("/overview.json", overview_page, methods=["GET"]),
