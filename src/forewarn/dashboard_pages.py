@@ -5,6 +5,7 @@ connection: the dict its template renders and its JSON twin answers. Edge.
 from __future__ import annotations
 
 import sqlite3
+import threading
 from typing import TYPE_CHECKING, Any
 
 from starlette.requests import Request
@@ -26,6 +27,9 @@ if TYPE_CHECKING:
     from forewarn.api import Forewarn
 
 PERIODS = ("1d", "7d", "30d", "90d")
+REPORT_FOR_MS = 30_000
+_reports: dict[tuple[int, int, tuple[str, ...]], tuple[float, dict[str, Any]]] = {}
+_reports_lock = threading.Lock()
 
 
 def period(request: Request) -> tuple[str, int]:
@@ -40,8 +44,22 @@ def period(request: Request) -> tuple[str, int]:
 def report_of(
     app: Forewarn, conn: sqlite3.Connection, workspace: int, span_ms: int
 ) -> dict[str, Any]:
+    """The report of the loaded triggers over the last `span_ms`: the same as
+    `GET /api/v1/reports`, kept for `REPORT_FOR_MS` (reading the log for it takes a second or
+    two on a large one, and people move between the triggers and their pages)."""
+    triggers = app.engines.triggers
+    key = (workspace, span_ms, tuple(t.id for t in triggers))
+    with _reports_lock:
+        kept = _reports.get(key)
+    if kept is not None and clock.monotonic_ms() - kept[0] < REPORT_FOR_MS:
+        return kept[1]
     now = clock.now_ms()
-    return report.live_report(conn, workspace, app.engines.triggers, now - span_ms, now)
+    found = report.live_report(conn, workspace, triggers, now - span_ms, now)
+    with _reports_lock:
+        if len(_reports) > 64:
+            _reports.clear()
+        _reports[key] = (clock.monotonic_ms(), found)
+    return found
 
 
 def trigger_named(app: Forewarn, request: Request) -> Trigger:
