@@ -267,3 +267,29 @@ def test_the_outbox_shows_captured_emails_as_text_only(live, maildir):
     with signed_in(live) as (client, _):
         page = client.get("/outbox").text
         assert XSS not in page and "<script>alert" not in page
+
+
+def test_a_chat_conversation_is_on_the_customers_timeline(tmp_path):
+    from forewarn import dashboard_data, store_outbox
+    from forewarn.channels import Outgoing
+
+    conn = store_sqlite.connect(tmp_path / "forewarn.db")
+    opener = Outgoing(
+        id=1,
+        key="k1",
+        channel="chat",
+        workspace=1,
+        trigger="settings-dwell",
+        subject="u1",
+        scope="user",
+        text="Looking for something in settings?",
+    )
+    assert store_outbox.add_to_inbox(conn, opener, "chat", 1_000)
+    (row,) = store_outbox.inbox(conn, 1, "user", "u1")
+    store_outbox.add_conversation_message(conn, 1, row["id"], "user", "custom domain?", 2_000)
+    store_outbox.add_conversation_message(conn, 1, row["id"], "assistant", "See DNS.", 3_000)
+    data = dashboard_data.customer(conn, 1, "u1", [], [])
+    chat = [(i["author"], i["text"]) for i in data["timeline"] if i["kind"] == "chat"]
+    # newest first; the customer's own words come from their reply events, not twice
+    assert chat == [("assistant", "See DNS."), ("assistant", "Looking for something in settings?")]
+    conn.close()

@@ -1,6 +1,6 @@
 """The dashboard in real headless Chromium (Debian's `chromium`, driven by Playwright) against a
 server fed by the simulator: sign in, every page loads with no console error (a CSP violation
-is one), pausing a trigger from its button takes effect on the next firing, a backtest runs
+is one), a new firing shows on the open overview, pausing a trigger from its button takes effect on the next firing, a backtest runs
 from its form. Screenshots of every page are saved in `test-artifacts/dashboard/`."""
 
 from __future__ import annotations
@@ -82,6 +82,13 @@ def test_every_page_loads_clean_and_pausing_a_trigger_takes_effect(live):
                 page.screenshot(path=str(SHOTS / f"{name}.png"), full_page=True)
             page.goto(live.url + "/")
             assert page.wait_for_selector(".chart .uplot canvas", timeout=10_000) is not None
+            # a firing shows on the open overview as it happens, without a reload
+            before = int(page.inner_text("[data-count=firings]"))
+            _payment_failed(live, "acct-live-test")
+            page.wait_for_selector(
+                "[data-latest] a[href='/customers/acct-live-test']", timeout=20_000
+            )
+            assert int(page.inner_text("[data-count=firings]")) > before
             page.goto(live.url + "/triggers/payment-failed?since=30d")
             assert page.query_selector("svg.intervals") is not None
             assert page.wait_for_selector(".chart .uplot canvas", timeout=10_000) is not None

@@ -327,6 +327,16 @@ def customer(
                     "engaged": [e for e in str(engaged).split(",") if e],
                 }
             )
+    # the assistant's side of chat conversations (the customer's side is its reply events)
+    for trig, author, text, at in conn.execute(
+        "SELECT i.trig, c.author, c.text, c.at_ms FROM conversation_messages c"
+        " JOIN inbox i ON i.id = c.conversation WHERE i.workspace = ? AND i.subject = ?"
+        " AND c.author != 'user' ORDER BY c.id DESC LIMIT 200",
+        (workspace, subject),
+    ):
+        timeline.append(
+            {"at": format_time(at), "kind": "chat", "trigger": trig, "author": author, "text": text}
+        )
     timeline.sort(key=lambda item: str(item["at"] or ""), reverse=True)
     return {
         "id": subject,
