@@ -22,6 +22,7 @@ run: $(STAMP)
 	@echo "write key (Segment Basic-auth user, PostHog api_key, Sentry DSN key): $(WRITE_KEY)"
 	@echo "admin key (Authorization: Bearer ... on /api/v1): $(ADMIN_KEY)"
 	@echo "demo app with the widget: http://127.0.0.1:8750/demo/"
+	@echo "dashboard (sign in with the admin key): http://127.0.0.1:8750/"
 	env FOREWARN_WRITE_KEY=$(WRITE_KEY) FOREWARN_ADMIN_KEY=$(ADMIN_KEY) FOREWARN_KB=examples/kb $(VENV)/bin/forewarn serve --db forewarn.db --playbooks examples/playbooks
 
 test: $(STAMP) browser

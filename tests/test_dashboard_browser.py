@@ -39,7 +39,7 @@ def _payment_failed(live: srv.Server, account: str) -> None:
 def test_every_page_loads_clean_and_pausing_a_trigger_takes_effect(live):
     sync_playwright = _require_browser()
     SHOTS.mkdir(parents=True, exist_ok=True)
-    customer = live.firings(limit=1)[0]["subject"]
+    customer = live.firings(trigger="payment-failed", limit=1)[0]["subject"]
     with sync_playwright() as p:
         browser = p.chromium.launch(executable_path=CHROMIUM, headless=True, args=["--no-sandbox"])
         try:

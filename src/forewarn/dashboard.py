@@ -303,7 +303,7 @@ def routes(app: Forewarn) -> list[Route]:
                 store_outbox.resume_trigger(conn, viewer.workspace, trigger.id)
                 return
             mode = "paused" if action == "pause" else "shadow"
-            said = reason or f"{mode} from the dashboard"
+            said = reason or f"{mode} by hand"
             store_outbox.override_trigger(
                 conn, viewer.workspace, trigger.id, mode, said, "dashboard", now
             )

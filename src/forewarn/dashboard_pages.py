@@ -122,7 +122,10 @@ def customer(
     data = dashboard_data.customer(conn, viewer.workspace, subject, found, events)
     if not found and not data["timeline"]:
         raise NotFoundError(f"no customer '{subject}' in this workspace's events")
-    data["triggers"] = [t.id for t in app.engines.triggers]
+    # the triggers of the customer's own scope first: those are the ones that can fire for it
+    scopes = {s["scope"] for s in found}
+    ordered = sorted(app.engines.triggers, key=lambda t: t.scope not in scopes)
+    data["triggers"] = [t.id for t in ordered]
     asked = request.query_params.get("why")
     data["why"] = None
     if asked:

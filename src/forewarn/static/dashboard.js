@@ -102,6 +102,13 @@
     document.querySelectorAll("[data-autosubmit]").forEach(function (select) {
       select.addEventListener("change", function () { select.form.submit(); });
     });
+    document.querySelectorAll("[data-hide-events]").forEach(function (box) {
+      box.addEventListener("change", function () {
+        document.querySelectorAll(".timeline").forEach(function (list) {
+          list.classList.toggle("outreach-only", box.checked);
+        });
+      });
+    });
     var refresh = document.querySelector("[data-refresh]");
     if (refresh) {
       setTimeout(function () { location.reload(); }, 1000 * Number(refresh.getAttribute("data-refresh")));
