@@ -293,3 +293,20 @@ def test_a_chat_conversation_is_on_the_customers_timeline(tmp_path):
     # newest first; the customer's own words come from their reply events, not twice
     assert chat == [("assistant", "See DNS."), ("assistant", "Looking for something in settings?")]
     conn.close()
+
+
+def test_after_a_form_the_dashboard_only_goes_to_its_own_pages():
+    from forewarn.dashboard import _safe_next
+
+    for own in ("/", "/triggers", "/triggers/storage-85?since=30d", "/customers/a%2Fb"):
+        assert _safe_next(own) == own
+    for away in (
+        "//evil.example",
+        "/\t/evil.example",
+        "/\\evil.example",
+        "https://evil.example",
+        "",
+        None,
+        "/a\nb",
+    ):
+        assert _safe_next(away) == "/", away

@@ -11,6 +11,7 @@ need a session (`dashboard_auth`: sign in with an admin key); twins also take th
 from __future__ import annotations
 
 import asyncio
+import re
 import sqlite3
 from collections.abc import Awaitable, Callable
 from functools import lru_cache
@@ -118,7 +119,9 @@ def _json(data: Any, status: int = 200) -> Response:
 
 def _safe_next(target: str | None) -> str:
     """Where to go after a form: a path on this server, never another site."""
-    if not target or not target.startswith("/") or target.startswith("//") or "\\" in target:
+    # browsers drop tabs and newlines from URLs and read a backslash as a slash: "/\t/x" and
+    # "/\\x" would lead to another host, so anything but a plain path goes home
+    if not target or not _PLAIN_PATH.fullmatch(target):
         return "/"
     return target
 
@@ -347,7 +350,9 @@ def routes(app: Forewarn) -> list[Route]:
             raise NotFoundError(f"no asset {name}")
         body = resources.files("forewarn").joinpath(f"static/{name}").read_bytes()
         return Response(
-            body, media_type=ASSETS[name], headers={"cache-control": "public, max-age=3600"}
+            body,
+            media_type=ASSETS[name],
+            headers={"cache-control": "public, max-age=3600", "x-content-type-options": "nosniff"},
         )
 
     overview_page = page("overview.html", dashboard_pages.overview)
@@ -386,6 +391,7 @@ def routes(app: Forewarn) -> list[Route]:
 
 
 ACTIONS = ("pause", "shadow", "resume")
+_PLAIN_PATH = re.compile(r"/(?:[^/\\\s\x00-\x1f\x7f][^\\\s\x00-\x1f\x7f]*)?")
 _TITLES = {
     400: "Not understood",
     401: "Sign in",
