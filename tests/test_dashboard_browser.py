@@ -1,7 +1,8 @@
 """The dashboard in real headless Chromium (Debian's `chromium`, driven by Playwright) against a
 server fed by the simulator: sign in, every page loads with no console error (a CSP violation
-is one), a new firing shows on the open overview, pausing a trigger from its button takes effect on the next firing, a backtest runs
-from its form. Screenshots of every page are saved in `test-artifacts/dashboard/`."""
+is one), a new firing shows on the open overview, pausing a trigger from its button takes
+effect on the next firing, and a backtest of the playbooks picked runs from its form.
+Screenshots of every page are saved in `test-artifacts/dashboard/`."""
 
 from __future__ import annotations
 
@@ -122,6 +123,8 @@ def test_every_page_loads_clean_and_pausing_a_trigger_takes_effect(live):
 
             # a backtest from its form, read when done
             page.goto(live.url + "/backtests")
+            page.uncheck("fieldset:has(legend:has-text('errors.yaml')) legend input")
+            assert not page.is_checked("input[name='t:error-spike']")
             page.click("form.backtest button[type=submit]")
             page.wait_for_url("**/backtests/*")
             deadline = time.monotonic() + 30
@@ -129,6 +132,8 @@ def test_every_page_loads_clean_and_pausing_a_trigger_takes_effect(live):
                 page.wait_for_timeout(500)
                 page.reload()
             assert "events over" in page.inner_text("main")
+            ran = page.inner_text("main p.muted")
+            assert "payment-failed" in ran and "error-spike" not in ran
             page.screenshot(path=str(SHOTS / "backtest.png"), full_page=True)
 
             page.click("header form.signout button")

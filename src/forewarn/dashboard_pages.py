@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import sqlite3
 import threading
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from starlette.requests import Request
@@ -161,6 +162,10 @@ def backtests(
 ) -> dict[str, Any]:
     data = dashboard_more.backtests(conn, viewer.workspace)
     data["triggers"] = [t.id for t in app.engines.triggers]
+    books: dict[str, list[str]] = {}
+    for t in app.engines.triggers:
+        books.setdefault(Path(t.file).name if t.file else "playbooks", []).append(t.id)
+    data["playbooks"] = [{"file": f, "triggers": ids} for f, ids in books.items()]
     data["periods"] = PERIODS
     return data
 

@@ -109,6 +109,13 @@
         });
       });
     });
+    document.querySelectorAll("[data-all]").forEach(function (all) {
+      all.addEventListener("change", function () {
+        all.closest("fieldset").querySelectorAll("input[name]").forEach(function (box) {
+          box.checked = all.checked;
+        });
+      });
+    });
     var refresh = document.querySelector("[data-refresh]");
     if (refresh) {
       setTimeout(function () { location.reload(); }, 1000 * Number(refresh.getAttribute("data-refresh")));
