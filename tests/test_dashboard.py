@@ -310,3 +310,23 @@ def test_after_a_form_the_dashboard_only_goes_to_its_own_pages():
         "/a\nb",
     ):
         assert _safe_next(away) == "/", away
+
+
+def test_settings_show_where_channels_point_never_their_secrets(tmp_path, monkeypatch):
+    from forewarn import dashboard_more
+
+    monkeypatch.setenv("FOREWARN_SMTP_URL", "smtp://mailer:hunter2@mail.example.com:587")
+    monkeypatch.setenv("FOREWARN_WEBHOOK_URL", "https://hooks.slack.com/services/T0/B0/s3cr3t")
+    monkeypatch.setenv("FOREWARN_WEBHOOK_SECRET", "whsec_dG9wc2VjcmV0")
+    conn = store_sqlite.connect(tmp_path / "forewarn.db")
+    store_sqlite.ensure_workspace(conn, "default", 0, srv.WRITE_KEY, srv.ADMIN_KEY)
+    data = dashboard_more.settings_view(conn, 1)
+    conn.close()
+    shown = repr(data)
+    for secret in ("hunter2", "s3cr3t", "whsec_", srv.ADMIN_KEY, srv.WRITE_KEY):
+        assert secret not in shown, secret
+    channels = {c["channel"]: c for c in data["channels"]}
+    assert channels["email"]["detail"] == "smtp://mail.example.com:587"
+    assert channels["webhook"]["detail"] == "https://hooks.slack.com"
+    assert channels["webhook"]["signed"] is True
+    assert {k["kind"] for k in data["keys"]} == {"write", "admin"}
