@@ -10,6 +10,7 @@ from contextlib import contextmanager
 from email.message import EmailMessage
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote
 
 import httpx
 import pytest
@@ -330,3 +331,27 @@ def test_settings_show_where_channels_point_never_their_secrets(tmp_path, monkey
     assert channels["webhook"]["detail"] == "https://hooks.slack.com"
     assert channels["webhook"]["signed"] is True
     assert {k["kind"] for k in data["keys"]} == {"write", "admin"}
+
+
+def test_a_customer_id_with_slashes_and_quotes_has_its_page(live):
+    odd = "o'brien/ops team"
+    r = httpx.post(
+        live.url + "/v1/identify",
+        json={"userId": odd, "traits": {"plan": "pro"}},
+        auth=(srv.WRITE_KEY, ""),
+        timeout=10,
+    )
+    r.raise_for_status()
+    path = "/customers/" + quote(odd, safe="")
+    data = live.wait_for(
+        lambda: (
+            (r := httpx.get(live.url + path + ".json", headers=BEARER, timeout=10)).status_code
+            == 200
+            and r.json()
+        ),
+        timeout_s=20,
+    )
+    assert data and data["id"] == odd
+    with signed_in(live) as (client, _):
+        page = client.get(path).text
+    assert f'action="{path}"' in page  # the why form comes back to the same customer

@@ -92,6 +92,7 @@ def environment() -> jinja2.Environment:
         lstrip_blocks=True,
     )
     env.filters["pct"] = _pct
+    env.filters["segment"] = lambda v: quote(str(v), safe="")  # an id as one path segment
     return env
 
 
@@ -375,7 +376,7 @@ def routes(app: Forewarn) -> list[Route]:
         Route("/triggers/{trigger}/{action}", trigger_action, methods=["POST"]),
         Route("/customers", customers_search, methods=["GET"]),
         Route("/customers.json", customers_search, methods=["GET"]),
-        Route("/customers/{subject}", customer_page, methods=["GET"]),
+        Route("/customers/{subject:path}", customer_page, methods=["GET"]),
         Route("/outreach", outreach_page, methods=["GET"]),
         Route("/outreach.json", outreach_page, methods=["GET"]),
         Route("/outbox", outbox_page, methods=["GET"]),
