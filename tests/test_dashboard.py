@@ -355,3 +355,66 @@ def test_a_customer_id_with_slashes_and_quotes_has_its_page(live):
     with signed_in(live) as (client, _):
         page = client.get(path).text
     assert f'action="{path}"' in page  # the why form comes back to the same customer
+
+
+def test_the_triggers_page_says_who_stopped_a_trigger_and_why():
+    from forewarn import dashboard_data
+
+    from .factories import playbook
+
+    loaded = playbook("""
+triggers:
+  - id: noisy
+    when: {event: {name: X}}
+    action: {channel: email, message: hi}
+    holdout: 0.5
+    failure: {event: Ticket Created, within: 3d}
+  - id: trial
+    when: {event: {name: Y}}
+    action: {channel: email, message: hi}
+    mode: shadow
+  - id: fine
+    when: {event: {name: Z}}
+    action: {channel: email, message: hi}
+""")
+    row = {
+        "trigger": "noisy",
+        "firings": 600,
+        "firings_per_day": 20.0,
+        "precision": 0.2,
+        "goal_lift": None,
+        "failure_lift": {"absolute": 0.2, "absolute_ci": [0.15, 0.25], "verdict": "harms"},
+    }
+    reason = "reaching out raises failures: 105/300 treated against 45/300 held out"
+    overrides = {"noisy": {"mode": "paused", "reason": reason, "by": "auto-guard", "at_ms": 0}}
+    data = dashboard_data.triggers(loaded, {"triggers": [row]}, overrides)
+    shown = {t["id"]: t for t in data["triggers"]}
+    assert shown["noisy"]["status"] == "paused"
+    assert shown["noisy"]["override"]["by"] == "auto-guard"
+    assert shown["noisy"]["override"]["reason"] == reason
+    assert (
+        shown["noisy"]["lift"]["on"] == "failure" and shown["noisy"]["lift"]["verdict"] == "harms"
+    )
+    assert shown["trial"]["status"] == "shadow" and shown["trial"]["override"] is None
+    assert shown["fine"]["status"] == "live" and shown["fine"]["firings"] == 0
+
+
+def test_an_auto_guard_pause_shows_with_its_reason(live):
+    from forewarn import store_outbox
+
+    reason = "3 of 40 treated subjects unsubscribed after it <over the limit>"
+    conn = store_sqlite.connect(live.db)
+    try:
+        store_outbox.override_trigger(conn, 1, "usage-drop", "shadow", reason, "auto-guard", 0)
+    finally:
+        conn.close()
+    try:
+        with signed_in(live) as (client, _):
+            page = client.get("/triggers").text
+            detail = client.get("/triggers/usage-drop").text
+        row = page.split('data-trigger="usage-drop"', 1)[1].split("</tr>", 1)[0]
+        escaped = "3 of 40 treated subjects unsubscribed after it &lt;over the limit&gt;"
+        assert "status-shadow" in row and escaped in row and "auto-guard" in row
+        assert escaped in detail
+    finally:
+        live.admin_post("/api/v1/triggers/usage-drop/resume", {})
