@@ -418,3 +418,45 @@ def test_an_auto_guard_pause_shows_with_its_reason(live):
         assert escaped in detail
     finally:
         live.admin_post("/api/v1/triggers/usage-drop/resume", {})
+
+
+def test_keys_are_created_once_shown_and_revoked_from_settings(live):
+    with signed_in(live) as (client, csrf):
+        r = client.post("/settings/keys", data={"csrf": csrf, "kind": "admin", "name": "ops"})
+        assert r.status_code == 200 and "shown only this once" in r.text
+        token = re.search(r"data-new-key>([^<]+)<", r.text)
+        assert token is not None and token.group(1).startswith("fw_ak_")
+        new = {"Authorization": f"Bearer {token.group(1)}"}
+        assert httpx.get(live.url + "/triggers.json", headers=new, timeout=10).status_code == 200
+        assert token.group(1) not in client.get("/settings").text  # never again
+        keys = httpx.get(live.url + "/settings.json", headers=BEARER, timeout=10).json()["keys"]
+        ops = next(k for k in keys if k["name"] == "ops")
+        env_admin = next(k for k in keys if k["kind"] == "admin" and k["name"] != "ops")
+
+        r = client.post(f"/settings/keys/{ops['id']}/revoke", data={"csrf": csrf})
+        assert r.status_code == 303
+        refused = httpx.get(live.url + "/triggers.json", headers=new, timeout=10)
+        assert refused.status_code == 401  # at once, not after a cache expires
+
+        r = client.post(f"/settings/keys/{env_admin['id']}/revoke", data={"csrf": csrf})
+        assert r.status_code == 409 and "FOREWARN_WRITE_KEY / FOREWARN_ADMIN_KEY" in r.text
+        r = client.post("/settings/keys/99999/revoke", data={"csrf": csrf})
+        assert r.status_code == 404
+        r = client.post("/settings/keys", data={"csrf": csrf, "kind": "root", "name": "x"})
+        assert r.status_code == 400 and "give one of write, admin" in r.text
+        r = client.post("/settings/keys", data={"csrf": "forged", "kind": "admin", "name": "x"})
+        assert r.status_code == 403
+    assert httpx.get(live.url + "/triggers.json", headers=BEARER, timeout=10).status_code == 200
+
+
+def test_the_last_admin_key_is_kept(tmp_path):
+    conn = store_sqlite.connect(tmp_path / "forewarn.db")
+    store_sqlite.ensure_workspace(conn, "default", 0)
+    store_sqlite.add_key(conn, 1, "admin", 0, name="only one")
+    (key_id,) = conn.execute("SELECT id FROM keys WHERE kind = 'admin'").fetchone()
+    refused = dashboard_auth.revoke(conn, 1, key_id, 5)
+    assert refused is not None and "last admin key" in refused
+    store_sqlite.add_key(conn, 1, "admin", 0, name="second")
+    assert dashboard_auth.revoke(conn, 1, key_id, 5) is None
+    assert dashboard_auth.revoke(conn, 1, key_id, 6) is None  # already: nothing to do
+    conn.close()

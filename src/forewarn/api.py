@@ -168,6 +168,10 @@ class Forewarn:
         self._keys[token] = (found, now)
         return found
 
+    def forget_keys(self) -> None:
+        """Look every key up again (one was revoked)."""
+        self._keys.clear()
+
     def write_key(self, token: str | None) -> Key:
         found = self.key(token)
         if found is None:

@@ -29,6 +29,7 @@ from forewarn import (
     api_outreach,
     clock,
     dashboard_auth,
+    dashboard_more,
     dashboard_pages,
     store_outbox,
     store_sqlite,
@@ -78,6 +79,13 @@ class SignInNeeded(ForewarnError):
 class StaleForm(ForewarnError):
     status = 403
     code = "forbidden"
+
+
+class KeyKept(ForewarnError):
+    """A key that must not be revoked now (the last admin key, a key from the environment)."""
+
+    status = 409
+    code = "conflict"
 
 
 @lru_cache(maxsize=1)
@@ -337,6 +345,37 @@ def routes(app: Forewarn) -> list[Route]:
         return RedirectResponse(f"/backtests/{job}", status_code=303)
 
     @friendly
+    async def create_key(request: Request) -> Response:
+        viewer, fields = await checked(request)
+        kind = fields.get("kind", "")
+        if kind not in store_sqlite.KEY_KINDS:
+            raise InputError(f"kind {kind!r}: give one of {', '.join(store_sqlite.KEY_KINDS)}")
+        name = (fields.get("name") or "").strip()[:100]
+        if not name:
+            raise InputError("give the key a name, e.g. 'support dashboard' or 'mobile app'")
+
+        def make(conn: sqlite3.Connection) -> dict[str, Any]:
+            token = store_sqlite.add_key(conn, viewer.workspace, kind, clock.now_ms(), name=name)
+            data = dashboard_more.settings_view(conn, viewer.workspace)
+            return {**data, "created": {"kind": kind, "name": name, "token": token}}
+
+        data = await with_conn(make)  # the key is shown in this answer only: never again
+        return render(request, "settings.html", data, viewer)
+
+    @friendly
+    async def revoke_key(request: Request) -> Response:
+        viewer, _ = await checked(request)
+        raw = request.path_params["id"]
+        key_id = int(raw) if raw.isdigit() else -1
+        refused = await with_conn(
+            lambda conn: dashboard_auth.revoke(conn, viewer.workspace, key_id, clock.now_ms())
+        )
+        if refused is not None:
+            raise KeyKept(refused)
+        app.forget_keys()
+        return RedirectResponse("/settings", status_code=303)
+
+    @friendly
     async def customers_search(request: Request) -> Response:
         wanted = request.query_params.get("id", "").strip()
         if wanted and not _wants_json(request):
@@ -387,6 +426,8 @@ def routes(app: Forewarn) -> list[Route]:
         Route("/backtests/{id}", backtest_page, methods=["GET"]),
         Route("/settings", settings_page, methods=["GET"]),
         Route("/settings.json", settings_page, methods=["GET"]),
+        Route("/settings/keys", create_key, methods=["POST"]),
+        Route("/settings/keys/{id}/revoke", revoke_key, methods=["POST"]),
         Route("/assets/{name}", asset, methods=["GET"]),
     ]
 
@@ -398,6 +439,7 @@ _TITLES = {
     401: "Sign in",
     403: "Refused",
     404: "Not found",
+    409: "Not done",
     413: "Too large",
 }
 

@@ -21,6 +21,7 @@ from typing import Any
 import msgspec
 
 from forewarn import store_outbox, store_sqlite
+from forewarn.errors import NotFoundError
 
 COOKIE = "fw_session"
 SIGNIN_COOKIE = "fw_signin"  # the sign-in form's own CSRF token
@@ -105,3 +106,37 @@ def same(expected: str, given: str | None) -> bool:
 
 def new_token() -> str:
     return secrets.token_urlsafe(24)
+
+
+ENV_KEY_NAME = "from the environment"  # what `forewarn serve` names the keys it adds
+
+
+def revoke(conn: sqlite3.Connection, workspace: int, key_id: int, now_ms: int) -> str | None:
+    """Revoke a key of the workspace; None when done, else why it was not (the message says
+    what to do). The last admin key is kept (nobody could sign in any more), and so is a key
+    from the environment (the next start would add it again and fail). NotFoundError when the
+    workspace has no such key."""
+    row = conn.execute(
+        "SELECT kind, name, revoked_ms FROM keys WHERE id = ? AND workspace = ?",
+        (key_id, workspace),
+    ).fetchone()
+    if row is None:
+        raise NotFoundError(f"no key {key_id} in this workspace: see /settings")
+    kind, name, revoked = row
+    if revoked is not None:
+        return None
+    if name == ENV_KEY_NAME:
+        return (
+            "this key comes from FOREWARN_WRITE_KEY / FOREWARN_ADMIN_KEY: set another there and"
+            " restart, then revoke it"
+        )
+    if kind == "admin":
+        admins = conn.execute(
+            "SELECT count(*) FROM keys WHERE workspace = ? AND kind = 'admin'"
+            " AND revoked_ms IS NULL",
+            (workspace,),
+        ).fetchone()[0]
+        if admins <= 1:
+            return "this is the last admin key: create another first, or nobody can sign in"
+    conn.execute("UPDATE keys SET revoked_ms = ? WHERE id = ?", (now_ms, key_id))
+    return None
