@@ -460,3 +460,12 @@ def test_the_last_admin_key_is_kept(tmp_path):
     assert dashboard_auth.revoke(conn, 1, key_id, 5) is None
     assert dashboard_auth.revoke(conn, 1, key_id, 6) is None  # already: nothing to do
     conn.close()
+
+
+def test_a_bad_period_is_explained(live):
+    r = httpx.get(live.url + "/triggers.json?since=soon", headers=BEARER, timeout=10)
+    assert r.status_code == 400
+    assert "since='soon'" in r.json()["error"]["message"]
+    with signed_in(live) as (client, _):
+        page = client.get("/?since=soon")
+    assert page.status_code == 400 and "since=&#39;soon&#39;" in page.text
