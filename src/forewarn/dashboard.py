@@ -17,7 +17,7 @@ from collections.abc import Awaitable, Callable
 from functools import lru_cache
 from importlib import resources
 from typing import TYPE_CHECKING, Any
-from urllib.parse import parse_qs, quote
+from urllib.parse import parse_qs, quote, urlsplit
 
 import jinja2
 import msgspec
@@ -233,10 +233,13 @@ def routes(app: Forewarn) -> list[Route]:
         return {k: v[-1] for k, v in fields.items()}
 
     def same_origin(request: Request) -> bool:
+        """Whether a form came from this server's own pages (browsers send Origin with every
+        POST; behind a proxy that ends TLS, the page's origin is FOREWARN_PUBLIC_URL's)."""
         origin = request.headers.get("origin")
-        if origin is None or origin == "null":
-            return origin is None
-        return origin == f"{request.url.scheme}://{request.url.netloc}"
+        if origin is None:
+            return True  # an old browser or a script: the CSRF token still has to match
+        own = f"{request.url.scheme}://{request.url.netloc}"
+        return origin == own or (origin != "" and origin == _public_origin())
 
     async def checked(request: Request) -> tuple[Viewer, dict[str, str]]:
         """The session and the fields of a form posted from the dashboard; anything else is
@@ -442,6 +445,13 @@ _TITLES = {
     409: "Not done",
     413: "Too large",
 }
+
+
+def _public_origin() -> str:
+    from forewarn import settings
+
+    parts = urlsplit(settings.env("PUBLIC_URL") or "")
+    return f"{parts.scheme}://{parts.netloc}" if parts.scheme and parts.netloc else ""
 
 
 def _cookie(request: Request, response: Response, name: str, value: str, max_age: int) -> None:
