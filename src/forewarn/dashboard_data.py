@@ -13,7 +13,7 @@ from typing import Any
 import msgspec
 
 from forewarn import describe, stats, store_outbox, store_sqlite
-from forewarn.model import format_time
+from forewarn.model import format_time, parse_time_ms
 from forewarn.playbook import Trigger
 
 HOUR_MS = 3_600_000
@@ -24,6 +24,16 @@ EXAMPLES = 10  # example subjects on a trigger's page
 
 def _time(ms: int | None) -> str | None:
     return None if ms is None else format_time(ms)
+
+
+def _iso(stamp: Any) -> str | None:
+    """An event's timestamp in the one format the timeline sorts by (UTC, milliseconds)."""
+    if not isinstance(stamp, str):
+        return None
+    try:
+        return format_time(parse_time_ms(stamp))
+    except ValueError:
+        return stamp
 
 
 # --- overview ---------------------------------------------------------------------------------
@@ -269,7 +279,7 @@ def customer(
         name = m.get("event") if kind == "track" else m.get("name")
         timeline.append(
             {
-                "at": m.get("timestamp"),
+                "at": _iso(m.get("timestamp")),
                 "kind": "reply" if name == "Message Replied" else "event",
                 "type": kind,
                 "name": name,
