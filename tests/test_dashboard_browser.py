@@ -7,13 +7,14 @@ Screenshots of every page are saved in `test-artifacts/dashboard/`."""
 from __future__ import annotations
 
 import time
+from email.message import EmailMessage
 from typing import Any
 
 import httpx
 import pytest
 
 from . import server as srv
-from .test_browser import ARTIFACTS, CHROMIUM, _require_browser
+from .test_browser import ARTIFACTS, CHROMIUM, XSS, _require_browser
 from .world import serve_world
 
 SHOTS = ARTIFACTS / "dashboard"
@@ -21,7 +22,16 @@ SHOTS = ARTIFACTS / "dashboard"
 
 @pytest.fixture(scope="module")
 def live(tmp_path_factory: pytest.TempPathFactory) -> Any:
-    server = serve_world(tmp_path_factory.mktemp("dashboard-browser"))
+    folder = tmp_path_factory.mktemp("dashboard-browser")
+    maildir = folder / "mail"
+    maildir.mkdir()
+    mail = EmailMessage()  # as the demo's mail sink writes what it receives
+    mail["Subject"] = "Your last payment did not go through"
+    mail["From"] = "Forewarn <noreply@example.com>"
+    mail["To"] = "owner@acme.example"
+    mail.set_content(f"<p>Hello,</p><p>Please update your card.</p>{XSS}", subtype="html")
+    (maildir / "0001.eml").write_bytes(bytes(mail))
+    server = serve_world(folder, {"FOREWARN_DEMO_MAILDIR": str(maildir)})
     yield server
     srv.stop(server)
 
@@ -81,6 +91,11 @@ def test_every_page_loads_clean_and_pausing_a_trigger_takes_effect(live):
                 assert response is not None and response.status == 200, (name, response)
                 page.wait_for_load_state("networkidle")
                 page.screenshot(path=str(SHOTS / f"{name}.png"), full_page=True)
+            page.goto(live.url + "/outbox")
+            email = page.inner_text("article.email")
+            assert "Hello,\nPlease update your card." in email and "owner@acme.example" in email
+            assert page.query_selector("article.email img") is None
+            assert page.evaluate("window.__xss") is None
             page.goto(live.url + "/")
             assert page.wait_for_selector(".chart .uplot canvas", timeout=10_000) is not None
             # a firing shows on the open overview as it happens, without a reload

@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import email
 import email.policy
+import html
+import re
 import sqlite3
 from email.message import EmailMessage
 from pathlib import Path
@@ -116,8 +118,13 @@ def _text_of(message: EmailMessage) -> str:
     if not isinstance(content, str):
         return ""
     if part.get_content_subtype() == "html":  # text only: never the sender's markup
-        content = nh3.clean(content, tags=set(), strip_comments=True)
+        content = _BLOCK_END.sub("\n", content)  # paragraphs stay apart as lines
+        content = html.unescape(nh3.clean(content, tags=set(), strip_comments=True))
+        content = re.sub(r"\n{3,}", "\n\n", content)
     return content.strip()
+
+
+_BLOCK_END = re.compile(r"<br\s*/?>|</(?:p|div|li|tr|h[1-6]|blockquote|table)\s*>", re.I)
 
 
 # --- backtests --------------------------------------------------------------------------------
