@@ -476,3 +476,20 @@ def test_a_bad_period_is_explained(live):
     with signed_in(live) as (client, _):
         page = client.get("/?since=soon")
     assert page.status_code == 400 and "since=&#39;soon&#39;" in page.text
+
+
+def test_a_session_survives_a_restart(tmp_path):
+    db = tmp_path / "forewarn.db"
+    env = {"FOREWARN_DELIVERY": "off", "FOREWARN_GUARD_EVERY": "off"}
+    with srv.running(db, env=env) as first, httpx.Client(base_url=first.url, timeout=10) as client:
+        _sign_in(client)
+        cookie = client.cookies["fw_session"]
+    with srv.running(db, env=env) as second:
+        again = httpx.get(second.url + "/settings", cookies={"fw_session": cookie}, timeout=10)
+        assert again.status_code == 200 and "Sign out" in again.text
+        signin = httpx.get(second.url + "/signin?next=/outbox", cookies={"fw_session": cookie})
+        assert signin.status_code == 303 and signin.headers["location"] == "/outbox"
+        forged = httpx.get(
+            second.url + "/settings", cookies={"fw_session": cookie[:-2] + "xx"}, timeout=10
+        )
+        assert forged.status_code == 303

@@ -257,8 +257,11 @@ def routes(app: Forewarn) -> list[Route]:
     @friendly
     async def signin(request: Request) -> Response:
         if request.method == "GET":
+            target = _safe_next(request.query_params.get("next"))
+            if await with_conn(lambda conn: viewer_of(conn, request)) is not None:
+                return RedirectResponse(target, status_code=303)  # signed in already
             token = dashboard_auth.new_token()
-            data = {"next": _safe_next(request.query_params.get("next")), "error": None}
+            data = {"next": target, "error": None}
             response = render(request, "signin.html", {**data, "token": token}, None)
             _cookie(request, response, dashboard_auth.SIGNIN_COOKIE, token, 3600)
             return response
