@@ -136,6 +136,18 @@ def test_every_page_loads_clean_and_pausing_a_trigger_takes_effect(live):
             page.wait_for_url(live.url + "/triggers")
             assert "payment-failed" not in live.admin("/api/v1/triggers/overrides")["overrides"]
 
+            # on a trigger's own page, with a reason
+            page.goto(live.url + "/triggers/storage-85")
+            page.fill("input[name=reason]", "incident INC-42")
+            page.click("button[data-action=shadow]")
+            page.wait_for_url(live.url + "/triggers/storage-85")
+            assert "incident INC-42" in page.inner_text("p.override")
+            override = live.admin("/api/v1/triggers/overrides")["overrides"]["storage-85"]
+            assert override["mode"] == "shadow" and override["reason"] == "incident INC-42"
+            page.click("button[data-action=resume]")
+            page.wait_for_url(live.url + "/triggers/storage-85")
+            assert "storage-85" not in live.admin("/api/v1/triggers/overrides")["overrides"]
+
             # a backtest from its form, read when done
             page.goto(live.url + "/backtests")
             page.uncheck("fieldset:has(legend:has-text('errors.yaml')) legend input")
