@@ -493,3 +493,12 @@ def test_a_session_survives_a_restart(tmp_path):
             second.url + "/settings", cookies={"fw_session": cookie[:-2] + "xx"}, timeout=10
         )
         assert forged.status_code == 303
+
+
+def test_the_triggers_page_counts_firings_per_day(live):
+    data = httpx.get(live.url + "/triggers.json?since=30d", headers=BEARER, timeout=10).json()
+    firings = live.firings(limit=10_000)
+    for t in data["triggers"]:
+        assert len(t["per_day"]) in (30, 31)
+        assert sum(t["per_day"]) == sum(1 for f in firings if f["trigger"] == t["id"]), t["id"]
+    assert any(sum(t["per_day"]) for t in data["triggers"])

@@ -146,14 +146,34 @@ def _lift(row: dict[str, Any] | None) -> dict[str, Any] | None:
     return None
 
 
+def daily(
+    conn: sqlite3.Connection, workspace: int, since_ms: int, until_ms: int
+) -> dict[str, list[int]]:
+    """Firings per day of each trigger over the period (oldest day first), for sparklines."""
+    start = since_ms - since_ms % DAY_MS
+    n = max(1, (until_ms - start) // DAY_MS + 1)
+    out: dict[str, list[int]] = {}
+    for trig, day, count in conn.execute(
+        "SELECT trig, (at_ms - ?) / ?, count(*) FROM firings WHERE workspace = ? AND at_ms >= ?"
+        " GROUP BY 1, 2",
+        (start, DAY_MS, workspace, start),
+    ):
+        if 0 <= day < n:
+            out.setdefault(trig, [0] * n)[day] = count
+    return out
+
+
 def triggers(
     loaded: list[Trigger],
     report: dict[str, Any],
     overrides: dict[str, dict[str, Any]],
+    per_day: dict[str, list[int]] | None = None,
 ) -> dict[str, Any]:
-    """Each loaded trigger: its status, volume, precision, lift with its interval and verdict,
-    and, when it is paused or in shadow by hand or by the auto-guard, who did it and why."""
+    """Each loaded trigger: its status, volume (and firings per day, when given), precision,
+    lift with its interval and verdict, and, when it is paused or in shadow by hand or by the
+    auto-guard, who did it and why."""
     rows = {r["trigger"]: r for r in report.get("triggers", [])}
+    days = len(next(iter(per_day.values()))) if per_day else 0
     out = []
     for t in loaded:
         override = overrides.get(t.id)
@@ -172,6 +192,7 @@ def triggers(
                 "firings_per_day": row["firings_per_day"] if row else 0.0,
                 "precision": row["precision"] if row else None,
                 "lift": _lift(row),
+                "per_day": (per_day or {}).get(t.id, [0] * days),
             }
         )
     return {

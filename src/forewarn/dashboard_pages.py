@@ -89,7 +89,9 @@ def triggers(
     since, span = period(request)
     found = report_of(app, conn, viewer.workspace, span)
     overrides = store_outbox.trigger_overrides(conn, viewer.workspace)
-    data = dashboard_data.triggers(app.engines.triggers, found, overrides)
+    now = clock.now_ms()
+    per_day = dashboard_data.daily(conn, viewer.workspace, now - span, now)
+    data = dashboard_data.triggers(app.engines.triggers, found, overrides, per_day)
     data["period"], data["periods"] = since, PERIODS
     return data
 
