@@ -2,10 +2,11 @@
 autoescaped, templates in `forewarn/pages/`), a little JavaScript for live counts and charts
 (uPlot, vendored in `forewarn/static/`), and a strict Content-Security-Policy. Edge.
 
-Every page is made from one dict (`dashboard_data`, `dashboard_more`); the same path ending in
-`.json`, or asked for with `Accept: application/json`, answers that dict: its JSON twin. Pages
-need a session (`dashboard_auth`: sign in with an admin key); twins also take the admin key as
-`Authorization: Bearer`. Forms post with the session's CSRF token and answer with a redirect.
+Every page is made from one dict (`dashboard_pages` loads it, from `dashboard_data` and
+`dashboard_more`); the same path ending in `.json`, or asked for with `Accept:
+application/json`, answers that dict: its JSON twin. Pages need a session (`dashboard_auth`:
+sign in with an admin key); twins also take the admin key as `Authorization: Bearer`. Forms
+post with the session's CSRF token and answer with a redirect.
 """
 
 from __future__ import annotations
