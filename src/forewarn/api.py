@@ -30,7 +30,7 @@ from starlette.requests import Request
 from starlette.responses import PlainTextResponse, Response
 from starlette.routing import Route
 
-from forewarn import api_outreach, clock, ingest, store_sqlite, webhooks, widget
+from forewarn import api_outreach, clock, dashboard, ingest, store_sqlite, webhooks, widget
 from forewarn import openapi as openapi_document
 from forewarn.errors import ForewarnError, InputError, NotFoundError, TooLargeError
 from forewarn.live import firing_dict
@@ -170,6 +170,10 @@ class Forewarn:
             self._keys.clear()
         self._keys[token] = (found, now)
         return found
+
+    def forget_keys(self) -> None:
+        """Look every key up again (one was revoked)."""
+        self._keys.clear()
 
     def write_key(self, token: str | None) -> Key:
         found = self.key(token)
@@ -461,6 +465,7 @@ def routes(app: Forewarn) -> list[Route]:
         *api_outreach.routes(app),
         *widget.routes(app, app.assistant),
         *widget.demo_routes(app, app.settings.write_key),
+        *dashboard.routes(app),
     ]
 
 

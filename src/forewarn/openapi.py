@@ -183,6 +183,33 @@ def _openapi() -> dict[str, Any]:
             body=True,
         )
     }
+    # the dashboard's pages as JSON (docs/dashboard.md): also open to a signed-in session
+    since = [_param("since")]
+    for path, what, params in (
+        ("/overview.json", "Dashboard overview: counts, firings per hour, latest firings", since),
+        ("/triggers.json", "Dashboard triggers: status, volume, precision, lift, verdict", since),
+        (
+            "/triggers/{trigger}.json",
+            "Dashboard trigger detail: rates with intervals, firings per day, reasons",
+            [*trig, *since],
+        ),
+        ("/customers.json", "Dashboard: the customers fired for lately", []),
+        (
+            "/customers/{subject}.json",
+            "Dashboard customer timeline; `why` explains a trigger",
+            [*subject, _param("why")],
+        ),
+        (
+            "/outreach.json",
+            "Dashboard outreach log",
+            [_param("trigger"), _param("status"), _param("subject")],
+        ),
+        ("/outbox.json", "Dashboard outbox and the demo's captured emails", []),
+        ("/backtests.json", "Dashboard backtests", []),
+        ("/backtests/{id}.json", "Dashboard: one backtest", [_param("id", "path")]),
+        ("/settings.json", "Dashboard settings: keys (prefixes), channels, policy", []),
+    ):
+        paths[path] = {"get": _op(what, admin, params)}
     paths["/healthz"] = {"get": _op("Liveness", None)}
     paths["/metrics"] = {
         "get": {

@@ -55,7 +55,7 @@ SETTINGS: dict[str, str] = {
     "DELIVERY": "on",
     "DELIVERY_ATTEMPTS": "8",
     "DELIVERY_LEASE": "5m",
-    # `forewarn demo`: the folder its SMTP sink writes each email into, for the dashboard
+    # the demo's mail sink writes each email here as an .eml file; the dashboard reads them
     "DEMO_MAILDIR": "",
 }
 
