@@ -226,6 +226,41 @@ MIGRATIONS: dict[int, str | Only] = {
         PRIMARY KEY (workspace, trig)
     ) WITHOUT ROWID;
     """,
+    # the scale-out mode (store_pg, worker): the log one row per event, deduplicated by the
+    # hash of its message id; the queue of events not yet applied, by partition (an account,
+    # or a user without one); each partition's engine and policy state, with the earliest
+    # moment one of its timers is due
+    5: Only(
+        "postgresql",
+        """
+    CREATE TABLE events (
+        id INTEGER PRIMARY KEY,
+        workspace INTEGER NOT NULL,
+        hash INTEGER NOT NULL,
+        part TEXT NOT NULL,
+        received_ms INTEGER NOT NULL,
+        source TEXT NOT NULL,
+        event BLOB NOT NULL,
+        message BLOB NOT NULL
+    );
+    CREATE UNIQUE INDEX events_seen ON events (workspace, hash);
+    CREATE TABLE queue (
+        id INTEGER NOT NULL PRIMARY KEY,
+        workspace INTEGER NOT NULL,
+        part TEXT NOT NULL
+    );
+    CREATE INDEX queue_part ON queue (workspace, part, id);
+    CREATE TABLE parts (
+        workspace INTEGER NOT NULL,
+        part TEXT NOT NULL,
+        state BLOB NOT NULL,
+        due_ms INTEGER NOT NULL,
+        playbooks TEXT NOT NULL,
+        PRIMARY KEY (workspace, part)
+    );
+    CREATE INDEX parts_due ON parts (workspace, due_ms);
+    """,
+    ),
 }
 
 VERSION = max(MIGRATIONS)

@@ -45,6 +45,7 @@ KEY_KINDS = ("write", "admin")
 _KEY_PREFIX = {"write": "fw_wk_", "admin": "fw_ak_"}
 _IN_CHUNK = 500  # message ids per `IN (...)` query
 
+
 class StoreError(ForewarnError):
     """The database cannot be used (locked, full, damaged, or from a newer version)."""
 
