@@ -229,7 +229,7 @@ MIGRATIONS: dict[int, str | Only] = {
     # the scale-out mode (store_pg, worker): the log one row per event, deduplicated by the
     # hash of its message id; the queue of events not yet applied, by partition (an account,
     # or a user without one); each partition's engine and policy state, with the earliest
-    # moment one of its timers is due
+    # moment one of its timers is due; each user's home: the first account seen for them
     5: Only(
         "postgresql",
         """
@@ -259,6 +259,12 @@ MIGRATIONS: dict[int, str | Only] = {
         PRIMARY KEY (workspace, part)
     );
     CREATE INDEX parts_due ON parts (workspace, due_ms);
+    CREATE TABLE homes (
+        workspace INTEGER NOT NULL,
+        person TEXT NOT NULL,
+        account TEXT NOT NULL,
+        PRIMARY KEY (workspace, person)
+    );
     """,
     ),
 }

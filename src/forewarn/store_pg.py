@@ -198,11 +198,18 @@ def ensure_workspace(
 # --- the event log and its queue ----------------------------------------------------------
 
 
-def partition(event: Event) -> str:
-    """The partition an event is applied in: its account's, else its user's."""
+def person(event: Event) -> str:
+    return event.user_id or event.anonymous_id or ""
+
+
+def partition(event: Event, homes: dict[str, str]) -> str:
+    """The partition an event is applied in: its account's; for one without, its user's
+    home account's (`homes`, by user), else its user's own."""
     if event.account_id is not None:
         return "account:" + event.account_id
-    return "user:" + (event.user_id or event.anonymous_id or "")
+    who = person(event)
+    home = homes.get(who)
+    return "account:" + home if home is not None else "user:" + who
 
 
 def lock_key(workspace: int, part: str) -> int:
@@ -252,11 +259,12 @@ def _append(conn: psycopg.Connection[Any], a: Append) -> Appended:
         offered.add(h)
         hashes.append(h)
         order.append(i)
+    homes = _homes(conn, a.workspace, [events[i] for i in order])
     rows = conn.execute(
         _APPEND,
         {
             "hash": hashes,
-            "part": [partition(events[i]) for i in order],
+            "part": [partition(events[i], homes) for i in order],
             "event": [EVENTS_FORMAT + _pack(msgspec.structs.astuple(events[i])) for i in order],
             "message": [_json(a.messages[i]) for i in order],
             "workspace": a.workspace,
@@ -272,6 +280,42 @@ def _append(conn: psycopg.Connection[Any], a: Append) -> Appended:
     if not kept:
         return Appended(None, 0, duplicates)
     return Appended(max(stored.values()), len(kept), duplicates, kept if duplicates else None)
+
+
+def _homes(conn: psycopg.Connection[Any], workspace: int, events: list[Event]) -> dict[str, str]:
+    """The home account of each user of `events` who has one. A user's first event with an
+    account makes that account their home: their events queued in their own partition so far
+    move to it, and so do those of their state already applied (`worker`)."""
+    first: dict[str, str] = {}
+    people: set[str] = set()
+    for event in events:
+        who = person(event)
+        people.add(who)
+        if event.account_id is not None and who not in first:
+            first[who] = event.account_id
+    if first:
+        new = [
+            (str(p), str(a))
+            for p, a in conn.execute(
+                "INSERT INTO homes (workspace, person, account)"
+                " SELECT %s, p, a FROM unnest(%s::text[], %s::text[]) AS h(p, a)"
+                " ON CONFLICT (workspace, person) DO NOTHING RETURNING person, account",
+                (workspace, list(first), list(first.values())),
+            )
+        ]
+        if new:
+            conn.execute(
+                "UPDATE queue SET part = 'account:' || h.a FROM unnest(%s::text[], %s::text[])"
+                " AS h(p, a) WHERE queue.workspace = %s AND queue.part = 'user:' || h.p",
+                ([p for p, _ in new], [a for _, a in new], workspace),
+            )
+    return {
+        str(p): str(a)
+        for p, a in conn.execute(
+            "SELECT person, account FROM homes WHERE workspace = %s AND person = ANY(%s)",
+            (workspace, list(people)),
+        )
+    }
 
 
 def pending(conn: psycopg.Connection[Any], workspace: int) -> int:

@@ -27,7 +27,7 @@ its user's events in that account. (The embedded engine also counts an event wit
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import msgspec
@@ -66,6 +66,17 @@ class PartState(msgspec.Struct, array_like=True):
 _encode = msgspec.msgpack.Encoder().encode
 _decode_state = msgspec.msgpack.Decoder(PartState).decode
 _decode_event = msgspec.msgpack.Decoder(tuple[Any, ...]).decode
+
+
+@dataclass
+class Part:
+    """A partition claimed for a step: its engine, its policy, its events in log order."""
+
+    name: str
+    runner: Runner
+    outreach: Outreach
+    events: list[Event] = field(default_factory=list)
+    ids: list[int] = field(default_factory=list)
 
 
 @dataclass
@@ -183,12 +194,15 @@ class Worker:
                     (self.workspace, parts),
                 )
             }
+            loaded = [self._load(p, stored.get(p), claimed[p]) for p in parts]
+            moved = self._send_home(conn, loaded)
+            self._adopt(conn, [p for p in loaded if p.name.startswith("account:")])
             modes = store_pg.trigger_overrides(conn, self.workspace)
-            for part in parts:
-                events = claimed[part]
-                done.firings += self._run(conn, part, stored.get(part), events, now_ms, modes)
-                done.events += len(events)
+            for p in loaded:
+                done.firings += self._run(conn, p, now_ms, modes)
+                done.events += len(p.events)
                 done.parts += 1
+            ids = [i for i in ids if i not in moved]
             if ids:
                 conn.execute("DELETE FROM queue WHERE id = ANY(%s)", (ids,))
         return done
@@ -206,31 +220,107 @@ class Worker:
 
     # --- one partition ---------------------------------------------------------------------
 
-    def _run(
-        self,
-        conn: psycopg.Connection[Any],
-        part: str,
-        stored: tuple[bytes, str] | None,
-        events: list[tuple[int, int, bytes]],
-        now_ms: int,
-        modes: dict[str, str],
-    ) -> int:
+    def _load(
+        self, name: str, stored: tuple[bytes, str] | None, claimed: list[tuple[int, int, bytes]]
+    ) -> Part:
         state = engine.State(self.book)
-        runner = Runner(state, lateness_ms=0)
-        outreach = Outreach(state, self.triggers, self.policy, None)
+        part = Part(name, Runner(state, lateness_ms=0), Outreach(state, self.triggers, self.policy))
         if stored is not None:
             if stored[1] == self.playbooks:
-                self._restore(runner, outreach, _decode_state(stored[0]))
+                self._restore(part.runner, part.outreach, _decode_state(stored[0]))
             else:  # other playbooks: this partition starts again from its next event
-                log.warning("partition %s: playbooks changed, its state starts afresh", part)
-        firings: list[Firing] = []
-        last = 0
-        for qid, received_ms, raw in events:
+                log.warning("partition %s: playbooks changed, its state starts afresh", name)
+        for qid, received_ms, raw in claimed:
             event = Event(*_decode_event(raw[1:]))
             if event.timestamp_ms > received_ms:  # a client clock running ahead
                 event.timestamp_ms = received_ms
+            part.events.append(event)
+            part.ids.append(qid)
+        return part
+
+    def _send_home(self, conn: psycopg.Connection[Any], loaded: list[Part]) -> set[int]:
+        """Events queued under a user who has since got a home account (accepted while the
+        home was being set) go to that account: applied with it now when it is claimed in
+        this step (in log order), else moved to its queue. Returns the ids moved."""
+        users = [p for p in loaded if p.name.startswith("user:") and p.ids]
+        if not users:
+            return set()
+        homes = dict(
+            conn.execute(
+                "SELECT 'user:' || person, 'account:' || account FROM homes"
+                " WHERE workspace = %s AND 'user:' || person = ANY(%s)",
+                (self.workspace, [p.name for p in users]),
+            ).fetchall()
+        )
+        here = {p.name: p for p in loaded}
+        moved: set[int] = set()
+        for p in users:
+            home = homes.get(p.name)
+            if home is None:
+                continue
+            into = here.get(home)
+            if into is not None:
+                merged = sorted(
+                    zip(into.ids + p.ids, into.events + p.events, strict=True),
+                    key=lambda pair: pair[0],
+                )
+                into.ids = [i for i, _ in merged]
+                into.events = [e for _, e in merged]
+            else:
+                conn.execute("UPDATE queue SET part = %s WHERE id = ANY(%s)", (home, p.ids))
+                moved.update(p.ids)
+            p.events, p.ids = [], []
+        return moved
+
+    def _adopt(self, conn: psycopg.Connection[Any], parts: list[Part]) -> None:
+        """Users new to an account partition bring the state their own partition kept before
+        they had a home, under that partition's lock (taken in one order by every worker)."""
+        wanted: dict[str, Part] = {}
+        for p in parts:
+            state = p.runner.state
+            for event in p.events:
+                who = store_pg.person(event)
+                if who not in state.users and who not in state.aliases:
+                    wanted.setdefault("user:" + who, p)
+        if not wanted:
+            return
+        names = sorted(wanted)
+        for name in names:
+            conn.execute(
+                "SELECT pg_advisory_xact_lock(%s)", (store_pg.lock_key(self.workspace, name),)
+            )
+        rows = conn.execute(
+            "SELECT part, state, playbooks FROM parts WHERE workspace = %s AND part = ANY(%s)",
+            (self.workspace, names),
+        ).fetchall()
+        for name, raw, playbooks in rows:
+            if playbooks != self.playbooks:
+                continue
+            snap = _decode_state(bytes(raw))
+            _move_user(snap, wanted[name], name[len("user:") :])
+            if snap.users or snap.accounts:
+                conn.execute(
+                    "UPDATE parts SET state = %s, due_ms = %s WHERE workspace = %s AND part = %s",
+                    (_encode(snap), _next_due(snap.users, snap.accounts), self.workspace, name),
+                )
+            else:
+                conn.execute(
+                    "DELETE FROM parts WHERE workspace = %s AND part = %s",
+                    (self.workspace, name),
+                )
+
+    def _run(
+        self,
+        conn: psycopg.Connection[Any],
+        p: Part,
+        now_ms: int,
+        modes: dict[str, str],
+    ) -> int:
+        runner, outreach, state = p.runner, p.outreach, p.runner.state
+        firings: list[Firing] = []
+        for event in p.events:
             runner._apply(event, firings)
-            last = qid
+        last = p.ids[-1] if p.ids else 0
         firings.extend(runner.advance(now_ms))
         for t in self.triggers:
             spec = outreach.specs[t.id]
@@ -269,9 +359,9 @@ class Worker:
             _SAVE,
             (
                 self.workspace,
-                part,
+                p.name,
                 self._snapshot(runner, outreach),
-                _next_due(state),
+                _next_due(state.users, state.accounts),
                 self.playbooks,
             ),
         )
@@ -385,10 +475,10 @@ def _accounts(state: engine.State, scope: str, subject: str) -> list[str]:
     return list(user.accounts or []) if user is not None else []
 
 
-def _next_due(state: engine.State) -> int:
-    """The earliest timer filed in the partition's states (NEVER when none is)."""
+def _next_due(*tables: dict[str, Subject]) -> int:
+    """The earliest timer filed in the states of these subjects (NEVER when none is)."""
     due = NEVER
-    for table in (state.users, state.accounts):
+    for table in tables:
         for subject in table.values():
             for ts in subject.states or ():
                 if ts is not None and ts[engine.FILED] < due:
@@ -413,3 +503,35 @@ def _displace(conn: psycopg.Connection[Any], firing_ids: list[int], now_ms: int)
                 " send_at_ms = NULL WHERE id = %s",
                 (fid,),
             )
+
+
+def _move_user(snap: PartState, into: Part, who: str) -> None:
+    """Move a user's subject, aliases, open tickets, policy history and timers from a user
+    partition's state into an account partition's."""
+    runner, outreach = into.runner, into.outreach
+    state = runner.state
+    if who in state.users:  # met here already: what it did elsewhere stays there
+        return
+    subject = snap.users.pop(who, None)
+    if subject is not None:
+        state.users[who] = subject
+        for ct in state.book.triggers:
+            ts = subject.states[ct.slot] if subject.states and not ct.account else None
+            if ts is not None and ts[engine.FILED] != NEVER:
+                runner._timers.add(Timer(ts[engine.FILED], ct.index, who))
+    for alias, target in list(snap.aliases.items()):
+        if target == who:
+            state.aliases[alias] = snap.aliases.pop(alias)
+    tickets = snap.urgent.pop("user:" + who, None)
+    if tickets is not None:
+        state.urgent["user:" + who] = tickets
+    kept = []
+    for entry in snap.history:
+        scope, subject_id, trig, channel, problem, priority, at, send_at, fid = entry
+        if scope == "user" and subject_id == who:
+            outreach.history.add(
+                scope, who, decide.Record(trig, channel, problem, priority, at, send_at, fid)
+            )
+        else:
+            kept.append(entry)
+    snap.history = kept
