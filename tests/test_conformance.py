@@ -5,7 +5,6 @@ workers on PostgreSQL."""
 from __future__ import annotations
 
 import random
-import sqlite3
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
