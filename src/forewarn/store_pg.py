@@ -18,6 +18,7 @@ Every process opens its own pool with `connect`.
 from __future__ import annotations
 
 import hashlib
+import secrets
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -399,3 +400,14 @@ def query_firings(
         (workspace, trigger, trigger, subject, subject, limit),
     ).fetchall()
     return [tuple(r) for r in rows]
+
+
+def secret(conn: psycopg.Connection[Any], name: str) -> str:
+    """A random secret kept in the database, made on first use (as `store_outbox.secret`)."""
+    conn.execute(
+        "INSERT INTO secrets (name, value) VALUES (%s, %s) ON CONFLICT (name) DO NOTHING",
+        (name, secrets.token_urlsafe(32)),
+    )
+    row = conn.execute("SELECT value FROM secrets WHERE name = %s", (name,)).fetchone()
+    assert row is not None
+    return str(row[0])
