@@ -21,7 +21,7 @@ from forewarn.worker import Worker
 from tests import pg
 from tests.factories import DAY, MINUTE, T0_MS, at, group, identify, playbook, track
 
-TRIGGERS = playbook("""
+PLAYBOOK = """
 triggers:
   - id: error-burst
     scope: account
@@ -51,7 +51,8 @@ triggers:
     action: {channel: email, message: Time to upgrade?}
     cooldown: 2d
     holdout: 0.2
-""")
+"""
+TRIGGERS = playbook(PLAYBOOK)
 NAMES = ["Login", "Error", "Error", "Export Failed", "Limit Hit", "Report Viewed"]
 UNTIL_MS = T0_MS + 12 * DAY
 Row = tuple[str, str, str, str, str | None, str | None]
@@ -104,13 +105,13 @@ def _stored(rows: list[store_sqlite.FiringRow]) -> list[Row]:
     return sorted(found)
 
 
-def reference(messages: list[dict[str, Any]]) -> list[Row]:
+def reference(messages: list[dict[str, Any]], until_ms: int = UNTIL_MS) -> list[Row]:
     """What `forewarn replay` prints: the engine and the policy in memory."""
     keep = (POLICY_TRAITS, POLICY_TRAITS)
     runner = Runner(engine.State(engine.Playbook(TRIGGERS, keep=keep)), lateness_ms=0)
     out: list[Firing] = []
     holding = Holding(Outreach(runner.state, TRIGGERS), out.append)
-    runner.replay([event_from_dict(m) for m in messages], UNTIL_MS, holding)
+    runner.replay([event_from_dict(m) for m in messages], until_ms, holding)
     holding.release()
     return sorted(_row(f) for f in out)
 

