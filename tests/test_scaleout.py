@@ -195,3 +195,92 @@ def test_two_api_and_three_worker_processes_fire_as_one_replay(url: str, tmp_pat
     expected = Counter((r[0], r[1], r[3], r[4]) for r in reference(accepted, until))
     assert sum(expected.values()) > 20 and len({k[0] for k in expected}) >= 3
     assert found == expected
+
+
+_KILLED_WORKER = """
+import sys
+from forewarn import store_pg
+from forewarn.worker import Worker
+from tests.test_conformance import TRIGGERS
+pool = store_pg.connect(sys.argv[1])
+worker = Worker(pool, int(sys.argv[2]), TRIGGERS, parts_per_step=2, events_per_step=40)
+while True:
+    worker.step(0)
+"""
+
+
+def test_a_worker_killed_mid_batch_loses_and_repeats_nothing(url: str) -> None:
+    from forewarn.store_sqlite import Append
+    from forewarn.worker import Worker
+    from tests.test_conformance import TRIGGERS, UNTIL_MS, _stored, generate
+
+    messages = generate(5, n=1200)
+    pool = store_pg.connect(url)
+    try:
+        ws = store_pg.ensure_workspace(pool, "default", 0)
+        for i in range(0, len(messages), 100):
+            chunk = messages[i : i + 100]
+            store_pg.append_batches(
+                pool,
+                [
+                    Append(
+                        ws,
+                        "segment",
+                        UNTIL_MS,
+                        chunk,
+                        [m["messageId"] for m in chunk],
+                        [event_from_dict(m) for m in chunk],
+                    )
+                ],
+            )
+        with pool.connection() as conn:
+            queued = store_pg.pending(conn, ws)
+        child = subprocess.Popen(
+            [
+                sys.executable,
+                "-c",
+                _KILLED_WORKER,
+                url + "?application_name=forewarn-doomed",
+                str(ws),
+            ],
+            cwd=Path(__file__).resolve().parent.parent,
+            stderr=subprocess.PIPE,
+        )
+        try:
+            deadline = time.monotonic() + 30
+            while True:  # kill it once it has committed work and is inside a transaction
+                with pool.connection() as conn:
+                    left = store_pg.pending(conn, ws)
+                    inside = conn.execute(
+                        "SELECT count(*) FROM pg_stat_activity WHERE application_name = 'forewarn-doomed'"
+                        " AND xact_start IS NOT NULL AND state <> 'idle'"
+                    ).fetchone()
+                if left < queued and inside and inside[0]:
+                    child.send_signal(signal.SIGKILL)
+                    break
+                assert child.poll() is None and time.monotonic() < deadline, (
+                    "the worker did not get going"
+                )
+        finally:
+            if child.poll() is None:
+                child.kill()
+            child.wait()
+            if child.stderr is not None:
+                child.stderr.close()
+        assert 0 < left < queued
+        team = [Worker(pool, ws, TRIGGERS, parts_per_step=4, events_per_step=100) for _ in range(2)]
+        deadline = time.monotonic() + 60
+        while True:  # (the killed worker's locks go when PostgreSQL sees it gone)
+            for w in team:
+                w.step(0)
+            with pool.connection() as conn:
+                if not store_pg.pending(conn, ws):
+                    break
+            assert time.monotonic() < deadline
+        while sum(w.step(UNTIL_MS).parts for w in team):
+            pass
+        with pool.connection() as conn:
+            found = _stored(store_pg.query_firings(conn, ws, limit=100_000))
+    finally:
+        pool.close()
+    assert len(found) > 20 and found == reference(messages)
