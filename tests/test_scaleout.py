@@ -176,7 +176,13 @@ def test_two_api_and_three_worker_processes_fire_as_one_replay(url: str, tmp_pat
         # each account's (and lone user's) events go through one client, as one customer's
         # backend would send them: in order
         clients = [
-            Client(WRITE_KEY, host=f"http://127.0.0.1:{p}", gzip=True, upload_interval=0.05)
+            Client(
+                WRITE_KEY,
+                host=f"http://127.0.0.1:{p}",
+                gzip=True,
+                upload_interval=0.05,
+                max_retries=3,
+            )
             for p in ports
         ]
         messages = generate(11, n=300)

@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import queue
 import threading
 import time
 from collections.abc import AsyncIterator, Callable
@@ -32,8 +33,8 @@ from forewarn import api, clock, compose, live, settings, store_pg, store_sqlite
 from forewarn.errors import ForewarnError, InputError, NotFoundError
 from forewarn.live import Committed
 from forewarn.playbook import Trigger
-from forewarn.server import EngineStats, Writer
-from forewarn.store_sqlite import Append, Appended, Key
+from forewarn.server import GROUP_MAX, EngineStats, Writer, _fail, _Job, _resolve
+from forewarn.store_sqlite import Key, StoreError
 from forewarn.worker import Worker
 
 log = logging.getLogger("forewarn.scaleout")
@@ -43,21 +44,56 @@ INGEST_PATHS = ("/v1/", "/batch/", "/capture/", "/i/v1/", "/api/{project}/", "/w
 
 
 class PgWriter(Writer):
-    """The API's `Writer` on PostgreSQL: each request committed in a transaction of its own,
-    from a thread, many at once (the database groups the commits)."""
+    """The API's `Writer` on PostgreSQL: requests waiting at the same moment are committed
+    together, in one transaction (one flush of the database's log for all of them), by a few
+    threads side by side; each request is answered once its transaction has committed."""
 
-    def __init__(self, pool: store_pg.Pool) -> None:  # (none of the SQLite writer's threads)
+    def __init__(self, pool: store_pg.Pool, threads: int = 2) -> None:
         self.pool = pool
+        self.on_commit = None
+        self._queue: queue.SimpleQueue[_Job | None] = queue.SimpleQueue()
+        self._threads = [
+            threading.Thread(target=self._run, name=f"forewarn-writer-{i}", daemon=True)
+            for i in range(threads)
+        ]
 
     def start(self) -> None:
-        pass
+        for thread in self._threads:
+            thread.start()
 
     def stop(self) -> None:
-        pass
+        for _ in self._threads:
+            self._queue.put(None)
+        for thread in self._threads:
+            thread.join(timeout=10)
 
-    async def submit(self, append: Append) -> Appended:
-        results = await asyncio.to_thread(store_pg.append_batches, self.pool, [append])
-        return results[0]
+    def _run(self) -> None:
+        while True:
+            job = self._queue.get()
+            if job is None:
+                return
+            jobs = [job]
+            while len(jobs) < GROUP_MAX:
+                try:
+                    more = self._queue.get_nowait()
+                except queue.Empty:
+                    break
+                if more is None:
+                    self._queue.put(None)  # for this thread's next turn
+                    break
+                jobs.append(more)
+            try:
+                results = store_pg.append_batches(self.pool, [j.append for j in jobs])
+            except Exception as exc:  # nothing of these requests was stored: say so
+                log.error("could not commit %d requests: %s", len(jobs), exc)
+                error = StoreError(
+                    f"the database is unavailable ({exc}); nothing was stored, retry"
+                )
+                for j in jobs:
+                    j.loop.call_soon_threadsafe(_fail, j.future, error)
+                continue
+            for j, result in zip(jobs, results, strict=True):
+                j.loop.call_soon_threadsafe(_resolve, j.future, result)
 
 
 class Elsewhere:
@@ -143,8 +179,12 @@ def build_api(app: IngestApp) -> Starlette:
 
     @contextlib.asynccontextmanager
     async def lifespan(_: Starlette) -> AsyncIterator[None]:
-        yield
-        await app.close()
+        app.writer.start()
+        try:
+            yield
+        finally:
+            app.writer.stop()
+            await app.close()
 
     return Starlette(
         lifespan=lifespan,

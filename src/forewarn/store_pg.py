@@ -221,8 +221,8 @@ def lock_key(workspace: int, part: str) -> int:
 
 _APPEND = """
 WITH rows AS (
-    SELECT * FROM unnest(%(hash)s::bigint[], %(part)s::text[], %(event)s::bytea[],
-                         %(message)s::bytea[]) WITH ORDINALITY AS r(hash, part, event, message, n)
+    SELECT * FROM unnest(%(hash)b::bigint[], %(part)b::text[], %(event)b::bytea[],
+                         %(message)b::bytea[]) WITH ORDINALITY AS r(hash, part, event, message, n)
 ), stored AS (
     INSERT INTO events (workspace, hash, part, received_ms, source, event, message)
     SELECT %(workspace)s, hash, part, %(received_ms)s, %(source)s, event, message
@@ -240,13 +240,19 @@ def append_batches(pool: Pool, appends: Sequence[Append]) -> list[Appended]:
     """Store several requests in one transaction; a message id already stored in its
     workspace, by any process, or earlier in the same request, is not stored again."""
     results: list[Appended] = []
+    learnt: dict[int, dict[str, str]] = {}
     with pool.connection() as conn, conn.transaction():
+        db = _database(conn)
         for a in appends:
-            results.append(_append(conn, a))
+            results.append(_append(conn, a, learnt.setdefault(a.workspace, {})))
+    if len(_HOMES) > _HOMES_MAX:
+        _HOMES.clear()
+    for workspace, homes in learnt.items():  # committed: now they are known
+        _HOMES.update(((db, workspace, p), a) for p, a in homes.items())
     return results
 
 
-def _append(conn: psycopg.Connection[Any], a: Append) -> Appended:
+def _append(conn: psycopg.Connection[Any], a: Append, learnt: dict[str, str]) -> Appended:
     events = a.events if a.events is not None else [event_from_dict(m) for m in a.messages]
     hashes: list[int] = []
     order: list[int] = []  # indexes of the messages offered, each id once
@@ -260,7 +266,7 @@ def _append(conn: psycopg.Connection[Any], a: Append) -> Appended:
         offered.add(h)
         hashes.append(h)
         order.append(i)
-    homes = _homes(conn, a.workspace, [events[i] for i in order])
+    homes = _homes(conn, a.workspace, [events[i] for i in order], learnt)
     rows = conn.execute(
         _APPEND,
         {
@@ -283,16 +289,32 @@ def _append(conn: psycopg.Connection[Any], a: Append) -> Appended:
     return Appended(max(stored.values()), len(kept), duplicates, kept if duplicates else None)
 
 
-def _homes(conn: psycopg.Connection[Any], workspace: int, events: list[Event]) -> dict[str, str]:
-    """The home account of each user of `events` who has one. A user's first event with an
-    account makes that account their home: their events queued in their own partition so far
-    move to it, and so do those of their state already applied (`worker`)."""
+# Each user's home account, as far as this process has learnt it: a home, once set, never
+# changes, so it is looked up in the database once per process.
+_HOMES: dict[tuple[str, int, str], str] = {}  # (database, workspace, user) -> account
+_HOMES_MAX = 1_000_000
+
+
+def _database(conn: psycopg.Connection[Any]) -> str:
+    info = conn.info
+    return f"{info.host}:{info.port}/{info.dbname}"
+
+
+def _homes(
+    conn: psycopg.Connection[Any], workspace: int, events: list[Event], learnt: dict[str, str]
+) -> dict[str, str]:
+    """The home account of each user of `events` without an account who has one; `learnt`
+    gets the homes read or set (kept by the process once committed). A user's first event
+    with an account makes that account their home: their events queued in their own
+    partition so far move to it (and their state follows, see `worker`)."""
+    db = _database(conn)
     first: dict[str, str] = {}
-    people: set[str] = set()
+    lone: set[str] = set()
     for event in events:
         who = person(event)
-        people.add(who)
-        if event.account_id is not None and who not in first:
+        if event.account_id is None:
+            lone.add(who)
+        elif who not in first and (db, workspace, who) not in _HOMES:
             first[who] = event.account_id
     if first:
         new = [
@@ -310,13 +332,21 @@ def _homes(conn: psycopg.Connection[Any], workspace: int, events: list[Event]) -
                 " AS h(p, a) WHERE queue.workspace = %s AND queue.part = 'user:' || h.p",
                 ([p for p, _ in new], [a for _, a in new], workspace),
             )
-    return {
-        str(p): str(a)
-        for p, a in conn.execute(
-            "SELECT person, account FROM homes WHERE workspace = %s AND person = ANY(%s)",
-            (workspace, list(people)),
+    ask = [p for p in lone | set(first) if (db, workspace, p) not in _HOMES]
+    if ask:
+        learnt.update(
+            (str(p), str(a))
+            for p, a in conn.execute(
+                "SELECT person, account FROM homes WHERE workspace = %s AND person = ANY(%s)",
+                (workspace, ask),
+            )
         )
-    }
+    found = {}
+    for who in lone:
+        home = learnt.get(who) or _HOMES.get((db, workspace, who))
+        if home is not None:
+            found[who] = home
+    return found
 
 
 def pending(conn: psycopg.Connection[Any], workspace: int) -> int:
