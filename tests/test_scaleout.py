@@ -1,6 +1,6 @@
-"""Scale-out on this machine: PostgreSQL on localhost, 2 API and 3 worker processes of
-`forewarn serve`, fed by the real Segment client; the firings and decisions equal those of a
-single-process replay of the same events. And a worker killed with SIGKILL in the middle of its
+"""Scale-out on this machine: PostgreSQL on localhost, 2 API, 3 worker and 1 delivery
+processes of `forewarn serve`, fed by the real Segment client; the firings and decisions equal
+those of a single-process replay of the same events, and the in-app messages reach the inbox. And a worker killed with SIGKILL in the middle of its
 work loses and repeats nothing."""
 
 from __future__ import annotations
@@ -139,9 +139,28 @@ def _wait_applied(url: str, sent: int, timeout_s: float = 60) -> None:
         pool.close()
 
 
+def _wait_delivered(url: str, timeout_s: float = 30) -> int:
+    """The in-app messages in the inbox once the delivery process has sent every one due."""
+    pool = store_pg.connect(url)
+    try:
+        deadline = time.monotonic() + timeout_s
+        while True:
+            with pool.connection() as conn:
+                left = conn.execute(
+                    "SELECT count(*) FROM outbox WHERE channel = 'in_app' AND status = 'pending'"
+                ).fetchone()
+                inbox = conn.execute("SELECT count(*) FROM inbox").fetchone()
+            if (left is not None and left[0] == 0) or time.monotonic() > deadline:
+                return int(inbox[0]) if inbox else 0
+            time.sleep(0.2)
+    finally:
+        pool.close()
+
+
 def _stored(url: str) -> tuple[Counter[tuple[Any, ...]], list[dict[str, Any]]]:
     """The decisions the workers recorded, and the messages the API processes accepted (their
-    timestamps corrected for the client's clock, as the engine saw them), in time order."""
+    timestamps corrected for the client's clock, as the engine saw them), in time order. (The
+    delivery results in the log too concern no trigger of the playbook.)"""
     pool = store_pg.connect(url)
     try:
         with pool.connection() as conn:
@@ -149,7 +168,10 @@ def _stored(url: str) -> tuple[Counter[tuple[Any, ...]], list[dict[str, Any]]]:
             assert ws is not None
             rows = store_pg.query_firings(conn, ws, limit=100_000)
             accepted = [
-                json.loads(m) for (m,) in conn.execute("SELECT message FROM events ORDER BY id")
+                json.loads(m)
+                for (m,) in conn.execute(
+                    "SELECT message FROM events WHERE source = 'segment' ORDER BY id"
+                )
             ]
     finally:
         pool.close()
@@ -170,6 +192,7 @@ def test_two_api_and_three_worker_processes_fire_as_one_replay(url: str, tmp_pat
     ports = [free_port(), free_port()]
     processes = [_serve("api", env, playbooks, port) for port in ports]
     processes += [_serve("worker", env, playbooks) for _ in range(3)]
+    processes.append(_serve("delivery", env, playbooks))
     try:
         for port, process in zip(ports, processes, strict=False):
             _healthy(port, process)
@@ -194,6 +217,7 @@ def test_two_api_and_three_worker_processes_fire_as_one_replay(url: str, tmp_pat
             c.join()
         _wait_applied(url, len(messages))
         found, accepted = _stored(url)
+        delivered = _wait_delivered(url)
     finally:
         _stop(processes)
     assert len(accepted) == len(messages)
@@ -201,6 +225,12 @@ def test_two_api_and_three_worker_processes_fire_as_one_replay(url: str, tmp_pat
     expected = Counter((r[0], r[1], r[3], r[4]) for r in reference(accepted, until))
     assert sum(expected.values()) > 20 and len({k[0] for k in expected}) >= 3
     assert found == expected
+    in_app = sum(
+        n
+        for (trig, _, decision, _), n in expected.items()
+        if trig == "export-stuck" and decision == "send"
+    )
+    assert in_app and delivered == in_app  # each in-app message sent decided, in the inbox
 
 
 _KILLED_WORKER = """

@@ -524,7 +524,7 @@ def _migrate(args: argparse.Namespace) -> int:
 def _deliver(args: argparse.Namespace) -> int:
     from forewarn import deliver
 
-    deliver.main(args.db, args.parent)
+    deliver.main(args.db, args.parent, _env("DATABASE_URL"))
     return 0
 
 

@@ -394,9 +394,9 @@ def channels_from_settings(conn: sqlite3.Connection | Outbox) -> dict[str, Chann
     return channels
 
 
-def main(db: str, parent: int | None = None) -> None:
+def main(db: str, parent: int | None = None, url: str | None = None) -> None:
     """`forewarn deliver`: drain the outbox until stopped (SIGINT, SIGTERM, or the parent
-    process gone)."""
+    process gone); the outbox on PostgreSQL at `url` when given, else in the SQLite file."""
     import os
     import signal
 
@@ -413,9 +413,18 @@ def main(db: str, parent: int | None = None) -> None:
         raise InputError(f"FOREWARN_DELIVERY_ATTEMPTS / FOREWARN_DELIVERY_LEASE: {exc}") from None
 
     async def run() -> None:
-        conn = store_sqlite.connect(db)
+        store: Outbox
+        close: Callable[[], None]
+        if url:
+            from forewarn import outbox_pg, store_pg
+
+            pool = store_pg.connect(url, max_size=2)
+            store, close = outbox_pg.PgOutbox(pool), lambda: pool.close()
+        else:
+            conn = store_sqlite.connect(db)
+            store, close = SqliteOutbox(conn), conn.close
         worker = Worker(
-            conn, channels_from_settings(conn), max_attempts=attempts, lease_ms=lease_ms
+            store, channels_from_settings(store), max_attempts=attempts, lease_ms=lease_ms
         )
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
@@ -434,6 +443,6 @@ def main(db: str, parent: int | None = None) -> None:
         finally:
             watcher.cancel()
             await worker.aclose()
-            conn.close()
+            close()
 
     asyncio.run(run())

@@ -1,4 +1,4 @@
-"""The scale-out roles on PostgreSQL: `forewarn serve --role api|worker|all` with
+"""The scale-out roles on PostgreSQL: `forewarn serve --role api|worker|delivery|all` with
 `FOREWARN_DATABASE_URL` set.
 
 - **api**: the ingest routes of the embedded server (Segment, PostHog, Sentry, ticket and
@@ -6,7 +6,8 @@
   `/api/v1/firings`, `/healthz` and `/openapi.json`. It runs no engine.
 - **worker**: steps a `worker.Worker` in a loop: claims what it can, commits, and waits a
   moment only when there was nothing to claim.
-- **all**: both in one process.
+- **delivery**: drains the outbox onto the channels (`deliver` over `outbox_pg`).
+- **all**: an API, a worker and a delivery worker in one process.
 
 Any number of each run side by side, on any machines, against one database.
 """
@@ -16,7 +17,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import queue
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import AsyncIterator, Callable
@@ -251,10 +255,12 @@ def serve(
     from forewarn.sources import load_playbooks
 
     if role == "delivery":
-        raise InputError(
-            "the delivery role does not run on PostgreSQL yet: run `forewarn deliver` on the "
-            "embedded store, or use --role api, worker or all"
-        )
+        from forewarn import deliver
+
+        store_pg.connect(url, max_size=1).close()  # migrated, or a clear error now
+        print("Forewarn delivery on PostgreSQL", flush=True)
+        deliver.main("", None, url)
+        return 0
     triggers = load_playbooks(playbooks)
     compose.check(playbooks, triggers)
     policy = settings.policy()
@@ -278,6 +284,7 @@ def serve(
                 print("  " + line, flush=True)
         stop = threading.Event()
         thread = None
+        delivery: subprocess.Popen[bytes] | None = None
         if role in ("worker", "all"):
             composer, keep = composer_for(pool, playbooks, triggers)
             worker = Worker(pool, ws, triggers, policy, composer, keep)
@@ -291,6 +298,9 @@ def serve(
                 target=run_worker, args=(worker, stop), name="forewarn-worker", daemon=True
             )
             thread.start()
+            if settings.env("DELIVERY") == "on":  # the delivery worker, as the embedded server
+                command = [sys.executable, "-m", "forewarn", "deliver", "--parent"]
+                delivery = subprocess.Popen([*command, str(os.getpid())])
         app = IngestApp(
             api.Settings(
                 db=":memory:",
@@ -317,6 +327,9 @@ def serve(
             stop.set()
             if thread is not None:
                 thread.join(timeout=10)
+            if delivery is not None:
+                delivery.terminate()
+                delivery.wait(timeout=30)
         return 0
     finally:
         pool.close()

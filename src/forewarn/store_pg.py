@@ -441,3 +441,9 @@ def secret(conn: psycopg.Connection[Any], name: str) -> str:
     row = conn.execute("SELECT value FROM secrets WHERE name = %s", (name,)).fetchone()
     assert row is not None
     return str(row[0])
+
+
+def append_within(conn: psycopg.Connection[Any], a: Append) -> Appended:
+    """Store one batch inside the caller's transaction (events Forewarn makes itself, such as
+    delivery results)."""
+    return _append(conn, a, {})
