@@ -6,12 +6,11 @@ from __future__ import annotations
 import asyncio
 import random
 from collections.abc import Iterator
-from typing import Any
 
 import pytest
 
 from forewarn import deliver, store_pg
-from forewarn.channels import Failed, Outgoing
+from forewarn.channels import Channel, Failed, MemoryChannel
 from forewarn.model import event_from_dict
 from forewarn.outbox_pg import PgOutbox
 from forewarn.store_sqlite import Append
@@ -49,22 +48,14 @@ def _decided(pool: store_pg.Pool) -> int:
     return ws
 
 
-class Down:
-    """A channel whose receiver refuses everything: its rows dead-letter."""
-
-    deduplicates = True
-
-    async def send(self, message: Outgoing) -> Any:
-        return Failed(detail="410 from the receiver")
-
-    async def aclose(self) -> None:
-        return None
-
-
 def test_the_outbox_is_drained_into_the_inbox_and_reported_back(pool: store_pg.Pool) -> None:
     ws = _decided(pool)
     outbox = PgOutbox(pool)
-    channels = {"in_app": deliver.InboxChannel(outbox, "in_app", lambda: T0_MS), "webhook": Down()}
+    refused = MemoryChannel("webhook", [Failed(detail="410 from the receiver")])
+    channels: dict[str, Channel] = {
+        "in_app": deliver.InboxChannel(outbox, "in_app", lambda: T0_MS),
+        "webhook": refused,
+    }
     worker = deliver.Worker(
         outbox, channels, now_ms=lambda: T0_MS + 3_600_000, rng=random.Random(1)
     )
@@ -79,6 +70,7 @@ def test_the_outbox_is_drained_into_the_inbox_and_reported_back(pool: store_pg.P
             "SELECT queue.part, events.source FROM queue JOIN events USING (id) WHERE source = 'forewarn' ORDER BY 1"
         ).fetchall()
     assert rows == [("in_app", "sent", None), ("webhook", "dead", "failed")]
+    assert [m.subject for m in refused.tried] == ["acme"]
     assert inbox == [("u1", "export-stuck", "export-stuck")]
     assert results == [("account:acme", "forewarn")] * 2  # u1 has a home: acme
     Worker(pool, ws, STUCK).run_until_idle(0)  # the results are applied like any event
