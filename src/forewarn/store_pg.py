@@ -289,6 +289,20 @@ def _append(conn: psycopg.Connection[Any], a: Append, learnt: dict[str, str]) ->
     return Appended(max(stored.values()), len(kept), duplicates, kept if duplicates else None)
 
 
+_HOMES_SQL = """
+WITH new AS (
+    INSERT INTO homes (workspace, person, account)
+    SELECT %(ws)s, p, a FROM unnest(%(p)s::text[], %(a)s::text[]) AS h(p, a)
+    ON CONFLICT (workspace, person) DO NOTHING RETURNING person, account
+), moved AS (
+    UPDATE queue SET part = 'account:' || new.account FROM new
+    WHERE queue.workspace = %(ws)s AND queue.part = 'user:' || new.person
+)
+SELECT person, account FROM new
+UNION ALL
+SELECT person, account FROM homes WHERE workspace = %(ws)s AND person = ANY(%(ask)s)
+"""
+
 # Each user's home account, as far as this process has learnt it: a home, once set, never
 # changes, so it is looked up in the database once per process.
 _HOMES: dict[tuple[str, int, str], str] = {}  # (database, workspace, user) -> account
@@ -316,29 +330,15 @@ def _homes(
             lone.add(who)
         elif who not in first and (db, workspace, who) not in _HOMES:
             first[who] = event.account_id
-    if first:
-        new = [
-            (str(p), str(a))
-            for p, a in conn.execute(
-                "INSERT INTO homes (workspace, person, account)"
-                " SELECT %s, p, a FROM unnest(%s::text[], %s::text[]) AS h(p, a)"
-                " ON CONFLICT (workspace, person) DO NOTHING RETURNING person, account",
-                (workspace, list(first), list(first.values())),
-            )
-        ]
-        if new:
-            conn.execute(
-                "UPDATE queue SET part = 'account:' || h.a FROM unnest(%s::text[], %s::text[])"
-                " AS h(p, a) WHERE queue.workspace = %s AND queue.part = 'user:' || h.p",
-                ([p for p, _ in new], [a for _, a in new], workspace),
-            )
     ask = [p for p in lone | set(first) if (db, workspace, p) not in _HOMES]
-    if ask:
+    if first or ask:
+        # one statement: homes set by this request (and the user's events queued so far
+        # moved to them), then those set before
         learnt.update(
             (str(p), str(a))
             for p, a in conn.execute(
-                "SELECT person, account FROM homes WHERE workspace = %s AND person = ANY(%s)",
-                (workspace, ask),
+                _HOMES_SQL,
+                {"ws": workspace, "p": list(first), "a": list(first.values()), "ask": ask},
             )
         )
     found = {}
