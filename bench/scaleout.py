@@ -7,7 +7,9 @@ last event applied (firings, decisions and outbox rows committed), on
 The load is the same for each: `/v1/batch` requests of 100 events (bench/http_load.py's
 bodies: ~300 accounts, page views, logins, feature use, identify calls) sent as fast as the
 API answers on a few keep-alive connections. `ack_events_per_s` is how fast requests were
-acknowledged; `end_to_end_events_per_s`, events over the time until the last was applied.
+acknowledged; `end_to_end_events_per_s`, events over the time until the last was applied;
+`drain_events_per_s` (PostgreSQL), the workers alone working off the same load accepted while
+they were stopped (from their start, so their start-up counts).
 Everything shares this machine's cores: the load generator, the API, the workers and the
 database.
 
@@ -139,6 +141,17 @@ def pg_run(workers: int, requests: int, connections: int) -> dict[str, Any]:
             result = _measure(port, requests, connections, applied)
             row = watch.execute("SELECT count(*) FROM firings").fetchone()
             result["firings"] = row[0] if row else 0
+            # the workers alone: a backlog accepted while they were stopped, then drained
+            for p in processes[1:]:
+                p.terminate()
+                p.wait(timeout=30)
+            _, events = _load(port, requests, connections)
+            start = time.perf_counter()
+            processes[1:] = [_serve(["--role", "worker"], env) for _ in range(workers)]
+            total = result["events"] + events
+            while not applied(total):
+                time.sleep(0.05)
+            result["drain_events_per_s"] = round(events / (time.perf_counter() - start))
             return result
         finally:
             watch.close()
