@@ -107,3 +107,20 @@ def test_a_resent_batch_adds_nothing_and_events_queue_by_partition(pool: store_p
         assert store_pg.pending(conn, ws) == 3
         parts = [r[0] for r in conn.execute("SELECT part FROM queue ORDER BY id")]
     assert parts == ["account:acme", "account:acme", "user:solo"]
+
+
+def test_standing_reads_consent_bounces_and_account_suppressions(pool: store_pg.Pool) -> None:
+    with pool.connection() as conn:
+        assert store_pg.standing(conn, 1, "user", "u1", "A@x.io", T0_MS) == store_pg.Standing(
+            frozenset(), False, None
+        )
+        conn.execute("INSERT INTO consent VALUES (1, 'user', 'u1', 'email', 0, 'link')")
+        conn.execute("INSERT INTO bounces VALUES (1, 'a@x.io', 'hard bounce', 0)")
+        conn.execute(
+            "INSERT INTO suppressions VALUES (1, 'account', 'acme', 'incident', %s, 0)",
+            (T0_MS + 1,),
+        )
+        now = store_pg.standing(conn, 1, "user", "u1", " A@x.io", T0_MS, ["other", "acme"])
+        later = store_pg.standing(conn, 1, "user", "u1", None, T0_MS + 1, ["acme"])
+    assert now == store_pg.Standing(frozenset({"email"}), True, "incident")
+    assert later == store_pg.Standing(frozenset({"email"}), False, None)  # the suppression ended

@@ -379,31 +379,38 @@ def standing(
     now_ms: int,
     accounts: Iterable[str] = (),
 ) -> Standing:
-    """What stands between a subject and a message (as `store_outbox.standing`)."""
-    channels = frozenset(
-        str(c)
-        for (c,) in conn.execute(
-            "SELECT channel FROM consent WHERE workspace = %s AND scope = %s AND subject = %s",
-            (workspace, scope, subject),
-        )
-    )
-    bounced = False
-    if isinstance(email, str) and email:
-        bounced = (
-            conn.execute(
-                "SELECT 1 FROM bounces WHERE workspace = %s AND address = %s",
-                (workspace, email.strip().lower()),
-            ).fetchone()
-            is not None
-        )
+    """What stands between a subject and a message (as `store_outbox.standing`), in one
+    query."""
+    address = email.strip().lower() if isinstance(email, str) and email else None
     held = [(scope, subject)] + [("account", a) for a in accounts]
     row = conn.execute(
-        "SELECT s.reason FROM suppressions s JOIN unnest(%s::text[], %s::text[])"
-        " WITH ORDINALITY AS h(scope, subject, n) ON s.scope = h.scope AND s.subject = h.subject"
-        " WHERE s.workspace = %s AND (s.until_ms IS NULL OR s.until_ms > %s) ORDER BY h.n LIMIT 1",
-        ([s for s, _ in held], [s for _, s in held], workspace, now_ms),
+        _STANDING,
+        {
+            "ws": workspace,
+            "scope": scope,
+            "subject": subject,
+            "address": address,
+            "scopes": [s for s, _ in held],
+            "subjects": [s for _, s in held],
+            "now": now_ms,
+        },
     ).fetchone()
-    return Standing(channels, bounced, str(row[0]) if row else None)
+    assert row is not None
+    return Standing(frozenset(str(c) for c in row[0]), bool(row[1]), row[2])
+
+
+_STANDING = """
+SELECT
+    array(SELECT channel FROM consent
+          WHERE workspace = %(ws)s AND scope = %(scope)s AND subject = %(subject)s),
+    %(address)s::text IS NOT NULL AND EXISTS (
+        SELECT 1 FROM bounces WHERE workspace = %(ws)s AND address = %(address)s::text),
+    (SELECT s.reason FROM suppressions s
+     JOIN unnest(%(scopes)s::text[], %(subjects)s::text[]) WITH ORDINALITY AS h(scope, subject, n)
+       ON s.scope = h.scope AND s.subject = h.subject
+     WHERE s.workspace = %(ws)s AND (s.until_ms IS NULL OR s.until_ms > %(now)s)
+     ORDER BY h.n LIMIT 1)
+"""
 
 
 def trigger_overrides(conn: psycopg.Connection[Any], workspace: int) -> dict[str, str]:

@@ -109,9 +109,18 @@ FOR UPDATE OF q SKIP LOCKED
 """
 
 _SAVE = """
-INSERT INTO parts (workspace, part, state, due_ms, playbooks) VALUES (%s, %s, %s, %s, %s)
+INSERT INTO parts (workspace, part, state, due_ms, playbooks)
+SELECT %(ws)s, part, state, due_ms, %(playbooks)s
+FROM unnest(%(part)s::text[], %(state)b::bytea[], %(due)s::bigint[]) AS s(part, state, due_ms)
 ON CONFLICT (workspace, part) DO UPDATE SET state = excluded.state, due_ms = excluded.due_ms,
     playbooks = excluded.playbooks
+"""
+
+# blocking, in the order given: every worker takes them sorted, so none waits in a circle
+_LOCK_ALL = """
+SELECT pg_advisory_xact_lock(key) FROM (
+    SELECT key FROM unnest(%s::bigint[]) WITH ORDINALITY AS k(key, n) ORDER BY n
+) ordered
 """
 
 _FIRING = (
@@ -198,10 +207,21 @@ class Worker:
             moved = self._send_home(conn, loaded)
             self._adopt(conn, [p for p in loaded if p.name.startswith("account:")])
             modes = store_pg.trigger_overrides(conn, self.workspace)
+            saves: list[tuple[str, bytes, int]] = []
             for p in loaded:
-                done.firings += self._run(conn, p, now_ms, modes)
+                done.firings += self._run(conn, p, now_ms, modes, saves)
                 done.events += len(p.events)
                 done.parts += 1
+            conn.execute(
+                _SAVE,
+                {
+                    "ws": self.workspace,
+                    "playbooks": self.playbooks,
+                    "part": [name for name, _, _ in saves],
+                    "state": [state for _, state, _ in saves],
+                    "due": [due for _, _, due in saves],
+                },
+            )
             ids = [i for i in ids if i not in moved]
             if ids:
                 conn.execute("DELETE FROM queue WHERE id = ANY(%s)", (ids,))
@@ -285,10 +305,7 @@ class Worker:
         if not wanted:
             return
         names = sorted(wanted)
-        for name in names:
-            conn.execute(
-                "SELECT pg_advisory_xact_lock(%s)", (store_pg.lock_key(self.workspace, name),)
-            )
+        conn.execute(_LOCK_ALL, ([store_pg.lock_key(self.workspace, n) for n in names],))
         rows = conn.execute(
             "SELECT part, state, playbooks FROM parts WHERE workspace = %s AND part = ANY(%s)",
             (self.workspace, names),
@@ -315,7 +332,10 @@ class Worker:
         p: Part,
         now_ms: int,
         modes: dict[str, str],
+        saves: list[tuple[str, bytes, int]],
     ) -> int:
+        """Apply a partition's events and due timers, decide and record the firings; its new
+        state goes to `saves`. Returns the number of firings."""
         runner, outreach, state = p.runner, p.outreach, p.runner.state
         firings: list[Firing] = []
         for event in p.events:
@@ -355,15 +375,8 @@ class Worker:
                 self._enqueue(conn, state, outreach, f, fid, now_ms)
         if displaced:
             _displace(conn, displaced, now_ms)
-        conn.execute(
-            _SAVE,
-            (
-                self.workspace,
-                p.name,
-                self._snapshot(runner, outreach),
-                _next_due(state.users, state.accounts),
-                self.playbooks,
-            ),
+        saves.append(
+            (p.name, self._snapshot(runner, outreach), _next_due(state.users, state.accounts))
         )
         return len(firings)
 
