@@ -149,7 +149,10 @@ def pg_run(workers: int, requests: int, connections: int) -> dict[str, Any]:
             start = time.perf_counter()
             processes[1:] = [_serve(["--role", "worker"], env) for _ in range(workers)]
             total = result["events"] + events
+            deadline = time.monotonic() + 600
             while not applied(total):
+                if time.monotonic() > deadline or any(p.poll() is not None for p in processes):
+                    raise RuntimeError("the workers stopped or did not drain the backlog in time")
                 time.sleep(0.05)
             result["drain_events_per_s"] = round(events / (time.perf_counter() - start))
             return result

@@ -27,20 +27,20 @@ its user's events in that account. (The embedded engine also counts an event wit
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import msgspec
 import psycopg
 
-from forewarn import decide, engine, live, store_outbox, store_pg, store_sqlite
-from forewarn.engine import Firing, Subject, Timer
+from forewarn import decide, engine, live, partition, store_outbox, store_pg, store_sqlite
+from forewarn.engine import Firing
 from forewarn.errors import ForewarnError
 from forewarn.model import Event
+from forewarn.partition import Part
 from forewarn.playbook import Trigger
 from forewarn.policy import POLICY_TRAITS, Outreach
 from forewarn.runner import Runner
-from forewarn.signals import NEVER
 
 log = logging.getLogger("forewarn.worker")
 
@@ -49,34 +49,7 @@ EVENTS_PER_STEP = 2_000
 SCAN = 5_000  # queued events looked at to find candidate partitions
 
 
-class PartState(msgspec.Struct, array_like=True):
-    """One partition's state as stored: the engine's and the policy's."""
-
-    clock_ms: int | None
-    applied_ms: int
-    users: dict[str, Subject]
-    accounts: dict[str, Subject]
-    aliases: dict[str, str]
-    members: dict[str, list[str]]
-    urgent: dict[str, list[str]]
-    # (scope, subject, trigger, channel, problem, priority, at_ms, send_at_ms, firing id)
-    history: list[tuple[str, str, str, str, str | None, int, int, int, int]]
-
-
-_encode = msgspec.msgpack.Encoder().encode
-_decode_state = msgspec.msgpack.Decoder(PartState).decode
 _decode_event = msgspec.msgpack.Decoder(tuple[Any, ...]).decode
-
-
-@dataclass
-class Part:
-    """A partition claimed for a step: its engine, its policy, its events in log order."""
-
-    name: str
-    runner: Runner
-    outreach: Outreach
-    events: list[Event] = field(default_factory=list)
-    ids: list[int] = field(default_factory=list)
 
 
 @dataclass
@@ -247,7 +220,7 @@ class Worker:
         part = Part(name, Runner(state, lateness_ms=0), Outreach(state, self.triggers, self.policy))
         if stored is not None:
             if stored[1] == self.playbooks:
-                self._restore(part.runner, part.outreach, _decode_state(stored[0]))
+                partition.restore(part.runner, part.outreach, partition.decode(stored[0]))
             else:  # other playbooks: this partition starts again from its next event
                 log.warning("partition %s: playbooks changed, its state starts afresh", name)
         for qid, received_ms, raw in claimed:
@@ -313,12 +286,17 @@ class Worker:
         for name, raw, playbooks in rows:
             if playbooks != self.playbooks:
                 continue
-            snap = _decode_state(bytes(raw))
-            _move_user(snap, wanted[name], name[len("user:") :])
+            snap = partition.decode(bytes(raw))
+            partition.move_user(snap, wanted[name], name[len("user:") :])
             if snap.users or snap.accounts:
                 conn.execute(
                     "UPDATE parts SET state = %s, due_ms = %s WHERE workspace = %s AND part = %s",
-                    (_encode(snap), _next_due(snap.users, snap.accounts), self.workspace, name),
+                    (
+                        partition.encode(snap),
+                        partition.next_due(snap.users, snap.accounts),
+                        self.workspace,
+                        name,
+                    ),
                 )
             else:
                 conn.execute(
@@ -376,58 +354,13 @@ class Worker:
         if displaced:
             _displace(conn, displaced, now_ms)
         saves.append(
-            (p.name, self._snapshot(runner, outreach), _next_due(state.users, state.accounts))
+            (
+                p.name,
+                partition.snapshot(runner, outreach),
+                partition.next_due(state.users, state.accounts),
+            )
         )
         return len(firings)
-
-    def _restore(self, runner: Runner, outreach: Outreach, snap: PartState) -> None:
-        state = runner.state
-        state.users, state.accounts = snap.users, snap.accounts
-        state.aliases, state.members, state.urgent = snap.aliases, snap.members, snap.urgent
-        runner.clock_ms, runner.applied_ms = snap.clock_ms, snap.applied_ms
-        for ct in state.book.triggers:
-            for key, subject in state.subjects(ct.account).items():
-                ts = subject.states[ct.slot] if subject.states else None
-                if ts is not None and ts[engine.FILED] != NEVER:
-                    runner._timers.add(Timer(ts[engine.FILED], ct.index, key))
-        history = outreach.history
-        for scope, who, trig, channel, problem, priority, at, send_at, fid in snap.history:
-            history.add(
-                scope, who, decide.Record(trig, channel, problem, priority, at, send_at, fid)
-            )
-
-    def _snapshot(self, runner: Runner, outreach: Outreach) -> bytes:
-        state = runner.state
-        clock = runner.clock_ms or 0
-        history = []
-        for scope, subject in list(outreach.history.by_subject):
-            for r in outreach.history.of(scope, subject, clock):
-                ref = r.ref if isinstance(r.ref, int) else 0
-                history.append(
-                    (
-                        scope,
-                        subject,
-                        r.trigger,
-                        r.channel,
-                        r.problem,
-                        r.priority,
-                        r.at_ms,
-                        r.send_at_ms,
-                        ref,
-                    )
-                )
-        return _encode(
-            PartState(
-                runner.clock_ms,
-                runner.applied_ms,
-                state.users,
-                state.accounts,
-                state.aliases,
-                state.members,
-                state.urgent,
-                history,
-            )
-        )
 
     def _enqueue(
         self,
@@ -488,17 +421,6 @@ def _accounts(state: engine.State, scope: str, subject: str) -> list[str]:
     return list(user.accounts or []) if user is not None else []
 
 
-def _next_due(*tables: dict[str, Subject]) -> int:
-    """The earliest timer filed in the states of these subjects (NEVER when none is)."""
-    due = NEVER
-    for table in tables:
-        for subject in table.values():
-            for ts in subject.states or ():
-                if ts is not None and ts[engine.FILED] < due:
-                    due = ts[engine.FILED]
-    return due
-
-
 def _displace(conn: psycopg.Connection[Any], firing_ids: list[int], now_ms: int) -> None:
     """Stored firings a higher priority took the place of (as `store_outbox.displace`)."""
     for fid in firing_ids:
@@ -516,35 +438,3 @@ def _displace(conn: psycopg.Connection[Any], firing_ids: list[int], now_ms: int)
                 " send_at_ms = NULL WHERE id = %s",
                 (fid,),
             )
-
-
-def _move_user(snap: PartState, into: Part, who: str) -> None:
-    """Move a user's subject, aliases, open tickets, policy history and timers from a user
-    partition's state into an account partition's."""
-    runner, outreach = into.runner, into.outreach
-    state = runner.state
-    if who in state.users:  # met here already: what it did elsewhere stays there
-        return
-    subject = snap.users.pop(who, None)
-    if subject is not None:
-        state.users[who] = subject
-        for ct in state.book.triggers:
-            ts = subject.states[ct.slot] if subject.states and not ct.account else None
-            if ts is not None and ts[engine.FILED] != NEVER:
-                runner._timers.add(Timer(ts[engine.FILED], ct.index, who))
-    for alias, target in list(snap.aliases.items()):
-        if target == who:
-            state.aliases[alias] = snap.aliases.pop(alias)
-    tickets = snap.urgent.pop("user:" + who, None)
-    if tickets is not None:
-        state.urgent["user:" + who] = tickets
-    kept = []
-    for entry in snap.history:
-        scope, subject_id, trig, channel, problem, priority, at, send_at, fid = entry
-        if scope == "user" and subject_id == who:
-            outreach.history.add(
-                scope, who, decide.Record(trig, channel, problem, priority, at, send_at, fid)
-            )
-        else:
-            kept.append(entry)
-    snap.history = kept
