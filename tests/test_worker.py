@@ -102,3 +102,37 @@ def test_the_same_playbooks_have_the_same_fingerprint_in_every_process() -> None
     from tests.test_conformance import PLAYBOOK
 
     assert live.fingerprint(playbook(PLAYBOOK)) == live.fingerprint(playbook(PLAYBOOK))
+
+
+QUIET = playbook("""
+triggers:
+  - id: quiet-hour
+    when: {absent: {name: Login, for: 1h}}
+    action: {channel: in_app, message: Still there?}
+""")
+
+
+def test_a_user_partition_claimed_in_the_step_that_adopts_its_user_is_emptied(
+    pool: store_pg.Pool,
+) -> None:
+    from forewarn import partition
+    from tests.factories import ms, replay
+
+    ws = store_pg.ensure_workspace(pool, "default", T0_MS)
+    worker = Worker(pool, ws, QUIET)
+    first = [track("Login", at(), "u1")]
+    _ingest(pool, ws, first)
+    worker.run_until_idle(ms(minutes=1))  # u1's own partition, with its timer due at +1h
+    later = [track("Login", at(hours=2), "u1", "acme")]
+    _ingest(pool, ws, later)
+    stepped = worker.step(ms(hours=2, minutes=1))  # the timer and the account, in one step
+    assert stepped.parts == 2
+    with pool.connection() as conn:
+        states = {
+            p: partition.decode(bytes(s)) for p, s in conn.execute("SELECT part, state FROM parts")
+        }
+    assert "u1" in states["account:acme"].users and "u1" not in states["user:u1"].users
+    expected = replay(QUIET, first + later, until=at(hours=2, minutes=1))
+    assert [(f[0], f[1], f[2]) for f in _firings(pool, ws)] == [
+        (f.trigger, f.subject, f.to_dict()["at"]) for f in expected
+    ]

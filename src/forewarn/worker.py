@@ -178,21 +178,26 @@ class Worker:
             }
             loaded = [self._load(p, stored.get(p), claimed[p]) for p in parts]
             moved = self._send_home(conn, loaded)
-            self._adopt(conn, [p for p in loaded if p.name.startswith("account:")])
+            users = {p.name: p for p in loaded if p.name.startswith("user:")}
             modes = store_pg.trigger_overrides(conn, self.workspace)
-            saves: list[tuple[str, bytes, int]] = []
-            for p in loaded:
-                done.firings += self._run(conn, p, now_ms, modes, saves)
-                done.events += len(p.events)
-                done.parts += 1
+            # users' own partitions first: a user an account adopts below brings all of it
+            for p in users.values():
+                done.firings += self._run(conn, p, now_ms, modes)
+            accounts = [p for p in loaded if p.name not in users]
+            self._adopt(conn, accounts, users)
+            for p in accounts:
+                done.firings += self._run(conn, p, now_ms, modes)
+            done.parts = len(loaded)
+            done.events = sum(len(p.events) for p in loaded)
+            states = [p.runner.state for p in loaded]
             conn.execute(
                 _SAVE,
                 {
                     "ws": self.workspace,
                     "playbooks": self.playbooks,
-                    "part": [name for name, _, _ in saves],
-                    "state": [state for _, state, _ in saves],
-                    "due": [due for _, _, due in saves],
+                    "part": [p.name for p in loaded],
+                    "state": [partition.snapshot(p.runner, p.outreach) for p in loaded],
+                    "due": [partition.next_due(st.users, st.accounts) for st in states],
                 },
             )
             ids = [i for i in ids if i not in moved]
@@ -265,9 +270,12 @@ class Worker:
             p.events, p.ids = [], []
         return moved
 
-    def _adopt(self, conn: psycopg.Connection[Any], parts: list[Part]) -> None:
+    def _adopt(
+        self, conn: psycopg.Connection[Any], parts: list[Part], here: dict[str, Part]
+    ) -> None:
         """Users new to an account partition bring the state their own partition kept before
-        they had a home, under that partition's lock (taken in one order by every worker)."""
+        they had a home: from that partition claimed in this step (`here`), else from the
+        database under its lock (taken in one order by every worker)."""
         wanted: dict[str, Part] = {}
         for p in parts:
             state = p.runner.state
@@ -275,6 +283,12 @@ class Worker:
                 who = store_pg.person(event)
                 if who not in state.users and who not in state.aliases:
                     wanted.setdefault("user:" + who, p)
+        for name in [n for n in wanted if n in here]:
+            own = here[name]
+            snap = partition.decode(partition.snapshot(own.runner, own.outreach))
+            partition.move_user(snap, wanted.pop(name), name[len("user:") :])
+            rest = self._load(name, (partition.encode(snap), self.playbooks), [])
+            own.runner, own.outreach = rest.runner, rest.outreach
         if not wanted:
             return
         names = sorted(wanted)
@@ -310,10 +324,9 @@ class Worker:
         p: Part,
         now_ms: int,
         modes: dict[str, str],
-        saves: list[tuple[str, bytes, int]],
     ) -> int:
-        """Apply a partition's events and due timers, decide and record the firings; its new
-        state goes to `saves`. Returns the number of firings."""
+        """Apply a partition's events and due timers, decide and record the firings. Returns
+        the number of firings."""
         runner, outreach, state = p.runner, p.outreach, p.runner.state
         firings: list[Firing] = []
         for event in p.events:
@@ -353,13 +366,6 @@ class Worker:
                 self._enqueue(conn, state, outreach, f, fid, now_ms)
         if displaced:
             _displace(conn, displaced, now_ms)
-        saves.append(
-            (
-                p.name,
-                partition.snapshot(runner, outreach),
-                partition.next_due(state.users, state.accounts),
-            )
-        )
         return len(firings)
 
     def _enqueue(
