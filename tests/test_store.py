@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from forewarn import store_sqlite
+from forewarn import schema, store_sqlite
 from forewarn.errors import InputError
 from forewarn.store_sqlite import Append
 
@@ -38,7 +38,7 @@ def conn(tmp_path: Path) -> Iterator[sqlite3.Connection]:
 def test_an_old_database_is_migrated_and_a_newer_one_refused(tmp_path):
     path = tmp_path / "old.db"
     raw = sqlite3.connect(path, isolation_level=None)
-    for statement in store_sqlite._statements(store_sqlite.MIGRATIONS[1]):
+    for statement in schema.statements(1, "sqlite"):
         raw.execute(statement)
     raw.execute("PRAGMA user_version=1")
     raw.execute("INSERT INTO workspaces (name, created_ms) VALUES ('w', 0)")

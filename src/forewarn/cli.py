@@ -181,6 +181,25 @@ def _serve(args: argparse.Namespace) -> int:
     from forewarn import api, clock, compose, store_sqlite
     from forewarn.server import EngineLoop, EngineProcess, Engines, Writer
 
+    url = _env("DATABASE_URL")
+    if url or args.role != "all":
+        if not url:
+            raise InputError(
+                f"--role {args.role} needs FOREWARN_DATABASE_URL=postgresql://…: the embedded "
+                "mode (SQLite) runs every role in one process, --role all"
+            )
+        from forewarn import scaleout
+
+        return scaleout.serve(
+            args.role,
+            url,
+            args.playbooks,
+            args.workspace,
+            args.host,
+            args.port,
+            args.rate_limit,
+            args.log_level,
+        )
     triggers = load_playbooks(args.playbooks)
     compose.check(args.playbooks, triggers)
     policy_settings()  # bad policy settings stop the start, with what was wrong
@@ -512,10 +531,27 @@ def _detect(args: argparse.Namespace) -> int:
     return 0
 
 
+def _migrate(args: argparse.Namespace) -> int:
+    from forewarn import schema, store_sqlite
+
+    url = _env("DATABASE_URL")
+    if url:
+        from forewarn import store_pg
+
+        pool = store_pg.connect(url, max_size=1)
+        pool.close()
+        where = "the PostgreSQL database"
+    else:
+        store_sqlite.connect(args.db).close()
+        where = args.db
+    print(f"{where} is at schema version {schema.VERSION}")
+    return 0
+
+
 def _deliver(args: argparse.Namespace) -> int:
     from forewarn import deliver
 
-    deliver.main(args.db, args.parent)
+    deliver.main(args.db, args.parent, _env("DATABASE_URL"))
     return 0
 
 
@@ -641,7 +677,24 @@ def build_parser() -> argparse.ArgumentParser:
         default=_env("LOG_LEVEL"),
         choices=("critical", "error", "warning", "info", "debug"),
     )
+    serve.add_argument(
+        "--role",
+        default=_env("ROLE"),
+        choices=("all", "api", "worker", "delivery"),
+        help="with FOREWARN_DATABASE_URL: what this process does (api: ingest only; worker: "
+        "the engine and the policy; all: both); without it, all (the embedded server)",
+    )
     serve.set_defaults(run=_serve)
+
+    migrate = commands.add_parser(
+        "migrate",
+        help="bring the database's schema up to this version",
+        description="Apply the schema migrations the database lacks (PostgreSQL when "
+        "FOREWARN_DATABASE_URL is set, else the SQLite file), then exit. Every process also "
+        "applies them when it starts.",
+    )
+    migrate.add_argument("--db", default=_env("DB"), help="the SQLite file")
+    migrate.set_defaults(run=_migrate)
 
     keys = commands.add_parser(
         "keys",

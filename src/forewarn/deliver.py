@@ -20,13 +20,14 @@ import contextlib
 import logging
 import random
 import sqlite3
-from collections.abc import Callable, Mapping
-from typing import Any, assert_never
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any, Protocol, assert_never
 
 from forewarn import clock, links, store_outbox, store_sqlite
 from forewarn.channel_webhook import retry_delay_ms
 from forewarn.channels import Bounced, Channel, Failed, Gone, Outcome, Outgoing, Retry, Sent
 from forewarn.store_outbox import Claimed
+from forewarn.store_sqlite import StoreError as StoreUnavailable
 
 log = logging.getLogger("forewarn.deliver")
 
@@ -36,20 +37,133 @@ BATCH = 20
 RESULTS_SOURCE = "forewarn"
 
 
+class Outbox(Protocol):
+    """What a delivery worker reads and writes: the embedded store's (`SqliteOutbox`) or
+    PostgreSQL's (`outbox_pg.PgOutbox`). Writes happen inside `transaction()`."""
+
+    def transaction(self) -> contextlib.AbstractContextManager[None]: ...
+    def claim(
+        self, now_ms: int, lease_ms: int, limit: int, channels: Iterable[str]
+    ) -> list[Claimed]: ...
+    def still_pending(self, row: Claimed) -> bool: ...
+    def trigger_mode(self, workspace: int, trigger: str) -> str | None: ...
+    def standing(
+        self,
+        workspace: int,
+        scope: str,
+        subject: str,
+        email: str | None,
+        now_ms: int,
+        accounts: list[str],
+    ) -> store_outbox.Standing: ...
+    def subscriptions(self, workspace: int, scope: str, subject: str) -> list[dict[str, Any]]: ...
+    def endpoint_disabled(self, workspace: int, url: str) -> bool: ...
+    def finish(
+        self,
+        row: Claimed,
+        status: str,
+        now_ms: int,
+        *,
+        reason: str | None = None,
+        detail: str | None = None,
+    ) -> None: ...
+    def retry_later(self, row: Claimed, due_ms: int, detail: str) -> None: ...
+    def bounce(self, workspace: int, address: str, detail: str, now_ms: int) -> None: ...
+    def disable_endpoint(self, workspace: int, url: str, detail: str, now_ms: int) -> None: ...
+    def forget_endpoints(self, workspace: int, endpoints: Iterable[str]) -> None: ...
+    def add_to_inbox(self, message: Outgoing, kind: str, now_ms: int) -> bool: ...
+    def record(self, append: store_sqlite.Append) -> None: ...
+
+
+class SqliteOutbox:
+    """The delivery worker's `Outbox` on the embedded store."""
+
+    def __init__(self, conn: sqlite3.Connection) -> None:
+        self.conn = conn
+
+    def transaction(self) -> contextlib.AbstractContextManager[None]:
+        return store_sqlite.transaction(self.conn)
+
+    def claim(
+        self, now_ms: int, lease_ms: int, limit: int, channels: Iterable[str]
+    ) -> list[Claimed]:
+        return store_outbox.claim(self.conn, now_ms, lease_ms, limit, channels)
+
+    def still_pending(self, row: Claimed) -> bool:
+        return store_outbox.still_pending(self.conn, row)
+
+    def trigger_mode(self, workspace: int, trigger: str) -> str | None:
+        override = store_outbox.trigger_overrides(self.conn, workspace).get(trigger)
+        return None if override is None else str(override["mode"])
+
+    def standing(
+        self,
+        workspace: int,
+        scope: str,
+        subject: str,
+        email: str | None,
+        now_ms: int,
+        accounts: list[str],
+    ) -> store_outbox.Standing:
+        return store_outbox.standing(self.conn, workspace, scope, subject, email, now_ms, accounts)
+
+    def subscriptions(self, workspace: int, scope: str, subject: str) -> list[dict[str, Any]]:
+        return store_outbox.subscriptions(self.conn, workspace, scope, subject)
+
+    def endpoint_disabled(self, workspace: int, url: str) -> bool:
+        return store_outbox.endpoint_disabled(self.conn, workspace, url)
+
+    def finish(
+        self,
+        row: Claimed,
+        status: str,
+        now_ms: int,
+        *,
+        reason: str | None = None,
+        detail: str | None = None,
+    ) -> None:
+        store_outbox.finish(self.conn, row, status, now_ms, reason=reason, detail=detail)
+
+    def retry_later(self, row: Claimed, due_ms: int, detail: str) -> None:
+        store_outbox.retry_later(self.conn, row, due_ms, detail)
+
+    def bounce(self, workspace: int, address: str, detail: str, now_ms: int) -> None:
+        store_outbox.bounce(self.conn, workspace, address, detail, now_ms)
+
+    def disable_endpoint(self, workspace: int, url: str, detail: str, now_ms: int) -> None:
+        store_outbox.disable_endpoint(self.conn, workspace, url, detail, now_ms)
+
+    def forget_endpoints(self, workspace: int, endpoints: Iterable[str]) -> None:
+        store_outbox.forget_endpoints(self.conn, workspace, endpoints)
+
+    def add_to_inbox(self, message: Outgoing, kind: str, now_ms: int) -> bool:
+        return store_outbox.add_to_inbox(self.conn, message, kind, now_ms)
+
+    def record(self, append: store_sqlite.Append) -> None:
+        """A delivery result into the event log, in the open transaction."""
+        store_sqlite.append_within(self.conn, append)
+
+
+def _outbox(store: sqlite3.Connection | Outbox) -> Outbox:
+    return SqliteOutbox(store) if isinstance(store, sqlite3.Connection) else store
+
+
 class InboxChannel:
     """`in_app` and `chat`: the message lands in the subject's inbox in the database (chat
     marks it as a conversation's opener). The key is unique there, so a resend adds nothing."""
 
     deduplicates = True
 
-    def __init__(self, conn: sqlite3.Connection, name: str, now_ms: Callable[[], int]) -> None:
-        self.conn = conn
+    def __init__(
+        self, store: sqlite3.Connection | Outbox, name: str, now_ms: Callable[[], int]
+    ) -> None:
+        self.store = _outbox(store)  # a connection to the embedded store, or an outbox
         self.name = name
         self.now_ms = now_ms
 
     async def send(self, message: Outgoing) -> Outcome:
-        with store_sqlite.transaction(self.conn):
-            new = store_outbox.add_to_inbox(self.conn, message, self.name, self.now_ms())
+        with self.store.transaction():
+            new = self.store.add_to_inbox(message, self.name, self.now_ms())
         return Sent(detail="" if new else "already in the inbox")
 
     async def aclose(self) -> None:
@@ -59,7 +173,7 @@ class InboxChannel:
 class Worker:
     def __init__(
         self,
-        conn: sqlite3.Connection,
+        store: sqlite3.Connection | Outbox,
         channels: Mapping[str, Channel],
         *,
         now_ms: Callable[[], int] = clock.now_ms,
@@ -68,7 +182,7 @@ class Worker:
         batch: int = BATCH,
         rng: random.Random | None = None,
     ) -> None:
-        self.conn = conn
+        self.store = _outbox(store)  # a connection to the embedded store, or an outbox
         self.channels = dict(channels)
         self.now_ms = now_ms
         self.lease_ms = lease_ms
@@ -79,9 +193,7 @@ class Worker:
 
     async def run_once(self) -> int:
         """Claim what is due and deliver it; returns how many rows were taken."""
-        rows = store_outbox.claim(
-            self.conn, self.now_ms(), self.lease_ms, self.batch, self.channels
-        )
+        rows = self.store.claim(self.now_ms(), self.lease_ms, self.batch, self.channels)
         lanes: dict[str, list[Claimed]] = {}
         for row in rows:
             lanes.setdefault(row.channel, []).append(row)
@@ -93,7 +205,7 @@ class Worker:
         while not stop.is_set():
             try:
                 taken = await self.run_once()
-            except sqlite3.OperationalError as exc:  # locked for longer than the busy timeout
+            except (sqlite3.OperationalError, StoreUnavailable) as exc:  # locked, restarting
                 log.warning("delivery: %s; trying again", exc)
                 taken = 0
             if taken == 0:
@@ -109,15 +221,13 @@ class Worker:
             await self.deliver(row)
 
     async def deliver(self, row: Claimed) -> None:
-        conn = self.conn
-        if not store_outbox.still_pending(conn, row):
+        store = self.store
+        if not store.still_pending(row):
             return  # cancelled or suppressed since it was claimed
         blocked = self._blocked(row)
         if blocked is not None:
-            with store_sqlite.transaction(conn):
-                store_outbox.finish(
-                    conn, row, store_outbox.SUPPRESSED, self.now_ms(), reason=blocked
-                )
+            with store.transaction():
+                store.finish(row, store_outbox.SUPPRESSED, self.now_ms(), reason=blocked)
             self._count("suppressed")
             return
         channel = self.channels[row.channel]
@@ -136,20 +246,19 @@ class Worker:
 
     def _disabled(self, message: Outgoing, channel: Channel) -> bool:
         url = str(message.to or message.settings.get("url") or getattr(channel, "url", ""))
-        return bool(url) and store_outbox.endpoint_disabled(self.conn, message.workspace, url)
+        return bool(url) and self.store.endpoint_disabled(message.workspace, url)
 
     def _blocked(self, row: Claimed) -> str | None:
         """Why the message may no longer go: its trigger paused or put in shadow since, consent
         withdrawn, or the subject (or its account) suppressed."""
         if row.firing != 0:  # (not the auto-guard's own message about the trigger)
-            override = store_outbox.trigger_overrides(self.conn, row.workspace).get(row.trigger)
-            if override is not None:
-                return "paused" if override["mode"] == "paused" else "shadow"
+            mode = self.store.trigger_mode(row.workspace, row.trigger)
+            if mode is not None:
+                return "paused" if mode == "paused" else "shadow"
         if row.channel == "webhook":
             return None
         accounts = row.message.data.get("accounts") or []
-        s = store_outbox.standing(
-            self.conn,
+        s = self.store.standing(
             row.workspace,
             row.scope,
             row.subject,
@@ -169,7 +278,7 @@ class Worker:
         m = row.message
         data = m.data
         if row.channel == "push":
-            subs = store_outbox.subscriptions(self.conn, row.workspace, row.scope, row.subject)
+            subs = self.store.subscriptions(row.workspace, row.scope, row.subject)
             if not subs:
                 return None
             data = {**data, "subscriptions": subs}
@@ -192,14 +301,14 @@ class Worker:
 
     def settle(self, row: Claimed, outcome: Outcome) -> None:
         """Record what came of a send, with its event, in one transaction."""
-        conn = self.conn
+        store = self.store
         now = self.now_ms()
-        with store_sqlite.transaction(conn):
+        with store.transaction():
             match outcome:
                 case Sent():
                     if outcome.endpoints:
-                        store_outbox.forget_endpoints(conn, row.workspace, outcome.endpoints)
-                    store_outbox.finish(conn, row, store_outbox.SENT, now, detail=outcome.detail)
+                        store.forget_endpoints(row.workspace, outcome.endpoints)
+                    store.finish(row, store_outbox.SENT, now, detail=outcome.detail)
                     self._event(row, "Message Sent", now, {})
                     self._count("sent")
                 case Retry():
@@ -207,38 +316,33 @@ class Worker:
                         self._dead(row, now, "retries exhausted", outcome.detail)
                     else:
                         wait = max(retry_delay_ms(row.attempts, self.rng), outcome.after_ms or 0)
-                        store_outbox.retry_later(conn, row, now + wait, outcome.detail)
+                        store.retry_later(row, now + wait, outcome.detail)
                         self._count("retried")
                 case Failed():
                     self._dead(row, now, "failed", outcome.detail)
                 case Bounced():
                     if row.message.to:
-                        store_outbox.bounce(
-                            conn, row.workspace, row.message.to, outcome.detail, now
-                        )
+                        store.bounce(row.workspace, row.message.to, outcome.detail, now)
                     self._dead(row, now, "bounced", outcome.detail)
                 case Gone():
                     if row.channel == "webhook":
                         for url in outcome.endpoints:
-                            store_outbox.disable_endpoint(
-                                conn, row.workspace, url, outcome.detail, now
-                            )
+                            store.disable_endpoint(row.workspace, url, outcome.detail, now)
                     else:
-                        store_outbox.forget_endpoints(conn, row.workspace, outcome.endpoints)
+                        store.forget_endpoints(row.workspace, outcome.endpoints)
                     self._dead(row, now, "gone", outcome.detail)
                 case _:
                     assert_never(outcome)
 
     def _dead(self, row: Claimed, now: int, reason: str, detail: str) -> None:
-        store_outbox.finish(self.conn, row, store_outbox.DEAD, now, reason=reason, detail=detail)
+        self.store.finish(row, store_outbox.DEAD, now, reason=reason, detail=detail)
         self._event(row, "Message Failed", now, {"failure": reason, "detail": detail[:500]})
         self._count("dead")
 
     def _event(self, row: Claimed, name: str, now: int, extra: dict[str, Any]) -> None:
         if row.firing == 0:
             return  # a message to the team about a trigger (the auto-guard's), not a subject
-        store_sqlite.append_within(
-            self.conn,
+        self.store.record(
             store_sqlite.Append(
                 row.workspace,
                 RESULTS_SOURCE,
@@ -260,7 +364,7 @@ def result_message(row: Claimed, name: str, now_ms: int, extra: dict[str, Any]) 
     )
 
 
-def channels_from_settings(conn: sqlite3.Connection) -> dict[str, Channel]:
+def channels_from_settings(conn: sqlite3.Connection | Outbox) -> dict[str, Channel]:
     """The channels this machine can deliver on. Without their settings, email and push are
     left out: their messages wait in the outbox until a worker that has them runs."""
     from forewarn import settings
@@ -290,9 +394,9 @@ def channels_from_settings(conn: sqlite3.Connection) -> dict[str, Channel]:
     return channels
 
 
-def main(db: str, parent: int | None = None) -> None:
+def main(db: str, parent: int | None = None, url: str | None = None) -> None:
     """`forewarn deliver`: drain the outbox until stopped (SIGINT, SIGTERM, or the parent
-    process gone)."""
+    process gone); the outbox on PostgreSQL at `url` when given, else in the SQLite file."""
     import os
     import signal
 
@@ -309,9 +413,18 @@ def main(db: str, parent: int | None = None) -> None:
         raise InputError(f"FOREWARN_DELIVERY_ATTEMPTS / FOREWARN_DELIVERY_LEASE: {exc}") from None
 
     async def run() -> None:
-        conn = store_sqlite.connect(db)
+        store: Outbox
+        close: Callable[[], None]
+        if url:
+            from forewarn import outbox_pg, store_pg
+
+            pool = store_pg.connect(url, max_size=2)
+            store, close = outbox_pg.PgOutbox(pool), lambda: pool.close()
+        else:
+            conn = store_sqlite.connect(db)
+            store, close = SqliteOutbox(conn), conn.close
         worker = Worker(
-            conn, channels_from_settings(conn), max_attempts=attempts, lease_ms=lease_ms
+            store, channels_from_settings(store), max_attempts=attempts, lease_ms=lease_ms
         )
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
@@ -330,6 +443,6 @@ def main(db: str, parent: int | None = None) -> None:
         finally:
             watcher.cancel()
             await worker.aclose()
-            conn.close()
+            close()
 
     asyncio.run(run())

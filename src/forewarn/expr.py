@@ -46,6 +46,9 @@ class Expression:
     def evaluate(self, lookup: Lookup) -> float | None:
         return self._fn(lookup)
 
+    def __repr__(self) -> str:  # by its text: the playbooks' fingerprint is the same everywhere
+        return f"Expression({self.source!r})"
+
 
 def _number(value: Any) -> float | None:
     if isinstance(value, bool) or not isinstance(value, int | float):

@@ -25,6 +25,9 @@ SETTINGS: dict[str, str] = {
     "ADMIN_KEY": "",
     "STRIPE_SECRET": "",
     "REQUIRE_SERVICES": "",
+    # scale-out on PostgreSQL (docs/deploy.md)
+    "DATABASE_URL": "",
+    "ROLE": "all",
     # the policy (docs/concepts.md)
     "FREQUENCY_CAPS": "2/7d,1/1d",
     "CHANNEL_CAPS": "",

@@ -36,214 +36,14 @@ from typing import Any
 
 import msgspec
 
+from forewarn import schema
 from forewarn.errors import ForewarnError, InputError
 
-SCHEMA_VERSION = 4
+SCHEMA_VERSION = schema.VERSION
 DEDUP_DAYS = 7
 KEY_KINDS = ("write", "admin")
 _KEY_PREFIX = {"write": "fw_wk_", "admin": "fw_ak_"}
 _IN_CHUNK = 500  # message ids per `IN (...)` query
-
-# Each entry brings the schema from the previous version to this one.
-MIGRATIONS: dict[int, str] = {
-    1: """
-    CREATE TABLE workspaces (
-        id INTEGER PRIMARY KEY,
-        name TEXT NOT NULL UNIQUE,
-        created_ms INTEGER NOT NULL
-    );
-    CREATE TABLE keys (
-        id INTEGER PRIMARY KEY,
-        workspace INTEGER NOT NULL REFERENCES workspaces(id),
-        kind TEXT NOT NULL CHECK (kind IN ('write', 'admin')),
-        prefix TEXT NOT NULL,
-        hash TEXT NOT NULL UNIQUE,
-        name TEXT NOT NULL DEFAULT '',
-        created_ms INTEGER NOT NULL,
-        revoked_ms INTEGER
-    );
-    CREATE TABLE batches (
-        id INTEGER PRIMARY KEY,
-        workspace INTEGER NOT NULL,
-        received_ms INTEGER NOT NULL,
-        source TEXT NOT NULL,
-        count INTEGER NOT NULL,
-        ids BLOB NOT NULL,
-        events BLOB,
-        messages BLOB NOT NULL
-    );
-    CREATE INDEX batches_workspace ON batches (workspace, id);
-    CREATE TABLE firings (
-        id INTEGER PRIMARY KEY,
-        workspace INTEGER NOT NULL,
-        trig TEXT NOT NULL,
-        subject TEXT NOT NULL,
-        scope TEXT NOT NULL,
-        at_ms INTEGER NOT NULL,
-        evidence TEXT NOT NULL,
-        decision TEXT NOT NULL,
-        reason TEXT,
-        channel TEXT NOT NULL,
-        cursor INTEGER NOT NULL
-    );
-    CREATE INDEX firings_at ON firings (workspace, at_ms);
-    CREATE INDEX firings_subject ON firings (workspace, subject, at_ms);
-    CREATE TABLE engine (
-        workspace INTEGER PRIMARY KEY,
-        cursor INTEGER NOT NULL,
-        clock_ms INTEGER,
-        tick INTEGER NOT NULL,
-        snapshot BLOB,
-        snapshot_tick INTEGER NOT NULL,
-        playbooks TEXT NOT NULL
-    );
-    CREATE TABLE ticks (
-        workspace INTEGER NOT NULL,
-        tick INTEGER NOT NULL,
-        cursor INTEGER NOT NULL,
-        clock_ms INTEGER NOT NULL,
-        PRIMARY KEY (workspace, tick)
-    ) WITHOUT ROWID;
-    """,
-    2: """
-    ALTER TABLE firings ADD COLUMN recorded_ms INTEGER;
-    """,
-    # outreach: see store_outbox
-    3: """
-    ALTER TABLE firings ADD COLUMN send_at_ms INTEGER;
-    CREATE INDEX firings_decided ON firings (workspace, trig, subject);
-    CREATE TABLE outbox (
-        id INTEGER PRIMARY KEY,
-        workspace INTEGER NOT NULL,
-        firing INTEGER NOT NULL,
-        key TEXT NOT NULL,
-        channel TEXT NOT NULL,
-        trig TEXT NOT NULL,
-        subject TEXT NOT NULL,
-        scope TEXT NOT NULL,
-        message BLOB NOT NULL,
-        status TEXT NOT NULL DEFAULT 'pending',
-        reason TEXT,
-        attempts INTEGER NOT NULL DEFAULT 0,
-        due_ms INTEGER NOT NULL,
-        lease_ms INTEGER NOT NULL DEFAULT 0,
-        created_ms INTEGER NOT NULL,
-        done_ms INTEGER,
-        detail TEXT,
-        UNIQUE (workspace, key)
-    );
-    CREATE INDEX outbox_due ON outbox (due_ms) WHERE status = 'pending';
-    CREATE INDEX outbox_subject ON outbox (workspace, subject, id);
-    CREATE INDEX outbox_firing ON outbox (firing);
-    CREATE TABLE consent (
-        workspace INTEGER NOT NULL,
-        scope TEXT NOT NULL,
-        subject TEXT NOT NULL,
-        channel TEXT NOT NULL,
-        at_ms INTEGER NOT NULL,
-        source TEXT NOT NULL,
-        PRIMARY KEY (workspace, scope, subject, channel)
-    ) WITHOUT ROWID;
-    CREATE TABLE bounces (
-        workspace INTEGER NOT NULL,
-        address TEXT NOT NULL,
-        detail TEXT NOT NULL,
-        at_ms INTEGER NOT NULL,
-        PRIMARY KEY (workspace, address)
-    ) WITHOUT ROWID;
-    CREATE TABLE suppressions (
-        workspace INTEGER NOT NULL,
-        scope TEXT NOT NULL,
-        subject TEXT NOT NULL,
-        reason TEXT NOT NULL,
-        until_ms INTEGER,
-        at_ms INTEGER NOT NULL,
-        PRIMARY KEY (workspace, scope, subject)
-    ) WITHOUT ROWID;
-    CREATE TABLE inbox (
-        id INTEGER PRIMARY KEY,
-        workspace INTEGER NOT NULL,
-        scope TEXT NOT NULL,
-        subject TEXT NOT NULL,
-        key TEXT NOT NULL,
-        trig TEXT NOT NULL,
-        kind TEXT NOT NULL,
-        title TEXT NOT NULL,
-        text TEXT NOT NULL,
-        html TEXT NOT NULL,
-        engagement_url TEXT NOT NULL DEFAULT '',
-        created_ms INTEGER NOT NULL,
-        read_ms INTEGER,
-        dismissed_ms INTEGER,
-        UNIQUE (workspace, key)
-    );
-    CREATE INDEX inbox_subject ON inbox (workspace, scope, subject, id);
-    CREATE TABLE push_subscriptions (
-        workspace INTEGER NOT NULL,
-        scope TEXT NOT NULL,
-        subject TEXT NOT NULL,
-        endpoint TEXT NOT NULL,
-        p256dh TEXT NOT NULL,
-        auth TEXT NOT NULL,
-        created_ms INTEGER NOT NULL,
-        PRIMARY KEY (workspace, endpoint)
-    ) WITHOUT ROWID;
-    CREATE INDEX push_subject ON push_subscriptions (workspace, scope, subject);
-    CREATE TABLE disabled_endpoints (
-        workspace INTEGER NOT NULL,
-        url TEXT NOT NULL,
-        detail TEXT NOT NULL,
-        at_ms INTEGER NOT NULL,
-        PRIMARY KEY (workspace, url)
-    ) WITHOUT ROWID;
-    CREATE TABLE secrets (
-        name TEXT PRIMARY KEY,
-        value TEXT NOT NULL
-    ) WITHOUT ROWID;
-    """,
-    # chat conversations in the widget: see store_outbox
-    4: """
-    ALTER TABLE inbox ADD COLUMN context TEXT NOT NULL DEFAULT '{}';
-    ALTER TABLE inbox ADD COLUMN escalated_ms INTEGER;
-    CREATE TABLE conversation_messages (
-        id INTEGER PRIMARY KEY,
-        workspace INTEGER NOT NULL,
-        conversation INTEGER NOT NULL,
-        author TEXT NOT NULL,
-        text TEXT NOT NULL,
-        at_ms INTEGER NOT NULL
-    );
-    CREATE INDEX conversation_messages_by ON conversation_messages (conversation, id);
-    CREATE TABLE outcomes (
-        firing INTEGER PRIMARY KEY,
-        workspace INTEGER NOT NULL,
-        trig TEXT NOT NULL,
-        goal INTEGER,
-        failure INTEGER,
-        engaged TEXT NOT NULL,
-        closed_ms INTEGER NOT NULL
-    );
-    CREATE INDEX outcomes_trigger ON outcomes (workspace, trig);
-    CREATE TABLE backtests (
-        id INTEGER PRIMARY KEY,
-        workspace INTEGER NOT NULL,
-        created_ms INTEGER NOT NULL,
-        status TEXT NOT NULL,
-        params TEXT NOT NULL,
-        result TEXT,
-        done_ms INTEGER
-    );
-    CREATE TABLE trigger_overrides (
-        workspace INTEGER NOT NULL,
-        trig TEXT NOT NULL,
-        mode TEXT NOT NULL,
-        reason TEXT NOT NULL,
-        by TEXT NOT NULL,
-        at_ms INTEGER NOT NULL,
-        PRIMARY KEY (workspace, trig)
-    ) WITHOUT ROWID;
-    """,
-}
 
 
 class StoreError(ForewarnError):
@@ -302,7 +102,7 @@ def migrate(conn: sqlite3.Connection) -> int:
     for step in range(version + 1, SCHEMA_VERSION + 1):
         with transaction(conn):
             if conn.execute("PRAGMA user_version").fetchone()[0] < step:  # not raced to it
-                for statement in _statements(MIGRATIONS[step]):
+                for statement in schema.statements(step, "sqlite"):
                     conn.execute(statement)
                 conn.execute(f"PRAGMA user_version={step}")
     return SCHEMA_VERSION
@@ -322,10 +122,6 @@ def transaction(conn: sqlite3.Connection) -> Iterator[None]:
         conn.execute("ROLLBACK")
         raise
     conn.execute("COMMIT")
-
-
-def _statements(script: str) -> list[str]:
-    return [s.strip() for s in script.split(";") if s.strip()]
 
 
 # --- workspaces and keys ------------------------------------------------------------------

@@ -1,0 +1,335 @@
+"""The scale-out roles on PostgreSQL: `forewarn serve --role api|worker|delivery|all` with
+`FOREWARN_DATABASE_URL` set.
+
+- **api**: the ingest routes of the embedded server (Segment, PostHog, Sentry, ticket and
+  billing webhooks), each request committed to PostgreSQL before it is answered, plus
+  `/api/v1/firings`, `/healthz` and `/openapi.json`. It runs no engine.
+- **worker**: steps a `worker.Worker` in a loop: claims what it can, commits, and waits a
+  moment only when there was nothing to claim.
+- **delivery**: drains the outbox onto the channels (`deliver` over `outbox_pg`).
+- **all**: an API, a worker and a delivery worker in one process.
+
+Any number of each run side by side, on any machines, against one database.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import queue
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+import msgspec
+from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.routing import Route
+
+from forewarn import api, clock, compose, live, settings, store_pg, store_sqlite
+from forewarn.errors import ForewarnError, InputError, NotFoundError
+from forewarn.live import Committed
+from forewarn.playbook import Trigger
+from forewarn.server import GROUP_MAX, EngineStats, Writer, _fail, _Job, _resolve
+from forewarn.store_sqlite import Key, StoreError
+from forewarn.worker import Worker
+
+log = logging.getLogger("forewarn.scaleout")
+
+IDLE_S = 0.02  # a worker that found nothing to claim looks again after this
+INGEST_PATHS = ("/v1/", "/batch/", "/capture/", "/i/v1/", "/api/{project}/", "/webhooks/")
+
+
+class PgWriter(Writer):
+    """The API's `Writer` on PostgreSQL: requests waiting at the same moment are committed
+    together, in one transaction (one flush of the database's log for all of them), by a few
+    threads side by side; each request is answered once its transaction has committed."""
+
+    def __init__(self, pool: store_pg.Pool, threads: int = 2) -> None:
+        self.pool = pool
+        self.on_commit = None
+        self._queue: queue.SimpleQueue[_Job | None] = queue.SimpleQueue()
+        self._threads = [
+            threading.Thread(target=self._run, name=f"forewarn-writer-{i}", daemon=True)
+            for i in range(threads)
+        ]
+
+    def start(self) -> None:
+        for thread in self._threads:
+            thread.start()
+
+    def stop(self) -> None:
+        for _ in self._threads:
+            self._queue.put(None)
+        for thread in self._threads:
+            thread.join(timeout=10)
+
+    def _run(self) -> None:
+        while True:
+            job = self._queue.get()
+            if job is None:
+                return
+            jobs = [job]
+            while len(jobs) < GROUP_MAX:
+                try:
+                    more = self._queue.get_nowait()
+                except queue.Empty:
+                    break
+                if more is None:
+                    self._queue.put(None)  # for this thread's next turn
+                    break
+                jobs.append(more)
+            try:
+                results = store_pg.append_batches(self.pool, [j.append for j in jobs])
+            except Exception as exc:  # nothing of these requests was stored: say so
+                log.error("could not commit %d requests: %s", len(jobs), exc)
+                error = StoreError(
+                    f"the database is unavailable ({exc}); nothing was stored, retry"
+                )
+                for j in jobs:
+                    j.loop.call_soon_threadsafe(_fail, j.future, error)
+                continue
+            for j, result in zip(jobs, results, strict=True):
+                j.loop.call_soon_threadsafe(_resolve, j.future, result)
+
+
+class Elsewhere:
+    """The `server.Engines` of an API process: the engines run in the worker processes."""
+
+    def __init__(self, triggers: list[Trigger]) -> None:
+        self.triggers = triggers
+
+    def start(self) -> None:
+        pass
+
+    def stop(self) -> None:
+        pass
+
+    def committed(self, batches: list[tuple[int, Committed]]) -> None:
+        pass
+
+    def reload(self, triggers: list[Trigger]) -> None:
+        raise InputError(
+            "in scale-out mode the playbooks load when the worker processes start: "
+            "restart the workers (and API processes) to reload them"
+        )
+
+    def subject_state(self, workspace: int, subject_id: str) -> list[dict[str, Any]]:
+        raise NotFoundError("subject state lives in the worker processes in scale-out mode")
+
+    def why(self, workspace: int, subject_id: str, trigger: str, now_ms: int) -> dict[str, Any]:
+        raise NotFoundError("subject state lives in the worker processes in scale-out mode")
+
+    def stats_view(self) -> EngineStats:
+        return EngineStats()
+
+
+class IngestApp(api.Forewarn):
+    """The embedded API's ingest path with its keys read from PostgreSQL. (The embedded app
+    also opens a SQLite database for its admin pages; here it is an empty one in memory.)"""
+
+    def __init__(self, settings: api.Settings, pool: store_pg.Pool, triggers: list[Trigger]):
+        super().__init__(settings, PgWriter(pool), Elsewhere(triggers))
+        self.pool = pool
+
+    def key(self, token: str | None) -> Key | None:
+        if not token:
+            return None
+        now = time.monotonic()
+        cached = self._keys.get(token)
+        if cached is not None and (cached[0] is not None or now - cached[1] < 5.0):
+            return cached[0]
+        with self.pool.connection() as conn:
+            found = store_pg.find_key(conn, token)
+        if len(self._keys) > 10_000:
+            self._keys.clear()
+        self._keys[token] = (found, now)
+        return found
+
+    async def widget_origins(self, token: str | None) -> frozenset[str]:
+        return frozenset()
+
+
+def build_api(app: IngestApp) -> Starlette:
+    """The API process's routes: ingest, firings, health."""
+
+    async def firings(request: Request) -> Response:
+        key = app.admin_key(request)
+        q = request.query_params
+
+        def query() -> list[Any]:
+            with app.pool.connection() as conn:
+                return store_pg.query_firings(
+                    conn, key.workspace, q.get("trigger"), q.get("subject")
+                )
+
+        rows = await asyncio.to_thread(query)
+        body = {"firings": [live.firing_dict(r) for r in rows]}
+        return Response(msgspec.json.encode(body), media_type="application/json")
+
+    kept = [
+        r
+        for r in api.routes(app)
+        if isinstance(r, Route)
+        and (r.path.startswith(INGEST_PATHS) or r.path in ("/healthz", "/openapi.json"))
+    ]
+
+    @contextlib.asynccontextmanager
+    async def lifespan(_: Starlette) -> AsyncIterator[None]:
+        app.writer.start()
+        try:
+            yield
+        finally:
+            app.writer.stop()
+            await app.close()
+
+    return Starlette(
+        lifespan=lifespan,
+        routes=[*kept, Route("/api/v1/firings", firings, methods=["GET"])],
+        exception_handlers={
+            ForewarnError: api._forewarn_error,
+            HTTPException: api._http_error,
+            Exception: api._server_error,
+        },
+    )
+
+
+def run_worker(
+    worker: Worker,
+    stop: threading.Event,
+    now_ms: Callable[[], int] = clock.now_ms,
+    idle_s: float = IDLE_S,
+) -> None:
+    """Step until `stop` is set; an error (the database restarting, say) is logged and the
+    step tried again: its transaction was rolled back, so nothing was half done."""
+    while not stop.is_set():
+        try:
+            done = worker.step(now_ms())
+        except Exception as exc:  # any failure rolls the whole step back
+            log.warning("worker step failed, retrying: %s", exc)
+            stop.wait(1.0)
+            continue
+        if not done.parts:
+            stop.wait(idle_s)
+
+
+def composer_for(
+    pool: store_pg.Pool, playbooks: str, triggers: list[Trigger]
+) -> tuple[compose.Composer, tuple[tuple[str, ...], tuple[str, ...]]]:
+    """`compose.for_playbooks`, its link secret kept in PostgreSQL."""
+    from forewarn.links import SECRET_NAME
+    from forewarn.templates import Templates
+
+    directory = compose.templates_dir(playbooks)
+    with pool.connection() as conn:
+        key = store_pg.secret(conn, SECRET_NAME)
+    composer = compose.Composer(
+        Templates(directory if directory.is_dir() else None), settings.env("PUBLIC_URL") or "", key
+    )
+    user, account = compose.trait_names(triggers, directory if directory.is_dir() else None)
+    return composer, (tuple(sorted(user)), tuple(sorted(account)))
+
+
+def serve(
+    role: str,
+    url: str,
+    playbooks: str,
+    workspace: str,
+    host: str,
+    port: int,
+    rate_limit: int,
+    log_level: str,
+) -> int:
+    """`forewarn serve --role ROLE` on PostgreSQL."""
+    import signal
+
+    import uvicorn
+
+    from forewarn.sources import load_playbooks
+
+    if role == "delivery":
+        from forewarn import deliver
+
+        store_pg.connect(url, max_size=1).close()  # migrated, or a clear error now
+        print("Forewarn delivery on PostgreSQL", flush=True)
+        deliver.main("", None, url)
+        return 0
+    triggers = load_playbooks(playbooks)
+    compose.check(playbooks, triggers)
+    policy = settings.policy()
+    pool = store_pg.connect(url, max_size=4 if role == "worker" else 8)
+    try:
+        write_key, admin_key = settings.env("WRITE_KEY"), settings.env("ADMIN_KEY")
+        created = []
+        with pool.connection() as conn:
+            known = store_pg.workspace_id(conn, workspace) is not None
+        if not known:
+            if not write_key:
+                write_key = store_sqlite.new_key_token("write")
+                created.append(f"write key: {write_key}")
+            if not admin_key:
+                admin_key = store_sqlite.new_key_token("admin")
+                created.append(f"admin key: {admin_key}")
+        ws = store_pg.ensure_workspace(pool, workspace, clock.now_ms(), write_key, admin_key)
+        if created:
+            print("workspace '" + workspace + "' created; keys (shown once):", flush=True)
+            for line in created:
+                print("  " + line, flush=True)
+        stop = threading.Event()
+        thread = None
+        delivery: subprocess.Popen[bytes] | None = None
+        if role in ("worker", "all"):
+            composer, keep = composer_for(pool, playbooks, triggers)
+            worker = Worker(pool, ws, triggers, policy, composer, keep)
+            if role == "worker":
+                print(f"Forewarn worker with {len(triggers)} triggers on PostgreSQL", flush=True)
+                signal.signal(signal.SIGTERM, lambda *_: stop.set())
+                with contextlib.suppress(KeyboardInterrupt):
+                    run_worker(worker, stop)
+                return 0
+            thread = threading.Thread(
+                target=run_worker, args=(worker, stop), name="forewarn-worker", daemon=True
+            )
+            thread.start()
+            if settings.env("DELIVERY") == "on":  # the delivery worker, as the embedded server
+                command = [sys.executable, "-m", "forewarn", "deliver", "--parent"]
+                delivery = subprocess.Popen([*command, str(os.getpid())])
+        app = IngestApp(
+            api.Settings(
+                db=":memory:",
+                playbooks=playbooks,
+                rate_limit_per_s=float(rate_limit),
+                rate_burst=float(rate_limit * 2),
+                stripe_secret=settings.env("STRIPE_SECRET"),
+                write_key=write_key,
+            ),
+            pool,
+            triggers,
+        )
+        print(f"Forewarn {role} on http://{host}:{port} on PostgreSQL", flush=True)
+        try:
+            uvicorn.run(
+                build_api(app),
+                host=host,
+                port=port,
+                log_level=log_level,
+                access_log=False,
+                lifespan="on",
+            )
+        finally:
+            stop.set()
+            if thread is not None:
+                thread.join(timeout=10)
+            if delivery is not None:
+                delivery.terminate()
+                delivery.wait(timeout=30)
+        return 0
+    finally:
+        pool.close()

@@ -1,0 +1,299 @@
+"""The schema of both stores, SQLite (embedded) and PostgreSQL (scale-out), as one list of
+versioned migrations.
+
+Each migration is written once, in the SQL both databases read, with SQLite's spelling of the
+few types that differ; `statements` renders it for the database at hand. On PostgreSQL an
+`INTEGER` becomes a `BIGINT` (times are milliseconds), a `BLOB` a `BYTEA`, an `id INTEGER
+PRIMARY KEY` an identity column, and `WITHOUT ROWID` is dropped. A migration that only one
+store needs (the scale-out tables) names its database; the other store still counts the
+version, so a schema version means the same on both.
+
+SQLite keeps its version in `PRAGMA user_version`; PostgreSQL in the `schema_version` table.
+Both stores apply what they lack when they open, and `forewarn migrate` applies it on demand.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import NamedTuple
+
+DIALECTS = ("sqlite", "postgresql")
+
+
+class Only(NamedTuple):
+    """A migration for one database only."""
+
+    dialect: str
+    sql: str
+
+
+# Each entry brings the schema from the previous version to this one.
+MIGRATIONS: dict[int, str | Only] = {
+    1: """
+    CREATE TABLE workspaces (
+        id INTEGER PRIMARY KEY,
+        name TEXT NOT NULL UNIQUE,
+        created_ms INTEGER NOT NULL
+    );
+    CREATE TABLE keys (
+        id INTEGER PRIMARY KEY,
+        workspace INTEGER NOT NULL REFERENCES workspaces(id),
+        kind TEXT NOT NULL CHECK (kind IN ('write', 'admin')),
+        prefix TEXT NOT NULL,
+        hash TEXT NOT NULL UNIQUE,
+        name TEXT NOT NULL DEFAULT '',
+        created_ms INTEGER NOT NULL,
+        revoked_ms INTEGER
+    );
+    CREATE TABLE batches (
+        id INTEGER PRIMARY KEY,
+        workspace INTEGER NOT NULL,
+        received_ms INTEGER NOT NULL,
+        source TEXT NOT NULL,
+        count INTEGER NOT NULL,
+        ids BLOB NOT NULL,
+        events BLOB,
+        messages BLOB NOT NULL
+    );
+    CREATE INDEX batches_workspace ON batches (workspace, id);
+    CREATE TABLE firings (
+        id INTEGER PRIMARY KEY,
+        workspace INTEGER NOT NULL,
+        trig TEXT NOT NULL,
+        subject TEXT NOT NULL,
+        scope TEXT NOT NULL,
+        at_ms INTEGER NOT NULL,
+        evidence TEXT NOT NULL,
+        decision TEXT NOT NULL,
+        reason TEXT,
+        channel TEXT NOT NULL,
+        cursor INTEGER NOT NULL
+    );
+    CREATE INDEX firings_at ON firings (workspace, at_ms);
+    CREATE INDEX firings_subject ON firings (workspace, subject, at_ms);
+    CREATE TABLE engine (
+        workspace INTEGER PRIMARY KEY,
+        cursor INTEGER NOT NULL,
+        clock_ms INTEGER,
+        tick INTEGER NOT NULL,
+        snapshot BLOB,
+        snapshot_tick INTEGER NOT NULL,
+        playbooks TEXT NOT NULL
+    );
+    CREATE TABLE ticks (
+        workspace INTEGER NOT NULL,
+        tick INTEGER NOT NULL,
+        cursor INTEGER NOT NULL,
+        clock_ms INTEGER NOT NULL,
+        PRIMARY KEY (workspace, tick)
+    ) WITHOUT ROWID;
+    """,
+    2: """
+    ALTER TABLE firings ADD COLUMN recorded_ms INTEGER;
+    """,
+    # outreach: see store_outbox
+    3: """
+    ALTER TABLE firings ADD COLUMN send_at_ms INTEGER;
+    CREATE INDEX firings_decided ON firings (workspace, trig, subject);
+    CREATE TABLE outbox (
+        id INTEGER PRIMARY KEY,
+        workspace INTEGER NOT NULL,
+        firing INTEGER NOT NULL,
+        key TEXT NOT NULL,
+        channel TEXT NOT NULL,
+        trig TEXT NOT NULL,
+        subject TEXT NOT NULL,
+        scope TEXT NOT NULL,
+        message BLOB NOT NULL,
+        status TEXT NOT NULL DEFAULT 'pending',
+        reason TEXT,
+        attempts INTEGER NOT NULL DEFAULT 0,
+        due_ms INTEGER NOT NULL,
+        lease_ms INTEGER NOT NULL DEFAULT 0,
+        created_ms INTEGER NOT NULL,
+        done_ms INTEGER,
+        detail TEXT,
+        UNIQUE (workspace, key)
+    );
+    CREATE INDEX outbox_due ON outbox (due_ms) WHERE status = 'pending';
+    CREATE INDEX outbox_subject ON outbox (workspace, subject, id);
+    CREATE INDEX outbox_firing ON outbox (firing);
+    CREATE TABLE consent (
+        workspace INTEGER NOT NULL,
+        scope TEXT NOT NULL,
+        subject TEXT NOT NULL,
+        channel TEXT NOT NULL,
+        at_ms INTEGER NOT NULL,
+        source TEXT NOT NULL,
+        PRIMARY KEY (workspace, scope, subject, channel)
+    ) WITHOUT ROWID;
+    CREATE TABLE bounces (
+        workspace INTEGER NOT NULL,
+        address TEXT NOT NULL,
+        detail TEXT NOT NULL,
+        at_ms INTEGER NOT NULL,
+        PRIMARY KEY (workspace, address)
+    ) WITHOUT ROWID;
+    CREATE TABLE suppressions (
+        workspace INTEGER NOT NULL,
+        scope TEXT NOT NULL,
+        subject TEXT NOT NULL,
+        reason TEXT NOT NULL,
+        until_ms INTEGER,
+        at_ms INTEGER NOT NULL,
+        PRIMARY KEY (workspace, scope, subject)
+    ) WITHOUT ROWID;
+    CREATE TABLE inbox (
+        id INTEGER PRIMARY KEY,
+        workspace INTEGER NOT NULL,
+        scope TEXT NOT NULL,
+        subject TEXT NOT NULL,
+        key TEXT NOT NULL,
+        trig TEXT NOT NULL,
+        kind TEXT NOT NULL,
+        title TEXT NOT NULL,
+        text TEXT NOT NULL,
+        html TEXT NOT NULL,
+        engagement_url TEXT NOT NULL DEFAULT '',
+        created_ms INTEGER NOT NULL,
+        read_ms INTEGER,
+        dismissed_ms INTEGER,
+        UNIQUE (workspace, key)
+    );
+    CREATE INDEX inbox_subject ON inbox (workspace, scope, subject, id);
+    CREATE TABLE push_subscriptions (
+        workspace INTEGER NOT NULL,
+        scope TEXT NOT NULL,
+        subject TEXT NOT NULL,
+        endpoint TEXT NOT NULL,
+        p256dh TEXT NOT NULL,
+        auth TEXT NOT NULL,
+        created_ms INTEGER NOT NULL,
+        PRIMARY KEY (workspace, endpoint)
+    ) WITHOUT ROWID;
+    CREATE INDEX push_subject ON push_subscriptions (workspace, scope, subject);
+    CREATE TABLE disabled_endpoints (
+        workspace INTEGER NOT NULL,
+        url TEXT NOT NULL,
+        detail TEXT NOT NULL,
+        at_ms INTEGER NOT NULL,
+        PRIMARY KEY (workspace, url)
+    ) WITHOUT ROWID;
+    CREATE TABLE secrets (
+        name TEXT PRIMARY KEY,
+        value TEXT NOT NULL
+    ) WITHOUT ROWID;
+    """,
+    # chat conversations in the widget: see store_outbox
+    4: """
+    ALTER TABLE inbox ADD COLUMN context TEXT NOT NULL DEFAULT '{}';
+    ALTER TABLE inbox ADD COLUMN escalated_ms INTEGER;
+    CREATE TABLE conversation_messages (
+        id INTEGER PRIMARY KEY,
+        workspace INTEGER NOT NULL,
+        conversation INTEGER NOT NULL,
+        author TEXT NOT NULL,
+        text TEXT NOT NULL,
+        at_ms INTEGER NOT NULL
+    );
+    CREATE INDEX conversation_messages_by ON conversation_messages (conversation, id);
+    CREATE TABLE outcomes (
+        firing INTEGER PRIMARY KEY,
+        workspace INTEGER NOT NULL,
+        trig TEXT NOT NULL,
+        goal INTEGER,
+        failure INTEGER,
+        engaged TEXT NOT NULL,
+        closed_ms INTEGER NOT NULL
+    );
+    CREATE INDEX outcomes_trigger ON outcomes (workspace, trig);
+    CREATE TABLE backtests (
+        id INTEGER PRIMARY KEY,
+        workspace INTEGER NOT NULL,
+        created_ms INTEGER NOT NULL,
+        status TEXT NOT NULL,
+        params TEXT NOT NULL,
+        result TEXT,
+        done_ms INTEGER
+    );
+    CREATE TABLE trigger_overrides (
+        workspace INTEGER NOT NULL,
+        trig TEXT NOT NULL,
+        mode TEXT NOT NULL,
+        reason TEXT NOT NULL,
+        "by" TEXT NOT NULL,
+        at_ms INTEGER NOT NULL,
+        PRIMARY KEY (workspace, trig)
+    ) WITHOUT ROWID;
+    """,
+    # the scale-out mode (store_pg, worker): the log one row per event, deduplicated by the
+    # hash of its message id; the queue of events not yet applied, by partition (an account,
+    # or a user without one); each partition's engine and policy state, with the earliest
+    # moment one of its timers is due; each user's home: the first account seen for them
+    5: Only(
+        "postgresql",
+        """
+    CREATE TABLE events (
+        id INTEGER PRIMARY KEY,
+        workspace INTEGER NOT NULL,
+        hash INTEGER NOT NULL,
+        part TEXT NOT NULL,
+        received_ms INTEGER NOT NULL,
+        source TEXT NOT NULL,
+        event BLOB NOT NULL,
+        message BLOB NOT NULL
+    );
+    CREATE UNIQUE INDEX events_seen ON events (workspace, hash);
+    CREATE TABLE queue (
+        id INTEGER NOT NULL PRIMARY KEY,
+        workspace INTEGER NOT NULL,
+        part TEXT NOT NULL
+    );
+    CREATE INDEX queue_part ON queue (workspace, part, id);
+    CREATE TABLE parts (
+        workspace INTEGER NOT NULL,
+        part TEXT NOT NULL,
+        state BLOB NOT NULL,
+        due_ms INTEGER NOT NULL,
+        playbooks TEXT NOT NULL,
+        PRIMARY KEY (workspace, part)
+    );
+    CREATE INDEX parts_due ON parts (workspace, due_ms);
+    CREATE TABLE homes (
+        workspace INTEGER NOT NULL,
+        person TEXT NOT NULL,
+        account TEXT NOT NULL,
+        PRIMARY KEY (workspace, person)
+    );
+    """,
+    ),
+}
+
+VERSION = max(MIGRATIONS)
+
+_POSTGRESQL = (
+    (
+        re.compile(r"\bid INTEGER PRIMARY KEY\b"),
+        "id BIGINT GENERATED BY DEFAULT AS IDENTITY PRIMARY KEY",
+    ),
+    (re.compile(r"\bINTEGER\b"), "BIGINT"),
+    (re.compile(r"\bBLOB\b"), "BYTEA"),
+    (re.compile(r"\)\s*WITHOUT ROWID"), ")"),
+)
+
+
+def statements(version: int, dialect: str) -> list[str]:
+    """The statements that bring a database of `dialect` from `version - 1` to `version`."""
+    if dialect not in DIALECTS:
+        raise ValueError(f"unknown database dialect {dialect!r}: one of {', '.join(DIALECTS)}")
+    step = MIGRATIONS[version]
+    if isinstance(step, Only):
+        if step.dialect != dialect:
+            return []
+        script = step.sql
+    else:
+        script = step
+    if dialect == "postgresql":
+        for pattern, replacement in _POSTGRESQL:
+            script = pattern.sub(replacement, script)
+    return [s.strip() for s in script.split(";") if s.strip()]

@@ -1,0 +1,446 @@
+"""The scale-out worker: claims partitions of the event queue on PostgreSQL with the database's
+own locks, runs the engine and the policy over them, and commits everything in one transaction.
+
+A step, in one transaction:
+
+1. picks candidate partitions: those owning the oldest queued events, and those with a timer
+   due by now;
+2. takes `pg_try_advisory_xact_lock` on each (a partition another worker holds is skipped,
+   not waited for), then its queued events in order with `FOR UPDATE SKIP LOCKED`;
+3. loads each partition's state (the engine's subjects, its clock and the policy's history),
+   applies the events in log order, each after the timers due by its time, then the timers
+   due by now;
+4. decides every firing, and writes the firings, the outbox rows of those to send, the new
+   state with its next due time, and deletes the claimed queue rows; then commits.
+
+The locks end with the transaction. A worker killed mid-step commits nothing: its partitions'
+events are still queued, and the next worker to try them gets the lock. Nothing is lost, and
+nothing is applied twice, because the state and the queue change in the same commit.
+
+Partitions: an event belongs to its account (`context.groupId`, or the account a `group` call
+joins), else to its user. A partition's users and its account live in one state, so an
+account-scoped trigger sees every event attributed to its account and a user-scoped one sees
+its user's events in that account. (The embedded engine also counts an event without
+`context.groupId` for every account its user joined; here it counts for the user alone.)
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Any
+
+import msgspec
+import psycopg
+
+from forewarn import decide, engine, live, partition, store_outbox, store_pg, store_sqlite
+from forewarn.engine import Firing
+from forewarn.errors import ForewarnError
+from forewarn.model import Event
+from forewarn.partition import Part
+from forewarn.playbook import Trigger
+from forewarn.policy import POLICY_TRAITS, Outreach
+from forewarn.runner import Runner
+
+log = logging.getLogger("forewarn.worker")
+
+PARTS_PER_STEP = 64
+EVENTS_PER_STEP = 2_000
+SCAN = 5_000  # queued events looked at to find candidate partitions
+
+
+_decode_event = msgspec.msgpack.Decoder(tuple[Any, ...]).decode
+
+
+@dataclass
+class Stepped:
+    parts: int = 0
+    events: int = 0
+    firings: int = 0
+
+
+_CANDIDATES = """
+SELECT part FROM (
+    SELECT part, min(id) AS first FROM (
+        SELECT part, id FROM queue WHERE workspace = %(ws)s ORDER BY id LIMIT %(scan)s
+    ) q GROUP BY part
+    UNION ALL
+    SELECT part, -1 FROM parts WHERE workspace = %(ws)s AND due_ms <= %(now)s
+) c
+GROUP BY part ORDER BY min(first) LIMIT %(many)s
+"""
+
+_LOCK = """
+SELECT part FROM unnest(%s::text[], %s::bigint[]) AS c(part, key)
+WHERE pg_try_advisory_xact_lock(key) LIMIT %s
+"""
+
+_CLAIM = """
+SELECT q.id, q.part, e.received_ms, e.event FROM queue q JOIN events e ON e.id = q.id
+WHERE q.workspace = %s AND q.part = ANY(%s) ORDER BY q.id LIMIT %s
+FOR UPDATE OF q SKIP LOCKED
+"""
+
+_SAVE = """
+INSERT INTO parts (workspace, part, state, due_ms, playbooks)
+SELECT %(ws)s, part, state, due_ms, %(playbooks)s
+FROM unnest(%(part)s::text[], %(state)b::bytea[], %(due)s::bigint[]) AS s(part, state, due_ms)
+ON CONFLICT (workspace, part) DO UPDATE SET state = excluded.state, due_ms = excluded.due_ms,
+    playbooks = excluded.playbooks
+"""
+
+# blocking, in the order given: every worker takes them sorted, so none waits in a circle
+_LOCK_ALL = """
+SELECT pg_advisory_xact_lock(key) FROM (
+    SELECT key FROM unnest(%s::bigint[]) WITH ORDINALITY AS k(key, n) ORDER BY n
+) ordered
+"""
+
+_FIRING = (
+    f"INSERT INTO firings (workspace, {store_sqlite.FIRING_COLUMNS}, cursor, recorded_ms)"
+    " VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s) RETURNING id"
+)
+
+_OUTBOX = (
+    "INSERT INTO outbox (workspace, firing, key, channel, trig, subject, scope, message,"
+    " due_ms, created_ms, status, reason, detail, done_ms)"
+    " VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s)"
+    " ON CONFLICT (workspace, key) DO NOTHING"
+)
+
+
+class Worker:
+    """One worker process's engine for one workspace; any number run side by side."""
+
+    def __init__(
+        self,
+        pool: store_pg.Pool,
+        workspace: int,
+        triggers: list[Trigger],
+        policy: decide.Policy | None = None,
+        compose: live.Compose | None = None,
+        keep: tuple[tuple[str, ...], tuple[str, ...]] = ((), ()),
+        parts_per_step: int = PARTS_PER_STEP,
+        events_per_step: int = EVENTS_PER_STEP,
+    ) -> None:
+        self.pool = pool
+        self.workspace = workspace
+        self.triggers = triggers
+        self.by_id = {t.id: t for t in triggers}
+        self.policy = policy or decide.Policy()
+        self.compose = compose or live.plain_message
+        self.book = engine.Playbook(
+            triggers, keep=(POLICY_TRAITS + keep[0], POLICY_TRAITS + keep[1])
+        )
+        self.playbooks = live.fingerprint(triggers)
+        self.parts_per_step = parts_per_step
+        self.events_per_step = events_per_step
+
+    def step(self, now_ms: int) -> Stepped:
+        """Claim what this worker can, apply it and commit; an empty result when there was
+        nothing to do or every partition with work was held by other workers."""
+        done = Stepped()
+        with self.pool.connection() as conn, conn.transaction():
+            candidates = [
+                str(p)
+                for (p,) in conn.execute(
+                    _CANDIDATES,
+                    {
+                        "ws": self.workspace,
+                        "scan": SCAN,
+                        "now": now_ms,
+                        "many": 4 * self.parts_per_step,
+                    },
+                )
+            ]
+            if not candidates:
+                return done
+            keys = [store_pg.lock_key(self.workspace, p) for p in candidates]
+            parts = [
+                str(p) for (p,) in conn.execute(_LOCK, (candidates, keys, self.parts_per_step))
+            ]
+            if not parts:
+                return done
+            claimed: dict[str, list[tuple[int, int, bytes]]] = {p: [] for p in parts}
+            ids: list[int] = []
+            for qid, part, received_ms, raw in conn.execute(
+                _CLAIM, (self.workspace, parts, self.events_per_step)
+            ):
+                claimed[part].append((int(qid), int(received_ms), bytes(raw)))
+                ids.append(int(qid))
+            stored = {
+                str(p): (bytes(s), str(b))
+                for p, s, b in conn.execute(
+                    "SELECT part, state, playbooks FROM parts WHERE workspace = %s"
+                    " AND part = ANY(%s)",
+                    (self.workspace, parts),
+                )
+            }
+            loaded = [self._load(p, stored.get(p), claimed[p]) for p in parts]
+            moved = self._send_home(conn, loaded)
+            users = {p.name: p for p in loaded if p.name.startswith("user:")}
+            modes = store_pg.trigger_overrides(conn, self.workspace)
+            # users' own partitions first: a user an account adopts below brings all of it
+            for p in users.values():
+                done.firings += self._run(conn, p, now_ms, modes)
+            accounts = [p for p in loaded if p.name not in users]
+            self._adopt(conn, accounts, users)
+            for p in accounts:
+                done.firings += self._run(conn, p, now_ms, modes)
+            done.parts = len(loaded)
+            done.events = sum(len(p.events) for p in loaded)
+            states = [p.runner.state for p in loaded]
+            conn.execute(
+                _SAVE,
+                {
+                    "ws": self.workspace,
+                    "playbooks": self.playbooks,
+                    "part": [p.name for p in loaded],
+                    "state": [partition.snapshot(p.runner, p.outreach) for p in loaded],
+                    "due": [partition.next_due(st.users, st.accounts) for st in states],
+                },
+            )
+            ids = [i for i in ids if i not in moved]
+            if ids:
+                conn.execute("DELETE FROM queue WHERE id = ANY(%s)", (ids,))
+        return done
+
+    def run_until_idle(self, now_ms: int) -> Stepped:
+        """Step until a step finds nothing to claim (tests, benchmarks, `forewarn replay`)."""
+        total = Stepped()
+        while True:
+            s = self.step(now_ms)
+            if not s.parts:
+                return total
+            total.parts += s.parts
+            total.events += s.events
+            total.firings += s.firings
+
+    # --- one partition ---------------------------------------------------------------------
+
+    def _load(
+        self, name: str, stored: tuple[bytes, str] | None, claimed: list[tuple[int, int, bytes]]
+    ) -> Part:
+        state = engine.State(self.book)
+        part = Part(name, Runner(state, lateness_ms=0), Outreach(state, self.triggers, self.policy))
+        if stored is not None:
+            if stored[1] == self.playbooks:
+                partition.restore(part.runner, part.outreach, partition.decode(stored[0]))
+            else:  # other playbooks: this partition starts again from its next event
+                log.warning("partition %s: playbooks changed, its state starts afresh", name)
+        for qid, received_ms, raw in claimed:
+            event = Event(*_decode_event(raw[1:]))
+            if event.timestamp_ms > received_ms:  # a client clock running ahead
+                event.timestamp_ms = received_ms
+            part.events.append(event)
+            part.ids.append(qid)
+        return part
+
+    def _send_home(self, conn: psycopg.Connection[Any], loaded: list[Part]) -> set[int]:
+        """Events queued under a user who has since got a home account (accepted while the
+        home was being set) go to that account: applied with it now when it is claimed in
+        this step (in log order), else moved to its queue. Returns the ids moved."""
+        users = [p for p in loaded if p.name.startswith("user:") and p.ids]
+        if not users:
+            return set()
+        homes = dict(
+            conn.execute(
+                "SELECT 'user:' || person, 'account:' || account FROM homes"
+                " WHERE workspace = %s AND 'user:' || person = ANY(%s)",
+                (self.workspace, [p.name for p in users]),
+            ).fetchall()
+        )
+        here = {p.name: p for p in loaded}
+        moved: set[int] = set()
+        for p in users:
+            home = homes.get(p.name)
+            if home is None:
+                continue
+            into = here.get(home)
+            if into is not None:
+                merged = sorted(
+                    zip(into.ids + p.ids, into.events + p.events, strict=True),
+                    key=lambda pair: pair[0],
+                )
+                into.ids = [i for i, _ in merged]
+                into.events = [e for _, e in merged]
+            else:
+                conn.execute("UPDATE queue SET part = %s WHERE id = ANY(%s)", (home, p.ids))
+                moved.update(p.ids)
+            p.events, p.ids = [], []
+        return moved
+
+    def _adopt(
+        self, conn: psycopg.Connection[Any], parts: list[Part], here: dict[str, Part]
+    ) -> None:
+        """Users new to an account partition bring the state their own partition kept before
+        they had a home: from that partition claimed in this step (`here`), else from the
+        database under its lock (taken in one order by every worker)."""
+        wanted: dict[str, Part] = {}
+        for p in parts:
+            state = p.runner.state
+            for event in p.events:
+                who = store_pg.person(event)
+                if who not in state.users and who not in state.aliases:
+                    wanted.setdefault("user:" + who, p)
+        for name in [n for n in wanted if n in here]:
+            own = here[name]
+            snap = partition.decode(partition.snapshot(own.runner, own.outreach))
+            partition.move_user(snap, wanted.pop(name), name[len("user:") :])
+            rest = self._load(name, (partition.encode(snap), self.playbooks), [])
+            own.runner, own.outreach = rest.runner, rest.outreach
+        if not wanted:
+            return
+        names = sorted(wanted)
+        conn.execute(_LOCK_ALL, ([store_pg.lock_key(self.workspace, n) for n in names],))
+        rows = conn.execute(
+            "SELECT part, state, playbooks FROM parts WHERE workspace = %s AND part = ANY(%s)",
+            (self.workspace, names),
+        ).fetchall()
+        for name, raw, playbooks in rows:
+            if playbooks != self.playbooks:
+                continue
+            snap = partition.decode(bytes(raw))
+            partition.move_user(snap, wanted[name], name[len("user:") :])
+            if snap.users or snap.accounts:
+                conn.execute(
+                    "UPDATE parts SET state = %s, due_ms = %s WHERE workspace = %s AND part = %s",
+                    (
+                        partition.encode(snap),
+                        partition.next_due(snap.users, snap.accounts),
+                        self.workspace,
+                        name,
+                    ),
+                )
+            else:
+                conn.execute(
+                    "DELETE FROM parts WHERE workspace = %s AND part = %s",
+                    (self.workspace, name),
+                )
+
+    def _run(
+        self,
+        conn: psycopg.Connection[Any],
+        p: Part,
+        now_ms: int,
+        modes: dict[str, str],
+    ) -> int:
+        """Apply a partition's events and due timers, decide and record the firings. Returns
+        the number of firings."""
+        runner, outreach, state = p.runner, p.outreach, p.runner.state
+        firings: list[Firing] = []
+        for event in p.events:
+            runner._apply(event, firings)
+        last = p.ids[-1] if p.ids else 0
+        firings.extend(runner.advance(now_ms))
+        for t in self.triggers:
+            spec = outreach.specs[t.id]
+            mode = modes.get(t.id, t.mode)
+            if spec.mode != mode:
+                outreach.specs[t.id] = spec._replace(mode=mode)
+
+        def consent(
+            scope: str, subject: str, traits: dict[str, Any]
+        ) -> tuple[frozenset[str], bool, str | None]:
+            s = store_pg.standing(
+                conn,
+                self.workspace,
+                scope,
+                subject,
+                traits.get("email"),
+                now_ms,
+                _accounts(state, scope, subject),
+            )
+            return s.unsubscribed, s.bounced, s.suppressed
+
+        outreach.consent = consent
+        displaced: list[int] = []
+        for f in firings:
+            displaced.extend(int(d) for d in outreach.decide(f))
+        for f in firings:
+            row = conn.execute(_FIRING, (self.workspace, *live._row(f), last, now_ms)).fetchone()
+            assert row is not None
+            fid = int(row[0])
+            outreach.recorded(f, fid)
+            if f.decision == decide.SEND:
+                self._enqueue(conn, state, outreach, f, fid, now_ms)
+        if displaced:
+            _displace(conn, displaced, now_ms)
+        return len(firings)
+
+    def _enqueue(
+        self,
+        conn: psycopg.Connection[Any],
+        state: engine.State,
+        outreach: Outreach,
+        f: Firing,
+        fid: int,
+        now_ms: int,
+    ) -> None:
+        """The outbox row of a firing to send, in the step's transaction."""
+        trigger = self.by_id[f.trigger]
+        own, account = outreach.apart(f.scope, f.subject)
+        failed = None
+        try:
+            message = self.compose(self.workspace, trigger, f, own, account)
+            accounts = _accounts(state, f.scope, f.subject)
+            if accounts:  # so that suppressing an account stops its users' messages
+                message = msgspec.structs.replace(
+                    message, data={**message.data, "accounts": accounts}
+                )
+        except ForewarnError as exc:  # a template broken since it was checked
+            log.warning("trigger %s: cannot compose its message: %s", f.trigger, exc)
+            message, failed = store_outbox.Message(), exc.message
+        key = store_outbox.idempotency_key(
+            self.workspace, f.trigger, f.scope, f.subject, f.at_ms, f.channel
+        )
+        due = f.send_at_ms if f.send_at_ms is not None else f.at_ms
+        if failed is None:
+            status, reason, done = store_outbox.PENDING, None, None
+        else:
+            status, reason, done = store_outbox.DEAD, "failed", now_ms
+        conn.execute(
+            _OUTBOX,
+            (
+                self.workspace,
+                fid,
+                key,
+                f.channel,
+                f.trigger,
+                f.subject,
+                f.scope,
+                msgspec.json.encode(message),
+                due,
+                now_ms,
+                status,
+                reason,
+                failed,
+                done,
+            ),
+        )
+
+
+def _accounts(state: engine.State, scope: str, subject: str) -> list[str]:
+    if scope != "user":
+        return []
+    user = state.users.get(subject)
+    return list(user.accounts or []) if user is not None else []
+
+
+def _displace(conn: psycopg.Connection[Any], firing_ids: list[int], now_ms: int) -> None:
+    """Stored firings a higher priority took the place of (as `store_outbox.displace`)."""
+    for fid in firing_ids:
+        cur = conn.execute(
+            "UPDATE outbox SET status = %s, reason = 'lower_priority', done_ms = %s"
+            " WHERE firing = %s AND status = %s AND lease_ms <= %s",
+            (store_outbox.CANCELLED, now_ms, fid, store_outbox.PENDING, now_ms),
+        )
+        held_out = conn.execute(
+            "SELECT 1 FROM firings WHERE id = %s AND decision = 'held_out'", (fid,)
+        ).fetchone()
+        if cur.rowcount or held_out:
+            conn.execute(
+                "UPDATE firings SET decision = 'suppressed', reason = 'lower_priority',"
+                " send_at_ms = NULL WHERE id = %s",
+                (fid,),
+            )
