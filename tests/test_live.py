@@ -185,3 +185,28 @@ def test_live_steps_restarts_and_idle_polls_give_the_replay_firings(evs, plan, e
     expected = sorted((f["trigger"], f["subject"], f["at"]) for f in run(evs))
     assert len(recorded) == len(set(recorded)), "a firing was recorded twice"
     assert sorted(recorded) == expected
+
+
+def test_a_subjects_timeline_reaches_past_the_latest_batches_through_the_index(db):
+    """A customer seen once, thousands of batches ago, still has that event on their timeline:
+    the engine's steps index which batches hold which subjects. Batches committed after the
+    last step, and batches logged before the index existed, are looked through as well."""
+    live = LiveEngine(db, 1, load_playbooks(PLAYBOOKS))
+    _append(db, track("Login", at(minutes=1), "early-bird", "acme"), T0_MS)
+    for i in range(2_100):  # more than the 2,000 batches a timeline looks through unindexed
+        _append(db, track("Login", at(minutes=2), f"u{i}", "acme"), T0_MS + i)
+    while live.step(T0_MS + DAY):  # a step reads at most a few hundred batches
+        pass
+    _append(db, track("Logout", at(minutes=3), "early-bird"), T0_MS + DAY)  # not stepped yet
+    timeline = store_sqlite.recent_events(db, 1, "early-bird", 10)
+    assert [m["event"] for m in timeline] == ["Logout", "Login"]  # newest first
+    assert len(store_sqlite.recent_events(db, 1, "acme", 5)) == 5
+    # a log from before the index: its latest part is still looked through
+    db.execute("DELETE FROM subject_batches")
+    db.execute("UPDATE subject_index SET since_batch = 2100")
+    assert [m["userId"] for m in store_sqlite.recent_events(db, 1, "u2050", 10)] == ["u2050"]
+    db.execute("UPDATE engine SET cursor = 200")  # and the engine far behind: each batch once
+    assert [m["userId"] for m in store_sqlite.recent_events(db, 1, "u2050", 10)] == ["u2050"]
+    assert [m["event"] for m in store_sqlite.recent_events(db, 1, "early-bird", 10)] == [
+        "Logout"
+    ]  # batch 1 is beyond both the index and the 2,000 batches looked through

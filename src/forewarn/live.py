@@ -205,13 +205,26 @@ class LiveEngine:
                 self.playbooks,
                 snapshot,
                 recorded_ms=now_ms if wall_ms is None else wall_ms,
-                then=lambda conn, ids: self._enqueue(conn, firings, ids, displaced, now_ms),
+                then=lambda conn, ids: self._record(conn, batches, firings, ids, displaced, now_ms),
             )
         for f, fid in zip(firings, ids, strict=True):
             self.outreach.recorded(f, fid)
         self.cursor = cursor
         self.firings_recorded += len(firings)
         return applied
+
+    def _record(
+        self,
+        conn: sqlite3.Connection,
+        batches: list[Committed],
+        firings: list[Firing],
+        ids: list[int],
+        displaced: list[int],
+        now_ms: int,
+    ) -> None:
+        """In the step's transaction: which subjects the applied batches hold, and the outbox."""
+        store_sqlite.index_subjects(conn, self.workspace, ((b.id, b.events) for b in batches))
+        self._enqueue(conn, firings, ids, displaced, now_ms)
 
     def _enqueue(
         self,

@@ -267,6 +267,23 @@ MIGRATIONS: dict[int, str | Only] = {
     );
     """,
     ),
+    # the embedded engine's index of which batches hold a subject's events, for timelines;
+    # `subject_index` says from which batch on it is complete
+    6: Only(
+        "sqlite",
+        """
+    CREATE TABLE subject_batches (
+        workspace INTEGER NOT NULL,
+        subject TEXT NOT NULL,
+        batch INTEGER NOT NULL,
+        PRIMARY KEY (workspace, subject, batch)
+    ) WITHOUT ROWID;
+    CREATE TABLE subject_index (
+        workspace INTEGER PRIMARY KEY,
+        since_batch INTEGER NOT NULL
+    );
+    """,
+    ),
 }
 
 VERSION = max(MIGRATIONS)

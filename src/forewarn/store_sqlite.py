@@ -38,6 +38,7 @@ import msgspec
 
 from forewarn import schema
 from forewarn.errors import ForewarnError, InputError
+from forewarn.model import Event
 
 SCHEMA_VERSION = schema.VERSION
 DEDUP_DAYS = 7
@@ -419,27 +420,87 @@ def read_log(conn: sqlite3.Connection, workspace: int, after: int, limit: int) -
 def recent_events(
     conn: sqlite3.Connection, workspace: int, subject: str, limit: int, scan: int = 2_000
 ) -> list[dict[str, Any]]:
-    """The subject's latest messages (as user, anonymous id or account) among the last `scan`
-    batches of the log, newest first: a bounded look, for timelines."""
+    """The subject's latest messages (as user, anonymous id or account), newest first. The
+    batches holding them come from the engine's subject index; the batches the index does not
+    cover yet (committed after the engine's last step, or logged before the index existed) are
+    looked through, at most `scan` of each."""
+    row = conn.execute(
+        "SELECT since_batch, (SELECT cursor FROM engine WHERE workspace = ?)"
+        " FROM subject_index WHERE workspace = ?",
+        (workspace, workspace),
+    ).fetchone()
+    since, cursor = (row[0], row[1] or 0) if row else (None, 0)
     found: list[dict[str, Any]] = []
-    rows = conn.execute(
-        "SELECT messages FROM batches WHERE workspace = ? ORDER BY id DESC LIMIT ?",
-        (workspace, scan),
+    looked: set[int] = set()  # a batch both unindexed and not yet stepped is looked at once
+
+    def look(batches: Iterable[tuple[int, bytes]]) -> bool:
+        for batch, blob in batches:
+            if batch in looked:
+                continue
+            looked.add(batch)
+            for message in reversed(_decode_messages(blob)):
+                if subject in _subjects_of(message):
+                    found.append(message)
+                    if len(found) >= limit:
+                        return True
+        return False
+
+    if since is None:  # no index yet: the latest part of the log
+        look(
+            conn.execute(
+                "SELECT id, messages FROM batches WHERE workspace = ? ORDER BY id DESC LIMIT ?",
+                (workspace, scan),
+            )
+        )
+        return found
+    done = look(
+        conn.execute(
+            "SELECT id, messages FROM batches WHERE workspace = ? AND id > ?"
+            " ORDER BY id DESC LIMIT ?",
+            (workspace, cursor, scan),
+        )
+    ) or look(
+        conn.execute(
+            "SELECT b.id, b.messages FROM subject_batches s JOIN batches b ON b.id = s.batch"
+            " WHERE s.workspace = ? AND s.subject = ? AND s.batch <= ?"
+            " ORDER BY s.batch DESC LIMIT ?",
+            (workspace, subject, cursor, limit),
+        )
     )
-    for (blob,) in rows:
-        for message in reversed(_decode_messages(blob)):
-            context = message.get("context")
-            account = context.get("groupId") if isinstance(context, dict) else None
-            if subject in (
-                message.get("userId"),
-                message.get("anonymousId"),
-                message.get("groupId"),
-                account,
-            ):
-                found.append(message)
-                if len(found) >= limit:
-                    return found
+    if not done and since > 1:
+        look(
+            conn.execute(
+                "SELECT id, messages FROM batches WHERE workspace = ? AND id < ?"
+                " ORDER BY id DESC LIMIT ?",
+                (workspace, since, scan),
+            )
+        )
     return found
+
+
+def _subjects_of(message: dict[str, Any]) -> tuple[Any, ...]:
+    context = message.get("context")
+    account = context.get("groupId") if isinstance(context, dict) else None
+    return (message.get("userId"), message.get("anonymousId"), message.get("groupId"), account)
+
+
+def index_subjects(
+    conn: sqlite3.Connection, workspace: int, batches: Iterable[tuple[int, list[Event]]]
+) -> None:
+    """Record which of `batches` hold each subject's events (inside the engine step that
+    applied them); the first call for a workspace marks where the index starts."""
+    rows = {
+        (workspace, subject, batch)
+        for batch, events in batches
+        for e in events
+        for subject in (e.user_id, e.anonymous_id, e.account_id)
+        if subject is not None
+    }
+    if not rows:
+        return
+    conn.executemany("INSERT OR IGNORE INTO subject_batches VALUES (?, ?, ?)", rows)
+    first = min(batch for _, _, batch in rows)
+    conn.execute("INSERT OR IGNORE INTO subject_index VALUES (?, ?)", (workspace, first))
 
 
 def log_end(conn: sqlite3.Connection, workspace: int) -> int:
