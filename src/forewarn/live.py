@@ -24,7 +24,7 @@ import contextlib
 import hashlib
 import logging
 import sqlite3
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -106,6 +106,7 @@ class LiveEngine:
         self.compose = compose or plain_message
         self._now_ms = 0
         self.cursor = 0
+        self.subjects = store_sqlite.SubjectIndex(workspace)
         self.tick = 0
         self.last_snapshot_ms: int | None = None
         self.firings_recorded = 0
@@ -194,7 +195,7 @@ class LiveEngine:
         if self._snapshot_due(now_ms):
             snapshot = self._snapshot(cursor)
             self.last_snapshot_ms = now_ms
-        with self.write_lock:
+        with self.write_lock, self._forgetting_on_failure():
             ids = store_sqlite.commit_step(
                 self.conn,
                 self.workspace,
@@ -213,6 +214,14 @@ class LiveEngine:
         self.firings_recorded += len(firings)
         return applied
 
+    @contextlib.contextmanager
+    def _forgetting_on_failure(self) -> Iterator[None]:
+        try:
+            yield
+        except BaseException:
+            self.subjects.forget()  # what the failed step recorded was rolled back
+            raise
+
     def _record(
         self,
         conn: sqlite3.Connection,
@@ -223,7 +232,7 @@ class LiveEngine:
         now_ms: int,
     ) -> None:
         """In the step's transaction: which subjects the applied batches hold, and the outbox."""
-        store_sqlite.index_subjects(conn, self.workspace, ((b.id, b.events) for b in batches))
+        self.subjects.record(conn, ((b.id, b.events) for b in batches))
         self._enqueue(conn, firings, ids, displaced, now_ms)
 
     def _enqueue(

@@ -267,8 +267,9 @@ MIGRATIONS: dict[int, str | Only] = {
     );
     """,
     ),
-    # the embedded engine's index of which batches hold a subject's events, for timelines;
-    # `subject_index` says from which batch on it is complete
+    # the embedded engine's index of which blocks of batches (`batch` is the batch id divided
+    # by store_sqlite.SUBJECT_BLOCK) hold a subject's events, for timelines; `subject_index`
+    # says from which batch on it is complete
     6: Only(
         "sqlite",
         """

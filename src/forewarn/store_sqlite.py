@@ -461,10 +461,11 @@ def recent_events(
         )
     ) or look(
         conn.execute(
-            "SELECT b.id, b.messages FROM subject_batches s JOIN batches b ON b.id = s.batch"
-            " WHERE s.workspace = ? AND s.subject = ? AND s.batch <= ?"
-            " ORDER BY s.batch DESC LIMIT ?",
-            (workspace, subject, cursor, limit),
+            "SELECT b.id, b.messages FROM subject_batches s JOIN batches b"
+            f" ON b.id BETWEEN s.batch * {SUBJECT_BLOCK} AND s.batch * {SUBJECT_BLOCK} + "
+            f"{SUBJECT_BLOCK - 1} AND b.workspace = s.workspace AND b.id <= ?"
+            " WHERE s.workspace = ? AND s.subject = ? ORDER BY b.id DESC LIMIT ?",
+            (cursor, workspace, subject, limit * SUBJECT_BLOCK),
         )
     )
     if not done and since > 1:
@@ -484,23 +485,42 @@ def _subjects_of(message: dict[str, Any]) -> tuple[Any, ...]:
     return (message.get("userId"), message.get("anonymousId"), message.get("groupId"), account)
 
 
-def index_subjects(
-    conn: sqlite3.Connection, workspace: int, batches: Iterable[tuple[int, list[Event]]]
-) -> None:
-    """Record which of `batches` hold each subject's events (inside the engine step that
-    applied them); the first call for a workspace marks where the index starts."""
-    rows = {
-        (workspace, subject, batch)
-        for batch, events in batches
-        for e in events
-        for subject in (e.user_id, e.anonymous_id, e.account_id)
-        if subject is not None
-    }
-    if not rows:
-        return
-    conn.executemany("INSERT OR IGNORE INTO subject_batches VALUES (?, ?, ?)", rows)
-    first = min(batch for _, _, batch in rows)
-    conn.execute("INSERT OR IGNORE INTO subject_index VALUES (?, ?)", (workspace, first))
+SUBJECT_BLOCK = 16  # batches per entry of the subject index
+
+
+class SubjectIndex:
+    """Which blocks of `SUBJECT_BLOCK` batches hold each subject's events, written inside the
+    engine step that applied them; a subject is recorded once per block (remembered here for
+    the block being filled), so a customer active all day costs one row per block, not one per
+    event. The first block recorded for a workspace marks where the index starts."""
+
+    def __init__(self, workspace: int) -> None:
+        self.workspace = workspace
+        self._block = -1
+        self._recorded: set[str] = set()
+
+    def record(self, conn: sqlite3.Connection, batches: Iterable[tuple[int, list[Event]]]) -> None:
+        rows: list[tuple[int, str, int]] = []
+        recorded, ws = self._recorded, self.workspace
+        for batch, events in batches:
+            block = batch // SUBJECT_BLOCK
+            if block != self._block:
+                self._block, recorded = block, set()
+                self._recorded = recorded
+            for e in events:
+                for subject in (e.user_id, e.anonymous_id, e.account_id):
+                    if subject is not None and subject not in recorded:
+                        recorded.add(subject)
+                        rows.append((ws, subject, block))
+        if not rows:
+            return
+        conn.executemany("INSERT OR IGNORE INTO subject_batches VALUES (?, ?, ?)", rows)
+        start = rows[0][2] * SUBJECT_BLOCK
+        conn.execute("INSERT OR IGNORE INTO subject_index VALUES (?, ?)", (ws, start))
+
+    def forget(self) -> None:
+        """After a step that was not committed: what was remembered may not be stored."""
+        self._block, self._recorded = -1, set()
 
 
 def log_end(conn: sqlite3.Connection, workspace: int) -> int:
