@@ -237,7 +237,28 @@ def test_a_tampered_or_expired_cookie_is_no_session(tmp_path):
     assert dashboard_auth.read(conn, "another secret", value, 1_001) is None
     assert dashboard_auth.read(conn, secret, value, 1_000 + dashboard_auth.SESSION_S) is None
     assert dashboard_auth.read(conn, secret, "garbage", 1_001) is None
+    assert dashboard_auth.read(conn, secret, body + ".é" + mac, 1_001) is None  # not ASCII
+    assert not dashboard_auth.same(csrf, "é" + csrf)
     conn.close()
+
+
+def test_non_ascii_cookies_and_tokens_are_refused_not_errors(live):
+    with httpx.Client(base_url=live.url, timeout=10) as client:
+        raw = {"Cookie": "fw_session=YQ.é".encode("latin-1")}  # as a browser may send it
+        assert client.get("/settings", headers=raw).status_code == 303  # no session: sign in
+        r = client.post("/signin", data={"token": "é", "key": srv.ADMIN_KEY})
+        assert r.status_code == 403
+    with signed_in(live) as (client, _):
+        r = client.post("/triggers/storage-85/pause", data={"csrf": "é"})
+        assert r.status_code == 403
+
+
+def test_a_key_cannot_take_the_name_of_the_keys_from_the_environment(live):
+    with signed_in(live) as (client, csrf):
+        r = client.post(
+            "/settings/keys", data={"csrf": csrf, "kind": "write", "name": "from the environment"}
+        )
+        assert r.status_code == 400 and "choose another" in r.text
 
 
 # --- hostile values ---------------------------------------------------------------------------

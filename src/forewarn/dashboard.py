@@ -360,6 +360,8 @@ def routes(app: Forewarn) -> list[Route]:
         name = (fields.get("name") or "").strip()[:100]
         if not name:
             raise InputError("give the key a name, e.g. 'support dashboard' or 'mobile app'")
+        if name == store_sqlite.ENV_KEY_NAME:
+            raise InputError(f"'{name}' names the keys set in the environment: choose another")
 
         def make(conn: sqlite3.Connection) -> dict[str, Any]:
             token = store_sqlite.add_key(conn, viewer.workspace, kind, clock.now_ms(), name=name)

@@ -80,7 +80,7 @@ def read(conn: sqlite3.Connection, secret_: str, value: str | None, now_s: int) 
     if not value or value.count(".") != 1:
         return None
     body, mac = value.split(".")
-    if not hmac.compare_digest(mac, _mac(secret_, body)):
+    if not hmac.compare_digest(mac.encode(), _mac(secret_, body).encode()):
         return None
     try:
         payload: dict[str, Any] = msgspec.json.decode(_unb64(body))
@@ -101,14 +101,18 @@ def read(conn: sqlite3.Connection, secret_: str, value: str | None, now_s: int) 
 
 def same(expected: str, given: str | None) -> bool:
     """Whether a form's token is the one expected (in constant time)."""
-    return bool(expected) and given is not None and hmac.compare_digest(expected, given)
+    return (
+        bool(expected)
+        and given is not None
+        and hmac.compare_digest(expected.encode(), given.encode())  # str: ASCII only
+    )
 
 
 def new_token() -> str:
     return secrets.token_urlsafe(24)
 
 
-ENV_KEY_NAME = "from the environment"  # what `forewarn serve` names the keys it adds
+ENV_KEY_NAME = store_sqlite.ENV_KEY_NAME
 
 
 def revoke(conn: sqlite3.Connection, workspace: int, key_id: int, now_ms: int) -> str | None:
@@ -116,27 +120,28 @@ def revoke(conn: sqlite3.Connection, workspace: int, key_id: int, now_ms: int) -
     what to do). The last admin key is kept (nobody could sign in any more), and so is a key
     from the environment (the next start would add it again and fail). NotFoundError when the
     workspace has no such key."""
-    row = conn.execute(
-        "SELECT kind, name, revoked_ms FROM keys WHERE id = ? AND workspace = ?",
-        (key_id, workspace),
-    ).fetchone()
-    if row is None:
-        raise NotFoundError(f"no key {key_id} in this workspace: see /settings")
-    kind, name, revoked = row
-    if revoked is not None:
+    with store_sqlite.transaction(conn):  # two revokes at once cannot both pass the count
+        row = conn.execute(
+            "SELECT kind, name, revoked_ms FROM keys WHERE id = ? AND workspace = ?",
+            (key_id, workspace),
+        ).fetchone()
+        if row is None:
+            raise NotFoundError(f"no key {key_id} in this workspace: see /settings")
+        kind, name, revoked = row
+        if revoked is not None:
+            return None
+        if name == ENV_KEY_NAME:
+            return (
+                "this key comes from FOREWARN_WRITE_KEY / FOREWARN_ADMIN_KEY: set another there and"
+                " restart, then revoke it"
+            )
+        if kind == "admin":
+            admins = conn.execute(
+                "SELECT count(*) FROM keys WHERE workspace = ? AND kind = 'admin'"
+                " AND revoked_ms IS NULL",
+                (workspace,),
+            ).fetchone()[0]
+            if admins <= 1:
+                return "this is the last admin key: create another first, or nobody can sign in"
+        conn.execute("UPDATE keys SET revoked_ms = ? WHERE id = ?", (now_ms, key_id))
         return None
-    if name == ENV_KEY_NAME:
-        return (
-            "this key comes from FOREWARN_WRITE_KEY / FOREWARN_ADMIN_KEY: set another there and"
-            " restart, then revoke it"
-        )
-    if kind == "admin":
-        admins = conn.execute(
-            "SELECT count(*) FROM keys WHERE workspace = ? AND kind = 'admin'"
-            " AND revoked_ms IS NULL",
-            (workspace,),
-        ).fetchone()[0]
-        if admins <= 1:
-            return "this is the last admin key: create another first, or nobody can sign in"
-    conn.execute("UPDATE keys SET revoked_ms = ? WHERE id = ?", (now_ms, key_id))
-    return None

@@ -22,7 +22,7 @@ from forewarn import settings, store_outbox
 from forewarn.model import format_time
 
 MAILS = 50  # captured emails shown at most
-MAIL_BYTES = 1024 * 1024  # larger files are listed without their text
+MAIL_BYTES = 1024 * 1024  # of a larger file, this much is read and shown
 OUTBOX_ROWS = 100
 
 
@@ -74,7 +74,10 @@ def outbox(conn: sqlite3.Connection, workspace: int, now_ms: int) -> dict[str, A
                 "text": body.get("text", ""),
             }
         )
-    folder = settings.env("DEMO_MAILDIR")
+    # the mail folder is one for the whole server and holds every workspace's mail: it is
+    # shown to the first workspace only, the one a demo or a test server runs
+    first = conn.execute("SELECT min(id) FROM workspaces").fetchone()[0]
+    folder = settings.env("DEMO_MAILDIR") if workspace == first else ""
     return {
         "counts": counts,
         "messages": messages,
@@ -88,12 +91,18 @@ def captured_emails(folder: Path, limit: int = MAILS) -> list[dict[str, Any]]:
     (an HTML-only message is shown as its text, all markup removed)."""
     if not folder.is_dir():
         return []
-    files = sorted(folder.glob("*.eml"), key=lambda p: p.stat().st_mtime, reverse=True)
+    dated = []
+    for path in folder.glob("*.eml"):
+        try:
+            dated.append((path.stat().st_mtime, path))
+        except OSError:
+            continue  # gone since it was listed
     out = []
-    for path in files[:limit]:
+    for _, path in sorted(dated, reverse=True)[:limit]:
         item: dict[str, Any] = {"file": path.name, "text": ""}
         try:
-            raw = path.read_bytes()[:MAIL_BYTES]
+            with path.open("rb") as f:
+                raw = f.read(MAIL_BYTES)  # a larger one is shown cut short
             parsed = email.message_from_bytes(raw, policy=email.policy.default)
         except OSError as exc:
             item["error"] = f"could not read it: {exc}"

@@ -580,12 +580,16 @@ def query_outreach(
 
 
 def secret(conn: sqlite3.Connection, name: str) -> str:
-    """A random secret kept in the database, made on first use (e.g. for unsubscribe links)."""
-    conn.execute(
-        "INSERT OR IGNORE INTO secrets (name, value) VALUES (?, ?)",
-        (name, secrets.token_urlsafe(32)),
-    )
-    return str(conn.execute("SELECT value FROM secrets WHERE name = ?", (name,)).fetchone()[0])
+    """A random secret kept in the database, made on first use (e.g. for unsubscribe links);
+    read without a write once it exists, so readers never wait for the write lock."""
+    row = conn.execute("SELECT value FROM secrets WHERE name = ?", (name,)).fetchone()
+    if row is None:
+        conn.execute(
+            "INSERT OR IGNORE INTO secrets (name, value) VALUES (?, ?)",
+            (name, secrets.token_urlsafe(32)),
+        )
+        row = conn.execute("SELECT value FROM secrets WHERE name = ?", (name,)).fetchone()
+    return str(row[0])
 
 
 # --- triggers paused or put in shadow (by hand, or by the auto-guard) -------------------------

@@ -31,6 +31,7 @@ from forewarn import schema
 from forewarn.errors import InputError
 from forewarn.model import Event, event_from_dict
 from forewarn.store_sqlite import (
+    ENV_KEY_NAME,
     EVENTS_FORMAT,
     FIRING_COLUMNS,
     KEY_KINDS,
@@ -187,7 +188,7 @@ def ensure_workspace(
             if token:
                 known = find_key(conn, token)
                 if known is None:
-                    add_key(conn, ws, kind, now_ms, token, name="from the environment")
+                    add_key(conn, ws, kind, now_ms, token, name=ENV_KEY_NAME)
                 elif known.kind != kind or known.workspace != ws:
                     raise InputError(
                         f"the {kind} key from the environment is already a {known.kind} key "

@@ -69,6 +69,7 @@ def unavailable(exc: sqlite3.Error) -> StoreError:
     return StoreError(f"the database is unavailable ({text}); nothing was stored, retry")
 
 
+ENV_KEY_NAME = "from the environment"  # the name of keys made from FOREWARN_*_KEY
 NO_CHECKPOINT = 100_000  # pages: a connection that leaves checkpoints to the checkpointer
 
 
@@ -213,7 +214,7 @@ def ensure_workspace(
             if token:
                 known = find_key(conn, token)
                 if known is None:
-                    add_key(conn, ws, kind, now_ms, token, name="from the environment")
+                    add_key(conn, ws, kind, now_ms, token, name=ENV_KEY_NAME)
                 elif known.kind != kind or known.workspace != ws:
                     raise InputError(
                         f"the {kind} key from the environment is already a {known.kind} key "
