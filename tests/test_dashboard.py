@@ -244,7 +244,7 @@ def test_a_tampered_or_expired_cookie_is_no_session(tmp_path):
 
 def test_non_ascii_cookies_and_tokens_are_refused_not_errors(live):
     with httpx.Client(base_url=live.url, timeout=10) as client:
-        raw = {"Cookie": "fw_session=YQ.é".encode("latin-1")}  # as a browser may send it
+        raw = [(b"Cookie", "fw_session=YQ.é".encode("latin-1"))]  # as a browser may send it
         assert client.get("/settings", headers=raw).status_code == 303  # no session: sign in
         r = client.post("/signin", data={"token": "é", "key": srv.ADMIN_KEY})
         assert r.status_code == 403

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import pytest
 
 from forewarn.demo import ADMIN_KEY
 
@@ -69,3 +70,14 @@ def test_the_demo_comes_up_fires_sends_email_and_stops(tmp_path: Path):
     except httpx.HTTPError:
         up = False
     assert not up, "the server is still running after the demo stopped"
+
+
+def test_the_demos_published_keys_stay_on_this_machine(tmp_path: Path, monkeypatch):
+    from forewarn import demo
+    from forewarn.errors import InputError
+
+    monkeypatch.delenv("FOREWARN_WRITE_KEY", raising=False)
+    monkeypatch.delenv("FOREWARN_ADMIN_KEY", raising=False)
+    with pytest.raises(InputError, match="published keys"):
+        demo.run(demo.Options(folder=tmp_path, host="0.0.0.0"))
+    assert not (tmp_path / "demo-mail").exists()  # refused before anything started

@@ -12,7 +12,7 @@ import sys
 from collections import Counter, defaultdict
 from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import IO, Any
+from typing import IO
 
 import msgspec
 
@@ -417,7 +417,7 @@ def _simulate(args: argparse.Namespace) -> int:
             args.accounts, args.days, args.seed, start, args.effect, reach
         )
         sent = simulate_outreach.send(messages, sender, realtime=args.realtime)
-        truth_file = _write_truth(world, Path(args.truth or "simulated.truth.jsonl"))
+        truth_file = simulate.write_truth(world.truth, Path(args.truth or "simulated.truth.jsonl"))
         print(
             f"sent {sent} events to {args.to}; {len(world.truth)} problems in {truth_file}",
             file=sys.stderr,
@@ -442,21 +442,15 @@ def _simulate(args: argparse.Namespace) -> int:
         for message in messages:
             f.write(encode(message) + b"\n")
             count += 1
-    truth = _write_truth(world, Path(args.truth or out.with_name(out.name + ".truth.jsonl")))
+    truth = simulate.write_truth(
+        world.truth, Path(args.truth or out.with_name(out.name + ".truth.jsonl"))
+    )
     print(
         f"{count} events of {args.accounts} accounts over {args.days} days in {out}; "
         f"{len(world.truth)} problems in {truth}",
         file=sys.stderr,
     )
     return 0
-
-
-def _write_truth(world: Any, path: Path) -> Path:
-    """The simulated world's ground truth, one JSON line per problem."""
-    with open(path, "wb") as f:
-        for t in world.truth:
-            f.write(msgspec.json.encode(t.__dict__) + b"\n")
-    return path
 
 
 def _since(text: str) -> int:

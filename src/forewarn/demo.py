@@ -11,6 +11,7 @@ server's own firings whom it reached (`simulate_outreach.ServerReach`).
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import signal
 import socket
@@ -23,7 +24,6 @@ from pathlib import Path
 from typing import IO, Any
 
 import httpx
-import msgspec
 
 from forewarn import clock, simulate, simulate_outreach
 from forewarn.errors import InputError
@@ -78,6 +78,14 @@ def run(options: Options, out: IO[str] = sys.stdout) -> int:
             f"no playbooks at {options.playbooks}: give --playbooks (the examples are in the "
             "source tree, examples/playbooks)"
         )
+    write_key = os.environ.get("FOREWARN_WRITE_KEY") or WRITE_KEY
+    admin_key = os.environ.get("FOREWARN_ADMIN_KEY") or ADMIN_KEY
+    if not _loopback(options.host) and (write_key == WRITE_KEY or admin_key == ADMIN_KEY):
+        raise InputError(
+            f"--host {options.host} would let anyone who can reach it in with the demo's "
+            "published keys: set FOREWARN_WRITE_KEY and FOREWARN_ADMIN_KEY to keys of your own "
+            "(forewarn keys create makes them), or keep --host 127.0.0.1"
+        )
     folder = options.folder
     maildir = folder / "demo-mail"
     maildir.mkdir(parents=True, exist_ok=True)
@@ -85,8 +93,6 @@ def run(options: Options, out: IO[str] = sys.stdout) -> int:
     smtp = Controller(sink, hostname="127.0.0.1", port=_free_port())
     smtp.start()
     url = f"http://{options.host}:{options.port}"
-    write_key = os.environ.get("FOREWARN_WRITE_KEY") or WRITE_KEY
-    admin_key = os.environ.get("FOREWARN_ADMIN_KEY") or ADMIN_KEY
     env = {
         **os.environ,
         "FOREWARN_WRITE_KEY": write_key,
@@ -101,25 +107,12 @@ def run(options: Options, out: IO[str] = sys.stdout) -> int:
     if options.kb is not None and options.kb.exists():
         env["FOREWARN_KB"] = str(options.kb)
     log = open(folder / "server.log", "ab")  # noqa: SIM115 (closed in the finally below)
-    server = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "forewarn",
-            "serve",
-            "--db",
-            str(folder / "forewarn.db"),
-            "--playbooks",
-            str(options.playbooks),
-            "--host",
-            options.host,
-            "--port",
-            str(options.port),
-        ],
-        env=env,
-        stdout=log,
-        stderr=subprocess.STDOUT,
-    )
+    try:
+        server = _start_server(options, folder, env, log)
+    except BaseException:
+        log.close()
+        smtp.stop()
+        raise
     stop = threading.Event()
     feeder: threading.Thread | None = None
     result: dict[str, Any] = {}
@@ -162,9 +155,7 @@ def run(options: Options, out: IO[str] = sys.stdout) -> int:
         print(f"the simulator stopped: {result['error']}", file=sys.stderr)
     world, sender = result.get("world"), result.get("sender")
     truth = world.truth if world is not None else []
-    with open(folder / "truth.jsonl", "wb") as f:  # the ground truth, as `simulate` writes it
-        for t in truth:
-            f.write(msgspec.json.encode(t.__dict__) + b"\n")
+    simulate.write_truth(truth, folder / "truth.jsonl")
     settled = [t for t in truth if t.would_ticket_ms is not None and t.would_ticket_ms < stopped]
     prevented = sum(1 for t in settled if t.ticket_ms is None)
     print(
@@ -181,6 +172,37 @@ def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
+
+
+def _start_server(
+    options: Options, folder: Path, env: dict[str, str], log: IO[bytes]
+) -> subprocess.Popen[bytes]:
+    return subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "forewarn",
+            "serve",
+            "--db",
+            str(folder / "forewarn.db"),
+            "--playbooks",
+            str(options.playbooks),
+            "--host",
+            options.host,
+            "--port",
+            str(options.port),
+        ],
+        env=env,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )
+
+
+def _loopback(host: str) -> bool:
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return host == "localhost"
 
 
 def _wait_until_up(url: str, server: subprocess.Popen[bytes], log: Path) -> None:

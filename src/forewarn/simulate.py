@@ -34,7 +34,10 @@ import heapq
 import random
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Protocol
+
+import msgspec
 
 from forewarn.model import format_time
 
@@ -415,3 +418,11 @@ class _Account:
                     )
                 self.seq = seq
         return out
+
+
+def write_truth(truth: list[Truth], path: Path) -> Path:
+    """The ground truth, one JSON line per problem."""
+    with open(path, "wb") as f:
+        for t in truth:
+            f.write(msgspec.json.encode(t.__dict__) + b"\n")
+    return path

@@ -145,12 +145,7 @@ class ServerReach:
             return None
         self.sender.flush()
         self.stop.wait(self.lag_s)
-        r = httpx.get(
-            self.url + "/api/v1/firings",
-            params={"subject": truth.subject, "since": format_time(truth.onset_ms)},
-            headers=self.headers,
-            timeout=10,
-        )
+        r = self._firings(truth)
         if r.status_code != 200:
             raise InputError(f"the server's admin API answered {r.status_code}: {r.text[:200]}")
         times = [
@@ -160,6 +155,32 @@ class ServerReach:
         ]
         times = [t for t in times if truth.onset_ms <= t < until_ms]
         return min(times) if times else None
+
+    def _firings(self, truth: Truth) -> httpx.Response:
+        """The subject's firings since the onset; a busy server (a 503, a network hiccup) is
+        asked again, a few times, before the simulation gives up."""
+        r: httpx.Response | None = None
+        for attempt in range(RETRIES):
+            try:
+                r = httpx.get(
+                    self.url + "/api/v1/firings",
+                    params={"subject": truth.subject, "since": format_time(truth.onset_ms)},
+                    headers=self.headers,
+                    timeout=10,
+                )
+                if r.status_code < 500 and r.status_code != 429:
+                    return r
+            except httpx.HTTPError as exc:
+                if attempt == RETRIES - 1:
+                    raise InputError(f"the server's admin API did not answer: {exc}") from None
+            if self.stop.wait(0.5 * 2**attempt):
+                break
+        if r is None:
+            raise InputError("the server's admin API did not answer")
+        return r
+
+
+RETRIES = 5
 
 
 def send(
