@@ -25,8 +25,19 @@ A_MARKER = "written-with-a-key"
 
 def _cli_key(db: Path, workspace: str, kind: str) -> str:
     done = subprocess.run(
-        [sys.executable, "-m", "forewarn", "keys", "create", "--db", str(db)]
-        + ["--workspace", workspace, "--kind", kind],
+        [
+            sys.executable,
+            "-m",
+            "forewarn",
+            "keys",
+            "create",
+            "--db",
+            str(db),
+            "--workspace",
+            workspace,
+            "--kind",
+            kind,
+        ],
         capture_output=True,
         text=True,
         check=True,
@@ -66,7 +77,10 @@ def two(tmp_path: Path):
 
 def _b_state(server: srv.Server, b_admin: str) -> dict[str, Any]:
     """What workspace B has, as B's own admin key sees it (and its consent rows)."""
-    get = lambda path: httpx.get(server.url + path, headers=_bearer(b_admin), timeout=10)  # noqa: E731
+
+    def get(path: str) -> httpx.Response:
+        return httpx.get(server.url + path, headers=_bearer(b_admin), timeout=10)
+
     conn = sqlite3.connect(server.db)
     try:
         consent = conn.execute(
@@ -114,16 +128,16 @@ def test_no_route_crosses_workspaces_and_no_key_is_kept_in_plain_text(two) -> No
         url + "/v1/batch", json=_events(B_SUBJECT, "b-secret-plan"), auth=(b_write, ""), timeout=10
     )
     assert r.status_code == 200 and r.json()["accepted"] == 8, r.text
-    sub = httpx.get
-    server.wait_for(
-        lambda: sub(url + f"/api/v1/subjects/{B_SUBJECT}", headers=_bearer(b_admin)).status_code
-        == 200
-    )
-    b_post = lambda path, body: httpx.post(  # noqa: E731
-        url + path, json=body, headers=_bearer(b_admin), timeout=10
-    )
+    subject_url = url + f"/api/v1/subjects/{B_SUBJECT}"
+    server.wait_for(lambda: httpx.get(subject_url, headers=_bearer(b_admin)).status_code == 200)
+
+    def b_post(path: str, body: dict[str, Any]) -> httpx.Response:
+        return httpx.post(url + path, json=body, headers=_bearer(b_admin), timeout=10)
+
     assert b_post("/api/v1/triggers/known-bug/pause", {"reason": "b-secret-reason"}).is_success
-    assert b_post(f"/api/v1/subjects/{B_SUBJECT}/suppress", {"reason": "b-secret-reason"}).is_success
+    assert b_post(
+        f"/api/v1/subjects/{B_SUBJECT}/suppress", {"reason": "b-secret-reason"}
+    ).is_success
     assert b_post(f"/api/v1/subjects/{B_SUBJECT}/unsubscribe", {"channel": "email"}).is_success
     push = {"endpoint": "https://push.example/b-secret", "keys": {"p256dh": "p", "auth": "a"}}
     assert b_post(f"/api/v1/subjects/{B_SUBJECT}/push-subscriptions", push).is_success

@@ -82,7 +82,8 @@ def date_time_ms(value: object, name: str) -> int:
         when = datetime.fromisoformat(value.upper().replace("Z", "+00:00"))
     except ValueError:
         raise InputError(
-            f"{name}={value!r} is not an RFC 3339 date-time, e.g. 2026-11-23T18:00:00Z"
+            f"{name}={value!r} is not an ISO 8601 date-time with its zone (RFC 3339), "
+            "e.g. 2026-11-23T18:00:00Z"
         ) from None
     ms = (when - _EPOCH) // _ONE_MS
     return min(max(ms, 0), MAX_TIME_MS - 1)

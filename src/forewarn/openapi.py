@@ -139,7 +139,7 @@ def _subject_links(subject: str) -> dict[str, Any]:
 
 
 def paths() -> dict[str, Any]:
-    write = [{WRITE: []}, {WRITE_QUERY: []}]
+    write: list[dict[str, list[str]]] = [{WRITE: []}, {WRITE_QUERY: []}]
     out: dict[str, Any] = {}
     for kind in ingest.SEGMENT_ROUTES:
         body = s.SEGMENT_BATCH if kind == "batch" else s.SEGMENT_MESSAGE

@@ -6,6 +6,7 @@ The property: any input is either accepted or refused with the project's own val
 no input may take over a second (libFuzzer's `-timeout=1` turns a slow input into a failure).
 
     python -m tests.fuzz.targets TARGET [libFuzzer flags...] [corpus folders...]
+    python -m tests.fuzz.targets --all SECONDS      # each target in turn (`make fuzz`)
 
 `run(target, runs, seconds)` does that in a subprocess (atheris owns the process it fuzzes in)
 with a seed corpus made from the examples, and returns the exit code and output.
@@ -13,6 +14,7 @@ with a seed corpus made from the examples, and returns the exit code and output.
 
 from __future__ import annotations
 
+import contextlib
 import subprocess
 import sys
 import tempfile
@@ -62,10 +64,8 @@ def _playbook() -> Callable[[bytes], None]:
 
     def one(data: bytes) -> None:
         text = data.decode("utf-8", "replace")
-        try:
+        with contextlib.suppress(PlaybookError):
             playbook.parse_playbooks([("fuzz.yaml", text)])
-        except PlaybookError:
-            pass
 
     return one
 
@@ -181,14 +181,30 @@ def _quote(word: str) -> str:
     return '"' + "".join(escaped) + '"'
 
 
+def fuzz_all(seconds: int) -> int:
+    """Each target for `seconds` (what `make fuzz` runs); prints each outcome, returns 1 if
+    any failed."""
+    failed = 0
+    for target in TARGETS:
+        code, output = run(target, 2**31 - 1, seconds)
+        last = [line for line in output.splitlines() if line.startswith(("#", "Done"))][-2:]
+        print(f"{target}: {'ok' if code == 0 else 'FAILED'}", *last, sep="\n  ", flush=True)
+        if code != 0:
+            print(output[-8000:])
+            failed = 1
+    return failed
+
+
 def main() -> None:
+    if sys.argv[1] == "--all":
+        raise SystemExit(fuzz_all(int(sys.argv[2])))
     import atheris
 
     target = sys.argv[1]
     if target not in (*TARGETS, "broken-crash", "broken-slow"):
         raise SystemExit(f"unknown target {target!r}: give one of {', '.join(TARGETS)}")
     if target in TARGETS:  # coverage from the parsers' own code (the libraries are not)
-        import msgspec
+        import msgspec  # noqa: F401
         import yaml  # noqa: F401
 
         with atheris.instrument_imports():
