@@ -21,6 +21,7 @@ from .server import ADMIN_KEY, WRITE_KEY
 B_SUBJECT = "tenant-b-user-7f3a"
 B_MARKERS = (B_SUBJECT, "b-secret-reason", "https://push.example/b-secret", "b-secret-plan")
 A_MARKER = "written-with-a-key"
+ANON = "same-anonymous-id-01"  # the same anonymous visitor id in both workspaces
 
 
 def _cli_key(db: Path, workspace: str, kind: str) -> str:
@@ -104,7 +105,7 @@ def _fill(path: str, backtest: int) -> str:
     return (
         path.replace("{subject}", B_SUBJECT)
         .replace("{trigger}", "known-bug")
-        .replace("{id}", str(backtest))
+        .replace("{id}", str(backtest))  # a backtest of B's, or a conversation
         .replace("{project}", "1")
         .replace("{flavour}", "generic")
     )
@@ -142,6 +143,9 @@ def test_no_route_crosses_workspaces_and_no_key_is_kept_in_plain_text(two) -> No
     push = {"endpoint": "https://push.example/b-secret", "keys": {"p256dh": "p", "auth": "a"}}
     assert b_post(f"/api/v1/subjects/{B_SUBJECT}/push-subscriptions", push).is_success
     backtest = b_post("/api/v1/backtests", {}).json()["id"]
+    widget = {"key": b_write, "anon": ANON}
+    b_widget = {"batch": [{"type": "identify", "traits": {"plan": "b-secret-plan"}}]}
+    assert httpx.post(url + "/w/v1/events", json=b_widget, params=widget).is_success
     before = _b_state(server, b_admin)
     assert before["overrides"]["overrides"]["known-bug"]["mode"] == "paused"
     assert before["push"]["subscriptions"] and before["consent"] and before["suppressed"]
@@ -170,6 +174,23 @@ def test_no_route_crosses_workspaces_and_no_key_is_kept_in_plain_text(two) -> No
                     assert "b-secret-plan" not in answer.text
                 if path.startswith("/api/v1/backtests/"):
                     assert answer.status_code == 404, answer.text  # B's backtest, not A's
+                tried += 1
+            elif "widgetAnonymousId" in kinds:
+                if path == "/w/v1/stream":
+                    continue  # never ends: its first message is what /w/v1/inbox answers
+                visitor = {"key": WRITE_KEY, "anon": ANON}
+                body = (
+                    {"batch": [{"type": "track", "event": A_MARKER}]} if method == "post" else None
+                )
+                if path.endswith("/reply"):
+                    body = {"text": A_MARKER}
+                answer = httpx.request(method, target, json=body, params=visitor, timeout=10)
+                assert answer.status_code in (200, 404), (method, path, answer.text)
+                for marker in B_MARKERS[1:]:
+                    assert marker not in answer.text, (method, path, answer.text)
+                visitor["key"] = ADMIN_KEY
+                refused = httpx.request(method, target, json=body, params=visitor, timeout=10)
+                assert refused.status_code == 401, (method, path, refused.text)
                 tried += 1
             elif method == "post" and not path.startswith(("/u/", "/e/")):
                 # ingest with A's keys: what A writes lands in A, never in B

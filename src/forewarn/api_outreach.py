@@ -178,7 +178,10 @@ def routes(app: Forewarn) -> list[Route]:
                 )
             missing = [c for c in chosen if c not in known]
             if missing:
-                raise NotFoundError(f"no trigger {missing[0]!r} in the loaded playbooks")
+                raise NotFoundError(
+                    f"no trigger {missing[0]!r}: the loaded triggers are "
+                    + ", ".join(sorted(known))
+                )
             triggers = [t for t in triggers if t.id in chosen]
         params = {"since": since, "triggers": [t.id for t in triggers]}
         job = await run(_new_backtest, key.workspace, params, now)

@@ -18,6 +18,7 @@ Op = dict[str, Any]
 
 WRITE, WRITE_QUERY, ADMIN = "writeKey", "writeKeyQuery", "adminKey"
 SENTRY, SENTRY_QUERY = "sentryAuth", "sentryKey"
+ANONYMOUS, IDENTITY = "widgetAnonymousId", "widgetIdentity"
 ERRORS = {
     "400": "the request is not valid: the message says what to change",
     "401": "no key, or an unknown one",
@@ -195,6 +196,7 @@ def paths() -> dict[str, Any]:
     }
     out.update(admin_paths())
     link_paths(out)
+    widget_paths(out)
     out["/healthz"] = {"get": _open("Liveness", s.ref("Health"))}
     out["/metrics"] = {
         "get": {
@@ -382,6 +384,46 @@ def link_paths(out: dict[str, Any]) -> None:
     out["/e/{token}"]["post"]["requestBody"]["required"] = True
 
 
+def widget_paths(out: dict[str, Any]) -> None:
+    """The in-app widget's API: the workspace's (public) write key, and who the visitor is:
+    a signed identity token, or the anonymous id the widget made up."""
+    security = [{WRITE_QUERY: [], ANONYMOUS: []}, {WRITE_QUERY: [], IDENTITY: []}]
+
+    def widget(summary: str, answer: str, params: Any = None, body: Any = None) -> Op:
+        op = _operation(summary, s.ref(answer), params, body, errors=("400", "401", "404", "405"))
+        op["security"] = security
+        return op
+
+    conversation = _param("id", {"type": "integer", "minimum": 1}, "path")
+    out["/w/v1/events"] = {
+        "post": widget(
+            "Events from the widget: the visitor's, whatever the page claims",
+            "Ingested",
+            body=s.WIDGET_EVENTS,
+        )
+    }
+    out["/w/v1/events"]["post"]["requestBody"]["required"] = True
+    out["/w/v1/inbox"] = {"get": widget("The visitor's in-app messages", "WidgetInbox")}
+    stream = widget(
+        "The visitor's new in-app messages as server-sent events (`event: message`)",
+        "WidgetInbox",
+        [_param("since", {"type": "integer", "minimum": 0}, about="the last message id seen")],
+    )
+    stream["responses"]["200"] = {"description": "a stream", "content": {"text/event-stream": {}}}
+    out["/w/v1/stream"] = {"get": stream}
+    out["/w/v1/conversations/{id}"] = {
+        "get": widget("A chat conversation of the visitor's", "Conversation", [conversation])
+    }
+    out["/w/v1/conversations/{id}/reply"] = {
+        "post": widget(
+            "The visitor's reply; answers the assistant's", "Answer", [conversation], s.REPLY
+        )
+    }
+    out["/w/v1/conversations/{id}/reply"]["post"]["requestBody"]["required"] = True
+    out["/widget.js"] = {"get": _open("The widget's script", {"type": "string"})}
+    out["/widget.js"]["get"]["responses"]["200"]["content"] = {"text/javascript": {}}
+
+
 def _components() -> dict[str, Any]:
     schemas: dict[str, Any] = {
         "Error": s.ERROR,
@@ -406,6 +448,19 @@ def _components() -> dict[str, Any]:
             },
             SENTRY_QUERY: {"type": "apiKey", "in": "query", "name": "sentry_key"},
             ADMIN: {"type": "http", "scheme": "bearer", "description": "an admin key"},
+            ANONYMOUS: {
+                "type": "apiKey",
+                "in": "query",
+                "name": "anon",
+                "description": "the anonymous id the widget made (8 to 100 characters)",
+            },
+            IDENTITY: {
+                "type": "apiKey",
+                "in": "query",
+                "name": "token",
+                "description": "the visitor's identity token: a JWT (HS256) the host's backend"
+                " signs with the workspace's identity secret",
+            },
         },
         "schemas": schemas,
     }

@@ -144,6 +144,13 @@ ENGAGEMENT = obj(
     ("event",),
 )
 
+WIDGET_EVENTS = obj(
+    {"batch": array({})},
+    ("batch",),
+    extra=True,
+)
+REPLY = obj({"text": TEXT}, ("text",))
+
 # --- answers --------------------------------------------------------------------------------
 
 ERROR = obj(
@@ -256,5 +263,13 @@ ANSWERS: dict[str, Schema] = {
     ),
     "Recorded": obj({"recorded": STRING}, ("recorded",)),
     "Health": obj({"ok": BOOL}, ("ok",)),
+    "WidgetInbox": obj({"messages": array(ANY_OBJECT)}, ("messages",)),
+    "Conversation": obj(
+        {"id": INT, "escalated": BOOL, "messages": array(ANY_OBJECT)},
+        ("id", "escalated", "messages"),
+    ),
+    "Answer": obj(
+        {"text": STRING, "answered": BOOL, "escalated": BOOL}, ("text", "answered", "escalated")
+    ),
 }
 TICKET_FLAVOURS = list(webhooks.TICKET_FLAVOURS)

@@ -60,6 +60,22 @@ def tokens(db: Path) -> dict[str, str]:
     }
 
 
+def identity(db: Path) -> str:
+    """An identity token for user u1 of workspace 1, as a host's backend signs it."""
+    import time
+
+    import jwt
+
+    from forewarn import widget
+
+    conn = store_sqlite.connect(str(db))
+    try:
+        secret = widget.identity_secret(conn, 1)
+    finally:
+        conn.close()
+    return jwt.encode({"sub": "u1", "exp": int(time.time()) + 3600}, secret, algorithm="HS256")
+
+
 def config(server: srv.Server) -> str:
     lines = [
         f"seed = {SEED}",
@@ -83,6 +99,10 @@ def config(server: srv.Server) -> str:
         "[auth.openapi.adminKey]",
         f'bearer = "{srv.ADMIN_KEY}"',
     ]
+    lines += ["[auth.openapi.widgetAnonymousId]", 'api_key = "anon-fuzz-visitor-01"']
+    lines += ["[auth.openapi.widgetIdentity]", f'api_key = "{identity(server.db)}"']
+    # the stream never ends on its own: it is for a browser, not a request-answer fuzzer
+    lines += ["[[operations]]", 'include-path = "/w/v1/stream"', "enabled = false"]
     for path, token in tokens(server.db).items():
         lines += [
             "[[operations]]",
