@@ -387,7 +387,10 @@ def link_paths(out: dict[str, Any]) -> None:
 def widget_paths(out: dict[str, Any]) -> None:
     """The in-app widget's API: the workspace's (public) write key, and who the visitor is:
     a signed identity token, or the anonymous id the widget made up."""
-    security = [{WRITE_QUERY: [], ANONYMOUS: []}, {WRITE_QUERY: [], IDENTITY: []}]
+    security: list[dict[str, list[str]]] = [
+        {WRITE_QUERY: [], ANONYMOUS: []},
+        {WRITE_QUERY: [], IDENTITY: []},
+    ]
 
     def widget(summary: str, answer: str, params: Any = None, body: Any = None) -> Op:
         op = _operation(summary, s.ref(answer), params, body, errors=("400", "401", "404", "405"))
