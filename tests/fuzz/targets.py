@@ -187,7 +187,8 @@ def fuzz_all(seconds: int) -> int:
     failed = 0
     for target in TARGETS:
         code, output = run(target, 2**31 - 1, seconds)
-        last = [line for line in output.splitlines() if line.startswith(("#", "Done"))][-2:]
+        lines = output.splitlines()
+        last = [x for x in lines if (x[1:2].isdigit() and x[0] == "#") or x.startswith("Done")][-2:]
         print(f"{target}: {'ok' if code == 0 else 'FAILED'}", *last, sep="\n  ", flush=True)
         if code != 0:
             print(output[-8000:])
