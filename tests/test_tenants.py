@@ -236,3 +236,24 @@ def test_no_route_crosses_workspaces_and_no_key_is_kept_in_plain_text(two) -> No
     for key in (WRITE_KEY, ADMIN_KEY, b_write, b_admin):
         assert key.encode() not in stored, f"a key in plain text in {server.db}"
         assert key.encode() not in output, f"a key in the server's output:\n{output.decode()}"
+
+
+def test_a_server_started_without_keys_and_without_a_terminal_logs_none(tmp_path: Path) -> None:
+    """Keys made on the first start are printed on a terminal only: a service's output is a
+    log, and a key printed there would be kept in plain text."""
+    env = {"FOREWARN_WRITE_KEY": "", "FOREWARN_ADMIN_KEY": ""}
+    server = srv.start(tmp_path / "forewarn.db", env=env)
+    try:
+        conn = sqlite3.connect(server.db)
+        try:
+            assert conn.execute("SELECT count(*) FROM keys").fetchone() == (0,)
+        finally:
+            conn.close()
+    finally:
+        server.process.terminate()
+        server.process.wait(timeout=20)
+        assert server.process.stdout is not None
+        output = server.process.stdout.read().decode()
+        server.process.stdout.close()
+    assert "fw_wk_" not in output and "fw_ak_" not in output, output
+    assert "has no write key: make one with `forewarn keys create" in output, output
