@@ -339,6 +339,8 @@ def admin_paths() -> dict[str, Any]:
             s.PUSH_SUBSCRIPTION,
         ),
     }
+    # the one admin body with required fields: an empty one is refused
+    out["/api/v1/subjects/{subject}/push-subscriptions"]["post"]["requestBody"]["required"] = True
     ids = {
         ("/api/v1/triggers", "get"): "getTriggers",
         ("/api/v1/firings", "get"): "getFirings",
