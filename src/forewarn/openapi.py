@@ -107,10 +107,21 @@ def _admin(
     return op
 
 
-def _link(summary: str, answer: s.Schema | None, body: s.Schema | None = None) -> Op:
-    """A signed link from a message: the token in the path is the credential."""
-    op = _operation(summary, answer, [_param("token", TOKEN, "path")], body)
+def _link(
+    summary: str,
+    answer: s.Schema | None,
+    body: s.Schema | None = None,
+    other: tuple[str, str, str] | None = None,
+) -> Op:
+    """A signed link from a message: the token in the path is the credential. `other`: the
+    (status, description, media type) it answers with instead of JSON."""
+    op = _operation(summary, answer, [_param("token", TOKEN, "path")], body, body is not None)
     op["security"] = []
+    if other is not None:
+        status, description, media = other
+        op["responses"][status] = {"description": description, "content": {media: {}}}
+        if status != "200":
+            op["responses"][status].pop("content")
     return op
 
 
@@ -356,26 +367,27 @@ def admin_paths() -> dict[str, Any]:
 
 
 def link_paths(out: dict[str, Any]) -> None:
+    page = ("200", "an HTML page", "text/html")
     out["/u/{token}"] = {
         "get": _link(
-            "The unsubscribe page: a button that posts; never unsubscribes", {"type": "string"}
+            "The unsubscribe page: a button that posts; never unsubscribes", None, other=page
         ),
-        "post": _link("One-click unsubscribe (RFC 8058): takes effect at once", None),
+        "post": _link("One-click unsubscribe (RFC 8058): takes effect at once", None, other=page),
     }
-    for path in ("/u/{token}",):
-        for op in out[path].values():
-            op["responses"]["200"] = {"description": "an HTML page", "content": {"text/html": {}}}
     out["/o/{token}"] = {
-        "get": _link("An email opened: a 1x1 GIF; records `Message Opened` once", None)
-    }
-    out["/o/{token}"]["get"]["responses"]["200"] = {
-        "description": "a 1x1 GIF",
-        "content": {"image/gif": {}},
+        "get": _link(
+            "An email opened: a 1x1 GIF; records `Message Opened` once",
+            None,
+            other=("200", "a 1x1 GIF", "image/gif"),
+        )
     }
     out["/c/{token}"] = {
-        "get": _link("A link clicked: records `Message Clicked`, redirects to its URL", None)
+        "get": _link(
+            "A link clicked: records `Message Clicked`, redirects to its URL",
+            None,
+            other=("302", "to the link's URL", ""),
+        )
     }
-    out["/c/{token}"]["get"]["responses"]["302"] = {"description": "to the link's URL"}
     out["/e/{token}"] = {
         "post": _link(
             "An engagement from the widget or a push service worker",
@@ -383,7 +395,6 @@ def link_paths(out: dict[str, Any]) -> None:
             s.ENGAGEMENT,
         )
     }
-    out["/e/{token}"]["post"]["requestBody"]["required"] = True
 
 
 def widget_paths(out: dict[str, Any]) -> None:
