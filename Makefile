@@ -3,7 +3,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: run test check bench soak clean browser
+.PHONY: run test check bench soak clean browser fuzz
 
 $(STAMP): pyproject.toml
 	python3 -m venv $(VENV)
@@ -46,6 +46,15 @@ bench: $(STAMP)
 # 10 minutes of steady ingest against a real server: errors, memory and latency over time
 soak: $(STAMP)
 	$(PY) bench/soak.py
+
+# Longer fuzzing than the suite's short runs: schemathesis against a running server (every
+# check, the stateful phase) and atheris on each parser of untrusted text. A failure prints the
+# input that caused it.
+FUZZ_EXAMPLES ?= 300
+FUZZ_SECONDS  ?= 300
+fuzz: $(STAMP)
+	$(PY) -m tests.fuzz.api_run --max-examples $(FUZZ_EXAMPLES)
+	$(PY) -m tests.fuzz.targets --all $(FUZZ_SECONDS)
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

@@ -244,6 +244,7 @@ def test_a_backtest_through_the_api_runs_over_the_servers_log(world):
     assert row["trigger"] == "tip" and row["firings"] >= 1
     with pytest.raises(httpx.HTTPStatusError) as refused:
         live.admin_post("/api/v1/backtests", {"triggers": ["nope"]})
+    assert refused.value.response.status_code == 404
     assert "loaded triggers" in refused.value.response.json()["error"]["message"]
     assert (
         httpx.get(

@@ -236,9 +236,18 @@ def test_every_route_in_the_openapi_document_wants_its_key(live):
     for path, operations in doc["paths"].items():
         url = live.url + path.replace("{project}", "42").replace("{flavour}", "generic").replace(
             "{subject}", "u1"
-        )
+        ).replace("{id}", "1")
         for method, op in operations.items():
             kinds = {name for s in op.get("security", []) for name in s}
+            if "widgetAnonymousId" in kinds:  # the widget: a write key and who the visitor is
+                for params in (
+                    {"anon": "visitor-0001"},
+                    {"key": ADMIN_KEY, "anon": "visitor-0001"},
+                ):
+                    refused = httpx.request(method.upper(), url, params=params, json={}, timeout=10)
+                    assert refused.status_code == 401, (method, path, refused.text)
+                checked += 1
+                continue
             ingest_route = method == "post" and not path.startswith("/api/v1/")
             if not kinds and not ingest_route:
                 continue  # open: health, metrics, this document

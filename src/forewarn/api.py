@@ -34,7 +34,6 @@ from forewarn import api_outreach, clock, dashboard, ingest, store_sqlite, webho
 from forewarn import openapi as openapi_document
 from forewarn.errors import ForewarnError, InputError, NotFoundError, TooLargeError
 from forewarn.live import firing_dict
-from forewarn.model import parse_time_ms
 from forewarn.server import Engines, Writer
 from forewarn.store_sqlite import Append, Key
 
@@ -395,12 +394,7 @@ def routes(app: Forewarn) -> list[Route]:
         key = app.admin_key(request)
         q = request.query_params
         since = q.get("since")
-        try:
-            since_ms = parse_time_ms(since) if since else None
-        except ValueError:
-            raise InputError(
-                f"since={since!r} is not ISO 8601, e.g. 2026-11-23T00:00:00Z"
-            ) from None
+        since_ms = None if since is None else api_outreach.date_time_ms(since, "since")
         limit = _int(q.get("limit"), 1000, "limit", 1, 10_000)
         rows = await asyncio.to_thread(
             _query_firings,
@@ -604,7 +598,9 @@ async def _http_error(request: Request, exc: Exception) -> Response:
         404: f"no route {request.url.path}: see /openapi.json for the routes",
         405: f"{request.method} is not allowed on {request.url.path}",
     }.get(exc.status_code, str(exc.detail))
-    return _json({"error": {"code": code, "message": message}}, exc.status_code)
+    response = _json({"error": {"code": code, "message": message}}, exc.status_code)
+    response.headers.update(exc.headers or {})  # a 405's `Allow` (RFC 9110)
+    return response
 
 
 async def _store_failure(request: Request, exc: Exception) -> Response:

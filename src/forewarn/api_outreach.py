@@ -13,6 +13,8 @@ import asyncio
 import base64
 import hashlib
 import html
+import re
+from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Any
 
 import msgspec
@@ -23,11 +25,15 @@ from starlette.routing import Route
 from forewarn import clock, links, store_outbox, store_sqlite
 from forewarn.errors import InputError, NotFoundError
 from forewarn.links import CHANNELS, SCOPES, SECRET_NAME, read_token
-from forewarn.model import format_time, parse_time_ms
+from forewarn.model import MAX_TIME_MS, format_time
 from forewarn.store_sqlite import Append
 
 if TYPE_CHECKING:
     from forewarn.api import Forewarn
+
+
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+_ONE_MS = timedelta(milliseconds=1)
 
 
 def _conn(db: str) -> Any:
@@ -41,17 +47,58 @@ def _scope(value: Any) -> str:
     return str(scope)
 
 
-async def _body(request: Request) -> dict[str, Any]:
+async def _body(request: Request, fields: tuple[str, ...]) -> dict[str, Any]:
+    """The JSON object a POST sends (empty: `{}`), holding only these fields: a misspelt one is
+    refused rather than silently ignored."""
     raw = await request.body()
     if not raw.strip():
         return {}
     try:
         data = msgspec.json.decode(raw)
-    except msgspec.DecodeError:
+    except (msgspec.DecodeError, UnicodeDecodeError):
         raise InputError("the body is not JSON: send a JSON object, e.g. {}") from None
     if not isinstance(data, dict):
         raise InputError('the body must be a JSON object, e.g. {"scope": "account"}')
+    unknown = sorted(set(data) - set(fields))
+    if unknown:
+        raise InputError(
+            f"unknown field {unknown[0]!r}: this route takes "
+            + (", ".join(fields) if fields else "no fields")
+        )
     return data
+
+
+_DATE_TIME = re.compile(
+    r"[0-9]{4}-[0-9]{2}-[0-9]{2}[Tt][0-9]{2}:[0-9]{2}:[0-9]{2}(\.[0-9]+)?([Zz]|[+-][0-9]{2}:[0-9]{2})"
+)
+
+
+def date_time_ms(value: object, name: str) -> int:
+    """An RFC 3339 date-time (`2026-11-23T18:00:00Z`, the zone required) as milliseconds,
+    clamped to the years Forewarn keeps (1970 to 9999); InputError otherwise."""
+    try:
+        if not isinstance(value, str) or not _DATE_TIME.fullmatch(value):
+            raise ValueError(value)
+        when = datetime.fromisoformat(value.upper().replace("Z", "+00:00"))
+    except ValueError:
+        raise InputError(
+            f"{name}={value!r} is not an ISO 8601 date-time with its zone (RFC 3339), "
+            "e.g. 2026-11-23T18:00:00Z"
+        ) from None
+    ms = (when - _EPOCH) // _ONE_MS
+    return min(max(ms, 0), MAX_TIME_MS - 1)
+
+
+def _since(text: object, now_ms: int) -> int:
+    """The start of a period given as a duration back from now (`30d`); a period longer than
+    the epoch means everything."""
+    from forewarn.playbook import parse_duration
+
+    try:
+        span = parse_duration(text)
+    except ValueError as exc:
+        raise InputError(f"since: {exc}") from None
+    return max(0, now_ms - span)
 
 
 def routes(app: Forewarn) -> list[Route]:
@@ -69,20 +116,16 @@ def routes(app: Forewarn) -> list[Route]:
 
     async def reports(request: Request) -> Response:
         from forewarn import report
-        from forewarn.playbook import parse_duration
 
         key = app.admin_key(request)
         q = request.query_params
         trigger = q.get("trigger")
         triggers = app.engines.triggers
         if trigger is not None and trigger not in {t.id for t in triggers}:
-            raise InputError(f"trigger={trigger!r}: no such trigger in the loaded playbooks")
-        try:
-            span = parse_duration(q.get("since", "30d"))
-        except ValueError as exc:
-            raise InputError(f"since: {exc}") from None
+            raise NotFoundError(f"trigger={trigger!r}: no such trigger in the loaded playbooks")
         now = clock.now_ms()
-        result = await run(report.live_report, key.workspace, triggers, now - span, now, trigger)
+        since_ms = _since(q.get("since", "30d"), now)
+        result = await run(report.live_report, key.workspace, triggers, since_ms, now, trigger)
         return _json(result)
 
     async def pause(request: Request) -> Response:
@@ -93,7 +136,7 @@ def routes(app: Forewarn) -> list[Route]:
         if request.url.path.endswith("/resume"):
             resumed = await run(store_outbox.resume_trigger, key.workspace, trigger)
             return _json({"trigger": trigger, "mode": None, "resumed": resumed})
-        body = await _body(request)
+        body = await _body(request, ("mode", "reason"))
         mode = body.get("mode", "paused")
         if mode not in store_outbox.OVERRIDE_MODES:
             allowed = ", ".join(store_outbox.OVERRIDE_MODES)
@@ -120,29 +163,30 @@ def routes(app: Forewarn) -> list[Route]:
         return _json({"overrides": found})
 
     async def start_backtest(request: Request) -> Response:
-        from forewarn.playbook import parse_duration
-
         key = app.admin_key(request)
-        body = await _body(request)
+        body = await _body(request, ("since", "triggers"))
         since = body.get("since", "30d")
-        try:
-            span = parse_duration(since)
-        except ValueError as exc:
-            raise InputError(f"since: {exc}") from None
+        now = clock.now_ms()
+        since_ms = _since(since, now)
         triggers = app.engines.triggers
-        chosen = body.get("triggers")
-        if chosen is not None:
+        if "triggers" in body:
+            chosen = body["triggers"]
             known = {t.id for t in triggers}
-            if not isinstance(chosen, list) or not all(c in known for c in chosen):
+            if not isinstance(chosen, list) or not all(isinstance(c, str) for c in chosen):
                 raise InputError(
                     f"triggers must be a list of the loaded triggers: {', '.join(sorted(known))}"
                 )
+            missing = [c for c in chosen if c not in known]
+            if missing:
+                raise NotFoundError(
+                    f"no trigger {missing[0]!r}: the loaded triggers are "
+                    + ", ".join(sorted(known))
+                )
             triggers = [t for t in triggers if t.id in chosen]
-        now = clock.now_ms()
         params = {"since": since, "triggers": [t.id for t in triggers]}
         job = await run(_new_backtest, key.workspace, params, now)
         asyncio.get_running_loop().create_task(
-            _run_backtest(db, key.workspace, job, triggers, now - span, now)
+            _run_backtest(db, key.workspace, job, triggers, since_ms, now)
         )
         return _json({"id": job, "status": "running", **params})
 
@@ -154,12 +198,13 @@ def routes(app: Forewarn) -> list[Route]:
             raise NotFoundError(f"no backtest {raw}")
         return _json(found)
 
-    async def target(request: Request) -> tuple[int, str, dict[str, Any], str]:
+    async def target(request: Request, *fields: str) -> tuple[int, str, dict[str, Any], str]:
         """For a POST about a subject: the workspace (of the admin key), the subject, the JSON
-        body and the scope it names."""
+        body (`scope` and these fields) and the scope it names."""
         key = app.admin_key(request)
-        body = await _body(request)
-        return key.workspace, request.path_params["subject"], body, _scope(body.get("scope"))
+        body = await _body(request, ("scope", *fields))
+        scope = _scope(body.get("scope", "user") or "")
+        return key.workspace, request.path_params["subject"], body, scope
 
     async def outreach(request: Request) -> Response:
         key = app.admin_key(request)
@@ -184,19 +229,11 @@ def routes(app: Forewarn) -> list[Route]:
         return _json({"outreach": rows})
 
     async def suppress(request: Request) -> Response:
-        workspace, subject, body, scope = await target(request)
+        workspace, subject, body, scope = await target(request, "reason", "until")
         reason = body.get("reason", "suppressed by the admin API")
         if not isinstance(reason, str) or not reason.strip():
             raise InputError('reason must be text, e.g. "incident INC-42"')
-        until = body.get("until")
-        until_ms = None
-        if until is not None:
-            try:
-                until_ms = parse_time_ms(str(until))
-            except ValueError:
-                raise InputError(
-                    f"until={until!r} is not ISO 8601, e.g. 2026-11-23T18:00:00Z"
-                ) from None
+        until_ms = date_time_ms(body["until"], "until") if "until" in body else None
         stopped = await run(
             store_outbox.suppress,
             workspace,
@@ -214,7 +251,7 @@ def routes(app: Forewarn) -> list[Route]:
         return _json({"subject": subject, "scope": scope, "suppressed": False, "lifted": lifted})
 
     async def consent(request: Request) -> Response:
-        workspace, subject, body, scope = await target(request)
+        workspace, subject, body, scope = await target(request, "channel")
         channel = body.get("channel", "*")
         if channel not in CHANNELS:
             raise InputError(f"channel {channel!r}: give one of {', '.join(CHANNELS)}")
@@ -248,12 +285,23 @@ def routes(app: Forewarn) -> list[Route]:
             scope = _scope(request.query_params.get("scope"))
             subs = await run(store_outbox.subscriptions, key.workspace, scope, subject)
             return _json({"subject": subject, "scope": scope, "subscriptions": subs})
-        workspace, subject, body, scope = await target(request)
+        workspace, subject, body, scope = await target(
+            request, "endpoint", "expirationTime", "keys"
+        )
         endpoint, keys = body.get("endpoint"), body.get("keys")
         if not isinstance(endpoint, str) or not endpoint.startswith("https://"):
             raise InputError("endpoint must be the https:// URL of the browser's PushSubscription")
-        if not isinstance(keys, dict) or not all(
-            isinstance(keys.get(k), str) and keys[k] for k in ("p256dh", "auth")
+        if len(endpoint) > 2000:
+            raise InputError("endpoint is over 2000 characters: send the subscription unmodified")
+        expires = body.get("expirationTime")
+        if expires is not None and (
+            isinstance(expires, bool) or not isinstance(expires, int | float)
+        ):
+            raise InputError("expirationTime must be a number or null, as the browser gives it")
+        if (
+            not isinstance(keys, dict)
+            or set(keys) != {"p256dh", "auth"}
+            or not all(isinstance(keys[k], str) and 0 < len(keys[k]) <= 200 for k in keys)
         ):
             raise InputError(
                 "keys must hold the subscription's p256dh and auth, as PushSubscription.toJSON()"
@@ -264,9 +312,9 @@ def routes(app: Forewarn) -> list[Route]:
             workspace,
             scope,
             subject,
-            endpoint[:2000],
-            keys["p256dh"][:200],
-            keys["auth"][:200],
+            endpoint,
+            keys["p256dh"],
+            keys["auth"],
             clock.now_ms(),
         )
         return _json({"subject": subject, "scope": scope, "subscribed": True})
@@ -302,10 +350,13 @@ def routes(app: Forewarn) -> list[Route]:
     async def engaged(request: Request) -> Response:
         secret = await run(store_outbox.secret, SECRET_NAME)
         sent = links.read_engagement(secret, request.path_params["token"])
-        body = await _body(request)
+        body = await _body(request, ("event", "url", "text"))
         what = body.get("event")
-        if what not in ENGAGEMENTS:
+        if not isinstance(what, str) or what not in ENGAGEMENTS:
             raise InputError(f"event {what!r}: give one of {', '.join(ENGAGEMENTS)}")
+        for field in ("url", "text"):
+            if not isinstance(body.get(field, ""), str):
+                raise InputError(f"{field} must be text")
         name = ENGAGEMENTS[what]
         extra: dict[str, Any] = {}
         mid = f"{sent.key}:{name}"

@@ -206,7 +206,10 @@ def _serve(args: argparse.Namespace) -> int:
     conn = store_sqlite.connect(args.db)
     write_key, admin_key = _env("WRITE_KEY"), _env("ADMIN_KEY")
     created: list[str] = []
-    if store_sqlite.workspace_id(conn, args.workspace) is None:
+    # keys are shown on a terminal only: printed into a service's log, they would be kept there
+    # in plain text
+    shown = sys.stdout.isatty()
+    if store_sqlite.workspace_id(conn, args.workspace) is None and shown:
         if not write_key:
             write_key = store_sqlite.new_key_token("write")
             created.append(f"write key: {write_key}")
@@ -229,6 +232,8 @@ def _serve(args: argparse.Namespace) -> int:
             "INSERT OR REPLACE INTO secrets (name, value) VALUES (?, ?)",
             (f"identity:{ws}", identity),
         )
+    kinds = {k for (k,) in conn.execute("SELECT kind FROM keys WHERE workspace = ?", (ws,))}
+    keyless = [kind for kind in ("write", "admin") if kind not in kinds]
     conn.close()
     settings = api.Settings(
         db=args.db,
@@ -283,6 +288,13 @@ def _serve(args: argparse.Namespace) -> int:
             print("  " + line, flush=True)
     elif write_key or admin_key:
         print("keys from FOREWARN_WRITE_KEY / FOREWARN_ADMIN_KEY", flush=True)
+    for kind in keyless:
+        print(
+            f"workspace '{args.workspace}' has no {kind} key: make one with `forewarn keys create"
+            f" --db {args.db} --workspace {args.workspace} --kind {kind}`, or set"
+            f" FOREWARN_{kind.upper()}_KEY",
+            flush=True,
+        )
     try:
         uvicorn.run(
             api.build(app),

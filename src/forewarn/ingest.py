@@ -115,6 +115,8 @@ def _sent_ms(value: object, name: str) -> int | None:
     """A request-level send time; a bad one makes the whole body unusable."""
     if value is None:
         return None
+    if type(value) is float and value.is_integer():  # JSON does not tell 5.0 from 5
+        value = int(value)
     try:
         return _time_ms(value, name)
     except EventError as exc:
@@ -254,7 +256,7 @@ def _too_big(raw: bytes | msgspec.Raw) -> EventError:
 
 class _SegmentBatch(msgspec.Struct):
     batch: list[msgspec.Raw]
-    sent_at: str | int | None = msgspec.field(default=None, name="sentAt")
+    sent_at: str | int | float | None = msgspec.field(default=None, name="sentAt")
     write_key: str | None = msgspec.field(default=None, name="writeKey")
     context: dict[str, Any] | None = None
 
@@ -278,7 +280,11 @@ def segment(body: bytes, path_kind: str, received_ms: int) -> Parsed:
             out.write_key = envelope.write_key
             batch_sent = _sent_ms(envelope.sent_at, "sentAt")
         else:
-            msgspec.json.decode(body)  # a body that is not JSON is a 400, not a rejected item
+            if type(msgspec.json.decode(body)) is not dict:  # not an item to reject: a 400
+                raise InputError(
+                    f"the body of /v1/{path_kind} is one message: send a JSON object, "
+                    f'e.g. {{"userId": "u1", ...}}'
+                )
             items, context, batch_sent = [msgspec.Raw(body)], None, None
     except msgspec.ValidationError as exc:
         raise InputError(

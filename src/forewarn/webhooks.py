@@ -48,6 +48,8 @@ def tickets(body: bytes, flavour: str, received_ms: int) -> Parsed:
     data = _decode(body, MAX_BATCH_BYTES, f"{flavour} ticket")
     if type(data) is dict and flavour == "generic" and "tickets" in data:
         data = data["tickets"]
+    if type(data) is not dict and type(data) is not list:
+        raise InputError(f"the {flavour} ticket body is a JSON object (or a list of them)")
     items = data if type(data) is list else [data]
     _check_count(len(items), "the request")
     out = Parsed()

@@ -208,7 +208,10 @@ def routes(app: Forewarn, assistant: Callable[[], Answers | None]) -> list[Route
     async def reply(request: Request) -> Response:
         who = await visitor(request)
         found = await _own_conversation(run, who, request)
-        text = (await _body(request)).get("text")
+        body = await _body(request)
+        text = body.get("text")
+        if set(body) - {"text"}:
+            raise InputError('send {"text": "..."} and nothing else: the reply, as plain text')
         if not isinstance(text, str) or not text.strip():
             raise InputError('send {"text": "..."}: the reply, as plain text')
         text = text.strip()[:MAX_REPLY_CHARS]

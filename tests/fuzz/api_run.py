@@ -1,0 +1,178 @@
+"""schemathesis against a real `forewarn serve`: every check, the stateful phase, a fixed seed.
+
+`run(folder, max_examples)` starts a server on a fresh database, gives it data to find (events
+for a few subjects, so firings and subjects exist; signed links of each kind), writes the
+schemathesis configuration with every way a key is given, and runs `st run`. Returns the exit
+code and the report. `python -m tests.fuzz.api_run --max-examples N` runs it by hand (what
+`make fuzz` does, with more examples).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import uuid
+from pathlib import Path
+
+import httpx
+
+from forewarn import links, store_outbox, store_sqlite
+
+from .. import server as srv
+
+STRIPE_SECRET = "whsec_fuzz-signing-secret"
+SEED = 20261124
+
+
+def seed_data(server: srv.Server) -> None:
+    """Subjects with traits and events, enough for the example playbooks to fire."""
+    batch = []
+    for user in ("u1", "u2"):
+        batch.append({"type": "identify", "userId": user, "traits": {"plan": "pro"}})
+        batch.append({"type": "group", "userId": user, "groupId": "acme"})
+        batch += [{"type": "track", "userId": user, "event": "Export Failed"} for _ in range(6)]
+    for msg in batch:
+        msg["messageId"] = str(uuid.uuid4())
+    r = httpx.post(
+        server.url + "/v1/batch", json={"batch": batch}, auth=(srv.WRITE_KEY, ""), timeout=10
+    )
+    r.raise_for_status()
+    server.wait_for(lambda: server.firings(), timeout_s=10)
+
+
+def tokens(db: Path) -> dict[str, str]:
+    """A valid signed link of each kind, for workspace 1's subject u1."""
+    conn = store_sqlite.connect(str(db))
+    try:
+        secret = store_outbox.secret(conn, links.SECRET_NAME)
+    finally:
+        conn.close()
+    about = links.About(1, "user", "u1", "fuzz", "email", "fuzz-message")
+    return {
+        "/u/{token}": links.unsubscribe_token(secret, 1, "user", "u1", "email"),
+        "/o/{token}": links.engagement_token(secret, about),
+        "/e/{token}": links.engagement_token(secret, about),
+        "/c/{token}": links.click_token(secret, about, "https://example.com/docs"),
+    }
+
+
+def identity(db: Path) -> str:
+    """An identity token for user u1 of workspace 1, as a host's backend signs it."""
+    import time
+
+    import jwt
+
+    from forewarn import widget
+
+    conn = store_sqlite.connect(str(db))
+    try:
+        secret = widget.identity_secret(conn, 1)
+    finally:
+        conn.close()
+    return jwt.encode({"sub": "u1", "exp": int(time.time()) + 3600}, secret, algorithm="HS256")
+
+
+def config(server: srv.Server) -> str:
+    lines = [
+        f"seed = {SEED}",
+        'hooks = "tests.fuzz.api_hooks"',
+        "[checks]",
+        "enabled = true",
+        "[checks.negative_data_rejection]",
+        # a body over a limit is refused with 413, which is a refusal too
+        "expected-statuses = [400, 401, 403, 404, 405, 406, 409, 413, 415, 422, 428, 429]",
+        "[phases.stateful]",
+        "enabled = true",
+        "[auth.openapi.writeKey]",
+        f'username = "{srv.WRITE_KEY}"',
+        'password = ""',
+        "[auth.openapi.writeKeyQuery]",
+        f'api_key = "{srv.WRITE_KEY}"',
+        "[auth.openapi.sentryAuth]",
+        f'api_key = "Sentry sentry_key={srv.WRITE_KEY}, sentry_version=7"',
+        "[auth.openapi.sentryKey]",
+        f'api_key = "{srv.WRITE_KEY}"',
+        "[auth.openapi.adminKey]",
+        f'bearer = "{srv.ADMIN_KEY}"',
+    ]
+    lines += ["[auth.openapi.widgetAnonymousId]", 'api_key = "anon-fuzz-visitor-01"']
+    lines += ["[auth.openapi.widgetIdentity]", f'api_key = "{identity(server.db)}"']
+    # the stream never ends on its own: it is for a browser, not a request-answer fuzzer
+    lines += ["[[operations]]", 'include-path = "/w/v1/stream"', "enabled = false"]
+    for path, token in tokens(server.db).items():
+        lines += [
+            "[[operations]]",
+            f'include-path = "{path}"',
+            f'parameters = {{ token = "{token}" }}',
+        ]
+    # An envelope is newline-separated JSON, which JSON Schema cannot describe: the generator can
+    # only make strings, which are rarely envelopes, and any text is of the declared type. The envelope parser has its own fuzzer
+    # (tests/fuzz/targets.py) and the Sentry SDK its end-to-end test.
+    lines += [
+        "[[operations]]",
+        'include-path = "/api/{project}/envelope/"',
+        "checks.positive_data_acceptance.enabled = false",
+        "checks.negative_data_rejection.enabled = false",
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def run(folder: Path, max_examples: int, extra: list[str] | None = None) -> tuple[int, str]:
+    env = {"FOREWARN_STRIPE_SECRET": STRIPE_SECRET, "FOREWARN_RATE_LIMIT": "1000000"}
+    server = srv.start(folder / "forewarn.db", env=env)
+    try:
+        seed_data(server)
+        (folder / "schemathesis.toml").write_text(config(server))
+        st = shutil.which("st", path=str(Path(sys.executable).parent)) or "st"
+        command = [
+            st,
+            "--config-file",
+            str(folder / "schemathesis.toml"),
+            "--no-color",
+            "run",
+            server.url + "/openapi.json",
+            "--max-examples",
+            str(max_examples),
+            "--output-truncate",
+            "true",
+            "--workers",
+            "1",
+            "--report-dir",
+            str(folder / "report"),
+            *(extra or []),
+        ]
+        done = subprocess.run(
+            command,
+            cwd=folder,
+            env={
+                **os.environ,
+                "PYTHONPATH": str(srv.ROOT),
+                "FUZZ_WRITE_KEY": srv.WRITE_KEY,
+                "FUZZ_STRIPE_SECRET": STRIPE_SECRET,
+                "SCHEMATHESIS_HOOKS": "tests.fuzz.api_hooks",
+            },
+            capture_output=True,
+            text=True,
+            timeout=1800,
+        )
+        return done.returncode, done.stdout + done.stderr
+    finally:
+        srv.stop(server)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--max-examples", type=int, default=300)
+    args, extra = parser.parse_known_args()
+    with tempfile.TemporaryDirectory() as folder:
+        code, report = run(Path(folder), args.max_examples, extra)
+    print(report)
+    sys.exit(code)
+
+
+if __name__ == "__main__":
+    main()
