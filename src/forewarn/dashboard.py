@@ -342,6 +342,7 @@ def routes(app: Forewarn) -> list[Route]:
         if not chosen:
             raise InputError("pick at least one trigger to backtest")
         now = clock.now_ms()
+        span = min(span, now)  # longer than the epoch: the whole log
         params = {"since": since, "triggers": [t.id for t in chosen]}
         job = await with_conn(
             lambda conn: api_outreach._new_backtest(conn, viewer.workspace, params, now)

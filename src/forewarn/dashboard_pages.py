@@ -35,11 +35,12 @@ _reports_lock = threading.Lock()
 
 def period(request: Request) -> tuple[str, int]:
     """The period asked for (`?since=`, 7 days unless given) as text and in milliseconds."""
-    text = request.query_params.get("since", "7d")
+    text = request.query_params.get("since") or "7d"
     try:
-        return text, parse_duration(text)
+        span = parse_duration(text)
     except ValueError as exc:
         raise InputError(f"since={text!r}: {exc}; e.g. 7d") from None
+    return text, min(span, clock.now_ms())  # longer than the epoch: everything
 
 
 def report_of(

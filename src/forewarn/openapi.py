@@ -444,7 +444,12 @@ def widget_paths(out: dict[str, Any]) -> None:
 def dashboard_paths(out: dict[str, Any]) -> None:
     """The dashboard's JSON twins: each page's data, from the same query as the page (with the
     admin key as a bearer token, or the dashboard's session)."""
-    since = [_param("since", s.DURATION, about="the period, e.g. 7d (the default)")]
+
+    # the pages' filter forms send an empty field for "any": so do the twins
+    def blank_or(schema: s.Schema) -> s.Schema:
+        return {"anyOf": [schema, {"const": ""}]}
+
+    since = [_param("since", blank_or(s.DURATION), about="the period, e.g. 7d (the default)")]
     trigger = _param("trigger", s.TRIGGER_ID, "path")
     subject = _param("subject", s.SUBJECT_ID, "path")
     for path, what, params in (
@@ -459,15 +464,15 @@ def dashboard_paths(out: dict[str, Any]) -> None:
         (
             "/customers/{subject}.json",
             "Dashboard customer timeline; `why` explains a trigger",
-            [subject, _param("why", s.TRIGGER_ID)],
+            [subject, _param("why", blank_or(s.TRIGGER_ID))],
         ),
         (
             "/outreach.json",
             "Dashboard outreach log",
             [
-                _param("trigger", s.TRIGGER_ID),
-                _param("status", s.STATUS),
-                _param("subject", s.SUBJECT_ID),
+                _param("trigger", {"type": "string"}),  # a filter: any text, blank for all
+                _param("status", blank_or(s.STATUS)),
+                _param("subject", {"type": "string"}),
             ],
         ),
         ("/outbox.json", "Dashboard outbox and the demo's captured emails", []),
