@@ -503,8 +503,12 @@ def _feed_and_check(
 ) -> None:
     ts: TState | None = None
     # Unless an event changed the state, the condition is as the last check left it until
-    # the deadline that check gave.
+    # the deadline that check gave. So it is too when the changes can only postpone its
+    # becoming true, if it is false: the deadline is then early, and the engine checks again.
     changed = ct.always_check
+    # an instant condition reads the event itself; spike and drop read the first seen, which
+    # only a late event can move
+    sooner = ct.instant or (changed and event.timestamp_ms < now)
     for leaf in leaves:
         if leaf.where is not None and not leaf.where(event.properties):
             continue
@@ -515,9 +519,16 @@ def _feed_and_check(
                 if not leaf.opens(event):
                     continue  # nothing to end or count: keep no state for it
                 ts = _tstate(ct, subject, state.book)
-        if not leaf.slots or leaf.feed(ts, event, now) is not False:
+                sooner = True  # never checked: no deadline to keep
+        if not leaf.slots:
+            changed = sooner = True
+            continue
+        fed = leaf.feed(ts, event, now)
+        if fed is not False:
             changed = True
-    if ts is not None and (changed or ts[DEADLINE] <= now):
+            if fed is None or leaf.negated:
+                sooner = True
+    if ts is not None and (ts[DEADLINE] <= now or (changed and (sooner or ts[ACTIVE]))):
         _evaluate(state, ct, key, subject, ts, event, now, firings, timers)
 
 

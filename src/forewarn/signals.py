@@ -134,6 +134,7 @@ class Leaf:
     where: Callable[[dict[str, Any]], bool] | None = None  # the engine checks it before `feed`
     pages = False  # fed by page views
     uses_properties = False
+    negated = False  # under an odd number of `not`s: its condition is true when it is false
 
     def opens(self, event: Event) -> bool:
         """Whether this event is worth keeping state for, when the subject has none yet."""
@@ -145,7 +146,10 @@ class Leaf:
 
     def feed(self, ts: TState, event: Event, now: int) -> bool | None:
         """Take in a matching event. False when the state is exactly as it was: the condition
-        then cannot have changed, and the engine need not check it again."""
+        then cannot have changed, and the engine need not check it again. True when the leaf
+        changed but is now true at no moment where it would not have been true before, up to
+        the time its last `check` gave (a later last login only postpones an absence): a
+        condition that was false then stays false until its deadline. None otherwise."""
         return None
 
     def check(self, c: Ctx) -> tuple[bool, int]:
@@ -340,12 +344,16 @@ class DropLeaf(RateLeaf):
     def new(self) -> list[Any]:
         return [[0], [0], 0]
 
-    def feed(self, ts: TState, event: Event, now: int) -> None:
+    def feed(self, ts: TState, event: Event, now: int) -> bool | None:
         RateLeaf.feed(self, ts, event, now)
         # A new event only delays a drop, unless it lands in the baseline (a late event) or
         # there was no drop ahead only because there was nothing to lose.
-        if event.timestamp_ms < now or ts[self.slot + 2] == NEVER:
-            ts[self.slot + 2] = 0
+        s = self.slot + 2
+        if event.timestamp_ms < now or ts[s] == NEVER:
+            ts[s] = 0
+            return None
+        # the cached time of the next possible drop still holds: no sooner than it
+        return True if ts[s] > now else None
 
     def _dropped(self, current: int, base: int) -> bool:
         # current <= below * base * window / baseline, without rounding
@@ -396,9 +404,13 @@ class AbsentLeaf(Leaf):
     def new(self) -> list[Any]:
         return [-1]  # the last match
 
-    def feed(self, ts: TState, event: Event, now: int) -> None:
-        if event.timestamp_ms > ts[self.slot]:
-            ts[self.slot] = event.timestamp_ms
+    def feed(self, ts: TState, event: Event, now: int) -> bool | None:
+        last = ts[self.slot]
+        t = event.timestamp_ms
+        if t <= last:
+            return False
+        ts[self.slot] = t
+        return True if last >= 0 else None  # a later last match only postpones the absence
 
     def check(self, c: Ctx) -> tuple[bool, int]:
         last: int = c.ts[self.slot]
@@ -688,7 +700,10 @@ def compile_condition(cond: playbook.Condition) -> Leaf:
     if isinstance(cond, playbook.AnyCond):
         return Group("any", [compile_condition(c) for c in cond.of])
     if isinstance(cond, playbook.NotCond):
-        return Group("not", [compile_condition(cond.of)])
+        inner = compile_condition(cond.of)
+        for leaf in inner.leaves():
+            leaf.negated = not leaf.negated
+        return Group("not", [inner])
     if isinstance(cond, playbook.AnomalyCond | playbook.OverdueCond):
         from forewarn import adaptive  # builds on the leaves here
 
