@@ -94,6 +94,23 @@ def ring_add(ring: Ring, t_ms: int, width: int, span: int, now: int) -> None:
             ring[1 + 2 * i : 1 + 2 * i] = [bucket, 1]
 
 
+def _ring_add_newest(ring: Ring, t_ms: int, width: int, span: int, now: int) -> None:
+    """`ring_add`, with the usual cases in line: the newest bucket, or a newer one."""
+    bucket = t_ms // width
+    n = len(ring)
+    if n > 1 and ring[-2] == bucket and bucket * width > now - span:
+        ring[0] += 1
+        ring[-1] += 1
+    elif (n == 1 or ring[-2] < bucket) and bucket * width > now - span:
+        ring[0] += 1
+        ring.append(bucket)
+        ring.append(1)
+        if ring[1] * width <= now - span:
+            ring_count(ring, width, span, now)  # forget what has left: memory stays bounded
+    else:
+        ring_add(ring, t_ms, width, span, now)
+
+
 def ring_count(ring: Ring, width: int, span: int, now: int) -> int:
     """Count in the window (now - span, now]; forgets buckets that have left."""
     edge = now - span
@@ -252,25 +269,14 @@ class RateLeaf(Leaf):
     def new(self) -> list[Any]:
         return [[0], [0]]
 
-    def feed(self, ts: TState, event: Event, now: int) -> None:
+    def feed(self, ts: TState, event: Event, now: int) -> bool | None:
         s = self.slot
         t = event.timestamp_ms
-        # The usual event lands in the newest bucket of both rings: counted here, in line
-        # (this runs for every Login and every Error); anything else goes through ring_add.
-        fine = ts[s]
-        bucket = t // self.fine
-        if len(fine) > 1 and fine[-2] == bucket and bucket * self.fine > now - self.window:
-            fine[0] += 1
-            fine[-1] += 1
-        else:
-            ring_add(fine, t, self.fine, self.window, now)
-        coarse = ts[s + 1]
-        bucket = t // self.coarse
-        if len(coarse) > 1 and coarse[-2] == bucket and bucket * self.coarse > now - self.span:
-            coarse[0] += 1
-            coarse[-1] += 1
-        else:
-            ring_add(coarse, t, self.coarse, self.span, now)
+        # The usual event lands in the newest bucket of both rings, or opens a new one: done
+        # here, in line (this runs for every Login and every Error); a late one, in ring_add.
+        _ring_add_newest(ts[s], t, self.fine, self.window, now)
+        _ring_add_newest(ts[s + 1], t, self.coarse, self.span, now)
+        return None
 
     def counts(self, c: Ctx) -> tuple[int, int]:
         ts = c.ts
