@@ -152,10 +152,7 @@ def from_message(msg: SegmentMessage) -> Event:
     else:
         context = msg.context
         group_id = None if context is None else context.group_id
-        if type(group_id) is str and group_id:
-            account_id = group_id
-        else:
-            account_id = _text(group_id)
+        account_id = group_id if type(group_id) is str and group_id else _text(group_id)
     previous_id = None
     if kind == "alias":
         previous_id = _text(msg.previous_id)
