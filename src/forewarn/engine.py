@@ -88,6 +88,7 @@ class CompiledTrigger:
         "account",
         "always_check",
         "cond",
+        "history_ms",
         "index",
         "instant",
         "leaves",
@@ -116,6 +117,10 @@ class CompiledTrigger:
         # an instant condition reads the event, spike and drop the subject's first_seen
         self.always_check = self.instant or any(
             isinstance(leaf, signals.RateLeaf) for leaf in self.leaves
+        )
+        # until the subject has this much history, every spike and drop in it is false
+        self.history_ms = min(
+            (leaf.history_ms for leaf in self.leaves if leaf.history_ms), default=0
         )
 
     def new_state(self) -> TState:
@@ -526,7 +531,11 @@ def _feed_and_check(
         fed = leaf.feed(ts, event, now)
         if fed is not False:
             changed = True
-            if fed is None or leaf.negated:
+            if fed is None:
+                # spike and drop, not due before they can be true, are false until then
+                if not leaf.history_ms or ts[DEADLINE] > subject.first_seen + ct.history_ms:
+                    sooner = True
+            elif leaf.negated:
                 sooner = True
     if ts is not None and (ts[DEADLINE] <= now or (changed and (sooner or ts[ACTIVE]))):
         _evaluate(state, ct, key, subject, ts, event, now, firings, timers)

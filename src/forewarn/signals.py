@@ -152,6 +152,7 @@ class Leaf:
     pages = False  # fed by page views
     uses_properties = False
     negated = False  # under an odd number of `not`s: its condition is true when it is false
+    history_ms = 0  # spike, drop: false until the subject was first seen this long ago
 
     def opens(self, event: Event) -> bool:
         """Whether this event is worth keeping state for, when the subject has none yet."""
@@ -265,6 +266,7 @@ class RateLeaf(Leaf):
         self.fine = _width(window)
         self.span = window + baseline
         self.coarse = _width(self.span)
+        self.history_ms = self.span
 
     def new(self) -> list[Any]:
         return [[0], [0]]
