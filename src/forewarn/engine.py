@@ -370,8 +370,12 @@ def apply_into(
             if named is None or not any(ct is seen for seen, _ in named):  # once per event
                 _check(state, ct, person, user, event, now, firings, timers)
     elif kind == "page":
+        states = user.states
         for ct, leaves in book.pages:
-            _feed_and_check(state, ct, person, user, leaves, event, now, firings, timers)
+            kept = states is not None and states[ct.slot] is not None
+            # most views start no dwell, for a user with none to end: nothing to do for them
+            if kept or len(leaves) > 1 or leaves[0].opens(event):
+                _feed_and_check(state, ct, person, user, leaves, event, now, firings, timers)
     elif kind == "identify":
         if _merge_traits(user, event.traits, book, 0, late):
             for ct in book.on_traits[0]:
