@@ -16,7 +16,7 @@ suppressed with reason `cooldown`.
 from __future__ import annotations
 
 import copy
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any, NamedTuple
 
 import msgspec
@@ -130,6 +130,10 @@ class CompiledTrigger:
         return ts
 
 
+# a trigger, the leaves an event name feeds, and their `where` when there is just one leaf
+Named = tuple[CompiledTrigger, list[Leaf], Callable[[dict[str, Any]], bool] | None]
+
+
 class Playbook:
     """Triggers compiled and indexed by what can change them."""
 
@@ -143,8 +147,9 @@ class Playbook:
         the policy and the message templates."""
         self.salt = salt
         self.triggers = [CompiledTrigger(i, t) for i, t in enumerate(triggers)]
-        # event name -> [(trigger, leaves fed by it)], per scope
-        self.by_name: tuple[dict[str, list[tuple[CompiledTrigger, list[Leaf]]]], ...] = ({}, {})
+        # event name -> [(trigger, leaves fed by it, their `where` when there is one leaf)],
+        # per scope: an event the one `where` turns down needs no call
+        self.by_name: tuple[dict[str, list[Named]], dict[str, list[Named]]] = ({}, {})
         self.pages: list[tuple[CompiledTrigger, list[Leaf]]] = []
         self.on_traits: tuple[list[CompiledTrigger], list[CompiledTrigger]] = ([], [])
         self.on_account_traits: list[CompiledTrigger] = []  # user triggers reading account.*
@@ -163,7 +168,8 @@ class Playbook:
                 for name in leaf.names:
                     fed.setdefault(name, []).append(leaf)
             for name, leaves in fed.items():
-                self.by_name[scope].setdefault(name, []).append((ct, leaves))
+                where = leaves[0].where if len(leaves) == 1 else None
+                self.by_name[scope].setdefault(name, []).append((ct, leaves, where))
             page_leaves = [leaf for leaf in ct.leaves if leaf.pages]
             if page_leaves:
                 self.pages.append((ct, page_leaves))
@@ -364,10 +370,11 @@ def apply_into(
             _ticket(state, person, user, event)
         named = book.by_name[0].get(event.name)
         if named is not None:
-            for ct, leaves in named:
-                _feed_and_check(state, ct, person, user, leaves, event, now, firings, timers)
+            for ct, leaves, where in named:
+                if where is None or where(event.properties):
+                    _feed_and_check(state, ct, person, user, leaves, event, now, firings, timers)
         for ct in book.on_any_track[0]:
-            if named is None or not any(ct is seen for seen, _ in named):  # once per event
+            if named is None or not any(ct is seen for seen, _, _ in named):  # once per event
                 _check(state, ct, person, user, event, now, firings, timers)
     elif kind == "page":
         states = user.states
@@ -414,10 +421,11 @@ def _apply_to_account(
         return
     named = book.by_name[1].get(event.name)
     if named is not None:
-        for ct, leaves in named:
-            _feed_and_check(state, ct, account_id, account, leaves, event, now, firings, timers)
+        for ct, leaves, where in named:
+            if where is None or where(event.properties):
+                _feed_and_check(state, ct, account_id, account, leaves, event, now, firings, timers)
     for ct in book.on_any_track[1]:
-        if named is None or not any(ct is seen for seen, _ in named):  # once per event
+        if named is None or not any(ct is seen for seen, _, _ in named):  # once per event
             _check(state, ct, account_id, account, event, now, firings, timers)
 
 
