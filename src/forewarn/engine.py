@@ -16,7 +16,7 @@ suppressed with reason `cooldown`.
 from __future__ import annotations
 
 import copy
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any, NamedTuple
 
 import msgspec
@@ -88,6 +88,7 @@ class CompiledTrigger:
         "account",
         "always_check",
         "cond",
+        "history_ms",
         "index",
         "instant",
         "leaves",
@@ -117,12 +118,20 @@ class CompiledTrigger:
         self.always_check = self.instant or any(
             isinstance(leaf, signals.RateLeaf) for leaf in self.leaves
         )
+        # until the subject has this much history, every spike and drop in it is false
+        self.history_ms = min(
+            (leaf.history_ms for leaf in self.leaves if leaf.history_ms), default=0
+        )
 
     def new_state(self) -> TState:
         ts: TState = [False, -1, NEVER, NEVER]
         for leaf in self.stateful:
             ts.extend(leaf.new())
         return ts
+
+
+# a trigger, the leaves an event name feeds, and their `where` when there is just one leaf
+Named = tuple[CompiledTrigger, list[Leaf], Callable[[dict[str, Any]], bool] | None]
 
 
 class Playbook:
@@ -138,8 +147,9 @@ class Playbook:
         the policy and the message templates."""
         self.salt = salt
         self.triggers = [CompiledTrigger(i, t) for i, t in enumerate(triggers)]
-        # event name -> [(trigger, leaves fed by it)], per scope
-        self.by_name: tuple[dict[str, list[tuple[CompiledTrigger, list[Leaf]]]], ...] = ({}, {})
+        # event name -> [(trigger, leaves fed by it, their `where` when there is one leaf)],
+        # per scope: an event the one `where` turns down needs no call
+        self.by_name: tuple[dict[str, list[Named]], dict[str, list[Named]]] = ({}, {})
         self.pages: list[tuple[CompiledTrigger, list[Leaf]]] = []
         self.on_traits: tuple[list[CompiledTrigger], list[CompiledTrigger]] = ([], [])
         self.on_account_traits: list[CompiledTrigger] = []  # user triggers reading account.*
@@ -158,7 +168,8 @@ class Playbook:
                 for name in leaf.names:
                     fed.setdefault(name, []).append(leaf)
             for name, leaves in fed.items():
-                self.by_name[scope].setdefault(name, []).append((ct, leaves))
+                where = leaves[0].where if len(leaves) == 1 else None
+                self.by_name[scope].setdefault(name, []).append((ct, leaves, where))
             page_leaves = [leaf for leaf in ct.leaves if leaf.pages]
             if page_leaves:
                 self.pages.append((ct, page_leaves))
@@ -359,14 +370,19 @@ def apply_into(
             _ticket(state, person, user, event)
         named = book.by_name[0].get(event.name)
         if named is not None:
-            for ct, leaves in named:
-                _feed_and_check(state, ct, person, user, leaves, event, now, firings, timers)
+            for ct, leaves, where in named:
+                if where is None or where(event.properties):
+                    _feed_and_check(state, ct, person, user, leaves, event, now, firings, timers)
         for ct in book.on_any_track[0]:
-            if named is None or not any(ct is seen for seen, _ in named):  # once per event
+            if named is None or not any(ct is seen for seen, _, _ in named):  # once per event
                 _check(state, ct, person, user, event, now, firings, timers)
     elif kind == "page":
+        states = user.states
         for ct, leaves in book.pages:
-            _feed_and_check(state, ct, person, user, leaves, event, now, firings, timers)
+            kept = states is not None and states[ct.slot] is not None
+            # most views start no dwell, for a user with none to end: nothing to do for them
+            if kept or len(leaves) > 1 or leaves[0].opens(event):
+                _feed_and_check(state, ct, person, user, leaves, event, now, firings, timers)
     elif kind == "identify":
         if _merge_traits(user, event.traits, book, 0, late):
             for ct in book.on_traits[0]:
@@ -405,10 +421,11 @@ def _apply_to_account(
         return
     named = book.by_name[1].get(event.name)
     if named is not None:
-        for ct, leaves in named:
-            _feed_and_check(state, ct, account_id, account, leaves, event, now, firings, timers)
+        for ct, leaves, where in named:
+            if where is None or where(event.properties):
+                _feed_and_check(state, ct, account_id, account, leaves, event, now, firings, timers)
     for ct in book.on_any_track[1]:
-        if named is None or not any(ct is seen for seen, _ in named):  # once per event
+        if named is None or not any(ct is seen for seen, _, _ in named):  # once per event
             _check(state, ct, account_id, account, event, now, firings, timers)
 
 
@@ -503,8 +520,12 @@ def _feed_and_check(
 ) -> None:
     ts: TState | None = None
     # Unless an event changed the state, the condition is as the last check left it until
-    # the deadline that check gave.
+    # the deadline that check gave. So it is too when the changes can only postpone its
+    # becoming true, if it is false: the deadline is then early, and the engine checks again.
     changed = ct.always_check
+    # an instant condition reads the event itself; spike and drop read the first seen, which
+    # only a late event can move
+    sooner = ct.instant or (changed and event.timestamp_ms < now)
     for leaf in leaves:
         if leaf.where is not None and not leaf.where(event.properties):
             continue
@@ -515,9 +536,20 @@ def _feed_and_check(
                 if not leaf.opens(event):
                     continue  # nothing to end or count: keep no state for it
                 ts = _tstate(ct, subject, state.book)
-        if not leaf.slots or leaf.feed(ts, event, now) is not False:
+                sooner = True  # never checked: no deadline to keep
+        if not leaf.slots:
+            changed = sooner = True
+            continue
+        fed = leaf.feed(ts, event, now)
+        if fed is not False:
             changed = True
-    if ts is not None and (changed or ts[DEADLINE] <= now):
+            if fed is None:
+                # spike and drop, not due before they can be true, are false until then
+                if not leaf.history_ms or ts[DEADLINE] > subject.first_seen + ct.history_ms:
+                    sooner = True
+            elif leaf.negated:
+                sooner = True
+    if ts is not None and (ts[DEADLINE] <= now or (changed and (sooner or ts[ACTIVE]))):
         _evaluate(state, ct, key, subject, ts, event, now, firings, timers)
 
 

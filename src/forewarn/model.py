@@ -61,6 +61,7 @@ class Event(msgspec.Struct, gc=False):
 
 
 _decoder = msgspec.json.Decoder(SegmentMessage)
+decode_message = _decoder.decode  # raises msgspec errors; decode_event says them in words
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 _ONE_MS = timedelta(milliseconds=1)
 MAX_TIME_MS = 253_402_300_800_000  # 10000-01-01: times are kept within years 1970 to 9999
@@ -132,7 +133,7 @@ def from_message(msg: SegmentMessage) -> Event:
     if type(user_id) is not str or not user_id:
         user_id = _text(user_id)
     anonymous_id = msg.anonymous_id
-    if anonymous_id is not None:
+    if anonymous_id is not None and (type(anonymous_id) is not str or not anonymous_id):
         anonymous_id = _text(anonymous_id)
     if user_id is None and anonymous_id is None:
         raise EventError(f"{kind} has neither 'userId' nor 'anonymousId': set one of them")
@@ -148,18 +149,20 @@ def from_message(msg: SegmentMessage) -> Event:
         account_id = _text(msg.group_id)
         if account_id is None:
             raise EventError("group has no 'groupId': set it to the account's id")
-    elif msg.context is not None and msg.context.group_id is not None:
-        account_id = _text(msg.context.group_id)
     else:
-        account_id = None
+        context = msg.context
+        group_id = None if context is None else context.group_id
+        account_id = group_id if type(group_id) is str and group_id else _text(group_id)
     previous_id = None
     if kind == "alias":
         previous_id = _text(msg.previous_id)
         if previous_id is None or user_id is None:
             raise EventError("alias needs both 'previousId' and 'userId'")
-    stamp = msg.timestamp if msg.timestamp is not None else msg.original_timestamp
+    stamp = msg.timestamp
     if stamp is None:
-        raise EventError("no 'timestamp': set it to when the event happened (ISO 8601)")
+        stamp = msg.original_timestamp
+        if stamp is None:
+            raise EventError("no 'timestamp': set it to when the event happened (ISO 8601)")
     try:
         timestamp_ms = parse_time_ms(stamp)
     except (ValueError, OverflowError):

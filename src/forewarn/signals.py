@@ -94,6 +94,23 @@ def ring_add(ring: Ring, t_ms: int, width: int, span: int, now: int) -> None:
             ring[1 + 2 * i : 1 + 2 * i] = [bucket, 1]
 
 
+def _ring_add_newest(ring: Ring, t_ms: int, width: int, span: int, now: int) -> None:
+    """`ring_add`, with the usual cases in line: the newest bucket, or a newer one."""
+    bucket = t_ms // width
+    n = len(ring)
+    if n > 1 and ring[-2] == bucket and bucket * width > now - span:
+        ring[0] += 1
+        ring[-1] += 1
+    elif (n == 1 or ring[-2] < bucket) and bucket * width > now - span:
+        ring[0] += 1
+        ring.append(bucket)
+        ring.append(1)
+        if ring[1] * width <= now - span:
+            ring_count(ring, width, span, now)  # forget what has left: memory stays bounded
+    else:
+        ring_add(ring, t_ms, width, span, now)
+
+
 def ring_count(ring: Ring, width: int, span: int, now: int) -> int:
     """Count in the window (now - span, now]; forgets buckets that have left."""
     edge = now - span
@@ -134,6 +151,8 @@ class Leaf:
     where: Callable[[dict[str, Any]], bool] | None = None  # the engine checks it before `feed`
     pages = False  # fed by page views
     uses_properties = False
+    negated = False  # under an odd number of `not`s: its condition is true when it is false
+    history_ms = 0  # spike, drop: false until the subject was first seen this long ago
 
     def opens(self, event: Event) -> bool:
         """Whether this event is worth keeping state for, when the subject has none yet."""
@@ -145,7 +164,10 @@ class Leaf:
 
     def feed(self, ts: TState, event: Event, now: int) -> bool | None:
         """Take in a matching event. False when the state is exactly as it was: the condition
-        then cannot have changed, and the engine need not check it again."""
+        then cannot have changed, and the engine need not check it again. True when the leaf
+        changed but is now true at no moment where it would not have been true before, up to
+        the time its last `check` gave (a later last login only postpones an absence): a
+        condition that was false then stays false until its deadline. None otherwise."""
         return None
 
     def check(self, c: Ctx) -> tuple[bool, int]:
@@ -244,29 +266,19 @@ class RateLeaf(Leaf):
         self.fine = _width(window)
         self.span = window + baseline
         self.coarse = _width(self.span)
+        self.history_ms = self.span
 
     def new(self) -> list[Any]:
         return [[0], [0]]
 
-    def feed(self, ts: TState, event: Event, now: int) -> None:
+    def feed(self, ts: TState, event: Event, now: int) -> bool | None:
         s = self.slot
         t = event.timestamp_ms
-        # The usual event lands in the newest bucket of both rings: counted here, in line
-        # (this runs for every Login and every Error); anything else goes through ring_add.
-        fine = ts[s]
-        bucket = t // self.fine
-        if len(fine) > 1 and fine[-2] == bucket and bucket * self.fine > now - self.window:
-            fine[0] += 1
-            fine[-1] += 1
-        else:
-            ring_add(fine, t, self.fine, self.window, now)
-        coarse = ts[s + 1]
-        bucket = t // self.coarse
-        if len(coarse) > 1 and coarse[-2] == bucket and bucket * self.coarse > now - self.span:
-            coarse[0] += 1
-            coarse[-1] += 1
-        else:
-            ring_add(coarse, t, self.coarse, self.span, now)
+        # The usual event lands in the newest bucket of both rings, or opens a new one: done
+        # here, in line (this runs for every Login and every Error); a late one, in ring_add.
+        _ring_add_newest(ts[s], t, self.fine, self.window, now)
+        _ring_add_newest(ts[s + 1], t, self.coarse, self.span, now)
+        return None
 
     def counts(self, c: Ctx) -> tuple[int, int]:
         ts = c.ts
@@ -340,12 +352,16 @@ class DropLeaf(RateLeaf):
     def new(self) -> list[Any]:
         return [[0], [0], 0]
 
-    def feed(self, ts: TState, event: Event, now: int) -> None:
+    def feed(self, ts: TState, event: Event, now: int) -> bool | None:
         RateLeaf.feed(self, ts, event, now)
         # A new event only delays a drop, unless it lands in the baseline (a late event) or
         # there was no drop ahead only because there was nothing to lose.
-        if event.timestamp_ms < now or ts[self.slot + 2] == NEVER:
-            ts[self.slot + 2] = 0
+        s = self.slot + 2
+        if event.timestamp_ms < now or ts[s] == NEVER:
+            ts[s] = 0
+            return None
+        # the cached time of the next possible drop still holds: no sooner than it
+        return True if ts[s] > now else None
 
     def _dropped(self, current: int, base: int) -> bool:
         # current <= below * base * window / baseline, without rounding
@@ -396,9 +412,13 @@ class AbsentLeaf(Leaf):
     def new(self) -> list[Any]:
         return [-1]  # the last match
 
-    def feed(self, ts: TState, event: Event, now: int) -> None:
-        if event.timestamp_ms > ts[self.slot]:
-            ts[self.slot] = event.timestamp_ms
+    def feed(self, ts: TState, event: Event, now: int) -> bool | None:
+        last = ts[self.slot]
+        t = event.timestamp_ms
+        if t <= last:
+            return False
+        ts[self.slot] = t
+        return True if last >= 0 else None  # a later last match only postpones the absence
 
     def check(self, c: Ctx) -> tuple[bool, int]:
         last: int = c.ts[self.slot]
@@ -688,7 +708,10 @@ def compile_condition(cond: playbook.Condition) -> Leaf:
     if isinstance(cond, playbook.AnyCond):
         return Group("any", [compile_condition(c) for c in cond.of])
     if isinstance(cond, playbook.NotCond):
-        return Group("not", [compile_condition(cond.of)])
+        inner = compile_condition(cond.of)
+        for leaf in inner.leaves():
+            leaf.negated = not leaf.negated
+        return Group("not", [inner])
     if isinstance(cond, playbook.AnomalyCond | playbook.OverdueCond):
         from forewarn import adaptive  # builds on the leaves here
 

@@ -11,8 +11,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO
 
+import msgspec
+
 from forewarn.errors import EventError, InputError
-from forewarn.model import Event, decode_event, order_key
+from forewarn.model import Event, decode_event, decode_message, from_message, order_key
 from forewarn.playbook import Trigger, parse_playbooks
 
 PLAYBOOK_SUFFIXES = (".yaml", ".yml")
@@ -132,6 +134,7 @@ def _read_into(
     names: dict[str, str] = {}
     intern = names.setdefault
     last_t = -1
+    decode = decode_message
     for file in files:
         n = 0
         for line in iter_lines(file, progress):
@@ -139,7 +142,10 @@ def _read_into(
             if len(line) < 8 and not line.strip():
                 continue  # a blank line (no message is this short)
             try:
-                event = decode_event(line)
+                try:
+                    event = from_message(decode(line))  # decode_event, without its call
+                except (msgspec.DecodeError, UnicodeDecodeError, RecursionError):
+                    event = decode_event(line)  # once more, to say what was wrong
             except EventError as exc:
                 batch.rejected.append(Rejected(str(file), n, exc.message))
                 continue
