@@ -191,7 +191,7 @@ def test_a_suppressed_subject_gets_nothing_until_lifted(conn):
     # what waits for the subject stops, the team's webhook about it included
     assert store_outbox.suppress(conn, 1, "user", "u1", "incident", None, NOON + 1) == 2
     _feed(conn, live, track("Quota Hit", at(hours=13)), NOON + HOUR)
-    store_outbox.unsuppress(conn, 1, "user", "u1")
+    store_outbox.unsuppress(conn, 1, "user", "u1", "cli", NOON + 2)
     _feed(conn, live, track("Quota Hit", at(hours=14)), NOON + 2 * HOUR)
     rows = conn.execute(
         "SELECT f.decision, f.reason, o.status FROM firings f LEFT JOIN outbox o ON o.firing = f.id"
@@ -321,7 +321,7 @@ def test_a_paused_trigger_records_its_firings_and_sends_nothing_until_resumed(co
     _feed(conn, live, track("Quota Hit", at(hours=12)), NOON)
     store_outbox.override_trigger(conn, 1, "team", "shadow", "trying it quietly", "admin", NOON)
     _feed(conn, live, track("Quota Hit", at(hours=13)), NOON + HOUR)
-    assert store_outbox.resume_trigger(conn, 1, "quota")
+    assert store_outbox.resume_trigger(conn, 1, "quota", "cli", NOON)
     _feed(conn, live, track("Quota Hit", at(hours=14)), NOON + 2 * HOUR)
     decided = conn.execute("SELECT trig, decision, reason FROM firings ORDER BY id").fetchall()
     assert decided == [

@@ -30,9 +30,20 @@ from starlette.requests import Request
 from starlette.responses import PlainTextResponse, Response
 from starlette.routing import Route
 
-from forewarn import api_outreach, clock, dashboard, ingest, store_sqlite, webhooks, widget
+from forewarn import (
+    api_outreach,
+    api_privacy,
+    audit,
+    clock,
+    dashboard,
+    ingest,
+    store_sqlite,
+    webhooks,
+    widget,
+)
 from forewarn import openapi as openapi_document
 from forewarn.errors import ForewarnError, InputError, NotFoundError, TooLargeError
+from forewarn.forgotten import REASON
 from forewarn.live import firing_dict
 from forewarn.server import Engines, Writer
 from forewarn.store_sqlite import Append, Key
@@ -221,6 +232,10 @@ class Forewarn:
         c.rejected += len(parsed.rejected)
         c.flagged += len(parsed.flagged)
         duplicates: list[int] = []
+        refused: list[dict[str, Any]] = []
+        rejected: list[dict[str, Any]] = [
+            {"index": r.index, "reason": r.reason} for r in parsed.rejected
+        ]
         if parsed.messages:
             ids = [str(m["messageId"]) for m in parsed.messages]
             done = await self.writer.submit(
@@ -229,11 +244,15 @@ class Forewarn:
             c.accepted += done.stored
             c.duplicates += len(done.duplicates)
             duplicates = done.duplicates
+            if done.forgotten:
+                c.rejected += len(done.forgotten)
+                refused = [{"index": parsed.position(i), "reason": REASON} for i in done.forgotten]
+                rejected = sorted([*rejected, *refused], key=lambda r: int(r["index"]))
         return {
             "success": True,
-            "accepted": len(parsed.messages) - len(duplicates),
+            "accepted": len(parsed.messages) - len(duplicates) - len(refused),
             "duplicates": len(duplicates),
-            "rejected": [{"index": r.index, "reason": r.reason} for r in parsed.rejected],
+            "rejected": rejected,
             "flagged": parsed.flagged,
         }
 
@@ -408,6 +427,8 @@ def routes(app: Forewarn) -> list[Route]:
         return _json({"firings": [firing_dict(r) for r in rows]})
 
     async def subject(request: Request) -> Response:
+        if request.method == "DELETE":
+            return await api_privacy.forget(app, request)
         key = app.admin_key(request)
         subject_id = request.path_params["subject"]
         summary = await asyncio.to_thread(app_subject, app, key.workspace, subject_id)
@@ -422,13 +443,15 @@ def routes(app: Forewarn) -> list[Route]:
         return _json(await asyncio.to_thread(app_why, app, key.workspace, subject_id, trigger))
 
     async def reload(request: Request) -> Response:
-        app.admin_key(request)
         from forewarn import compose
         from forewarn.sources import load_playbooks
 
+        key = app.admin_key(request)
         triggers = await asyncio.to_thread(load_playbooks, app.settings.playbooks)
         await asyncio.to_thread(compose.check, app.settings.playbooks, triggers)
         app.engines.reload(triggers)
+        ids = [t.id for t in triggers]
+        await asyncio.to_thread(_audit_reload, app.settings.db, key, ids)
         return _json({"reloaded": True, "triggers": [t.id for t in triggers]})
 
     async def healthz(request: Request) -> Response:
@@ -450,13 +473,14 @@ def routes(app: Forewarn) -> list[Route]:
         Route("/webhooks/stripe", stripe, methods=["POST"]),
         Route("/api/v1/triggers", triggers, methods=["GET"]),
         Route("/api/v1/firings", firings, methods=["GET"]),
-        Route("/api/v1/subjects/{subject}", subject, methods=["GET"]),
+        Route("/api/v1/subjects/{subject}", subject, methods=["GET", "DELETE"]),
         Route("/api/v1/subjects/{subject}/why", why, methods=["GET"]),
         Route("/api/v1/playbooks/reload", reload, methods=["POST"]),
         Route("/healthz", healthz, methods=["GET"]),
         Route("/metrics", metrics, methods=["GET"]),
         Route("/openapi.json", openapi, methods=["GET"]),
         *api_outreach.routes(app),
+        *api_privacy.routes(app),
         *widget.routes(app, app.assistant),
         *widget.demo_routes(app, app.settings.write_key),
         *dashboard.routes(app),
@@ -490,6 +514,17 @@ def _query_firings(
     conn = store_sqlite.connect(db)
     try:
         return store_sqlite.query_firings(conn, ws, trigger, subject, since, limit)
+    finally:
+        conn.close()
+
+
+def _audit_reload(db: str, key: Key, triggers: list[str]) -> None:
+    conn = store_sqlite.connect(db)
+    try:
+        detail = {"triggers": triggers}
+        audit.record(
+            conn, key.workspace, key.prefix, "playbooks.reloaded", "", clock.now_ms(), detail
+        )
     finally:
         conn.close()
 

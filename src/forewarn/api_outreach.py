@@ -134,7 +134,9 @@ def routes(app: Forewarn) -> list[Route]:
         if trigger not in {t.id for t in app.engines.triggers}:
             raise NotFoundError(f"no trigger '{trigger}' in the loaded playbooks")
         if request.url.path.endswith("/resume"):
-            resumed = await run(store_outbox.resume_trigger, key.workspace, trigger)
+            resumed = await run(
+                store_outbox.resume_trigger, key.workspace, trigger, key.prefix, clock.now_ms()
+            )
             return _json({"trigger": trigger, "mode": None, "resumed": resumed})
         body = await _body(request, ("mode", "reason"))
         mode = body.get("mode", "paused")
@@ -150,7 +152,7 @@ def routes(app: Forewarn) -> list[Route]:
             trigger,
             mode,
             reason[:500],
-            "admin",
+            key.prefix,
             clock.now_ms(),
         )
         return _json({"trigger": trigger, "mode": mode, "reason": reason[:500]})
@@ -242,12 +244,16 @@ def routes(app: Forewarn) -> list[Route]:
             reason[:500],
             until_ms,
             clock.now_ms(),
+            app.admin_key(request).prefix,
         )
         return _json({"subject": subject, "scope": scope, "suppressed": True, "stopped": stopped})
 
     async def unsuppress(request: Request) -> Response:
         workspace, subject, _, scope = await target(request)
-        lifted = await run(store_outbox.unsuppress, workspace, scope, subject)
+        actor = app.admin_key(request).prefix
+        lifted = await run(
+            store_outbox.unsuppress, workspace, scope, subject, actor, clock.now_ms()
+        )
         return _json({"subject": subject, "scope": scope, "suppressed": False, "lifted": lifted})
 
     async def consent(request: Request) -> Response:

@@ -554,6 +554,56 @@ def _migrate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _embedded(args: argparse.Namespace, what: str) -> tuple[sqlite3.Connection, int]:
+    """The SQLite file's connection and the workspace's id, for the embedded-only commands."""
+    from forewarn import store_sqlite
+
+    if _env("DATABASE_URL"):
+        raise InputError(
+            f"{what} works on the embedded SQLite store only: unset FOREWARN_DATABASE_URL "
+            "(the scale-out mode does not support it yet)"
+        )
+    conn = store_sqlite.connect(args.db)
+    ws = store_sqlite.workspace_id(conn, args.workspace)
+    if ws is None:
+        conn.close()
+        raise InputError(f"no workspace '{args.workspace}' in {args.db}: check --workspace")
+    return conn, ws
+
+
+def _forget(args: argparse.Namespace) -> int:
+    from forewarn import clock, privacy
+
+    conn, ws = _embedded(args, "forget")
+    try:
+        done = privacy.forget(conn, ws, args.user, "cli", clock.now_ms())
+    finally:
+        conn.close()
+    print(msgspec.json.encode({"forgotten": True, **done.to_dict()}).decode())
+    print(
+        f"forgot {done.events} events in {done.batches} batches and everything else kept "
+        f"about that person in workspace '{args.workspace}'; their events are refused from now on",
+        file=sys.stderr,
+    )
+    return 0
+
+
+def _purge(args: argparse.Namespace) -> int:
+    from forewarn import clock, privacy
+
+    keep_ms = settings.retention_ms(args.retention)
+    if not keep_ms:
+        raise InputError("no retention: give --retention 400d or set FOREWARN_RETENTION")
+    conn, ws = _embedded(args, "purge")
+    try:
+        now = clock.now_ms()
+        counts = privacy.purge(conn, ws, now - keep_ms, "cli", now)
+    finally:
+        conn.close()
+    print(msgspec.json.encode(counts).decode())
+    return 0
+
+
 def _deliver(args: argparse.Namespace) -> int:
     from forewarn import deliver
 
@@ -720,6 +770,35 @@ def build_parser() -> argparse.ArgumentParser:
     keys.add_argument("--kind", choices=("write", "admin"), default="write")
     keys.add_argument("--name", help="a note to recognise the key by")
     keys.set_defaults(run=_keys)
+
+    forget = commands.add_parser(
+        "forget",
+        help="remove everything kept about a person and refuse their events from now on",
+        description="Remove a person's events, engine state, firings, messages, inbox and "
+        "conversations, consent, push subscriptions and outcomes from the SQLite file, and "
+        "refuse their future events (only a hash of the id is kept for that). Works while the "
+        "server runs. Prints what was removed, as JSON.",
+    )
+    forget.add_argument("user", metavar="USER", help="the user id or anonymous id")
+    forget.add_argument("--db", default=_env("DB"), help="the SQLite file")
+    forget.add_argument("--workspace", default=_env("WORKSPACE"))
+    forget.set_defaults(run=_forget)
+
+    purge = commands.add_parser(
+        "purge",
+        help="delete data older than the retention",
+        description="Delete the events, firings, outcomes, finished messages and inbox items "
+        "older than the retention, then exit; `serve` does the same every hour when "
+        "FOREWARN_RETENTION is set. Prints the rows deleted per table, as JSON.",
+    )
+    purge.add_argument("--db", default=_env("DB"), help="the SQLite file")
+    purge.add_argument("--workspace", default=_env("WORKSPACE"))
+    purge.add_argument(
+        "--retention",
+        default=_env("RETENTION"),
+        help="how long to keep data, e.g. 400d (at least 8d)",
+    )
+    purge.set_defaults(run=_purge)
 
     deliver = commands.add_parser(
         "deliver",

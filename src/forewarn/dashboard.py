@@ -316,16 +316,15 @@ def routes(app: Forewarn) -> list[Route]:
             raise NotFoundError(f"no action '{action}': give one of {', '.join(ACTIONS)}")
         reason = (fields.get("reason") or "").strip()[:500]
         now = clock.now_ms()
+        by = viewer.actor
 
         def write(conn: sqlite3.Connection) -> None:
             if action == "resume":
-                store_outbox.resume_trigger(conn, viewer.workspace, trigger.id)
+                store_outbox.resume_trigger(conn, viewer.workspace, trigger.id, by, now)
                 return
             mode = "paused" if action == "pause" else "shadow"
             said = reason or f"{mode} by hand"
-            store_outbox.override_trigger(
-                conn, viewer.workspace, trigger.id, mode, said, "dashboard", now
-            )
+            store_outbox.override_trigger(conn, viewer.workspace, trigger.id, mode, said, by, now)
 
         await with_conn(write)
         return RedirectResponse(_safe_next(fields.get("next")), status_code=303)
@@ -365,7 +364,9 @@ def routes(app: Forewarn) -> list[Route]:
             raise InputError(f"'{name}' names the keys set in the environment: choose another")
 
         def make(conn: sqlite3.Connection) -> dict[str, Any]:
-            token = store_sqlite.add_key(conn, viewer.workspace, kind, clock.now_ms(), name=name)
+            token = store_sqlite.add_key(
+                conn, viewer.workspace, kind, clock.now_ms(), name=name, actor=viewer.actor
+            )
             data = dashboard_more.settings_view(conn, viewer.workspace)
             return {**data, "created": {"kind": kind, "name": name, "token": token}}
 
@@ -378,7 +379,9 @@ def routes(app: Forewarn) -> list[Route]:
         raw = request.path_params["id"]
         key_id = int(raw) if raw.isdigit() else -1
         refused = await with_conn(
-            lambda conn: dashboard_auth.revoke(conn, viewer.workspace, key_id, clock.now_ms())
+            lambda conn: dashboard_auth.revoke(
+                conn, viewer.workspace, key_id, clock.now_ms(), viewer.actor
+            )
         )
         if refused is not None:
             raise KeyKept(refused)

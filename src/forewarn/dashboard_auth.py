@@ -20,7 +20,7 @@ from typing import Any
 
 import msgspec
 
-from forewarn import store_outbox, store_sqlite
+from forewarn import audit, store_outbox, store_sqlite
 from forewarn.errors import NotFoundError
 
 COOKIE = "fw_session"
@@ -38,6 +38,11 @@ class Viewer:
     key_id: int
     prefix: str
     csrf: str
+
+    @property
+    def actor(self) -> str:
+        """How the audit log names what this viewer does."""
+        return f"dashboard:{self.prefix}"
 
 
 def _b64(data: bytes) -> str:
@@ -115,19 +120,21 @@ def new_token() -> str:
 ENV_KEY_NAME = store_sqlite.ENV_KEY_NAME
 
 
-def revoke(conn: sqlite3.Connection, workspace: int, key_id: int, now_ms: int) -> str | None:
+def revoke(
+    conn: sqlite3.Connection, workspace: int, key_id: int, now_ms: int, actor: str = "cli"
+) -> str | None:
     """Revoke a key of the workspace; None when done, else why it was not (the message says
     what to do). The last admin key is kept (nobody could sign in any more), and so is a key
     from the environment (the next start would add it again and fail). NotFoundError when the
     workspace has no such key."""
     with store_sqlite.transaction(conn):  # two revokes at once cannot both pass the count
         row = conn.execute(
-            "SELECT kind, name, revoked_ms FROM keys WHERE id = ? AND workspace = ?",
+            "SELECT kind, name, revoked_ms, prefix FROM keys WHERE id = ? AND workspace = ?",
             (key_id, workspace),
         ).fetchone()
         if row is None:
             raise NotFoundError(f"no key {key_id} in this workspace: see /settings")
-        kind, name, revoked = row
+        kind, name, revoked, prefix = row
         if revoked is not None:
             return None
         if name == ENV_KEY_NAME:
@@ -144,4 +151,5 @@ def revoke(conn: sqlite3.Connection, workspace: int, key_id: int, now_ms: int) -
             if admins <= 1:
                 return "this is the last admin key: create another first, or nobody can sign in"
         conn.execute("UPDATE keys SET revoked_ms = ? WHERE id = ?", (now_ms, key_id))
+        audit.record(conn, workspace, actor, "key.revoked", str(prefix), now_ms, {"kind": kind})
         return None

@@ -60,6 +60,11 @@ class Parsed:
     flagged: list[int] = field(default_factory=list)
     ignored: int = 0
     write_key: str | None = None
+    positions: list[int] = field(default_factory=list)  # each message's index in the request
+
+    def position(self, i: int) -> int:
+        """The index in the request of `messages[i]`."""
+        return self.positions[i] if len(self.positions) == len(self.messages) else i
 
 
 # --- time ---------------------------------------------------------------------------------------
@@ -314,6 +319,7 @@ def segment(body: bytes, path_kind: str, received_ms: int) -> Parsed:
             sent = msg.get("sentAt")
             sent_ms = batch_sent if sent is None else _time_ms(sent, "sentAt")
             _accept(out, msg, client_ms, sent_ms, received_ms, received_at, raw, batch_sent_at)
+            out.positions.append(index)
         except EventError as exc:
             out.rejected.append(Rejection(index, exc.message, message_id))
     return out
@@ -396,6 +402,7 @@ def posthog(
             if stamp is not None:
                 msg["timestamp"] = stamp  # kept as originalTimestamp if corrected
             _accept(out, msg, client_ms, sent_ms, received_ms, received_at, raw, sent_text)
+            out.positions.append(index)
         except EventError as exc:
             out.rejected.append(Rejection(index, exc.message, message_id))
     return out
@@ -554,6 +561,7 @@ def sentry_envelope(body: bytes, received_ms: int) -> Parsed:
             msg, client_ms = _sentry_message(error, message_id or _text(header.get("event_id")))
             _fits(msg)
             _accept(out, msg, client_ms, sent_ms, received_ms, received_at, payload)
+            out.positions.append(index)
         except EventError as exc:
             out.rejected.append(Rejection(index, exc.message, message_id))
     return out

@@ -30,7 +30,7 @@ from typing import Any
 
 import msgspec
 
-from forewarn import decide, engine, store_outbox, store_sqlite
+from forewarn import decide, engine, forgotten, store_outbox, store_sqlite
 from forewarn.engine import Firing, Subject, Timer
 from forewarn.errors import EventError, ForewarnError
 from forewarn.model import Event, event_from_dict, format_time
@@ -77,6 +77,11 @@ def fingerprint(triggers: list[Trigger]) -> str:
     return hashlib.blake2b(text.encode(), digest_size=16).hexdigest()
 
 
+class StateForgotten(Exception):
+    """Someone was forgotten since this engine's state was built: the step is not committed,
+    and the engine is to be rebuilt from the log, which no longer holds them."""
+
+
 class LiveEngine:
     """One workspace's engine. Not thread-safe: one thread steps it."""
 
@@ -110,6 +115,7 @@ class LiveEngine:
         self.tick = 0
         self.last_snapshot_ms: int | None = None
         self.firings_recorded = 0
+        self.forgotten_mark = forgotten.mark(conn, workspace)  # read before the state is
         self._recover()
         self._load_history()
 
@@ -231,7 +237,10 @@ class LiveEngine:
         displaced: list[int],
         now_ms: int,
     ) -> None:
-        """In the step's transaction: which subjects the applied batches hold, and the outbox."""
+        """In the step's transaction: which subjects the applied batches hold, and the outbox.
+        Refuses to commit a state that may still hold someone forgotten meanwhile."""
+        if forgotten.mark(conn, self.workspace) != self.forgotten_mark:
+            raise StateForgotten(f"workspace {self.workspace}: someone was forgotten")
         self.subjects.record(conn, ((b.id, b.events) for b in batches))
         self._enqueue(conn, firings, ids, displaced, now_ms)
 

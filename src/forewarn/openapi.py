@@ -257,6 +257,27 @@ def admin_paths() -> dict[str, Any]:
     out["/api/v1/subjects/{subject}"] = {
         "get": _admin(
             "A user or account: traits, trigger states, recent firings", "Subject", [SUBJECT]
+        ),
+        "delete": _admin(
+            "Forget a person (user id or anonymous id): remove everything kept about them and"
+            " refuse their events from now on",
+            "Forgotten",
+            [SUBJECT],
+        ),
+    }
+    out["/api/v1/audit"] = {
+        "get": _admin(
+            "The workspace's audit log of admin actions, newest first",
+            "Audit",
+            [
+                _param("limit", {"type": "integer", "minimum": 1, "maximum": 1000, "default": 100}),
+                _param(
+                    "before",
+                    {"type": "integer", "minimum": 1, "maximum": 2**63 - 1},
+                    about="only rows before this id, to page back",
+                ),
+                _param("action", s.AUDIT_ACTION),
+            ],
         )
     }
     out["/api/v1/subjects/{subject}/why"] = {

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from forewarn import ingest, links, store_outbox, webhooks
+from forewarn import audit, ingest, links, privacy, store_outbox, webhooks
 
 Schema = dict[str, Any]
 
@@ -33,6 +33,8 @@ SUBJECT_ID: Schema = {"type": "string", "minLength": 1, "examples": ["u1"]}
 TEXT: Schema = {"type": "string", "pattern": r"\S"}  # not blank; kept to 500 characters
 SCOPE: Schema = {"type": "string", "enum": list(links.SCOPES), "default": "user"}
 STATUS: Schema = {"type": "string", "enum": [*store_outbox.STATUSES, "held_out"]}
+AUDIT_ACTION: Schema = {"type": "string", "enum": list(audit.ACTIONS)}
+FORGOTTEN_TABLES = privacy.TABLES
 
 
 def obj(props: dict[str, Schema], required: tuple[str, ...] = (), extra: bool = False) -> Schema:
@@ -262,6 +264,35 @@ ANSWERS: dict[str, Schema] = {
         {"subject": STRING, "scope": SCOPE, "subscribed": BOOL}, ("subject", "scope", "subscribed")
     ),
     "Recorded": obj({"recorded": STRING}, ("recorded",)),
+    "Forgotten": obj(
+        {
+            "forgotten": BOOL,
+            "hash": STRING,
+            "events": INT,
+            "batches": INT,
+            "checkpointed": BOOL,
+            **{table: INT for table in FORGOTTEN_TABLES},
+        },
+        ("forgotten", "hash", "events", "batches", "checkpointed", *FORGOTTEN_TABLES),
+    ),
+    "Audit": obj(
+        {
+            "audit": array(
+                obj(
+                    {
+                        "id": INT,
+                        "at": STRING,
+                        "actor": STRING,
+                        "action": AUDIT_ACTION,
+                        "target": STRING,
+                        "detail": ANY_OBJECT,
+                    },
+                    ("id", "at", "actor", "action", "target", "detail"),
+                )
+            )
+        },
+        ("audit",),
+    ),
     "Health": obj({"ok": BOOL}, ("ok",)),
     "WidgetInbox": obj({"messages": array(ANY_OBJECT)}, ("messages",)),
     "Conversation": obj(

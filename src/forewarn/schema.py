@@ -285,6 +285,34 @@ MIGRATIONS: dict[int, str | Only] = {
     );
     """,
     ),
+    # privacy (see privacy, audit): the hashes of forgotten people, whose events ingest refuses;
+    # the append-only log of admin actions, which triggers keep from being changed or deleted
+    7: Only(
+        "sqlite",
+        """
+    CREATE TABLE forgotten (
+        id INTEGER PRIMARY KEY,
+        workspace INTEGER NOT NULL,
+        hash TEXT NOT NULL,
+        at_ms INTEGER NOT NULL,
+        UNIQUE (workspace, hash)
+    );
+    CREATE TABLE audit (
+        id INTEGER PRIMARY KEY,
+        workspace INTEGER NOT NULL,
+        at_ms INTEGER NOT NULL,
+        actor TEXT NOT NULL,
+        action TEXT NOT NULL,
+        target TEXT NOT NULL,
+        detail TEXT NOT NULL
+    );
+    CREATE INDEX audit_workspace ON audit (workspace, id);
+    CREATE TRIGGER audit_no_update BEFORE UPDATE ON audit
+    BEGIN SELECT RAISE(ABORT, 'the audit log is append-only: its rows cannot be changed'); END;
+    CREATE TRIGGER audit_no_delete BEFORE DELETE ON audit
+    BEGIN SELECT RAISE(ABORT, 'the audit log is append-only: its rows cannot be deleted'); END;
+    """,
+    ),
 }
 
 VERSION = max(MIGRATIONS)
@@ -314,4 +342,24 @@ def statements(version: int, dialect: str) -> list[str]:
     if dialect == "postgresql":
         for pattern, replacement in _POSTGRESQL:
             script = pattern.sub(replacement, script)
-    return [s.strip() for s in script.split(";") if s.strip()]
+    return _split(script)
+
+
+def _split(script: str) -> list[str]:
+    """The statements of a script: split at `;`, except inside a trigger's BEGIN … END."""
+    found: list[str] = []
+    pending = ""
+    for piece in script.split(";"):
+        pending = f"{pending};{piece}" if pending else piece
+        if len(_BEGIN.findall(pending)) > len(_END.findall(pending)):
+            continue  # inside a trigger's body: its statements end in `;` too
+        if pending.strip():
+            found.append(pending.strip())
+        pending = ""
+    if pending.strip():
+        found.append(pending.strip())
+    return found
+
+
+_BEGIN = re.compile(r"\bBEGIN\b")
+_END = re.compile(r"\bEND\b")

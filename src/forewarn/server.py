@@ -28,7 +28,8 @@ from typing import Any, Protocol
 
 from forewarn import clock, compose, engine, settings, store_sqlite
 from forewarn.errors import ForewarnError, NotFoundError
-from forewarn.live import Committed, LiveEngine
+from forewarn.forgotten import Forgotten
+from forewarn.live import Committed, LiveEngine, StateForgotten
 from forewarn.model import format_time
 from forewarn.playbook import Trigger
 from forewarn.store_sqlite import Append, Appended, StoreError
@@ -37,6 +38,7 @@ log = logging.getLogger("forewarn")
 
 GROUP_MAX = 256  # requests per transaction at most
 CHECKPOINT_EVERY_S = 0.25
+PURGE_EVERY_MS = 3_600_000  # with a retention: at start, then every hour
 MIN_STEP_MS = 10.0  # the engine steps at most this often: under load, steps gather commits
 
 
@@ -67,6 +69,7 @@ class Writer:
         )
         self._stopped = threading.Event()
         self.seen = store_sqlite.SeenIds()
+        self.forgotten = Forgotten()
 
     def start(self) -> None:
         conn = store_sqlite.connect(self.path)  # fails now, in the caller, if it cannot open
@@ -125,7 +128,8 @@ class Writer:
     def _commit(self, conn: sqlite3.Connection, jobs: list[_Job]) -> None:
         try:
             with self.write_lock:
-                results = store_sqlite.append_batches(conn, [j.append for j in jobs], self.seen)
+                appends = [j.append for j in jobs]
+                results = store_sqlite.append_batches(conn, appends, self.seen, self.forgotten)
         except sqlite3.Error as exc:
             error = store_sqlite.unavailable(exc)
             log.error("could not commit %d requests: %s", len(jobs), exc)
@@ -248,6 +252,8 @@ class EngineLoop:
         policy = settings.policy()
         guard_every = settings.guard_every_ms()
         guarded_at: dict[int, int] = {}
+        retention = settings.retention_ms()
+        purged_at: dict[int, int] = {}
         composer: compose.Composer | None = None
         keep: tuple[tuple[str, ...], tuple[str, ...]] = ((), ())
         last = 0.0
@@ -288,7 +294,20 @@ class EngineLoop:
                 if guard_every and now - guarded_at.setdefault(ws, now) >= guard_every:
                     guarded_at[ws] = now
                     self._guard(conn, ws, now, live.runner.state)
+                if retention and now - purged_at.get(ws, now - PURGE_EVERY_MS) >= PURGE_EVERY_MS:
+                    purged_at[ws] = now
+                    self._purge(conn, ws, now, retention)
         conn.close()
+
+    def _purge(self, conn: sqlite3.Connection, workspace: int, now: int, keep_ms: int) -> None:
+        """Delete what is older than the retention (`FOREWARN_RETENTION`)."""
+        from forewarn import privacy
+
+        try:
+            counts = privacy.purge(conn, workspace, now - keep_ms, "retention", now, False)
+            log.info("retention purge of workspace %d: %s", workspace, counts)
+        except Exception:  # the purge must never stop the engine
+            log.exception("the retention purge failed; it will try again")
 
     def _guard(
         self, conn: sqlite3.Connection, workspace: int, now: int, state: engine.State
@@ -356,6 +375,9 @@ class EngineLoop:
         except sqlite3.Error as exc:  # the database is busy or full: try again next wake
             self.stats.errors += 1
             log.error("engine step failed, will rebuild and retry: %s", exc)
+            return False
+        except StateForgotten:  # rebuilt from the log, which no longer holds them
+            log.info("someone was forgotten: the engine rebuilds its state from the log")
             return False
 
 

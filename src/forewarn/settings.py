@@ -55,6 +55,7 @@ SETTINGS: dict[str, str] = {
     "LLM_MODEL": "",
     "LLM_KEY": "",
     "GUARD_EVERY": "1h",
+    "RETENTION": "off",
     "DELIVERY": "on",
     "DELIVERY_ATTEMPTS": "8",
     "DELIVERY_LEASE": "5m",
@@ -102,6 +103,26 @@ def policy() -> decide.Policy:
         episode_ms=episode,
         salt=env("HOLDOUT_SALT") or "forewarn",
     )
+
+
+MIN_RETENTION_MS = 8 * 86_400_000
+
+
+def retention_ms(text: str | None = None) -> int:
+    """How long data is kept (`FOREWARN_RETENTION`, or `text`); 0 when forever."""
+    text = text if text is not None else (env("RETENTION") or "off")
+    if text.strip().lower() in ("0", "off"):
+        return 0
+    try:
+        span = parse_duration(text)
+    except ValueError as exc:
+        raise InputError(f"{PREFIX}RETENTION: {exc}; e.g. 400d, or off") from None
+    if span < MIN_RETENTION_MS:
+        raise InputError(
+            f"{PREFIX}RETENTION={text}: keep data at least 8d (resends are deduplicated against "
+            "the last 7 days of the log), or off"
+        )
+    return span
 
 
 def guard_every_ms() -> int:

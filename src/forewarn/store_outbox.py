@@ -24,7 +24,7 @@ from typing import Any
 
 import msgspec
 
-from forewarn import store_sqlite
+from forewarn import audit, store_sqlite
 from forewarn.channels import Outgoing
 
 PENDING, SENT, DEAD, CANCELLED, SUPPRESSED = "pending", "sent", "dead", "cancelled", "suppressed"
@@ -174,10 +174,16 @@ def suppress(
     reason: str,
     until_ms: int | None,
     now_ms: int,
+    actor: str = "cli",
 ) -> int:
     """The subject is not to be contacted until `until_ms` (or until lifted); messages still
-    waiting for it are suppressed. Returns how many."""
+    waiting for it are suppressed. Returns how many. `actor` goes into the audit log."""
     with store_sqlite.transaction(conn):
+        # a person's suppression reason stays out of the log that a forget cannot clear
+        said = reason if scope == "account" else None
+        detail = {"scope": scope, "reason": said, "until_ms": until_ms}
+        target = audit.subject_target(workspace, scope, subject)
+        audit.record(conn, workspace, actor, "subject.suppressed", target, now_ms, detail)
         conn.execute(
             "INSERT OR REPLACE INTO suppressions (workspace, scope, subject, reason, until_ms,"
             " at_ms) VALUES (?, ?, ?, ?, ?, ?)",
@@ -206,12 +212,24 @@ def suppress(
         return cur.rowcount
 
 
-def unsuppress(conn: sqlite3.Connection, workspace: int, scope: str, subject: str) -> bool:
-    cur = conn.execute(
-        "DELETE FROM suppressions WHERE workspace = ? AND scope = ? AND subject = ?",
-        (workspace, scope, subject),
-    )
-    return cur.rowcount > 0
+def unsuppress(
+    conn: sqlite3.Connection,
+    workspace: int,
+    scope: str,
+    subject: str,
+    actor: str,
+    now_ms: int,
+) -> bool:
+    with store_sqlite.transaction(conn):
+        cur = conn.execute(
+            "DELETE FROM suppressions WHERE workspace = ? AND scope = ? AND subject = ?",
+            (workspace, scope, subject),
+        )
+        if cur.rowcount > 0:
+            detail = {"scope": scope}
+            target = audit.subject_target(workspace, scope, subject)
+            audit.record(conn, workspace, actor, "subject.unsuppressed", target, now_ms, detail)
+        return cur.rowcount > 0
 
 
 @dataclass(frozen=True)
@@ -606,18 +624,31 @@ def override_trigger(
     by: str,
     now_ms: int,
 ) -> None:
-    conn.execute(
-        "INSERT OR REPLACE INTO trigger_overrides (workspace, trig, mode, reason, by, at_ms)"
-        " VALUES (?, ?, ?, ?, ?, ?)",
-        (workspace, trigger, mode, reason, by, now_ms),
-    )
+    """Pause the trigger or put it in shadow; `by` (who did it) goes into the audit log."""
+    with store_sqlite.transaction(conn):
+        conn.execute(
+            "INSERT OR REPLACE INTO trigger_overrides (workspace, trig, mode, reason, by, at_ms)"
+            " VALUES (?, ?, ?, ?, ?, ?)",
+            (workspace, trigger, mode, reason, by, now_ms),
+        )
+        action = "trigger.paused" if mode == "paused" else "trigger.shadowed"
+        audit.record(conn, workspace, by, action, trigger, now_ms, {"reason": reason})
 
 
-def resume_trigger(conn: sqlite3.Connection, workspace: int, trigger: str) -> bool:
-    cur = conn.execute(
-        "DELETE FROM trigger_overrides WHERE workspace = ? AND trig = ?", (workspace, trigger)
-    )
-    return cur.rowcount > 0
+def resume_trigger(
+    conn: sqlite3.Connection,
+    workspace: int,
+    trigger: str,
+    by: str,
+    now_ms: int,
+) -> bool:
+    with store_sqlite.transaction(conn):
+        cur = conn.execute(
+            "DELETE FROM trigger_overrides WHERE workspace = ? AND trig = ?", (workspace, trigger)
+        )
+        if cur.rowcount > 0:
+            audit.record(conn, workspace, by, "trigger.resumed", trigger, now_ms)
+        return cur.rowcount > 0
 
 
 def trigger_overrides(conn: sqlite3.Connection, workspace: int) -> dict[str, dict[str, Any]]:

@@ -30,14 +30,15 @@ import secrets
 import sqlite3
 import struct
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import msgspec
 
-from forewarn import schema
+from forewarn import audit, schema
 from forewarn.errors import ForewarnError, InputError
+from forewarn.forgotten import Forgotten
 from forewarn.model import Event
 
 SCHEMA_VERSION = schema.VERSION
@@ -86,6 +87,8 @@ def connect(path: str | Path, checkpoint_pages: int | None = None) -> sqlite3.Co
     conn.execute("PRAGMA journal_mode=WAL")
     conn.execute("PRAGMA synchronous=FULL")  # a 2xx means the batch survives a power cut
     conn.execute("PRAGMA foreign_keys=ON")
+    # what is deleted (a forgotten person, a purge) is overwritten in the file, not just unlinked
+    conn.execute("PRAGMA secure_delete=ON")
     conn.execute("PRAGMA busy_timeout=10000")
     if checkpoint_pages is not None:
         conn.execute(f"PRAGMA wal_autocheckpoint={int(checkpoint_pages)}")
@@ -170,20 +173,24 @@ def add_key(
     now_ms: int,
     token: str | None = None,
     name: str = "",
+    actor: str = "cli",
 ) -> str:
     """Store a key (a new random one unless `token` is given); returns the token, which is not
-    kept anywhere: only its hash is."""
+    kept anywhere: only its hash is. The audit log records who (`actor`) created it."""
     if kind not in KEY_KINDS:
         raise InputError(f"unknown key kind '{kind}': use one of {', '.join(KEY_KINDS)}")
     token = token or new_key_token(kind)
     if len(token) < 16:
         raise InputError("a key must be at least 16 characters long: use a random one")
     try:
-        conn.execute(
-            "INSERT INTO keys (workspace, kind, prefix, hash, name, created_ms)"
-            " VALUES (?, ?, ?, ?, ?, ?)",
-            (workspace, kind, token[:10], hash_key(token), name, now_ms),
-        )
+        with transaction(conn):
+            conn.execute(
+                "INSERT INTO keys (workspace, kind, prefix, hash, name, created_ms)"
+                " VALUES (?, ?, ?, ?, ?, ?)",
+                (workspace, kind, token[:10], hash_key(token), name, now_ms),
+            )
+            detail = {"kind": kind, "name": name}
+            audit.record(conn, workspace, actor, "key.created", token[:10], now_ms, detail)
     except sqlite3.IntegrityError:
         raise InputError("that key is in use already: create a new one") from None
     return token
@@ -214,7 +221,7 @@ def ensure_workspace(
             if token:
                 known = find_key(conn, token)
                 if known is None:
-                    add_key(conn, ws, kind, now_ms, token, name=ENV_KEY_NAME)
+                    add_key(conn, ws, kind, now_ms, token, ENV_KEY_NAME, "environment")
                 elif known.kind != kind or known.workspace != ws:
                     raise InputError(
                         f"the {kind} key from the environment is already a {known.kind} key "
@@ -243,7 +250,8 @@ class Appended:
     batch: int | None  # the log position, None when every message was a duplicate
     stored: int
     duplicates: list[int]  # indexes into the request's messages
-    kept: list[int] | None = None  # indexes stored, when some were duplicates
+    kept: list[int] | None = None  # indexes stored, when some were not
+    forgotten: list[int] = field(default_factory=list)  # indexes of forgotten people's events
 
 
 _encode = msgspec.json.Encoder().encode
@@ -324,17 +332,23 @@ def log_end_all(conn: sqlite3.Connection) -> int:
 
 
 def append_batches(
-    conn: sqlite3.Connection, appends: Sequence[Append], seen: SeenIds
+    conn: sqlite3.Connection,
+    appends: Sequence[Append],
+    seen: SeenIds,
+    forgotten: Forgotten | None = None,
 ) -> list[Appended]:
     """Store several requests in one transaction (one fsync); a message id already seen in
-    its workspace, in this request or an earlier one, is not stored again. `seen` learns the
-    new ids only once they are committed."""
+    its workspace, in this request or an earlier one, is not stored again, nor an event of a
+    person the workspace has forgotten. `seen` learns the new ids only once they are
+    committed."""
     results: list[Appended] = []
     added: list[tuple[int, list[int]]] = []
     fresh: set[int] = set()  # ids of this transaction
+    forgotten = forgotten or Forgotten()
     with transaction(conn):
+        forgotten.refresh(conn)  # inside: a person forgotten before this commit is refused
         for a in appends:
-            result, hashes = _append(conn, a, seen, fresh)
+            result, hashes = _append(conn, a, seen, fresh, forgotten)
             results.append(result)
             added.append((a.received_ms, hashes))
     for received_ms, hashes in added:
@@ -344,18 +358,26 @@ def append_batches(
 
 def append_within(conn: sqlite3.Connection, a: Append) -> Appended:
     """Store one batch inside the caller's transaction, its message ids trusted to be new
-    (events Forewarn makes itself, each with an id of its own)."""
-    return _append(conn, a, SeenIds(), set())[0]
+    (events Forewarn makes itself, each with an id of its own); those about a forgotten
+    person are left out."""
+    forgotten = Forgotten()
+    forgotten.refresh(conn)
+    return _append(conn, a, SeenIds(), set(), forgotten)[0]
 
 
 def _append(
-    conn: sqlite3.Connection, a: Append, seen: SeenIds, fresh: set[int]
+    conn: sqlite3.Connection, a: Append, seen: SeenIds, fresh: set[int], forgotten: Forgotten
 ) -> tuple[Appended, list[int]]:
     keep: list[dict[str, Any]] = []
     hashes: list[int] = []
     duplicates: list[int] = []
+    refused: list[int] = []
     kept: list[int] = []
+    check = bool(forgotten.hashes.get(a.workspace))
     for i, (message, mid) in enumerate(zip(a.messages, a.ids, strict=True)):
+        if check and forgotten.holds(a.workspace, message):
+            refused.append(i)
+            continue
         h = id_hash(a.workspace, mid)
         if h in fresh or h in seen:
             duplicates.append(i)
@@ -364,11 +386,12 @@ def _append(
         keep.append(message)
         kept.append(i)
         hashes.append(h)
+    whole = len(kept) == len(a.messages)
     if not keep:
-        return Appended(None, 0, duplicates), hashes
+        return Appended(None, 0, duplicates, forgotten=refused), hashes
     events = None
     if a.events is not None:
-        kept_events = a.events if not duplicates else [a.events[i] for i in kept]
+        kept_events = a.events if whole else [a.events[i] for i in kept]
         events = EVENTS_FORMAT + _pack([msgspec.structs.astuple(e) for e in kept_events])
     cur = conn.execute(
         "INSERT INTO batches (workspace, received_ms, source, count, ids, events, messages)"
@@ -384,7 +407,7 @@ def _append(
         ),
     )
     batch = int(cur.lastrowid or 0)
-    return Appended(batch, len(keep), duplicates, kept if duplicates else None), hashes
+    return Appended(batch, len(keep), duplicates, None if whole else kept, refused), hashes
 
 
 @dataclass

@@ -1,0 +1,85 @@
+"""The audit log: one row per admin action, written in the transaction of the action itself,
+so that an action without its row (or a row without its action) cannot be committed.
+
+Who acted is an admin key's prefix (`fw_ak_…`), `cli`, `environment` (keys set at start),
+`dashboard:<key prefix>` or `auto-guard`. The table is append-only: SQLite triggers refuse
+every UPDATE and DELETE on it (schema version 7), retention purges leave it alone, and
+people (user ids) appear in it only by the hash of their id (`subject_target`), so that a
+person forgotten later is not kept in it; for the same reason a person's suppression is
+logged without the reason typed for it (which may name them).
+"""
+
+from __future__ import annotations
+
+import sqlite3
+from typing import Any
+
+import msgspec
+
+from forewarn.forgotten import subject_hash
+
+# every action the log records
+ACTIONS = (
+    "key.created",
+    "key.revoked",
+    "playbooks.reloaded",
+    "trigger.paused",
+    "trigger.shadowed",
+    "trigger.resumed",
+    "subject.suppressed",
+    "subject.unsuppressed",
+    "subject.forget_requested",
+    "subject.forgotten",
+    "retention.purged",
+)
+
+
+def subject_target(workspace: int, scope: str, subject: str) -> str:
+    """How a row names a subject: an account by its id; a person by the hash of theirs (the
+    one `forewarn forget` keeps), since a forgotten person's rows cannot be deleted."""
+    return subject if scope == "account" else subject_hash(workspace, subject)
+
+
+def record(
+    conn: sqlite3.Connection,
+    workspace: int,
+    actor: str,
+    action: str,
+    target: str,
+    now_ms: int,
+    detail: dict[str, Any] | None = None,
+) -> None:
+    """Append one row; the caller holds the action's transaction (or this is its own)."""
+    if action not in ACTIONS:
+        raise ValueError(f"unknown audit action {action!r}")
+    conn.execute(
+        "INSERT INTO audit (workspace, at_ms, actor, action, target, detail)"
+        " VALUES (?, ?, ?, ?, ?, ?)",
+        (workspace, now_ms, actor, action, target, msgspec.json.encode(detail or {}).decode()),
+    )
+
+
+def read(
+    conn: sqlite3.Connection,
+    workspace: int,
+    limit: int = 100,
+    before: int | None = None,
+    action: str | None = None,
+) -> list[dict[str, Any]]:
+    """The workspace's latest rows, newest first; `before` an id, to read further back."""
+    rows = conn.execute(
+        "SELECT id, at_ms, actor, action, target, detail FROM audit WHERE workspace = ?"
+        " AND (? IS NULL OR id < ?) AND (? IS NULL OR action = ?) ORDER BY id DESC LIMIT ?",
+        (workspace, before, before, action, action, limit),
+    ).fetchall()
+    return [
+        {
+            "id": int(i),
+            "at_ms": int(at),
+            "actor": str(actor),
+            "action": str(act),
+            "target": str(target),
+            "detail": msgspec.json.decode(detail),
+        }
+        for i, at, actor, act, target, detail in rows
+    ]
