@@ -295,7 +295,7 @@ def test_every_audited_action_leaves_one_row_and_the_log_refuses_changes(tmp_pat
     ]
     assert rows[2] == ("dashboard:fw_ak_abc", "key.revoked", key[:10])
     assert rows[4][0] == "auto-guard"
-    assert all("u1" != r[2] for r in rows[8:10])  # a forgotten person: by hash only
+    assert all(r[2] != "u1" for r in rows[8:10])  # a forgotten person: by hash only
     with pytest.raises(sqlite3.DatabaseError, match="append-only"):
         conn.execute("UPDATE audit SET actor = 'someone else'")
     with pytest.raises(sqlite3.DatabaseError, match="append-only"):

@@ -152,8 +152,9 @@ def routes(app: Forewarn) -> list[Route]:
             trigger,
             mode,
             reason[:500],
-            key.prefix,
+            "admin",
             clock.now_ms(),
+            key.prefix,
         )
         return _json({"trigger": trigger, "mode": mode, "reason": reason[:500]})
 

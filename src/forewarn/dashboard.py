@@ -324,7 +324,9 @@ def routes(app: Forewarn) -> list[Route]:
                 return
             mode = "paused" if action == "pause" else "shadow"
             said = reason or f"{mode} by hand"
-            store_outbox.override_trigger(conn, viewer.workspace, trigger.id, mode, said, by, now)
+            store_outbox.override_trigger(
+                conn, viewer.workspace, trigger.id, mode, said, "dashboard", now, by
+            )
 
         await with_conn(write)
         return RedirectResponse(_safe_next(fields.get("next")), status_code=303)

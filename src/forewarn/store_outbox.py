@@ -623,8 +623,11 @@ def override_trigger(
     reason: str,
     by: str,
     now_ms: int,
+    actor: str | None = None,
 ) -> None:
-    """Pause the trigger or put it in shadow; `by` (who did it) goes into the audit log."""
+    """Pause the trigger or put it in shadow. `by` is what the dashboard shows (`admin`,
+    `dashboard`, `auto-guard`); `actor`, who the audit log names (a key's prefix), `by` if
+    not given."""
     with store_sqlite.transaction(conn):
         conn.execute(
             "INSERT OR REPLACE INTO trigger_overrides (workspace, trig, mode, reason, by, at_ms)"
@@ -632,7 +635,8 @@ def override_trigger(
             (workspace, trigger, mode, reason, by, now_ms),
         )
         action = "trigger.paused" if mode == "paused" else "trigger.shadowed"
-        audit.record(conn, workspace, by, action, trigger, now_ms, {"reason": reason})
+        detail = {"reason": reason}
+        audit.record(conn, workspace, actor or by, action, trigger, now_ms, detail)
 
 
 def resume_trigger(
