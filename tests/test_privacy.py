@@ -137,6 +137,11 @@ def test_forgetting_a_person_removes_them_from_the_file_and_refuses_their_events
         assert server.firings(subject=VICTIM) == []
         actions = [row["action"] for row in server.admin("/api/v1/audit")["audit"]]
         assert actions[:2] == ["subject.forgotten", "subject.forget_requested"]
+        shown = server.admin("/settings.json")["audit"]  # and on the dashboard's Settings page
+        assert [row["action"] for row in shown] == actions[:20]
+        assert done["hash"] in httpx.get(
+            server.url + "/settings", headers={"Authorization": f"Bearer {srv.ADMIN_KEY}"}
+        ).text
         # a snapshot taken after the rebuild: the state written to the file holds them no more
         assert server.wait_for(
             lambda: _count(db, "SELECT count(*) FROM engine WHERE snapshot IS NOT NULL") == 1, 90

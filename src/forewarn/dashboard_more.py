@@ -18,7 +18,7 @@ from urllib.parse import urlsplit
 import msgspec
 import nh3
 
-from forewarn import settings, store_outbox
+from forewarn import audit, settings, store_outbox
 from forewarn.model import format_time
 
 MAILS = 50  # captured emails shown at most
@@ -172,6 +172,9 @@ def _endpoint(url: str | None) -> str | None:
     return f"{parts.scheme}://{host}{port}"
 
 
+SETTINGS_AUDIT_ROWS = 20
+
+
 def settings_view(conn: sqlite3.Connection, workspace: int) -> dict[str, Any]:
     """Keys (their prefixes, never the keys), channels and whether each is configured, and the
     policy: caps, quiet hours, the holdout and the auto-guard. Secrets are never shown."""
@@ -226,6 +229,7 @@ def settings_view(conn: sqlite3.Connection, workspace: int) -> dict[str, Any]:
             "PRIORITY_WINDOW",
             "EPISODE",
             "GUARD_EVERY",
+            "RETENTION",
             "DELIVERY",
             "DELIVERY_ATTEMPTS",
         )
@@ -248,6 +252,10 @@ def settings_view(conn: sqlite3.Connection, workspace: int) -> dict[str, Any]:
             t: {**o, "at": format_time(o["at_ms"])}
             for t, o in store_outbox.trigger_overrides(conn, workspace).items()
         },
+        "audit": [
+            {**row, "at": format_time(row.pop("at_ms"))}
+            for row in audit.read(conn, workspace, SETTINGS_AUDIT_ROWS)
+        ],
     }
 
 
