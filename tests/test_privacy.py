@@ -139,9 +139,12 @@ def test_forgetting_a_person_removes_them_from_the_file_and_refuses_their_events
         assert actions[:2] == ["subject.forgotten", "subject.forget_requested"]
         shown = server.admin("/settings.json")["audit"]  # and on the dashboard's Settings page
         assert [row["action"] for row in shown] == actions[:20]
-        assert done["hash"] in httpx.get(
-            server.url + "/settings", headers={"Authorization": f"Bearer {srv.ADMIN_KEY}"}
-        ).text
+        assert (
+            done["hash"]
+            in httpx.get(
+                server.url + "/settings", headers={"Authorization": f"Bearer {srv.ADMIN_KEY}"}
+            ).text
+        )
         # a snapshot taken after the rebuild: the state written to the file holds them no more
         assert server.wait_for(
             lambda: _count(db, "SELECT count(*) FROM engine WHERE snapshot IS NOT NULL") == 1, 90
@@ -196,6 +199,24 @@ def test_forget_on_the_command_line_rewrites_batches_and_keeps_log_positions(
     assert done.forgotten == [0] and done.stored == 1 and done.kept == [1]
     conn.close()
     assert VICTIM.encode() not in _stored(db)
+
+
+def test_a_numeric_user_id_is_found_and_forgotten(tmp_path: Path) -> None:
+    db = tmp_path / "forewarn.db"
+    conn = _log(db)
+    message = {"type": "track", "userId": 9071, "event": "Stuck", "messageId": "m-9071"}
+    other = {"type": "track", "userId": "90710", "event": "Stuck", "messageId": "m-other"}
+    (stored,) = store_sqlite.append_batches(
+        conn,
+        [Append(1, "segment", 1, [message, other], ["m-9071", "m-other"])],
+        store_sqlite.SeenIds(),
+    )
+    assert stored.stored == 2
+    forgot = privacy.forget(conn, 1, "9071", "cli", 2)
+    assert forgot.events == 1
+    (kept,) = store_sqlite.read_log(conn, 1, 0, 1)
+    assert [m["userId"] for m in kept.messages] == ["90710"]
+    conn.close()
 
 
 def test_forget_refuses_the_scale_out_store_and_an_unknown_workspace(

@@ -17,7 +17,7 @@ REASON = (
     "this person was forgotten at the workspace's request (forewarn forget): their events are "
     "not stored; stop sending events about them"
 )
-_FIELDS = ("userId", "anonymousId", "previousId")
+PEOPLE_FIELDS = ("userId", "anonymousId", "previousId")
 _SALT = struct.Struct("<q")
 
 
@@ -31,7 +31,7 @@ def subject_hash(workspace: int, subject: str) -> str:
 
 def people_of(message: dict[str, Any]) -> list[str]:
     """The ids of the person a message is about."""
-    return [str(v) for v in (message.get(f) for f in _FIELDS) if v is not None and v != ""]
+    return [str(v) for v in (message.get(f) for f in PEOPLE_FIELDS) if v is not None and v != ""]
 
 
 class Forgotten:

@@ -34,6 +34,7 @@ import msgspec
 
 from forewarn import audit, store_sqlite
 from forewarn.errors import InputError
+from forewarn.forgotten import PEOPLE_FIELDS as _PEOPLE_FIELDS
 from forewarn.forgotten import people_of, subject_hash
 
 _decode = msgspec.json.Decoder(list[dict[str, Any]]).decode
@@ -88,9 +89,9 @@ def forget(
     h = subject_hash(workspace, subject)
     with store_sqlite.transaction(conn):
         audit.record(conn, workspace, actor, "subject.forget_requested", h, now_ms)
-    needle = _encode(subject)  # the id as it is written inside the stored JSON
+    needles = _needles(subject)
     end = store_sqlite.log_end_all(conn)
-    found = _holding(conn, workspace, needle, 0, end)
+    found = _holding(conn, workspace, needles, 0, end)
     done = Forgot(h)
     conn.execute("PRAGMA secure_delete=ON")
     with store_sqlite.transaction(conn):
@@ -98,7 +99,7 @@ def forget(
             "INSERT OR IGNORE INTO forgotten (workspace, hash, at_ms) VALUES (?, ?, ?)",
             (workspace, h, now_ms),
         )
-        found += _holding(conn, workspace, needle, end, None)  # committed since the search
+        found += _holding(conn, workspace, needles, end, None)  # committed since the search
         addresses: set[str] = set()
         for batch in found:
             events = _rewrite(conn, batch, subject, addresses)
@@ -116,15 +117,26 @@ def forget(
     return done
 
 
+def _needles(subject: str) -> list[bytes]:
+    """The id as it is written inside the stored JSON: a string, or (Segment allows it) a
+    number in one of the fields that name a person."""
+    needles = [_encode(subject)]
+    if subject.isascii() and subject.isdigit() and str(int(subject)) == subject:
+        needles += [_encode(field)[:-1] + b'":' + subject.encode() for field in _PEOPLE_FIELDS]
+    return needles
+
+
 def _holding(
-    conn: sqlite3.Connection, workspace: int, needle: bytes, after: int, upto: int | None
+    conn: sqlite3.Connection, workspace: int, needles: list[bytes], after: int, upto: int | None
 ) -> list[int]:
+    """The batches whose stored JSON holds one of the needles (a byte search: no decoding)."""
+    anywhere = " OR ".join("instr(messages, ?) > 0" for _ in needles)
     return [
         int(i)
         for (i,) in conn.execute(
             "SELECT id FROM batches WHERE workspace = ? AND id > ? AND (? IS NULL OR id <= ?)"
-            " AND instr(messages, ?) > 0",
-            (workspace, after, upto, upto, needle),
+            f" AND ({anywhere})",
+            (workspace, after, upto, upto, *needles),
         )
     ]
 
