@@ -176,6 +176,8 @@ class LiveEngine:
         `handed` without reading the log, when nothing before them is missing); commit,
         stamping the firings recorded at `wall_ms` (default `now_ms`). Returns the number of
         events applied."""
+        if forgotten.mark(self.conn, self.workspace) != self.forgotten_mark:
+            raise StateForgotten(f"workspace {self.workspace}: someone was forgotten")
         firings = self.runner.advance(now_ms)
         applied = 0
         cursor = self.cursor
