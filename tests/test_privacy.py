@@ -214,6 +214,18 @@ def test_forget_on_the_command_line_rewrites_batches_and_keeps_log_positions(
     assert VICTIM.encode() not in _stored(db)
 
 
+def test_a_delivery_result_about_a_forgotten_person_is_not_logged(tmp_path: Path) -> None:
+    conn = _log(tmp_path / "forewarn.db")
+    privacy.forget(conn, 1, VICTIM, "cli", 1)
+    results = [_msg(VICTIM, event="Message Delivered"), _msg(OTHER, event="Message Delivered")]
+    with store_sqlite.transaction(conn):
+        done = store_sqlite.append_within(
+            conn, Append(1, "forewarn", 2, results, [m["messageId"] for m in results])
+        )
+    assert done.stored == 1 and done.forgotten == [0]
+    conn.close()
+
+
 def test_a_numeric_user_id_is_found_and_forgotten(tmp_path: Path) -> None:
     db = tmp_path / "forewarn.db"
     conn = _log(db)

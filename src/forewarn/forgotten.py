@@ -59,6 +59,21 @@ class Forgotten:
         return any(subject_hash(workspace, p) in known for p in people_of(message))
 
 
+def among(conn: sqlite3.Connection, workspace: int, messages: list[dict[str, Any]]) -> Forgotten:
+    """The forgotten hashes that these messages' people have: a lookup per id, for the few
+    events Forewarn logs itself (delivery results), where loading every hash would cost more."""
+    hashes = {subject_hash(workspace, p) for m in messages for p in people_of(m)}
+    found = Forgotten()
+    if hashes:
+        marks = ",".join("?" * len(hashes))
+        rows = conn.execute(
+            f"SELECT hash FROM forgotten WHERE workspace = ? AND hash IN ({marks})",
+            (workspace, *hashes),
+        )
+        found.hashes[workspace] = {str(h) for (h,) in rows}
+    return found
+
+
 def mark(conn: sqlite3.Connection, workspace: int) -> int:
     """Changes whenever someone of the workspace is forgotten: the live engine compares it in
     each step's transaction, and rebuilds its state from the log when it has moved."""

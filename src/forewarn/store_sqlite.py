@@ -38,7 +38,7 @@ import msgspec
 
 from forewarn import audit, schema
 from forewarn.errors import ForewarnError, InputError
-from forewarn.forgotten import Forgotten
+from forewarn.forgotten import Forgotten, among
 from forewarn.model import Event
 
 SCHEMA_VERSION = schema.VERSION
@@ -360,9 +360,7 @@ def append_within(conn: sqlite3.Connection, a: Append) -> Appended:
     """Store one batch inside the caller's transaction, its message ids trusted to be new
     (events Forewarn makes itself, each with an id of its own); those about a forgotten
     person are left out."""
-    forgotten = Forgotten()
-    forgotten.refresh(conn)
-    return _append(conn, a, SeenIds(), set(), forgotten)[0]
+    return _append(conn, a, SeenIds(), set(), among(conn, a.workspace, a.messages))[0]
 
 
 def _append(
