@@ -135,6 +135,14 @@ def test_forgetting_a_person_removes_them_from_the_file_and_refuses_their_events
         resent = _send(server, [_msg(VICTIM, event="Stuck"), _msg("third-user", event="Stuck")])
         assert resent["accepted"] == 1
         assert resent["rejected"] == [{"index": 0, "reason": forgotten.REASON}]
+        posthog = {
+            "api_key": srv.WRITE_KEY,
+            "event": "Stuck",
+            "distinct_id": VICTIM,
+            "uuid": "ph-1",
+        }
+        answer = httpx.post(server.url + "/i/v1/analytics/events", json=posthog, timeout=10)
+        assert answer.json()["results"]["ph-1"] == {"result": "drop", "details": forgotten.REASON}
         # the engine rebuilt without them, and keeps firing for others
         assert server.wait_for(lambda: server.firings(subject="third-user"), 20)
         assert gone()

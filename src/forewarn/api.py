@@ -232,10 +232,7 @@ class Forewarn:
         c.rejected += len(parsed.rejected)
         c.flagged += len(parsed.flagged)
         duplicates: list[int] = []
-        refused: list[dict[str, Any]] = []
-        rejected: list[dict[str, Any]] = [
-            {"index": r.index, "reason": r.reason} for r in parsed.rejected
-        ]
+        refused: list[int] = []
         if parsed.messages:
             ids = [str(m["messageId"]) for m in parsed.messages]
             done = await self.writer.submit(
@@ -244,15 +241,26 @@ class Forewarn:
             c.accepted += done.stored
             c.duplicates += len(done.duplicates)
             duplicates = done.duplicates
-            if done.forgotten:
-                c.rejected += len(done.forgotten)
-                refused = [{"index": parsed.position(i), "reason": REASON} for i in done.forgotten]
-                rejected = sorted([*rejected, *refused], key=lambda r: int(r["index"]))
+            refused = done.forgotten
+            if refused:  # a forgotten person's: rejected too, in the answer's order
+                c.rejected += len(refused)
+                parsed.rejected = sorted(
+                    [
+                        *parsed.rejected,
+                        *(
+                            ingest.Rejection(
+                                parsed.position(i), REASON, str(parsed.messages[i]["messageId"])
+                            )
+                            for i in refused
+                        ),
+                    ],
+                    key=lambda r: r.index,
+                )
         return {
             "success": True,
             "accepted": len(parsed.messages) - len(duplicates) - len(refused),
             "duplicates": len(duplicates),
-            "rejected": rejected,
+            "rejected": [{"index": r.index, "reason": r.reason} for r in parsed.rejected],
             "flagged": parsed.flagged,
         }
 
