@@ -205,35 +205,36 @@ def _firing_latency(
     }
 
 
+def serve(db: Path, port: int) -> subprocess.Popen[bytes]:
+    """`forewarn serve` with the example playbooks and no rate limit, in a process of its own."""
+    env = {**os.environ, "FOREWARN_WRITE_KEY": WRITE_KEY, "FOREWARN_ADMIN_KEY": ADMIN_KEY}
+    return subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "forewarn",
+            "serve",
+            "--db",
+            str(db),
+            "--port",
+            str(port),
+            "--playbooks",
+            str(ROOT / "examples" / "playbooks"),
+            "--rate-limit",
+            "1000000000",
+        ],
+        env=env,
+        stdout=subprocess.DEVNULL,  # its banner would mix with the JSON on stdout
+    )
+
+
 def run(seconds: float, rate: float, connections: int) -> dict[str, Any]:
     """Start a server, load it at `rate`, then at its maximum; measure both."""
     results: dict[str, Any] = {"batch_events": BATCH, "connections": connections}
     with tempfile.TemporaryDirectory() as tmp:
         db = Path(tmp) / "bench.db"
         port = _free_port()
-        env = {
-            **os.environ,
-            "FOREWARN_WRITE_KEY": WRITE_KEY,
-            "FOREWARN_ADMIN_KEY": ADMIN_KEY,
-        }
-        server = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "forewarn",
-                "serve",
-                "--db",
-                str(db),
-                "--port",
-                str(port),
-                "--playbooks",
-                str(ROOT / "examples" / "playbooks"),
-                "--rate-limit",
-                "1000000000",
-            ],
-            env=env,
-            stdout=subprocess.DEVNULL,  # its banner would mix with the JSON on stdout
-        )
+        server = serve(db, port)
         try:
             _wait(port)
             ctx = multiprocessing.get_context("spawn")

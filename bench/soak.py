@@ -28,7 +28,6 @@ import json
 import multiprocessing
 import os
 import platform
-import subprocess
 import sys
 import tempfile
 import time
@@ -141,29 +140,7 @@ def run(rate: float, seconds: float, connections: int, sample_s: float) -> dict[
     with tempfile.TemporaryDirectory() as tmp:
         db = Path(tmp) / "soak.db"
         port = http_load._free_port()
-        env = {
-            **os.environ,
-            "FOREWARN_WRITE_KEY": http_load.WRITE_KEY,
-            "FOREWARN_ADMIN_KEY": http_load.ADMIN_KEY,
-        }
-        server = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "forewarn",
-                "serve",
-                "--db",
-                str(db),
-                "--port",
-                str(port),
-                "--playbooks",
-                str(http_load.ROOT / "examples" / "playbooks"),
-                "--rate-limit",
-                "1000000000",
-            ],
-            env=env,
-            stdout=subprocess.DEVNULL,
-        )
+        server = http_load.serve(db, port)
         samples: list[dict[str, float]] = []
         try:
             http_load._wait(port)

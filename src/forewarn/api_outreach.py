@@ -14,6 +14,7 @@ import base64
 import hashlib
 import html
 import re
+from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Any
 
@@ -165,7 +166,7 @@ def routes(app: Forewarn) -> list[Route]:
             value["at"] = format_time(value.pop("at_ms"))
         return _json({"overrides": found})
 
-    async def start_backtest(request: Request) -> Response:
+    async def backtest(request: Request) -> Response:
         key = app.admin_key(request)
         body = await _body(request, ("since", "triggers"))
         since = body.get("since", "30d")
@@ -186,17 +187,13 @@ def routes(app: Forewarn) -> list[Route]:
                     + ", ".join(sorted(known))
                 )
             triggers = [t for t in triggers if t.id in chosen]
-        params = {"since": since, "triggers": [t.id for t in triggers]}
-        job = await run(_new_backtest, key.workspace, params, now)
-        asyncio.get_running_loop().create_task(
-            _run_backtest(db, key.workspace, job, triggers, since_ms, now)
-        )
-        return _json({"id": job, "status": "running", **params})
+        job = await start_backtest(db, key.workspace, triggers, since, since_ms, now)
+        return _json({"id": job, "status": "running", **_backtest_params(since, triggers)})
 
     async def get_backtest(request: Request) -> Response:
         key = app.admin_key(request)
         raw = request.path_params["id"]
-        found = await run(_read_backtest, key.workspace, int(raw)) if raw.isdigit() else None
+        found = await run(read_backtest, key.workspace, int(raw)) if raw.isdigit() else None
         if found is None:
             raise NotFoundError(f"no backtest {raw}")
         return _json(found)
@@ -383,7 +380,7 @@ def routes(app: Forewarn) -> list[Route]:
         Route("/e/{token}", engaged, methods=["POST"]),
         Route("/api/v1/outreach", outreach, methods=["GET"]),
         Route("/api/v1/reports", reports, methods=["GET"]),
-        Route("/api/v1/backtests", start_backtest, methods=["POST"]),
+        Route("/api/v1/backtests", backtest, methods=["POST"]),
         Route("/api/v1/backtests/{id}", get_backtest, methods=["GET"]),
         Route("/api/v1/triggers/overrides", overrides, methods=["GET"]),
         Route("/api/v1/triggers/{trigger}/pause", pause, methods=["POST"]),
@@ -410,7 +407,7 @@ def _new_backtest(conn: Any, workspace: int, params: dict[str, Any], now: int) -
     return int(cur.lastrowid or 0)
 
 
-def _read_backtest(conn: Any, workspace: int, job: int) -> dict[str, Any] | None:
+def read_backtest(conn: Any, workspace: int, job: int) -> dict[str, Any] | None:
     row = conn.execute(
         "SELECT id, status, params, result, created_ms, done_ms FROM backtests"
         " WHERE id = ? AND workspace = ?",
@@ -425,6 +422,38 @@ def _read_backtest(conn: Any, workspace: int, job: int) -> dict[str, Any] | None
     if row[5] is not None:
         out["done"] = format_time(row[5])
     return out
+
+
+# backtests run one at a time, on a thread of their own: a few long ones never hold the
+# threads that requests use, and never compete with each other for the CPU
+_BACKTESTS = ThreadPoolExecutor(max_workers=1, thread_name_prefix="forewarn-backtest")
+_running: set[asyncio.Task[None]] = set()
+
+
+def _backtest_params(since: str, triggers: list[Any]) -> dict[str, Any]:
+    return {"since": since, "triggers": [t.id for t in triggers]}
+
+
+async def start_backtest(
+    db: str, workspace: int, triggers: list[Any], since: str, since_ms: int, now_ms: int
+) -> int:
+    """Record a backtest of `triggers` over the log from `since_ms` to now and start it (it
+    waits for the one before to finish); returns its id."""
+
+    def record() -> int:
+        conn = _conn(db)
+        try:
+            return _new_backtest(conn, workspace, _backtest_params(since, triggers), now_ms)
+        finally:
+            conn.close()
+
+    job = await asyncio.to_thread(record)
+    task = asyncio.get_running_loop().create_task(
+        _run_backtest(db, workspace, job, triggers, since_ms, now_ms)
+    )
+    _running.add(task)
+    task.add_done_callback(_running.discard)
+    return job
 
 
 async def _run_backtest(
@@ -450,7 +479,7 @@ async def _run_backtest(
         finally:
             conn.close()
 
-    await asyncio.to_thread(work)
+    await asyncio.get_running_loop().run_in_executor(_BACKTESTS, work)
 
 
 def _limit(text: str | None) -> int:

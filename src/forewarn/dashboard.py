@@ -344,12 +344,8 @@ def routes(app: Forewarn) -> list[Route]:
             raise InputError("pick at least one trigger to backtest")
         now = clock.now_ms()
         span = min(span, now)  # longer than the epoch: the whole log
-        params = {"since": since, "triggers": [t.id for t in chosen]}
-        job = await with_conn(
-            lambda conn: api_outreach._new_backtest(conn, viewer.workspace, params, now)
-        )
-        asyncio.get_running_loop().create_task(
-            api_outreach._run_backtest(db, viewer.workspace, job, chosen, now - span, now)
+        job = await api_outreach.start_backtest(
+            db, viewer.workspace, chosen, since, now - span, now
         )
         return RedirectResponse(f"/backtests/{job}", status_code=303)
 

@@ -177,7 +177,7 @@ def backtest(
     app: Forewarn, request: Request, viewer: Viewer, conn: sqlite3.Connection
 ) -> dict[str, Any]:
     raw = request.path_params["id"].removesuffix(".json")
-    found = api_outreach._read_backtest(conn, viewer.workspace, int(raw)) if raw.isdigit() else None
+    found = api_outreach.read_backtest(conn, viewer.workspace, int(raw)) if raw.isdigit() else None
     if found is None:
         raise NotFoundError(f"no backtest {raw}: see /backtests")
     return found

@@ -90,11 +90,18 @@ class Writer:
         """Copy the WAL back into the database every so often, in this thread alone: the copy
         and its fsync then never delay an answer or a firing, and writers go on meanwhile."""
         conn = store_sqlite.connect(self.path, store_sqlite.NO_CHECKPOINT)
+        failing = False  # said once when checkpoints start failing, once when they recover
         while not self._stopped.wait(CHECKPOINT_EVERY_S):
             try:
                 conn.execute("PRAGMA wal_checkpoint(PASSIVE)")
             except sqlite3.Error as exc:
-                log.warning("checkpoint failed, will retry: %s", exc)
+                if not failing:
+                    log.warning("checkpoints fail (%s): retrying until they work again", exc)
+                failing = True
+                continue
+            if failing:
+                log.warning("checkpoints work again")
+                failing = False
         conn.close()
 
     async def submit(self, append: Append) -> Appended:
@@ -265,38 +272,45 @@ class EngineLoop:
                 time.sleep(pause / 1000)
             self._wake.clear()
             last = clock.monotonic_ms()
-            with self._lock:
-                reload, self._reload = self._reload, None
-            if reload is not None:
-                self.triggers = reload
-                engines.clear()
-                composer = None
-            if composer is None:
-                composer, keep = compose.for_playbooks(conn, self.playbooks, self.triggers)
-            for ws, _ in store_sqlite.workspaces(conn):
-                live = engines.get(ws)
-                if live is None:
-                    live = engines[ws] = LiveEngine(
-                        conn,
-                        ws,
-                        self.triggers,
-                        write_lock=self.write_lock,
-                        policy=policy,
-                        compose=composer,
-                        keep=keep,
-                    )
-                with self.state_lock:
-                    stepped = self._step(live)
-                if not stepped:
-                    del engines[ws]  # its memory ran ahead of the database: rebuild it
-                now = self.now_ms()
-                # the first look comes an interval after start, not while the engine catches up
-                if guard_every and now - guarded_at.setdefault(ws, now) >= guard_every:
-                    guarded_at[ws] = now
-                    self._guard(conn, ws, now, live.runner.state)
-                if retention and now - purged_at.get(ws, now - PURGE_EVERY_MS) >= PURGE_EVERY_MS:
-                    purged_at[ws] = now
-                    self._purge(conn, ws, now, retention)
+            try:
+                with self._lock:
+                    reload, self._reload = self._reload, None
+                if reload is not None:
+                    self.triggers = reload
+                    engines.clear()
+                    composer = None
+                if composer is None:
+                    composer, keep = compose.for_playbooks(conn, self.playbooks, self.triggers)
+                for ws, _ in store_sqlite.workspaces(conn):
+                    live = engines.get(ws)
+                    if live is None:
+                        live = engines[ws] = LiveEngine(
+                            conn,
+                            ws,
+                            self.triggers,
+                            write_lock=self.write_lock,
+                            policy=policy,
+                            compose=composer,
+                            keep=keep,
+                        )
+                    with self.state_lock:
+                        stepped = self._step(live)
+                    if not stepped:
+                        del engines[ws]  # its memory ran ahead of the database: rebuild it
+                    now = self.now_ms()
+                    # the first look comes an interval after start, not while the engine catches up
+                    if guard_every and now - guarded_at.setdefault(ws, now) >= guard_every:
+                        guarded_at[ws] = now
+                        self._guard(conn, ws, now, live.runner.state)
+                    if (
+                        retention
+                        and now - purged_at.get(ws, now - PURGE_EVERY_MS) >= PURGE_EVERY_MS
+                    ):
+                        purged_at[ws] = now
+                        self._purge(conn, ws, now, retention)
+            except sqlite3.Error as exc:  # busy or full: the next wake tries again
+                self.stats.errors += 1
+                log.error("engine loop failed, will retry: %s", exc)
         conn.close()
 
     def _purge(self, conn: sqlite3.Connection, workspace: int, now: int, keep_ms: int) -> None:
