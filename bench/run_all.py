@@ -42,6 +42,14 @@ def commands(quick: bool, backtest_accounts: int) -> dict[str, list[str]]:
             "detection": [*py, str(BENCH / "detection.py"), "--quick"],
             "quality": [*py, str(BENCH / "quality.py"), "--quick", "--no-simulated"],
             "backtest": [*py, str(BENCH / "backtest.py"), "--accounts", "1000"],
+            "privacy": [
+                *py,
+                str(BENCH / "privacy.py"),
+                "--events",
+                "100000",
+                "--forgotten",
+                "1000",
+            ],
         }
     return {
         "engine": [
@@ -58,6 +66,7 @@ def commands(quick: bool, backtest_accounts: int) -> dict[str, list[str]]:
         "quality": [*py, str(BENCH / "quality.py"), "--no-simulated"],
         "widget": [*py, str(BENCH / "widget.py")],
         "backtest": [*py, str(BENCH / "backtest.py"), "--accounts", str(backtest_accounts)],
+        "privacy": [*py, str(BENCH / "privacy.py")],
     }
 
 

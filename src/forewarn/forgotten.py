@@ -19,6 +19,7 @@ REASON = (
 )
 PEOPLE_FIELDS = ("userId", "anonymousId", "previousId")
 _SALT = struct.Struct("<q")
+_KNOWN_MAX = 200_000
 
 
 def subject_hash(workspace: int, subject: str) -> str:
@@ -42,6 +43,8 @@ class Forgotten:
     def __init__(self) -> None:
         self.mark = -1
         self.hashes: dict[int, set[str]] = {}
+        # (workspace, id) -> forgotten?: customers send many events each, a hash costs more
+        self._known: dict[tuple[int, str], bool] = {}
 
     def refresh(self, conn: sqlite3.Connection) -> None:
         mark = int(conn.execute("SELECT coalesce(max(id), 0) FROM forgotten").fetchone()[0])
@@ -51,12 +54,26 @@ class Forgotten:
         for workspace, h in conn.execute("SELECT workspace, hash FROM forgotten"):
             hashes.setdefault(int(workspace), set()).add(str(h))
         self.hashes, self.mark = hashes, mark
+        self._known = {}
 
     def holds(self, workspace: int, message: dict[str, Any]) -> bool:
-        known = self.hashes.get(workspace)
-        if not known:
+        hashes = self.hashes.get(workspace)
+        if not hashes:
             return False
-        return any(subject_hash(workspace, p) in known for p in people_of(message))
+        known = self._known
+        for field in PEOPLE_FIELDS:
+            value = message.get(field)
+            if value is None or value == "":
+                continue
+            key = (workspace, value if type(value) is str else str(value))
+            hit = known.get(key)
+            if hit is None:
+                if len(known) >= _KNOWN_MAX:
+                    known.clear()
+                hit = known[key] = subject_hash(workspace, key[1]) in hashes
+            if hit:
+                return True
+        return False
 
 
 def among(conn: sqlite3.Connection, workspace: int, messages: list[dict[str, Any]]) -> Forgotten:
