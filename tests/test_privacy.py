@@ -170,6 +170,18 @@ def test_forgetting_a_person_removes_them_from_the_file_and_refuses_their_events
         assert server.wait_for(
             lambda: _count(db, "SELECT count(*) FROM engine WHERE snapshot IS NOT NULL") == 1, 90
         )
+        # the admin API's other audited actions, each one row naming the key
+        server.admin_post("/api/v1/triggers/tip/pause", {"reason": "too loud"})
+        server.admin_post("/api/v1/triggers/tip/resume", {})
+        server.admin_post("/api/v1/playbooks/reload", {})
+        latest = server.admin("/api/v1/audit", limit=3)["audit"]
+        assert [(r["action"], r["actor"], r["target"]) for r in latest] == [
+            ("playbooks.reloaded", srv.ADMIN_KEY[:10], ""),
+            ("trigger.resumed", srv.ADMIN_KEY[:10], "tip"),
+            ("trigger.paused", srv.ADMIN_KEY[:10], "tip"),
+        ]
+        older = server.admin("/api/v1/audit", before=latest[-1]["id"], action="trigger.paused")
+        assert older["audit"] == []
     finally:
         srv.stop(server)
     stored = _stored(db)
@@ -326,7 +338,7 @@ def test_purge_on_the_command_line_needs_a_retention_of_at_least_8_days(
 def test_every_audited_action_leaves_one_row_and_the_log_refuses_changes(tmp_path: Path) -> None:
     db = tmp_path / "forewarn.db"
     conn = _log(db)
-    store_sqlite.add_key(conn, 1, "admin", 1, name="first", actor="cli")
+    assert cli.main(["keys", "create", "--kind", "admin", "--db", str(db)]) == 0
     key = store_sqlite.add_key(conn, 1, "admin", 2, name="second", actor="dashboard:fw_ak_abc")
     (key_id,) = conn.execute("SELECT id FROM keys WHERE hash = ?", (store_sqlite.hash_key(key),))
     assert revoke(conn, 1, key_id[0], 3, "dashboard:fw_ak_abc") is None
@@ -352,6 +364,7 @@ def test_every_audited_action_leaves_one_row_and_the_log_refuses_changes(tmp_pat
         "subject.forgotten",
         "retention.purged",
     ]
+    assert rows[0][:2] == ("cli", "key.created")
     assert rows[2] == ("dashboard:fw_ak_abc", "key.revoked", key[:10])
     assert rows[4][0] == "auto-guard"
     assert all(r[2] != "u1" for r in rows[8:10])  # a forgotten person: by hash only
