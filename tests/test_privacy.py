@@ -302,7 +302,16 @@ def test_the_retention_purge_removes_old_rows_and_keeps_new_ones(tmp_path: Path)
             " ?, ?)",
             (old, old),
         )
+    with store_sqlite.transaction(conn):  # a conversation opened long ago, still going on
+        conn.execute(
+            "INSERT INTO inbox (workspace, scope, subject, key, trig, kind, title, text, html,"
+            " created_ms) VALUES (1, 'user', 'old-user', 'chat-1', 'opener', 'chat', '', '',"
+            " '', ?)",
+            (old,),
+        )
+        store_outbox.add_conversation_message(conn, 1, 1, "user", "still there?", new)
     counts = privacy.purge(conn, 1, now - 400 * DAY_MS, "cli", now)
+    assert counts["inbox"] == 1 and counts["conversation_messages"] == 1
     assert counts["batches"] == 1 and counts["firings"] == 1 and counts["outcomes"] == 1
     assert counts["outbox"] == 1  # the message still waiting to go out is kept
     assert [b.id for b in store_sqlite.read_log(conn, 1, 0, 10)] == batches[1:]

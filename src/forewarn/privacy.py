@@ -283,12 +283,6 @@ def purge(
             (workspace, before_ms),
             "DELETE FROM outbox WHERE id IN ({})",
         ),
-        "conversation_messages": _in_chunks(
-            conn,
-            "SELECT id FROM conversation_messages WHERE workspace = ? AND at_ms < ?",
-            (workspace, before_ms),
-            "DELETE FROM conversation_messages WHERE id IN ({})",
-        ),
         "inbox": _in_chunks(
             conn,
             "SELECT id FROM inbox WHERE workspace = ? AND created_ms < ?",
@@ -296,6 +290,14 @@ def purge(
             "DELETE FROM inbox WHERE id IN ({})",
         ),
     }
+    # old chat messages, and every message of a conversation whose opener went
+    counts["conversation_messages"] = _in_chunks(
+        conn,
+        "SELECT c.id FROM conversation_messages c LEFT JOIN inbox i ON i.id = c.conversation"
+        " WHERE c.workspace = ? AND (c.at_ms < ? OR i.id IS NULL)",
+        (workspace, before_ms),
+        "DELETE FROM conversation_messages WHERE id IN ({})",
+    )
     with store_sqlite.transaction(conn):
         # the subject index's blocks that no longer hold any batch of the workspace
         first = conn.execute(
