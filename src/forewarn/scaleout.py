@@ -27,6 +27,8 @@ from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import msgspec
+import psycopg
+from psycopg_pool import PoolTimeout
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
@@ -45,6 +47,9 @@ log = logging.getLogger("forewarn.scaleout")
 
 IDLE_S = 0.02  # a worker that found nothing to claim looks again after this
 INGEST_PATHS = ("/v1/", "/batch/", "/capture/", "/i/v1/", "/api/{project}/", "/webhooks/")
+
+
+API_WAIT_S = 2.0  # seconds an API request waits for a database connection
 
 
 class PgWriter(Writer):
@@ -146,8 +151,11 @@ class IngestApp(api.Forewarn):
         cached = self._keys.get(token)
         if cached is not None and (cached[0] is not None or now - cached[1] < 5.0):
             return cached[0]
-        with self.pool.connection() as conn:
-            found = store_pg.find_key(conn, token)
+        try:
+            with self.pool.connection() as conn:
+                found = store_pg.find_key(conn, token)
+        except (psycopg.Error, PoolTimeout) as exc:  # down or restarting: a 503 to retry
+            raise StoreError(f"the database is unavailable ({exc}); retry") from None
         if len(self._keys) > 10_000:
             self._keys.clear()
         self._keys[token] = (found, now)
@@ -264,7 +272,12 @@ def serve(
     triggers = load_playbooks(playbooks)
     compose.check(playbooks, triggers)
     policy = settings.policy()
-    pool = store_pg.connect(url, max_size=4 if role == "worker" else 8)
+    pool = store_pg.connect(
+        url,
+        max_size=4 if role == "worker" else 8,
+        # a request waits this long for the database, then gets a 503 to retry later
+        wait_s=None if role == "worker" else API_WAIT_S,
+    )
     try:
         write_key, admin_key = settings.env("WRITE_KEY"), settings.env("ADMIN_KEY")
         created = []
