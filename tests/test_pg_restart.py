@@ -22,7 +22,7 @@ import pytest
 
 from forewarn import store_pg
 from tests import pg
-from tests.server import WRITE_KEY, free_port
+from tests.server import ADMIN_KEY, WRITE_KEY, free_port
 from tests.test_conformance import PLAYBOOK
 from tests.test_faults import _batch
 from tests.test_scaleout import _env, _healthy, _serve, _stop, _wait_applied
@@ -111,6 +111,14 @@ def test_a_postgresql_restart_mid_load_loses_and_repeats_nothing(url: str, tmp_p
                 timeout=10,
             )
             assert r.status_code == 503, r.text
+            # not ready, and the admin API says why instead of failing
+            assert httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=10).status_code == 503
+            r = httpx.get(
+                f"http://127.0.0.1:{port}/api/v1/firings",
+                headers={"Authorization": f"Bearer {ADMIN_KEY}"},
+                timeout=10,
+            )
+            assert r.status_code == 503 and r.json()["error"]["code"] == "unavailable"
         finally:
             subprocess.run([*ctl, "start"], check=True, capture_output=True)
         sender.join(timeout=120)
@@ -129,6 +137,13 @@ def test_a_postgresql_restart_mid_load_loses_and_repeats_nothing(url: str, tmp_p
         finally:
             pool.close()
         assert len(ids) == len(set(ids)) == 10 * batches
+        # back: ready again, and the firings page through with since and limit
+        assert httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=10).status_code == 200
+        admin = {"Authorization": f"Bearer {ADMIN_KEY}"}
+        first = httpx.get(
+            f"http://127.0.0.1:{port}/api/v1/firings", params={"limit": 1}, headers=admin
+        ).json()["firings"]
+        assert len(first) <= 1
         print("answers during the run:", dict(answers))
     finally:
         _stop(processes)

@@ -35,7 +35,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
-from forewarn import api, clock, compose, live, settings, store_pg, store_sqlite
+from forewarn import api, api_outreach, clock, compose, live, settings, store_pg, store_sqlite
 from forewarn.errors import ForewarnError, InputError, NotFoundError
 from forewarn.live import Committed
 from forewarn.playbook import Trigger
@@ -50,6 +50,7 @@ INGEST_PATHS = ("/v1/", "/batch/", "/capture/", "/i/v1/", "/api/{project}/", "/w
 
 
 API_WAIT_S = 2.0  # seconds an API request waits for a database connection
+KEY_FOR_S = 60.0  # a key found is trusted this long: a revoked one stops working within it
 
 
 class PgWriter(Writer):
@@ -149,7 +150,7 @@ class IngestApp(api.Forewarn):
             return None
         now = time.monotonic()
         cached = self._keys.get(token)
-        if cached is not None and (cached[0] is not None or now - cached[1] < 5.0):
+        if cached is not None and now - cached[1] < (KEY_FOR_S if cached[0] else 5.0):
             return cached[0]
         try:
             with self.pool.connection() as conn:
@@ -171,22 +172,34 @@ def build_api(app: IngestApp) -> Starlette:
     async def firings(request: Request) -> Response:
         key = app.admin_key(request)
         q = request.query_params
+        since = q.get("since")
+        since_ms = None if since is None else api_outreach.date_time_ms(since, "since")
+        limit = api._int(q.get("limit"), 1000, "limit", 1, 10_000)
 
         def query() -> list[Any]:
             with app.pool.connection() as conn:
                 return store_pg.query_firings(
-                    conn, key.workspace, q.get("trigger"), q.get("subject")
+                    conn, key.workspace, q.get("trigger"), q.get("subject"), limit, since_ms
                 )
 
         rows = await asyncio.to_thread(query)
         body = {"firings": [live.firing_dict(r) for r in rows]}
         return Response(msgspec.json.encode(body), media_type="application/json")
 
+    async def healthz(request: Request) -> Response:
+        """Ready only while PostgreSQL answers: a load balancer then stops sending here."""
+
+        def ping() -> None:
+            with app.pool.connection(timeout=API_WAIT_S) as conn:
+                conn.execute("SELECT 1")
+
+        await asyncio.to_thread(ping)
+        return Response(b'{"ok":true}', media_type="application/json")
+
     kept = [
         r
         for r in api.routes(app)
-        if isinstance(r, Route)
-        and (r.path.startswith(INGEST_PATHS) or r.path in ("/healthz", "/openapi.json"))
+        if isinstance(r, Route) and (r.path.startswith(INGEST_PATHS) or r.path == "/openapi.json")
     ]
 
     @contextlib.asynccontextmanager
@@ -200,13 +213,27 @@ def build_api(app: IngestApp) -> Starlette:
 
     return Starlette(
         lifespan=lifespan,
-        routes=[*kept, Route("/api/v1/firings", firings, methods=["GET"])],
+        routes=[
+            *kept,
+            Route("/api/v1/firings", firings, methods=["GET"]),
+            Route("/healthz", healthz, methods=["GET"]),
+        ],
         exception_handlers={
             ForewarnError: api._forewarn_error,
             HTTPException: api._http_error,
+            psycopg.Error: _unavailable,
+            PoolTimeout: _unavailable,
             Exception: api._server_error,
         },
     )
+
+
+async def _unavailable(request: Request, exc: Exception) -> Response:
+    """PostgreSQL down, restarting or refusing a value under a request: nothing of it was
+    stored; a 503 to retry, never a 500."""
+    log.warning("%s %s: PostgreSQL failed: %s", request.method, request.url.path, exc)
+    error = StoreError(f"the database is unavailable ({type(exc).__name__}); retry")
+    return await api._forewarn_error(request, error)
 
 
 def run_worker(

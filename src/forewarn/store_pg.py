@@ -437,12 +437,14 @@ def query_firings(
     trigger: str | None = None,
     subject: str | None = None,
     limit: int = 1000,
+    since_ms: int | None = None,
 ) -> list[FiringRow]:
     rows = conn.execute(
         f"SELECT {FIRING_COLUMNS} FROM firings WHERE workspace = %s"
         " AND (%s::text IS NULL OR trig = %s) AND (%s::text IS NULL OR subject = %s)"
+        " AND (%s::bigint IS NULL OR at_ms >= %s)"
         " ORDER BY at_ms, id LIMIT %s",
-        (workspace, trigger, trigger, subject, subject, limit),
+        (workspace, trigger, trigger, subject, subject, since_ms, since_ms, limit),
     ).fetchall()
     return [tuple(r) for r in rows]
 
