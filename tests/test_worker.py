@@ -138,7 +138,7 @@ def test_a_user_partition_claimed_in_the_step_that_adopts_its_user_is_emptied(
     ]
 
 
-QUIET = playbook("""
+TWO_DAYS_QUIET = playbook("""
 triggers:
   - id: gone-quiet
     scope: account
@@ -153,7 +153,7 @@ def test_a_backlog_does_not_fire_timers_its_queued_events_would_stop(pool: store
     ws = store_pg.ensure_workspace(pool, "default", T0_MS)
     logins = [track("Login", at(days=d), "u1", "acme") for d in range(11)]
     _ingest(pool, ws, logins)
-    slow = Worker(pool, ws, QUIET, events_per_step=3)
+    slow = Worker(pool, ws, TWO_DAYS_QUIET, events_per_step=3)
     slow.run_until_idle(T0_MS + 30 * 86_400_000)
     fired = _firings(pool, ws)
     assert len(fired) == 1, fired
