@@ -619,3 +619,21 @@ def test_an_item_that_is_not_utf_8_is_rejected_alone():
 def test_messages_round_trip_through_json():
     parsed = segment(body({"batch": [track(messageId="m", timestamp=T0)]}), "batch", T0)
     assert msgspec.json.decode(msgspec.json.encode(parsed.messages[0]))["timestamp"] == iso(T0)
+
+
+def test_a_nul_character_in_an_id_rejects_that_event_only():
+    """Ids are text: a NUL inside one (which PostgreSQL's text refuses) rejects its event with
+    the reason, and the rest of the batch is stored."""
+    body = json.dumps(
+        {
+            "batch": [
+                {"type": "track", "event": "Login", "userId": "a\u0000b", "messageId": "m1"},
+                {"type": "track", "event": "Lo\u0000gin", "userId": "u", "messageId": "m2"},
+                {"type": "track", "event": "Login", "userId": "u", "messageId": "m3"},
+            ]
+        }
+    ).encode()
+    parsed = ingest.segment(body, "batch", 1_795_428_000_500)
+    assert [m["messageId"] for m in parsed.messages] == ["m3"]
+    assert [r.index for r in parsed.rejected] == [0, 1]
+    assert all("NUL character" in r.reason for r in parsed.rejected)

@@ -136,3 +136,25 @@ def test_a_user_partition_claimed_in_the_step_that_adopts_its_user_is_emptied(
     assert [(f[0], f[1], f[2]) for f in _firings(pool, ws)] == [
         (f.trigger, f.subject, f.to_dict()["at"]) for f in expected
     ]
+
+
+TWO_DAYS_QUIET = playbook("""
+triggers:
+  - id: gone-quiet
+    scope: account
+    when: {absent: {name: Login, for: 2d}}
+    action: {channel: in_app, message: Anyone there?}
+""")
+
+
+def test_a_backlog_does_not_fire_timers_its_queued_events_would_stop(pool: store_pg.Pool) -> None:
+    """A worker that claims a few events at a time, far behind the clock: an account's
+    absence must not fire between its claimed events and the ones still queued."""
+    ws = store_pg.ensure_workspace(pool, "default", T0_MS)
+    logins = [track("Login", at(days=d), "u1", "acme") for d in range(11)]
+    _ingest(pool, ws, logins)
+    slow = Worker(pool, ws, TWO_DAYS_QUIET, events_per_step=3)
+    slow.run_until_idle(T0_MS + 30 * 86_400_000)
+    fired = _firings(pool, ws)
+    assert len(fired) == 1, fired
+    assert fired[0][2] == at(days=12)  # two days after the last login, not after the third

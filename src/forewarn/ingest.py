@@ -187,6 +187,11 @@ def _accept(
     typed.timestamp = when  # already parsed: spare from_message a second parse
     typed.original_timestamp = None
     event = from_message(typed)
+    for value in (event.user_id, event.anonymous_id, event.account_id, event.name):
+        if value is not None and "\x00" in value:
+            raise EventError(
+                "an id or event name contains a NUL character (\\u0000): send text without it"
+            )
     if client_ms is not None and when != client_ms and "originalTimestamp" not in msg:
         stamp = msg.get("timestamp")
         msg["originalTimestamp"] = iso(client_ms) if stamp is None else stamp

@@ -47,7 +47,7 @@ class PgOutbox:
         try:
             with self.pool.connection() as conn:
                 yield conn
-        except psycopg.OperationalError as exc:
+        except psycopg.Error as exc:  # down, restarting, or a value refused: retried
             raise StoreError(f"PostgreSQL is unavailable ({exc}); retrying") from None
 
     @contextlib.contextmanager

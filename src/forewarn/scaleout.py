@@ -27,13 +27,15 @@ from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import msgspec
+import psycopg
+from psycopg_pool import PoolTimeout
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
-from forewarn import api, clock, compose, live, settings, store_pg, store_sqlite
+from forewarn import api, api_outreach, clock, compose, live, settings, store_pg, store_sqlite
 from forewarn.errors import ForewarnError, InputError, NotFoundError
 from forewarn.live import Committed
 from forewarn.playbook import Trigger
@@ -45,6 +47,10 @@ log = logging.getLogger("forewarn.scaleout")
 
 IDLE_S = 0.02  # a worker that found nothing to claim looks again after this
 INGEST_PATHS = ("/v1/", "/batch/", "/capture/", "/i/v1/", "/api/{project}/", "/webhooks/")
+
+
+API_WAIT_S = 2.0  # seconds an API request waits for a database connection
+KEY_FOR_S = 60.0  # a key found is trusted this long: a revoked one stops working within it
 
 
 class PgWriter(Writer):
@@ -144,10 +150,13 @@ class IngestApp(api.Forewarn):
             return None
         now = time.monotonic()
         cached = self._keys.get(token)
-        if cached is not None and (cached[0] is not None or now - cached[1] < 5.0):
+        if cached is not None and now - cached[1] < (KEY_FOR_S if cached[0] else 5.0):
             return cached[0]
-        with self.pool.connection() as conn:
-            found = store_pg.find_key(conn, token)
+        try:
+            with self.pool.connection() as conn:
+                found = store_pg.find_key(conn, token)
+        except (psycopg.Error, PoolTimeout) as exc:  # down or restarting: a 503 to retry
+            raise StoreError(f"the database is unavailable ({exc}); retry") from None
         if len(self._keys) > 10_000:
             self._keys.clear()
         self._keys[token] = (found, now)
@@ -163,22 +172,34 @@ def build_api(app: IngestApp) -> Starlette:
     async def firings(request: Request) -> Response:
         key = app.admin_key(request)
         q = request.query_params
+        since = q.get("since")
+        since_ms = None if since is None else api_outreach.date_time_ms(since, "since")
+        limit = api._int(q.get("limit"), 1000, "limit", 1, 10_000)
 
         def query() -> list[Any]:
             with app.pool.connection() as conn:
                 return store_pg.query_firings(
-                    conn, key.workspace, q.get("trigger"), q.get("subject")
+                    conn, key.workspace, q.get("trigger"), q.get("subject"), limit, since_ms
                 )
 
         rows = await asyncio.to_thread(query)
         body = {"firings": [live.firing_dict(r) for r in rows]}
         return Response(msgspec.json.encode(body), media_type="application/json")
 
+    async def healthz(request: Request) -> Response:
+        """Ready only while PostgreSQL answers: a load balancer then stops sending here."""
+
+        def ping() -> None:
+            with app.pool.connection(timeout=API_WAIT_S) as conn:
+                conn.execute("SELECT 1")
+
+        await asyncio.to_thread(ping)
+        return Response(b'{"ok":true}', media_type="application/json")
+
     kept = [
         r
         for r in api.routes(app)
-        if isinstance(r, Route)
-        and (r.path.startswith(INGEST_PATHS) or r.path in ("/healthz", "/openapi.json"))
+        if isinstance(r, Route) and (r.path.startswith(INGEST_PATHS) or r.path == "/openapi.json")
     ]
 
     @contextlib.asynccontextmanager
@@ -192,13 +213,27 @@ def build_api(app: IngestApp) -> Starlette:
 
     return Starlette(
         lifespan=lifespan,
-        routes=[*kept, Route("/api/v1/firings", firings, methods=["GET"])],
+        routes=[
+            *kept,
+            Route("/api/v1/firings", firings, methods=["GET"]),
+            Route("/healthz", healthz, methods=["GET"]),
+        ],
         exception_handlers={
             ForewarnError: api._forewarn_error,
             HTTPException: api._http_error,
+            psycopg.Error: _unavailable,
+            PoolTimeout: _unavailable,
             Exception: api._server_error,
         },
     )
+
+
+async def _unavailable(request: Request, exc: Exception) -> Response:
+    """PostgreSQL down, restarting or refusing a value under a request: nothing of it was
+    stored; a 503 to retry, never a 500."""
+    log.warning("%s %s: PostgreSQL failed: %s", request.method, request.url.path, exc)
+    error = StoreError(f"the database is unavailable ({type(exc).__name__}); retry")
+    return await api._forewarn_error(request, error)
 
 
 def run_worker(
@@ -264,7 +299,12 @@ def serve(
     triggers = load_playbooks(playbooks)
     compose.check(playbooks, triggers)
     policy = settings.policy()
-    pool = store_pg.connect(url, max_size=4 if role == "worker" else 8)
+    pool = store_pg.connect(
+        url,
+        max_size=4 if role == "worker" else 8,
+        # a request waits this long for the database, then gets a 503 to retry later
+        wait_s=None if role == "worker" else API_WAIT_S,
+    )
     try:
         write_key, admin_key = settings.env("WRITE_KEY"), settings.env("ADMIN_KEY")
         created = []

@@ -54,9 +54,16 @@ def is_url(text: str | None) -> bool:
     return bool(text) and str(text).startswith(("postgresql://", "postgres://"))
 
 
-def connect(url: str, min_size: int = 1, max_size: int = 8, timeout_s: float = 10.0) -> Pool:
+def connect(
+    url: str,
+    min_size: int = 1,
+    max_size: int = 8,
+    timeout_s: float = 10.0,
+    wait_s: float | None = None,
+) -> Pool:
     """A pool of connections to `url`, the schema migrated. A server that cannot be reached
-    is a StoreError saying so."""
+    is a StoreError saying so. `wait_s` (default `timeout_s`): how long a caller waits for a
+    connection later on, before the pool gives up (an API process answers 503 then)."""
     if not is_url(url):
         raise InputError(
             f"FOREWARN_DATABASE_URL must be a postgresql:// URL, not {url!r}: "
@@ -67,7 +74,7 @@ def connect(url: str, min_size: int = 1, max_size: int = 8, timeout_s: float = 1
         min_size=min_size,
         max_size=max_size,
         open=False,
-        timeout=timeout_s,
+        timeout=timeout_s if wait_s is None else wait_s,
         kwargs={"autocommit": True},
         name="forewarn",
     )
@@ -430,12 +437,14 @@ def query_firings(
     trigger: str | None = None,
     subject: str | None = None,
     limit: int = 1000,
+    since_ms: int | None = None,
 ) -> list[FiringRow]:
     rows = conn.execute(
         f"SELECT {FIRING_COLUMNS} FROM firings WHERE workspace = %s"
         " AND (%s::text IS NULL OR trig = %s) AND (%s::text IS NULL OR subject = %s)"
+        " AND (%s::bigint IS NULL OR at_ms >= %s)"
         " ORDER BY at_ms, id LIMIT %s",
-        (workspace, trigger, trigger, subject, subject, limit),
+        (workspace, trigger, trigger, subject, subject, since_ms, since_ms, limit),
     ).fetchall()
     return [tuple(r) for r in rows]
 

@@ -168,6 +168,18 @@ class Worker:
             ):
                 claimed[part].append((int(qid), int(received_ms), bytes(raw)))
                 ids.append(int(qid))
+            # partitions with events still queued past this step's claim: their timers may
+            # not run past what was applied (a queued event could end an absence, say)
+            behind: set[str] = set()
+            if len(ids) >= self.events_per_step:
+                behind = {
+                    str(p)
+                    for (p,) in conn.execute(
+                        "SELECT DISTINCT part FROM queue WHERE workspace = %s AND part = ANY(%s)"
+                        " AND NOT (id = ANY(%s))",
+                        (self.workspace, parts, ids),
+                    )
+                }
             stored = {
                 str(p): (bytes(s), str(b))
                 for p, s, b in conn.execute(
@@ -182,11 +194,11 @@ class Worker:
             modes = store_pg.trigger_overrides(conn, self.workspace)
             # users' own partitions first: a user an account adopts below brings all of it
             for p in users.values():
-                done.firings += self._run(conn, p, now_ms, modes)
+                done.firings += self._run(conn, p, now_ms, modes, p.name in behind)
             accounts = [p for p in loaded if p.name not in users]
             self._adopt(conn, accounts, users)
             for p in accounts:
-                done.firings += self._run(conn, p, now_ms, modes)
+                done.firings += self._run(conn, p, now_ms, modes, p.name in behind)
             done.parts = len(loaded)
             done.events = sum(len(p.events) for p in loaded)
             states = [p.runner.state for p in loaded]
@@ -324,15 +336,20 @@ class Worker:
         p: Part,
         now_ms: int,
         modes: dict[str, str],
+        behind: bool = False,
     ) -> int:
-        """Apply a partition's events and due timers, decide and record the firings. Returns
-        the number of firings."""
+        """Apply a partition's events and due timers, decide and record the firings; `behind`:
+        it has more events queued, so its timers run only up to the last event applied.
+        Returns the number of firings."""
         runner, outreach, state = p.runner, p.outreach, p.runner.state
         firings: list[Firing] = []
         for event in p.events:
             runner._apply(event, firings)
         last = p.ids[-1] if p.ids else 0
-        firings.extend(runner.advance(now_ms))
+        until = now_ms
+        if behind:
+            until = min(now_ms, max((e.timestamp_ms for e in p.events), default=0))
+        firings.extend(runner.advance(until))
         for t in self.triggers:
             spec = outreach.specs[t.id]
             mode = modes.get(t.id, t.mode)
