@@ -229,7 +229,7 @@ class _Terminal(io.StringIO):
 
 
 def test_progress_bar_shows_on_a_terminal_for_long_inputs():
-    from forewarn.cli import PROGRESS_MIN_BYTES, Progress
+    from forewarn.cli_replay import PROGRESS_MIN_BYTES, Progress
 
     screen = _Terminal()
     bar = Progress("reading big.jsonl", PROGRESS_MIN_BYTES * 2, screen)
