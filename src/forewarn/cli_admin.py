@@ -8,7 +8,7 @@ import sys
 import msgspec
 
 from forewarn import settings
-from forewarn.cli_args import Commands, embedded, env
+from forewarn.cli_args import Commands, add_store, embedded, env
 from forewarn.errors import InputError
 
 
@@ -26,8 +26,7 @@ def add_keys(commands: Commands) -> None:
         help="create (a write or admin key), vapid (a Web Push key pair, printed as settings) "
         "or identity (the secret that signs the widget's user tokens)",
     )
-    keys.add_argument("--db", default=env("DB"), help="the SQLite file")
-    keys.add_argument("--workspace", default=env("WORKSPACE"))
+    add_store(keys)
     keys.add_argument("--kind", choices=("write", "admin"), default="write")
     keys.add_argument("--name", help="a note to recognise the key by")
     keys.set_defaults(run=_keys)
@@ -84,8 +83,7 @@ def add_forget(commands: Commands) -> None:
         "server runs. Prints what was removed, as JSON.",
     )
     forget.add_argument("user", metavar="USER", help="the user id or anonymous id")
-    forget.add_argument("--db", default=env("DB"), help="the SQLite file")
-    forget.add_argument("--workspace", default=env("WORKSPACE"))
+    add_store(forget)
     forget.set_defaults(run=_forget)
 
 
@@ -114,8 +112,7 @@ def add_purge(commands: Commands) -> None:
         "older than the retention, then exit; `serve` does the same every hour when "
         "FOREWARN_RETENTION is set. Prints the rows deleted per table, as JSON.",
     )
-    purge.add_argument("--db", default=env("DB"), help="the SQLite file")
-    purge.add_argument("--workspace", default=env("WORKSPACE"))
+    add_store(purge)
     purge.add_argument(
         "--retention",
         default=env("RETENTION"),

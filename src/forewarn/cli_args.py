@@ -1,5 +1,5 @@
-"""What the command modules share: the parsing of option values, and opening the database a
-command is pointed at."""
+"""What the command modules share: the options several commands take, written once; the parsing
+of option values; and opening the database a command is pointed at."""
 
 from __future__ import annotations
 
@@ -14,6 +14,8 @@ from forewarn import settings
 from forewarn.errors import InputError
 from forewarn.model import parse_time_ms
 
+PLAYBOOKS_HELP = "a playbook file or folder"
+
 Commands: TypeAlias = "argparse._SubParsersAction[argparse.ArgumentParser]"
 
 
@@ -21,6 +23,44 @@ def env(name: str) -> str | None:
     """The FOREWARN_* setting `name`; a function of its own because commands name a local
     `settings`."""
     return settings.env(name)
+
+
+def add_playbooks(parser: argparse.ArgumentParser, *, required: bool = False) -> None:
+    """--playbooks: required by the offline commands, FOREWARN_PLAYBOOKS by default for those of
+    the server."""
+    if required:
+        parser.add_argument("--playbooks", required=True, help=PLAYBOOKS_HELP)
+    else:
+        parser.add_argument("--playbooks", default=env("PLAYBOOKS"), help=PLAYBOOKS_HELP)
+
+
+def add_db(parser: argparse.ArgumentParser, note: str | None = None) -> None:
+    """--db, FOREWARN_DB by default."""
+    parser.add_argument(
+        "--db", default=env("DB"), help="the SQLite file" + (f", {note}" if note else "")
+    )
+
+
+def add_workspace(parser: argparse.ArgumentParser, note: str | None = None) -> None:
+    """--workspace, FOREWARN_WORKSPACE by default."""
+    parser.add_argument("--workspace", default=env("WORKSPACE"), help=note)
+
+
+def add_store(parser: argparse.ArgumentParser, note: str | None = None) -> None:
+    """--db and --workspace, for the commands that read or change one workspace's data."""
+    add_db(parser, note)
+    add_workspace(parser, note)
+
+
+def add_address(parser: argparse.ArgumentParser) -> None:
+    """--host and --port of a server, FOREWARN_HOST and FOREWARN_PORT by default."""
+    parser.add_argument("--host", default=env("HOST"))
+    parser.add_argument("--port", type=int, default=env("PORT"))
+
+
+def add_format(parser: argparse.ArgumentParser, *choices: str) -> None:
+    """--format, the first choice by default."""
+    parser.add_argument("--format", choices=choices, default=choices[0])
 
 
 def until_arg(text: str | None) -> int | None:

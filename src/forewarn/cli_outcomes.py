@@ -11,6 +11,9 @@ import msgspec
 
 from forewarn.cli_args import (
     Commands,
+    add_format,
+    add_playbooks,
+    add_store,
     duration_arg,
     env,
     until_arg,
@@ -29,12 +32,11 @@ def add_report(commands: Commands) -> None:
         "read from its own event log: per trigger, the decisions, the goal and failure rates of "
         "treated and held-out subjects, precision and recall.",
     )
-    report.add_argument("--playbooks", default=env("PLAYBOOKS"), help="a playbook file or folder")
-    report.add_argument("--db", default=env("DB"), help="the SQLite file")
-    report.add_argument("--workspace", default=env("WORKSPACE"))
+    add_playbooks(report)
+    add_store(report)
     report.add_argument("--trigger", help="one trigger only")
     report.add_argument("--since", default="30d", help="the period: the last 30d")
-    report.add_argument("--format", choices=("table", "json", "csv"), default="table")
+    add_format(report, "table", "json", "csv")
     report.set_defaults(run=_report)
 
 
@@ -77,7 +79,7 @@ def add_plan(commands: Commands) -> None:
     plan.add_argument("--holdout", type=float, default=0.1, help="the trigger's holdout share")
     plan.add_argument("--per-day", type=float, default=0.0, help="the trigger's firings per day")
     plan.add_argument("--so-far", type=int, default=0, help="firings already counted")
-    plan.add_argument("--format", choices=("text", "json"), default="text")
+    add_format(plan, "text", "json")
     plan.set_defaults(run=_plan)
 
 

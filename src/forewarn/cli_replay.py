@@ -16,10 +16,13 @@ import msgspec
 
 from forewarn import decide, describe, engine, settings
 from forewarn.cli_args import (
+    PLAYBOOKS_HELP,
     Commands,
+    add_format,
+    add_playbooks,
+    add_store,
     count_arg,
     duration_arg,
-    env,
     until_arg,
     workspace_db,
 )
@@ -62,14 +65,14 @@ def add_replay(commands: Commands) -> None:
         description="Run playbooks over recorded Segment-spec events (JSONL, gzip accepted) on a "
         "virtual clock and print one JSON line per firing.",
     )
-    replay.add_argument("--playbooks", required=True, help="a playbook file or folder")
+    add_playbooks(replay, required=True)
     replay.add_argument(
         "--events",
         required=True,
         help="JSONL of Segment messages (gzip accepted), a folder of them, or - for stdin",
     )
     replay.add_argument("--until", help="run the clock on to this ISO 8601 time after the events")
-    replay.add_argument("--format", choices=("jsonl", "table"), default="jsonl")
+    add_format(replay, "jsonl", "table")
     replay.add_argument(
         "--show-rejected",
         type=count_arg,
@@ -180,7 +183,7 @@ def add_check(commands: Commands) -> None:
         help="validate playbooks and say what each trigger will do",
         description="Validate playbooks; print, per trigger, what it will do in plain words.",
     )
-    check.add_argument("playbooks", help="a playbook file or folder")
+    check.add_argument("playbooks", help=PLAYBOOKS_HELP)
     check.set_defaults(run=_check)
 
 
@@ -205,13 +208,12 @@ def add_backtest(commands: Commands) -> None:
         "per day, subjects hit more than once, overlap, what the policy would have suppressed, "
         "goal and failure rates of treated and held-out subjects, precision and recall.",
     )
-    backtest.add_argument("--playbooks", required=True, help="a playbook file or folder")
+    add_playbooks(backtest, required=True)
     backtest.add_argument("--events", help="JSONL of Segment messages (gzip accepted), a folder")
     backtest.add_argument("--since", help="read the server's log: the events of the last 30d")
-    backtest.add_argument("--db", default=env("DB"), help="the SQLite file, with --since")
-    backtest.add_argument("--workspace", default=env("WORKSPACE"), help="with --since")
+    add_store(backtest, "with --since")
     backtest.add_argument("--until", help="run the clock on to this ISO 8601 time")
-    backtest.add_argument("--format", choices=("table", "json"), default="table")
+    add_format(backtest, "table", "json")
     backtest.set_defaults(run=_backtest)
 
 

@@ -10,6 +10,10 @@ from pathlib import Path
 
 from forewarn.cli_args import (
     Commands,
+    add_address,
+    add_db,
+    add_playbooks,
+    add_workspace,
     env,
 )
 from forewarn.errors import InputError
@@ -24,11 +28,10 @@ def add_serve(commands: Commands) -> None:
         description="Run the live server on one SQLite file. Every option can also be set with "
         "its FOREWARN_* environment variable.",
     )
-    serve.add_argument("--db", default=env("DB"), help="the SQLite file")
-    serve.add_argument("--playbooks", default=env("PLAYBOOKS"), help="a playbook file or folder")
-    serve.add_argument("--host", default=env("HOST"))
-    serve.add_argument("--port", type=int, default=env("PORT"))
-    serve.add_argument("--workspace", default=env("WORKSPACE"))
+    add_db(serve)
+    add_playbooks(serve)
+    add_address(serve)
+    add_workspace(serve)
     serve.add_argument(
         "--rate-limit",
         type=int,
@@ -208,7 +211,7 @@ def add_migrate(commands: Commands) -> None:
         "FOREWARN_DATABASE_URL is set, else the SQLite file), then exit. Every process also "
         "applies them when it starts.",
     )
-    migrate.add_argument("--db", default=env("DB"), help="the SQLite file")
+    add_db(migrate)
     migrate.set_defaults(run=_migrate)
 
 
@@ -237,7 +240,7 @@ def add_deliver(commands: Commands) -> None:
         "channels, retry with back-off, dead-letter after the last attempt. `serve` runs one; "
         "more can run beside it on the same database.",
     )
-    deliver.add_argument("--db", default=env("DB"), help="the SQLite file")
+    add_db(deliver)
     deliver.add_argument(
         "--parent", type=int, metavar="PID", help="exit when the process PID is gone"
     )
@@ -260,8 +263,7 @@ def add_demo(commands: Commands) -> None:
         "URLs, and run until Ctrl-C.",
     )
     demo.add_argument("--dir", default="forewarn-demo", help="the demo's database, mail, logs")
-    demo.add_argument("--host", default=env("HOST"))
-    demo.add_argument("--port", type=int, default=env("PORT"))
+    add_address(demo)
     demo.add_argument("--accounts", type=int, default=2000, help="accounts in the product")
     demo.add_argument("--seed", type=int, default=1)
     demo.add_argument("--effect", type=float, default=0.5, help="the true effect of outreach")
