@@ -74,8 +74,8 @@ def add_plan(commands: Commands) -> None:
         "held-out subjects and the smallest change worth seeing, how many firings the "
         "comparison needs, and how many days at the trigger's current volume.",
     )
-    plan.add_argument("--baseline", type=float, required=True, help="e.g. 0.2: 20% file a ticket")
-    plan.add_argument("--effect", type=float, required=True, help="e.g. -0.05: down to 15%")
+    plan.add_argument("--baseline", type=float, required=True, help="e.g. 0.2: 20%% file a ticket")
+    plan.add_argument("--effect", type=float, required=True, help="e.g. -0.05: down to 15%%")
     plan.add_argument("--holdout", type=float, default=0.1, help="the trigger's holdout share")
     plan.add_argument("--per-day", type=float, default=0.0, help="the trigger's firings per day")
     plan.add_argument("--so-far", type=int, default=0, help="firings already counted")
