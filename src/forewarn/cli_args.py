@@ -63,15 +63,15 @@ def add_format(parser: argparse.ArgumentParser, *choices: str) -> None:
     parser.add_argument("--format", choices=choices, default=choices[0])
 
 
-def until_arg(text: str | None) -> int | None:
-    """--until as milliseconds, or None."""
+def time_arg(option: str, text: str | None) -> int | None:
+    """A time option, e.g. --until, as milliseconds; None when it is not given."""
     if not text:
         return None
     try:
         return parse_time_ms(text)
     except ValueError:
         raise InputError(
-            f"--until {text!r} is not an ISO 8601 time, e.g. 2026-11-23T00:00:00Z"
+            f"{option} {text!r} is not an ISO 8601 time, e.g. 2026-11-23T00:00:00Z"
         ) from None
 
 

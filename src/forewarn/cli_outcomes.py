@@ -16,7 +16,7 @@ from forewarn.cli_args import (
     add_store,
     duration_arg,
     env,
-    until_arg,
+    time_arg,
     workspace_db,
 )
 from forewarn.errors import InputError
@@ -163,7 +163,7 @@ def _simulate(args: argparse.Namespace) -> int:
     if (args.out is None) == (args.to is None):
         raise InputError("give --out FILE to write the events, or --to URL to send them")
     default_start = clock.now_ms() if args.realtime else 1_767_225_600_000  # 2026-01-01
-    start = until_arg(args.start) if args.start else default_start
+    start = time_arg("--start", args.start) if args.start else default_start
     assert start is not None
     reach: simulate.Reach = simulate.NO_REACH
     if args.to is not None:

@@ -23,7 +23,7 @@ from forewarn.cli_args import (
     add_store,
     count_arg,
     duration_arg,
-    until_arg,
+    time_arg,
     workspace_db,
 )
 from forewarn.errors import InputError
@@ -84,7 +84,7 @@ def add_replay(commands: Commands) -> None:
 
 def _replay(args: argparse.Namespace) -> int:
     triggers = load_playbooks(args.playbooks)
-    until_ms = until_arg(args.until)
+    until_ms = time_arg("--until", args.until)
     size = os.path.getsize(args.events) if args.events != "-" and Path(args.events).is_file() else 0
     progress = Progress(f"reading {args.events}", size)
     batch = read_events(args.events, progress)
@@ -222,7 +222,7 @@ def _backtest(args: argparse.Namespace) -> int:
     from forewarn.model import order_key
 
     triggers = load_playbooks(args.playbooks)
-    until_ms = until_arg(args.until)
+    until_ms = time_arg("--until", args.until)
     if (args.events is None) == (args.since is None):
         raise InputError("give --events FILE, or --since DURATION to read the server's own log")
     if args.events is not None:
