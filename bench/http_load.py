@@ -10,7 +10,8 @@ Two runs against one server each:
 and, as the physical reference on the same server and connections, `noop`: `GET /healthz`
 (routing and the HTTP stack, no parsing, no storage) as fast as it answers.
 
-Each batch carries one `Payment Failed` for an account of its own, so each batch makes one
+Each event carries its `timestamp` and each batch its `sentAt`, as the Segment libraries send
+them. Each batch carries one `Payment Failed` for an account of its own, so each batch makes one
 firing; event→firing latency is when the firing was recorded minus when its event was received.
 """
 
@@ -39,6 +40,7 @@ BATCH = 100
 
 def bodies(count: int, run: str) -> list[bytes]:
     out = []
+    made = int(time.time() * 1000)
     for b in range(count):
         events: list[dict[str, Any]] = [
             {
@@ -74,8 +76,17 @@ def bodies(count: int, run: str) -> list[bytes]:
                     },
                 }
             )
-        out.append(json.dumps({"batch": events}).encode())
+        # as analytics-python sends them: each event's own time, the batch's send time; the
+        # server times an event by their difference, so a body sent long after it was made
+        # still holds events of a moment ago
+        for j, event in enumerate(events):
+            event["timestamp"] = _iso(made - 1_000 + j)
+        out.append(json.dumps({"batch": events, "sentAt": _iso(made)}).encode())
     return out
+
+
+def _iso(ms: int) -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(ms // 1000)) + f".{ms % 1000:03d}Z"
 
 
 def _request(port: int, body: bytes) -> bytes:

@@ -64,6 +64,7 @@ PRUNE_EVERY_MS = 3_600_000
 # an event this far from its receipt is indexed by hash alone: its minute may be pruned first
 NEAR_MS = DAY_MS
 INDEX_VERSION = 1
+CACHE_KIB = 16_384  # page cache per connection to the index
 _HASH = struct.Struct("<q")
 _CATCH_UP_BATCHES = 2_000  # batches read from the log per transaction while catching up
 _EVENTS_FORMAT = b"\x01"  # store_sqlite.EVENTS_FORMAT: the byte before a batch's event tuples
@@ -134,6 +135,8 @@ class Index:
             # derived from the log: a write lost in a power cut is written again from it
             conn.execute("PRAGMA synchronous=NORMAL")
             conn.execute("PRAGMA busy_timeout=10000")
+            # the pages of the last minutes' ids: a bulk write and the lookups find them here
+            conn.execute(f"PRAGMA cache_size=-{CACHE_KIB}")
             version = conn.execute("PRAGMA user_version").fetchone()[0]
             if version not in (0, INDEX_VERSION):
                 raise sqlite3.DatabaseError(f"index version {version}")
