@@ -313,6 +313,29 @@ MIGRATIONS: dict[int, str | Only] = {
     BEGIN SELECT RAISE(ABORT, 'the audit log is append-only: its rows cannot be deleted'); END;
     """,
     ),
+    # the audit log on PostgreSQL too (see audit_pg), append-only as on SQLite: a trigger
+    # refuses every UPDATE and DELETE
+    8: Only(
+        "postgresql",
+        """
+    CREATE TABLE audit (
+        id INTEGER PRIMARY KEY,
+        workspace INTEGER NOT NULL,
+        at_ms INTEGER NOT NULL,
+        actor TEXT NOT NULL,
+        action TEXT NOT NULL,
+        target TEXT NOT NULL,
+        detail TEXT NOT NULL
+    );
+    CREATE INDEX audit_workspace ON audit (workspace, id);
+    CREATE FUNCTION audit_append_only() RETURNS trigger LANGUAGE plpgsql AS $$
+    BEGIN
+        RAISE EXCEPTION 'the audit log is append-only: its rows cannot be changed or deleted';
+    END $$;
+    CREATE TRIGGER audit_append_only BEFORE UPDATE OR DELETE ON audit
+    FOR EACH ROW EXECUTE FUNCTION audit_append_only();
+    """,
+    ),
 }
 
 VERSION = max(MIGRATIONS)
