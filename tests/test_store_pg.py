@@ -144,3 +144,35 @@ def test_keys_added_are_in_the_audit_log_which_cannot_be_changed(pool: store_pg.
             with pytest.raises(psycopg.errors.RaiseException, match="append-only"):
                 conn.execute(statement)
         assert len(audit_pg.read(conn, ws)) == 2
+
+
+def test_events_stored_before_version_9_get_their_person(url: str) -> None:
+    with psycopg.connect(url, autocommit=True) as conn:  # a database left at version 8
+        conn.execute("CREATE TABLE schema_version (version BIGINT NOT NULL)")
+        conn.execute("INSERT INTO schema_version VALUES (8)")
+        for version in range(1, 9):
+            for statement in schema.statements(version, "postgresql"):
+                conn.execute(statement.encode())
+        for n, message in enumerate(
+            [
+                b'{"type":"track","userId":"u1","properties":{"note":"a\\u0000b \\\\u0000"}}',
+                b'{"type":"page","userId":null,"anonymousId":"anon-7"}',
+                b'{"type":"group","userId":"","anonymousId":"anon-8","groupId":"acme"}',
+            ]
+        ):
+            conn.execute(
+                "INSERT INTO events (workspace, hash, part, received_ms, source, event, message)"
+                " VALUES (1, %s, 'account:acme', 0, 'segment', '', %s)",
+                (n, message),
+            )
+    pool = store_pg.connect(url)
+    try:
+        with pool.connection() as conn:
+            people = [r[0] for r in conn.execute("SELECT person FROM events ORDER BY id")]
+            ws = store_pg.ensure_workspace(pool, "default", T0_MS)
+            store_pg.append_batches(pool, [_append(ws, [track("Login", at(), user="u9")])])
+            newest = conn.execute("SELECT person FROM events ORDER BY id DESC LIMIT 1").fetchone()
+    finally:
+        pool.close()
+    assert people == ["u1", "anon-7", "anon-8"]
+    assert newest == ("u9",)

@@ -235,10 +235,11 @@ def lock_key(workspace: int, part: str) -> int:
 _APPEND = """
 WITH rows AS (
     SELECT * FROM unnest(%(hash)b::bigint[], %(part)b::text[], %(event)b::bytea[],
-                         %(message)b::bytea[]) WITH ORDINALITY AS r(hash, part, event, message, n)
+                         %(message)b::bytea[], %(person)b::text[])
+                  WITH ORDINALITY AS r(hash, part, event, message, person, n)
 ), stored AS (
-    INSERT INTO events (workspace, hash, part, received_ms, source, event, message)
-    SELECT %(workspace)s, hash, part, %(received_ms)s, %(source)s, event, message
+    INSERT INTO events (workspace, hash, part, received_ms, source, event, message, person)
+    SELECT %(workspace)s, hash, part, %(received_ms)s, %(source)s, event, message, person
     FROM rows ORDER BY n
     ON CONFLICT (workspace, hash) DO NOTHING
     RETURNING id, part, hash
@@ -287,6 +288,7 @@ def _append(conn: psycopg.Connection[Any], a: Append, learnt: dict[str, str]) ->
             "part": [partition(events[i], homes) for i in order],
             "event": [EVENTS_FORMAT + _pack(msgspec.structs.astuple(events[i])) for i in order],
             "message": [_json(a.messages[i]) for i in order],
+            "person": [person(events[i]) or None for i in order],
             "workspace": a.workspace,
             "received_ms": a.received_ms,
             "source": a.source,
