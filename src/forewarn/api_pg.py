@@ -8,7 +8,8 @@ refusal for the rest.
   `/api/v1/firings` and `/healthz` that `scaleout` serves.
 - `POST /api/v1/playbooks/reload` is refused, saying what to do instead: the workers load the
   playbooks when they start, so a reload is a restart of the workers, then the API processes.
-- Every other route of the embedded server answers `501` with the code `embedded_only`.
+- Every other route of the embedded server answers `501` with the code `embedded_only` (`405`,
+  with `Allow`, for another method of a path served here, such as `DELETE /api/v1/subjects/{id}`).
 
 `/openapi.json` describes exactly the operations served.
 """
@@ -16,6 +17,7 @@ refusal for the rest.
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import msgspec
@@ -118,23 +120,32 @@ def complete(app: api.Forewarn, served: list[Route]) -> list[Route]:
     async def described(request: Request) -> Response:
         return Response(body, media_type="application/json")
 
-    async def embedded_only(request: Request) -> Response:
-        if request.url.path.startswith("/api/v1/"):
-            app.admin_key(request)  # the admin API's keys, as in the embedded mode
-        raise EmbeddedOnlyError(
-            f"{request.method} {request.url.path} is served in the embedded mode only (one "
-            "process on SQLite), not by a scale-out API process: see /openapi.json for the "
-            "routes served here"
-        )
+    def embedded_only(allowed: set[str]) -> Callable[[Request], Awaitable[Response]]:
+        """The stand-in of a route served in the embedded mode only; on a path served here
+        with other methods, a 405 listing them in `Allow`."""
+
+        async def refuse(request: Request) -> Response:
+            if request.url.path.startswith("/api/v1/"):
+                app.admin_key(request)  # the admin API's keys, as in the embedded mode
+            error = EmbeddedOnlyError(
+                f"{request.method} {request.url.path} is served in the embedded mode only (one "
+                "process on SQLite), not by a scale-out API process: see /openapi.json for the "
+                "routes served here"
+            )
+            if not allowed:
+                raise error
+            response = api._json(error.to_dict(), 405)
+            response.headers["Allow"] = ", ".join(sorted(allowed))
+            return response
+
+        return refuse
 
     done = [*served, Route("/openapi.json", described, methods=["GET"])]
     for route in api.routes(app):
         if not isinstance(route, Route) or route.path == "/openapi.json":
             continue
-        methods = set(route.methods or ())
-        for r in done:
-            if r.path == route.path:
-                methods -= set(r.methods or ())
+        allowed = {m for r in done if r.path == route.path for m in r.methods or ()}
+        methods = set(route.methods or ()) - allowed
         if methods:
-            done.append(Route(route.path, embedded_only, methods=sorted(methods)))
+            done.append(Route(route.path, embedded_only(allowed), methods=sorted(methods)))
     return done
