@@ -11,6 +11,7 @@ from typing import Any
 
 import httpx
 
+from . import pg
 from . import server as srv
 from .fuzz import api_run
 
@@ -22,6 +23,20 @@ def test_the_api_holds_to_its_openapi_document(tmp_path: Path) -> None:
     assert code == 0, report
     summary = re.search(r"(\d+) generated, (\d+) passed", report)
     assert summary and summary[1] == summary[2] and int(summary[1]) > 1000, report
+
+
+def test_a_scale_out_api_process_holds_to_its_own_document(tmp_path: Path) -> None:
+    """The same against `forewarn serve --role all` on PostgreSQL: the document it serves
+    (ingest and the admin reads) and nothing else."""
+    database = pg.database()
+    url = next(database)
+    try:
+        code, report = api_run.run_scale_out(tmp_path, url, EXAMPLES)
+    finally:
+        database.close()
+    assert code == 0, report
+    summary = re.search(r"(\d+) generated, (\d+) passed", report)
+    assert summary and summary[1] == summary[2] and int(summary[1]) > 500, report
 
 
 def test_what_the_api_fuzzer_found_stays_fixed(tmp_path: Path) -> None:
