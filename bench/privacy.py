@@ -19,8 +19,9 @@ from pathlib import Path
 from typing import Any
 
 from forewarn import privacy, store_sqlite
+from forewarn.dedup import SeenIds
 from forewarn.forgotten import Forgotten, subject_hash
-from forewarn.store_sqlite import Append, SeenIds
+from forewarn.store_sqlite import Append
 
 PER_BATCH = 100
 USERS = 10_000

@@ -8,6 +8,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from forewarn import engine
+from forewarn.dedup import SeenIds
 from forewarn.engine import Firing
 from forewarn.model import Event, event_from_dict, order_key
 from forewarn.playbook import Trigger, parse_playbooks
@@ -114,6 +115,6 @@ def feed_live(conn: Any, live: Any, messages: Iterable[dict[str, Any]]) -> None:
         store_sqlite.append_batches(
             conn,
             [store_sqlite.Append(1, "t", t, [m], [str(m["messageId"])])],
-            store_sqlite.SeenIds(),
+            SeenIds(),
         )
         live.step(t)

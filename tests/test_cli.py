@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import gzip
 import io
 import json
@@ -9,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from forewarn.cli import main
+from forewarn.cli import build_parser, main
 
 ROOT = Path(__file__).resolve().parent.parent
 PLAYBOOKS = ROOT / "examples" / "playbooks"
@@ -229,7 +230,7 @@ class _Terminal(io.StringIO):
 
 
 def test_progress_bar_shows_on_a_terminal_for_long_inputs():
-    from forewarn.cli import PROGRESS_MIN_BYTES, Progress
+    from forewarn.cli_replay import PROGRESS_MIN_BYTES, Progress
 
     screen = _Terminal()
     bar = Progress("reading big.jsonl", PROGRESS_MIN_BYTES * 2, screen)
@@ -347,3 +348,18 @@ def test_plan_says_how_many_firings_and_how_long(capsys):
     assert planned["days"] == pytest.approx(planned["firings"] / 100)
     assert main(["plan", "--baseline", "1.5", "--effect", "0.1"]) == 2
     assert "between 0 and 1" in capsys.readouterr().err
+
+
+def _commands() -> list[str]:
+    for action in build_parser()._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            return list(action.choices)
+    raise AssertionError("build_parser() has no subcommands")
+
+
+@pytest.mark.parametrize("command", _commands())
+def test_every_command_prints_its_help(command: str, capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as stop:
+        main([command, "--help"])
+    assert stop.value.code == 0
+    assert capsys.readouterr().out.startswith(f"usage: forewarn {command} ")

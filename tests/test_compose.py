@@ -9,6 +9,7 @@ from typing import Any
 import pytest
 
 from forewarn import compose, links, store_outbox, store_sqlite
+from forewarn.dedup import SeenIds
 from forewarn.engine import Firing
 from forewarn.errors import PlaybookError
 from forewarn.live import LiveEngine
@@ -113,7 +114,7 @@ def test_a_message_that_cannot_be_composed_is_a_dead_letter_not_a_stopped_engine
         store_sqlite.append_batches(
             conn,
             [store_sqlite.Append(1, "t", T0_MS + i, [msg], [str(msg["messageId"])])],
-            store_sqlite.SeenIds(),
+            SeenIds(),
         )
     live.step(T0_MS + 13 * 3_600_000)
     row = conn.execute("SELECT status, reason, detail FROM outbox").fetchone()

@@ -12,6 +12,7 @@ from typing import Any
 import pytest
 
 from forewarn import engine, live, store_pg, store_sqlite
+from forewarn.dedup import SeenIds
 from forewarn.engine import Firing
 from forewarn.model import event_from_dict, format_time, order_key
 from forewarn.policy import POLICY_TRAITS, Holding, Outreach
@@ -135,7 +136,7 @@ def embedded(messages: list[dict[str, Any]], path: Path) -> list[Row]:
     """The live engine on SQLite, the log received in batches."""
     conn = store_sqlite.connect(path)
     ws = store_sqlite.ensure_workspace(conn, "default", T0_MS)
-    seen = store_sqlite.SeenIds()
+    seen = SeenIds()
     for a in _appends(ws, messages):
         store_sqlite.append_batches(conn, [a], seen)
     engine_ = live.LiveEngine(conn, ws, TRIGGERS)

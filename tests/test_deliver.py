@@ -14,6 +14,7 @@ import pytest
 
 from forewarn import decide, store_outbox, store_sqlite
 from forewarn.channels import Bounced, Failed, Gone, MemoryChannel, Outcome, Retry, Sent
+from forewarn.dedup import SeenIds
 from forewarn.deliver import InboxChannel, Worker
 from forewarn.live import LiveEngine, events_of
 
@@ -59,7 +60,7 @@ def _feed(conn: sqlite3.Connection, live: LiveEngine, message: dict[str, Any], n
     store_sqlite.append_batches(
         conn,
         [store_sqlite.Append(1, "test", now, [message], [str(message["messageId"])])],
-        store_sqlite.SeenIds(),
+        SeenIds(),
     )
     live.step(now)
 

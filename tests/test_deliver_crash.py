@@ -22,6 +22,7 @@ from typing import Any
 import standardwebhooks
 
 from forewarn import decide, store_outbox, store_sqlite
+from forewarn.dedup import SeenIds
 from forewarn.live import LiveEngine
 
 from .factories import HOUR, T0_MS, at, identify, playbook, track
@@ -70,7 +71,7 @@ def _decide_everything(db: Path) -> int:
     store_sqlite.append_batches(
         conn,
         [store_sqlite.Append(1, "test", NOON, messages, [str(m["messageId"]) for m in messages])],
-        store_sqlite.SeenIds(),
+        SeenIds(),
     )
     live.step(NOON)
     (count,) = conn.execute("SELECT count(*) FROM outbox").fetchone()

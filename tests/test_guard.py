@@ -8,6 +8,7 @@ import time
 from typing import Any
 
 from forewarn import decide, guard, store_outbox, store_sqlite
+from forewarn.dedup import SeenIds
 from forewarn.live import LiveEngine
 
 from .factories import DAY, T0_MS, at, feed_live, playbook, track
@@ -83,7 +84,7 @@ def _population(tmp_path: Any) -> tuple[Any, LiveEngine, int]:
     store_sqlite.append_batches(
         conn,
         [store_sqlite.Append(1, "t", now, tickets, [str(m["messageId"]) for m in tickets])],
-        store_sqlite.SeenIds(),
+        SeenIds(),
     )
     return conn, live, now
 
@@ -102,7 +103,7 @@ def test_the_guard_stops_the_harmful_trigger_and_leaves_the_helpful_one(tmp_path
     # the next firing of the stopped trigger is recorded, not sent
     m = track("Harmful Moment", at(days=20), "late-user")
     store_sqlite.append_batches(
-        conn, [store_sqlite.Append(1, "t", now, [m], [str(m["messageId"])])], store_sqlite.SeenIds()
+        conn, [store_sqlite.Append(1, "t", now, [m], [str(m["messageId"])])], SeenIds()
     )
     live.step(now)
     (row,) = conn.execute(

@@ -12,6 +12,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from forewarn import store_sqlite
+from forewarn.dedup import SeenIds
 from forewarn.live import LiveEngine, firing_dict
 from forewarn.model import event_from_dict, order_key
 from forewarn.sources import load_playbooks
@@ -41,7 +42,7 @@ def _append(conn: sqlite3.Connection, message: dict[str, object], received_ms: i
     store_sqlite.append_batches(
         conn,
         [store_sqlite.Append(1, "test", received_ms, [message], [str(message["messageId"])])],
-        store_sqlite.SeenIds(),  # the messages of these tests are all different
+        SeenIds(),  # the messages of these tests are all different
     )
 
 

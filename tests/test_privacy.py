@@ -13,6 +13,7 @@ import pytest
 
 from forewarn import cli, forgotten, privacy, schema, store_outbox, store_sqlite
 from forewarn.dashboard_auth import revoke
+from forewarn.dedup import SeenIds
 from forewarn.store_sqlite import Append
 
 from . import server as srv
@@ -202,7 +203,7 @@ def _append(conn: sqlite3.Connection, received_ms: int, *users: str) -> int:
     messages = [_msg(u, event="Stuck", timestamp="2026-01-01T00:00:00Z") for u in users]
     ids = [m["messageId"] for m in messages]
     (done,) = store_sqlite.append_batches(
-        conn, [Append(1, "segment", received_ms, messages, ids)], store_sqlite.SeenIds()
+        conn, [Append(1, "segment", received_ms, messages, ids)], SeenIds()
     )
     assert done.batch is not None
     return done.batch
@@ -228,7 +229,7 @@ def test_forget_on_the_command_line_rewrites_batches_and_keeps_log_positions(
     # a later append refuses them, whatever else it holds
     messages = [_msg(VICTIM, kind="alias", previousId="x"), _msg(OTHER, event="Back")]
     append = Append(1, "segment", 3_000, messages, [m["messageId"] for m in messages])
-    (done,) = store_sqlite.append_batches(conn, [append], store_sqlite.SeenIds())
+    (done,) = store_sqlite.append_batches(conn, [append], SeenIds())
     assert done.forgotten == [0] and done.stored == 1 and done.kept == [1]
     conn.close()
     assert VICTIM.encode() not in _stored(db)
@@ -254,7 +255,7 @@ def test_a_numeric_user_id_is_found_and_forgotten(tmp_path: Path) -> None:
     (stored,) = store_sqlite.append_batches(
         conn,
         [Append(1, "segment", 1, [message, other], ["m-9071", "m-other"])],
-        store_sqlite.SeenIds(),
+        SeenIds(),
     )
     assert stored.stored == 2
     forgot = privacy.forget(conn, 1, "9071", "cli", 2)

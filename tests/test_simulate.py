@@ -87,6 +87,9 @@ def test_the_command_writes_events_and_truth(tmp_path, capsys):
     ]
     assert events and all("kind" in t and "onset_ms" in t for t in truth)
     assert main(["simulate", "--accounts", "0", "--out", str(out)]) == 2
+    capsys.readouterr()
+    assert main(["simulate", "--start", "yesterday", "--out", str(out)]) == 2
+    assert "--start 'yesterday' is not an ISO 8601 time" in capsys.readouterr().err
 
 
 def test_the_world_can_be_sent_to_a_server_through_segments_client(tmp_path, capsys):

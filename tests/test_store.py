@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from forewarn import schema, store_sqlite
+from forewarn.dedup import SeenIds
 from forewarn.errors import InputError
 from forewarn.store_sqlite import Append
 
@@ -23,14 +24,14 @@ def _append(
     )
 
 
-SEEN: dict[int, store_sqlite.SeenIds] = {}
+SEEN: dict[int, SeenIds] = {}
 
 
 @pytest.fixture
 def conn(tmp_path: Path) -> Iterator[sqlite3.Connection]:
     c = store_sqlite.connect(tmp_path / "f.db")
     store_sqlite.ensure_workspace(c, "default", 0)
-    SEEN[id(c)] = store_sqlite.SeenIds()  # what the server's writer keeps beside its connection
+    SEEN[id(c)] = SeenIds()  # what the server's writer keeps beside its connection
     yield c
     del SEEN[id(c)]
 
@@ -91,23 +92,23 @@ def test_a_message_id_is_stored_once_per_workspace(conn):
 
 def test_ids_are_kept_for_at_least_the_window_then_forgotten(conn):
     day = store_sqlite.DAY_MS
-    seen = store_sqlite.SeenIds()
+    seen = SeenIds()
     h = store_sqlite.id_hash
-    seen.add(0, [h(1, "early")])
-    seen.add(6 * day + 5, [h(1, "late")])
-    seen.add(8 * day, [h(1, "day8")])  # a day 8 days after the first: the first is kept
+    seen.add(0, [h(1, "early")], [0], 1)
+    seen.add(6 * day + 5, [h(1, "late")], [6 * day], 2)
+    seen.add(8 * day, [h(1, "day8")], [8 * day], 3)  # 8 days after the first: it is kept
     assert h(1, "early") in seen and h(1, "late") in seen
     assert h(2, "early") not in seen  # another workspace
-    seen.add(9 * day, [h(1, "day9")])
+    seen.add(9 * day, [h(1, "day9")], [9 * day], 4)
     assert h(1, "early") not in seen and h(1, "late") in seen
 
 
 def test_the_ids_are_rebuilt_from_the_log(conn):
     _append(conn, ["a", "b"], received_ms=store_sqlite.DAY_MS * 100)
-    rebuilt = store_sqlite.SeenIds()
+    rebuilt = SeenIds()
     rebuilt.load(conn, store_sqlite.DAY_MS * 100 + 5)
     assert len(rebuilt) == 2 and store_sqlite.id_hash(1, "a") in rebuilt
-    later = store_sqlite.SeenIds()
+    later = SeenIds()
     later.load(conn, store_sqlite.DAY_MS * 109)
     assert len(later) == 0  # received more than the window ago
 
@@ -117,7 +118,7 @@ def test_many_requests_share_one_transaction(conn):
         Append(1, "t", 0, [{"type": "track", "event": "X", "userId": "u", "messageId": i}], [i])
         for i in ("x", "y", "x")
     ]
-    results = store_sqlite.append_batches(conn, appends, store_sqlite.SeenIds())
+    results = store_sqlite.append_batches(conn, appends, SeenIds())
     assert [r.stored for r in results] == [1, 1, 0]
     assert store_sqlite.log_end(conn, 1) == 2
 
@@ -137,9 +138,7 @@ def test_stored_events_read_back_as_their_messages_do(conn):
     ]
     events = [event_from_dict(m) for m in messages]
     ids = [str(m["messageId"]) for m in messages]
-    store_sqlite.append_batches(
-        conn, [Append(1, "t", 0, messages, ids, events)], store_sqlite.SeenIds()
-    )
+    store_sqlite.append_batches(conn, [Append(1, "t", 0, messages, ids, events)], SeenIds())
     (batch,) = store_sqlite.read_log(conn, 1, 0, 10)
     assert batch.event_rows() is not None
     assert events_of(batch) == events

@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
-from forewarn import clock, compose, engine, settings, store_sqlite
+from forewarn import clock, compose, dedup, engine, settings, store_sqlite
 from forewarn.errors import ForewarnError, NotFoundError
 from forewarn.forgotten import Forgotten
 from forewarn.live import Committed, LiveEngine, StateForgotten
@@ -68,7 +68,8 @@ class Writer:
             target=self._checkpoints, name="forewarn-checkpoint", daemon=True
         )
         self._stopped = threading.Event()
-        self.seen = store_sqlite.SeenIds()
+        where = dedup.index_path(path)
+        self.seen = dedup.SeenIds(dedup.Index(where) if where is not None else None)
         self.forgotten = Forgotten()
 
     def start(self) -> None:
@@ -77,12 +78,14 @@ class Writer:
             self.seen.load(conn, clock.now_ms())
         finally:
             conn.close()
+        self.seen.start()
         self._thread.start()
         self._checkpointer.start()
 
     def stop(self) -> None:
         self._queue.put(None)
         self._thread.join(timeout=10)
+        self.seen.stop()
         self._stopped.set()
         self._checkpointer.join(timeout=10)
 

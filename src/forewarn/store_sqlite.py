@@ -9,10 +9,8 @@ What it keeps:
   normalised to Segment-spec JSON; the row id is the log position the engine reads by.
 - each batch also keeps its events as the engine reads them (`EVENTS_FORMAT`), five times
   cheaper to read back than the messages, and a 64-bit hash of each of its message ids.
-  `SeenIds` holds the hashes of the last `DEDUP_DAYS` days in memory, rebuilt from the log at
-  start, so a client resending a batch after a timeout adds nothing. (A B-tree of message ids
-  on disk costs a random page per event: at a few thousand events per second its writes
-  outweigh everything else.)
+  `dedup.SeenIds` tells from them whether a message id was seen in the last `DEDUP_DAYS` days,
+  so a client resending a batch after a timeout adds nothing.
 - `firings`: what the engine fired and the policy decided, with its evidence.
 - the outreach (`store_outbox`): the `outbox` the delivery workers drain, consent, bounced
   addresses, suppressions, the in-app inbox (and chat openers), push subscriptions.
@@ -37,12 +35,12 @@ from typing import Any
 import msgspec
 
 from forewarn import audit, schema
+from forewarn.dedup import SeenIds
 from forewarn.errors import ForewarnError, InputError
 from forewarn.forgotten import Forgotten, among
 from forewarn.model import Event
 
 SCHEMA_VERSION = schema.VERSION
-DEDUP_DAYS = 7
 KEY_KINDS = ("write", "admin")
 _KEY_PREFIX = {"write": "fw_wk_", "admin": "fw_ak_"}
 _IN_CHUNK = 500  # message ids per `IN (...)` query
@@ -271,62 +269,6 @@ def id_hash(workspace: int, message_id: str) -> int:
     return int(_HASH.unpack(digest.digest())[0])
 
 
-class SeenIds:
-    """The message-id hashes of the last `DEDUP_DAYS` days or more, one set per day of receipt
-    (a day older than the window is dropped whole). About 60 bytes per id in memory."""
-
-    def __init__(self) -> None:
-        self.days: dict[int, set[int]] = {}
-
-    def __contains__(self, h: int) -> bool:
-        # a plain loop: any() over a generator costs more than the lookups it makes
-        for day in self.days.values():  # noqa: SIM110
-            if h in day:
-                return True
-        return False
-
-    def __len__(self) -> int:
-        return sum(len(day) for day in self.days.values())
-
-    def add(self, received_ms: int, hashes: list[int]) -> None:
-        day = received_ms // DAY_MS
-        known = self.days.get(day)
-        if known is None:
-            known = self.days[day] = set()
-            oldest = day - DEDUP_DAYS - 1  # keeps at least DEDUP_DAYS whole days behind now
-            for old in [d for d in self.days if d < oldest]:
-                del self.days[old]
-        known.update(hashes)
-
-    def load(self, conn: sqlite3.Connection, now_ms: int) -> None:
-        """Rebuild from the log: the ids of the batches received in the window."""
-        self.days.clear()
-        since = (now_ms // DAY_MS - DEDUP_DAYS - 1) * DAY_MS
-        rows = conn.execute(
-            "SELECT received_ms, ids FROM batches WHERE id >= ?", (_first_batch_at(conn, since),)
-        )
-        for received_ms, ids in rows:
-            if received_ms >= since:
-                self.add(received_ms, [h for (h,) in _HASH.iter_unpack(ids)])
-
-
-def _first_batch_at(conn: sqlite3.Connection, since_ms: int) -> int:
-    """About the first batch received at `since_ms` or later, found by bisecting the ids:
-    batches are appended in the order they are received, give or take a few milliseconds,
-    so a margin of a thousand batches is kept."""
-    low, high = 0, log_end_all(conn) + 1
-    while low < high:
-        mid = (low + high) // 2
-        row = conn.execute(
-            "SELECT received_ms FROM batches WHERE id >= ? ORDER BY id LIMIT 1", (mid,)
-        ).fetchone()
-        if row is None or row[0] >= since_ms:
-            high = mid
-        else:
-            low = mid + 1
-    return max(0, low - 1_000)
-
-
 def log_end_all(conn: sqlite3.Connection) -> int:
     return int(conn.execute("SELECT coalesce(max(id), 0) FROM batches").fetchone()[0])
 
@@ -342,17 +284,18 @@ def append_batches(
     person the workspace has forgotten. `seen` learns the new ids only once they are
     committed."""
     results: list[Appended] = []
-    added: list[tuple[int, list[int]]] = []
+    added: list[tuple[int, int, list[int], list[int]]] = []
     fresh: set[int] = set()  # ids of this transaction
     forgotten = forgotten or Forgotten()
     with transaction(conn):
         forgotten.refresh(conn)  # inside: a person forgotten before this commit is refused
         for a in appends:
-            result, hashes = _append(conn, a, seen, fresh, forgotten)
+            result, hashes, stamps = _append(conn, a, seen, fresh, forgotten)
             results.append(result)
-            added.append((a.received_ms, hashes))
-    for received_ms, hashes in added:
-        seen.add(received_ms, hashes)
+            if result.batch is not None:
+                added.append((a.received_ms, result.batch, hashes, stamps))
+    for received_ms, batch, hashes, stamps in added:
+        seen.add(received_ms, hashes, stamps, batch)
     return results
 
 
@@ -365,32 +308,40 @@ def append_within(conn: sqlite3.Connection, a: Append) -> Appended:
 
 def _append(
     conn: sqlite3.Connection, a: Append, seen: SeenIds, fresh: set[int], forgotten: Forgotten
-) -> tuple[Appended, list[int]]:
+) -> tuple[Appended, list[int], list[int]]:
+    """One request's messages into the log; also returns the hashes of the ids stored and
+    their events' times, for `seen` to learn once committed."""
     keep: list[dict[str, Any]] = []
     hashes: list[int] = []
+    stamps: list[int] = []
     duplicates: list[int] = []
     refused: list[int] = []
     kept: list[int] = []
     check = bool(forgotten.hashes.get(a.workspace))
+    received = a.received_ms
+    events = a.events
     for i, (message, mid) in enumerate(zip(a.messages, a.ids, strict=True)):
         if check and forgotten.holds(a.workspace, message):
             refused.append(i)
             continue
         h = id_hash(a.workspace, mid)
-        if h in fresh or h in seen:
+        # an event Forewarn made itself has no event to time it by: its receipt does
+        stamp = events[i].timestamp_ms if events is not None else received
+        if h in fresh or seen.seen(h, received, stamp, "sentAt" in message):
             duplicates.append(i)
             continue
         fresh.add(h)
         keep.append(message)
         kept.append(i)
         hashes.append(h)
+        stamps.append(stamp)
     whole = len(kept) == len(a.messages)
     if not keep:
-        return Appended(None, 0, duplicates, forgotten=refused), hashes
-    events = None
-    if a.events is not None:
-        kept_events = a.events if whole else [a.events[i] for i in kept]
-        events = EVENTS_FORMAT + _pack([msgspec.structs.astuple(e) for e in kept_events])
+        return Appended(None, 0, duplicates, forgotten=refused), hashes, stamps
+    packed = None
+    if events is not None:
+        kept_events = events if whole else [events[i] for i in kept]
+        packed = EVENTS_FORMAT + _pack([msgspec.structs.astuple(e) for e in kept_events])
     cur = conn.execute(
         "INSERT INTO batches (workspace, received_ms, source, count, ids, events, messages)"
         " VALUES (?, ?, ?, ?, ?, ?, ?)",
@@ -400,12 +351,13 @@ def _append(
             a.source,
             len(keep),
             struct.pack(f"<{len(hashes)}q", *hashes),
-            events,
+            packed,
             _encode(keep),
         ),
     )
     batch = int(cur.lastrowid or 0)
-    return Appended(batch, len(keep), duplicates, None if whole else kept, refused), hashes
+    appended = Appended(batch, len(keep), duplicates, None if whole else kept, refused)
+    return appended, hashes, stamps
 
 
 @dataclass

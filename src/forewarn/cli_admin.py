@@ -1,0 +1,137 @@
+"""The commands that keep a workspace: its keys, forgetting a person, and purging old data."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+import msgspec
+
+from forewarn import settings
+from forewarn.cli_args import Commands, add_store, embedded, env
+from forewarn.errors import InputError
+
+
+def add_keys(commands: Commands) -> None:
+    keys = commands.add_parser(
+        "keys",
+        help="create a write or admin key",
+        description="Create a key for a workspace (created if missing); the key is printed once "
+        "and only its hash is stored.",
+    )
+    keys.add_argument(
+        "action",
+        choices=("create", "vapid", "identity"),
+        metavar="ACTION",
+        help="create (a write or admin key), vapid (a Web Push key pair, printed as settings) "
+        "or identity (the secret that signs the widget's user tokens)",
+    )
+    add_store(keys)
+    keys.add_argument("--kind", choices=("write", "admin"), default="write")
+    keys.add_argument("--name", help="a note to recognise the key by")
+    keys.set_defaults(run=_keys)
+
+
+def _keys(args: argparse.Namespace) -> int:
+    from forewarn import clock, store_sqlite
+
+    if args.action == "identity":
+        from forewarn import widget
+
+        conn = store_sqlite.connect(args.db)
+        ws = store_sqlite.workspace_id(conn, args.workspace)
+        if ws is None:
+            ws = store_sqlite.ensure_workspace(conn, args.workspace, clock.now_ms())
+        print(widget.identity_secret(conn, ws))
+        conn.close()
+        print(
+            f"the identity secret of workspace '{args.workspace}': your backend signs each "
+            "user's widget token with it (JWT HS256, sub = user id, exp); keep it secret",
+            file=sys.stderr,
+        )
+        return 0
+    if args.action == "vapid":
+        from forewarn.channel_push import generate_vapid_keys
+
+        private, public = generate_vapid_keys()
+        print(f"FOREWARN_VAPID_PRIVATE_KEY={private}")
+        print(f"FOREWARN_VAPID_PUBLIC_KEY={public}")
+        print("a new Web Push key pair: keep the private key secret", file=sys.stderr)
+        return 0
+
+    conn = store_sqlite.connect(args.db)
+    ws = store_sqlite.workspace_id(conn, args.workspace)
+    if ws is None:
+        ws = store_sqlite.ensure_workspace(conn, args.workspace, clock.now_ms())
+    token = store_sqlite.add_key(conn, ws, args.kind, clock.now_ms(), name=args.name or "")
+    conn.close()
+    print(token)
+    print(
+        f"a new {args.kind} key for workspace '{args.workspace}': it is shown only now",
+        file=sys.stderr,
+    )
+    return 0
+
+
+def add_forget(commands: Commands) -> None:
+    forget = commands.add_parser(
+        "forget",
+        help="remove everything kept about a person and refuse their events from now on",
+        description="Remove a person's events, engine state, firings, messages, inbox and "
+        "conversations, consent, push subscriptions and outcomes from the SQLite file, and "
+        "refuse their future events (only a hash of the id is kept for that). Works while the "
+        "server runs. Prints what was removed, as JSON.",
+    )
+    forget.add_argument("user", metavar="USER", help="the user id or anonymous id")
+    add_store(forget)
+    forget.set_defaults(run=_forget)
+
+
+def _forget(args: argparse.Namespace) -> int:
+    from forewarn import clock, privacy
+
+    conn, ws = embedded(args, "forget")
+    try:
+        done = privacy.forget(conn, ws, args.user, "cli", clock.now_ms())
+    finally:
+        conn.close()
+    print(msgspec.json.encode({"forgotten": True, **done.to_dict()}).decode())
+    print(
+        f"forgot {done.events} events in {done.batches} batches and everything else kept "
+        f"about that person in workspace '{args.workspace}'; their events are refused from now on",
+        file=sys.stderr,
+    )
+    return 0
+
+
+def add_purge(commands: Commands) -> None:
+    purge = commands.add_parser(
+        "purge",
+        help="delete data older than the retention",
+        description="Delete the events, firings, outcomes, finished messages and inbox items "
+        "older than the retention, then exit; `serve` does the same every hour when "
+        "FOREWARN_RETENTION is set. Prints the rows deleted per table, as JSON.",
+    )
+    add_store(purge)
+    purge.add_argument(
+        "--retention",
+        default=env("RETENTION"),
+        help="how long to keep data, e.g. 400d (at least 8d)",
+    )
+    purge.set_defaults(run=_purge)
+
+
+def _purge(args: argparse.Namespace) -> int:
+    from forewarn import clock, privacy
+
+    keep_ms = settings.retention_ms(args.retention)
+    if not keep_ms:
+        raise InputError("no retention: give --retention 400d or set FOREWARN_RETENTION")
+    conn, ws = embedded(args, "purge")
+    try:
+        now = clock.now_ms()
+        counts = privacy.purge(conn, ws, now - keep_ms, "cli", now)
+    finally:
+        conn.close()
+    print(msgspec.json.encode(counts).decode())
+    return 0

@@ -1,0 +1,451 @@
+"""Exact message-id deduplication over `DEDUP_DAYS` days, in memory that does not grow with
+them.
+
+Clients resend a whole batch when its answer does not reach them, with the same message ids,
+and the log must not take those events twice. A 64-bit hash of each id (`store_sqlite.id_hash`)
+is what is compared.
+
+- **In memory**: the hashes received in the last `MEMORY_MS`, one set per minute of receipt,
+  plus any not yet written to disk.
+- **On disk**: an index beside the database (`<database>-ids`, SQLite), written in bulk every
+  `FLUSH_EVERY_S` by a thread of its own. It is derived from the log, so it needs no fsync of
+  its own: it records the last batch it holds and catches up from the log when it starts.
+  Rows are keyed by the minute of the event's time, so each bulk write touches the few pages
+  of the last minutes instead of a random page per id (a B-tree keyed by the hash alone costs
+  a random page per event, which at a few thousand events a second outweighs everything
+  else the store writes).
+
+Which new ids need a look on disk: a resent message carries its event's original time. For a
+message sent with `sentAt`, the skew-corrected time of the resend differs from the original's
+only by how much longer one request took in transit than the other (at most `JITTER_MS`), and
+the original's corrected time is at or before its receipt. So a message with `sentAt` whose
+corrected time is at most `MEMORY_MS - JITTER_MS` old was, if it is a resend, received within
+the memory window: memory answers. Everything else is looked up on disk:
+
+- events older than that (a phone's queue sent after a day offline), by the minutes within
+  `JITTER_MS` of their time;
+- messages without `sentAt`, whose time is the client's own timestamp, the same in every
+  resend, by the minute of that time;
+- messages without any time (their time is their receipt) and events more than a day from
+  their receipt, by hash alone, in a second table kept by day of receipt.
+
+Live traffic from the Segment, PostHog and Sentry clients carries `sentAt`, so it rarely
+touches the disk.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import queue
+import sqlite3
+import struct
+import threading
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import msgspec
+
+from forewarn import clock
+from forewarn.model import parse_time_ms
+
+log = logging.getLogger(__name__)
+
+DEDUP_DAYS = 7
+DAY_MS = 86_400_000
+MINUTE_MS = 60_000
+MEMORY_MS = 3 * MINUTE_MS
+JITTER_MS = MINUTE_MS
+FLUSH_EVERY_S = 5.0
+PRUNE_EVERY_MS = 3_600_000
+# an event this far from its receipt is indexed by hash alone: its minute may be pruned first
+NEAR_MS = DAY_MS
+INDEX_VERSION = 1
+_HASH = struct.Struct("<q")
+_CATCH_UP_BATCHES = 2_000  # batches read from the log per transaction while catching up
+_EVENTS_FORMAT = b"\x01"  # store_sqlite.EVENTS_FORMAT: the byte before a batch's event tuples
+_TIME_FIELD = 7  # model.Event's timestamp_ms in those tuples
+_unpack_rows = msgspec.msgpack.Decoder(list[tuple[Any, ...]]).decode
+_decode_messages = msgspec.json.Decoder(list[dict[str, Any]]).decode
+
+_SCHEMA = (
+    "CREATE TABLE IF NOT EXISTS ids_at (minute INTEGER NOT NULL, h INTEGER NOT NULL,"
+    " PRIMARY KEY (minute, h)) WITHOUT ROWID",
+    "CREATE TABLE IF NOT EXISTS ids_only (h INTEGER PRIMARY KEY, day INTEGER NOT NULL)"
+    " WITHOUT ROWID",
+    "CREATE INDEX IF NOT EXISTS ids_only_day ON ids_only (day)",
+    "CREATE TABLE IF NOT EXISTS upto (one INTEGER PRIMARY KEY CHECK (one = 1),"
+    " batch INTEGER NOT NULL)",
+)
+
+
+def index_path(database: str | Path) -> Path | None:
+    """Where the index of `database` lives; None for an in-memory database."""
+    text = str(database)
+    if text == ":memory:" or text.startswith("file::memory:"):
+        return None
+    return Path(text + "-ids")
+
+
+def on_disk_only(received_ms: int, stamp: int) -> bool:
+    """Whether an event is indexed by hash alone: it has no time of its own (its time is its
+    receipt) or its time is over `NEAR_MS` from its receipt."""
+    return stamp == received_ms or not received_ms - NEAR_MS <= stamp < received_ms + NEAR_MS
+
+
+def needs_disk(received_ms: int, stamp: int, sent: bool) -> bool:
+    """Whether memory alone cannot tell if this message was seen before (see the module)."""
+    return not sent or not received_ms - (MEMORY_MS - JITTER_MS) <= stamp < received_ms
+
+
+@dataclass
+class _Flush:
+    batch: int
+    received_ms: int
+    hashes: list[int]
+    stamps: list[int]
+
+
+@dataclass
+class _Pending:
+    """Entries committed to the log but not yet to the index, per minute of receipt."""
+
+    lock: threading.Lock = field(default_factory=threading.Lock)
+    minutes: dict[int, int] = field(default_factory=dict)
+
+
+class Index:
+    """The on-disk part: `ids_at` keyed by (minute of the event's time, hash), `ids_only` by
+    hash with its day of receipt, and `upto`, the last log batch written."""
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+        self._reader: sqlite3.Connection | None = None
+
+    def open(self) -> sqlite3.Connection:
+        conn = sqlite3.connect(
+            str(self.path), timeout=10.0, isolation_level=None, check_same_thread=False
+        )
+        try:
+            conn.execute("PRAGMA journal_mode=WAL")
+            # derived from the log: a write lost in a power cut is written again from it
+            conn.execute("PRAGMA synchronous=NORMAL")
+            conn.execute("PRAGMA busy_timeout=10000")
+            version = conn.execute("PRAGMA user_version").fetchone()[0]
+            if version not in (0, INDEX_VERSION):
+                raise sqlite3.DatabaseError(f"index version {version}")
+            for statement in _SCHEMA:
+                conn.execute(statement)
+            conn.execute(f"PRAGMA user_version={INDEX_VERSION}")
+        except sqlite3.Error:
+            conn.close()
+            raise
+        return conn
+
+    def reader(self) -> sqlite3.Connection:
+        if self._reader is None:
+            self._reader = self.open()
+        return self._reader
+
+    def close(self) -> None:
+        if self._reader is not None:
+            self._reader.close()
+            self._reader = None
+
+    def holds(self, h: int, stamp: int, sent: bool) -> bool:
+        """Whether `h` is on disk, for a message whose (corrected) time is `stamp`; `sent`
+        says whether it came with `sentAt`, in which case its time may be `JITTER_MS` off the
+        original's."""
+        conn = self.reader()
+        # fetchall, not fetchone: a statement left unfinished keeps its read transaction open,
+        # and with it a snapshot that would miss later writes and keep the WAL from shrinking
+        if conn.execute("SELECT 1 FROM ids_only WHERE h = ?", (h,)).fetchall():
+            return True
+        if sent:
+            first, last = (stamp - JITTER_MS) // MINUTE_MS, (stamp + JITTER_MS) // MINUTE_MS
+        else:
+            first = last = stamp // MINUTE_MS
+        minutes = ",".join(str(m) for m in range(first, last + 1))
+        rows = conn.execute(
+            f"SELECT 1 FROM ids_at WHERE minute IN ({minutes}) AND h = ? LIMIT 1", (h,)
+        ).fetchall()
+        return bool(rows)
+
+    @staticmethod
+    def write(conn: sqlite3.Connection, entries: list[_Flush]) -> None:
+        """Add entries in one transaction and move `upto` to the last of their batches."""
+        at: list[tuple[int, int]] = []
+        only: list[tuple[int, int]] = []
+        for e in entries:
+            day = e.received_ms // DAY_MS
+            for h, stamp in zip(e.hashes, e.stamps, strict=True):
+                if on_disk_only(e.received_ms, stamp):
+                    only.append((h, day))
+                else:
+                    at.append((stamp // MINUTE_MS, h))
+        at.sort()
+        with _transaction(conn):
+            conn.executemany("INSERT OR IGNORE INTO ids_at VALUES (?, ?)", at)
+            conn.executemany("INSERT OR IGNORE INTO ids_only VALUES (?, ?)", only)
+            if entries:
+                conn.execute(
+                    "INSERT INTO upto VALUES (1, ?) ON CONFLICT (one) DO UPDATE"
+                    " SET batch = max(batch, excluded.batch)",
+                    (max(e.batch for e in entries),),
+                )
+
+    @staticmethod
+    def upto(conn: sqlite3.Connection) -> int:
+        row = conn.execute("SELECT batch FROM upto").fetchone()
+        return int(row[0]) if row else 0
+
+    @staticmethod
+    def prune(conn: sqlite3.Connection, now_ms: int) -> int:
+        """Drop what is older than the window; returns the rows removed."""
+        # an id kept in `ids_at` has a time within NEAR_MS of a receipt in the window
+        minute = (now_ms - (DEDUP_DAYS + 1) * DAY_MS - NEAR_MS - JITTER_MS) // MINUTE_MS
+        day = now_ms // DAY_MS - DEDUP_DAYS - 1
+        removed = 0
+        with _transaction(conn):
+            removed += conn.execute("DELETE FROM ids_at WHERE minute < ?", (minute,)).rowcount
+            removed += conn.execute("DELETE FROM ids_only WHERE day < ?", (day,)).rowcount
+        return removed
+
+
+@contextlib.contextmanager
+def _transaction(conn: sqlite3.Connection) -> Iterator[None]:
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        yield
+    except BaseException:
+        conn.execute("ROLLBACK")
+        raise
+    conn.execute("COMMIT")
+
+
+class SeenIds:
+    """The message-id hashes seen in the last `DEDUP_DAYS` days or more.
+
+    Without an index (`index=None`), all of them are kept in memory, about 60 bytes each, one
+    set per day of receipt: for tests and tools that hold a log briefly. With one, memory
+    keeps `MEMORY_MS` of them and a thread writes them to the index (`start`, `stop`)."""
+
+    def __init__(self, index: Index | None = None) -> None:
+        self.index = index
+        self.slot_ms = MINUTE_MS if index is not None else DAY_MS
+        # received before now minus this, a slot is dropped (if written to the index)
+        self.keep_ms = MEMORY_MS if index is not None else (DEDUP_DAYS + 1) * DAY_MS
+        self.slots: dict[int, set[int]] = {}
+        self._pending = _Pending()
+        self._queue: queue.SimpleQueue[_Flush] = queue.SimpleQueue()
+        self._waiting: list[_Flush] = []  # taken from the queue, not yet written
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self.disk_lookups = 0  # how many ids memory could not settle
+
+    # --- the writer's side: one thread asks and adds --------------------------------------
+
+    def __contains__(self, h: int) -> bool:
+        """Whether `h` is in memory."""
+        # a plain loop: any() over a generator costs more than the lookups it makes
+        for slot in self.slots.values():  # noqa: SIM110
+            if h in slot:
+                return True
+        return False
+
+    def __len__(self) -> int:
+        return sum(len(slot) for slot in self.slots.values())
+
+    def seen(self, h: int, received_ms: int, stamp: int, sent: bool) -> bool:
+        """Whether `h` was seen before: in memory, else on disk where memory cannot tell."""
+        if h in self:
+            return True
+        if self.index is None or not needs_disk(received_ms, stamp, sent):
+            return False
+        self.disk_lookups += 1
+        return self.index.holds(h, stamp, sent)
+
+    def add(self, received_ms: int, hashes: list[int], stamps: list[int], batch: int) -> None:
+        """Learn the ids of a committed batch (`stamps`: their events' times)."""
+        slot = received_ms // self.slot_ms
+        known = self.slots.get(slot)
+        if known is None:
+            known = self.slots[slot] = set()
+            self._drop_old(received_ms)
+        known.update(hashes)
+        if self.index is not None:
+            with self._pending.lock:
+                self._pending.minutes[slot] = self._pending.minutes.get(slot, 0) + 1
+            self._queue.put(_Flush(batch, received_ms, hashes, stamps))
+
+    def _drop_old(self, now_ms: int) -> None:
+        """Drop the slots wholly older than the memory window whose ids are on disk."""
+        oldest = (now_ms - self.keep_ms) // self.slot_ms  # this slot holds ids still in it
+        with self._pending.lock:
+            pending = self._pending.minutes
+            for old in [s for s in self.slots if s < oldest and not pending.get(s)]:
+                del self.slots[old]
+
+    # --- start: memory and index from the log ---------------------------------------------
+
+    def load(self, conn: sqlite3.Connection, now_ms: int) -> None:
+        """Bring the index up to the log's end (the batches it missed: the last seconds
+        before a stop, or the whole window the first time) and memory to the window."""
+        self.slots.clear()
+        since = _since(now_ms, self.keep_ms, self.slot_ms)
+        if self.index is not None:
+            self._catch_up(conn, now_ms)
+        first = _first_batch_at(conn, since)
+        rows = conn.execute("SELECT received_ms, ids FROM batches WHERE id >= ?", (first,))
+        for received_ms, ids in rows:
+            if received_ms >= since:
+                slot = self.slots.setdefault(received_ms // self.slot_ms, set())
+                slot.update(h for (h,) in _HASH.iter_unpack(ids))
+
+    def _catch_up(self, conn: sqlite3.Connection, now_ms: int) -> None:
+        assert self.index is not None
+        try:
+            index = self.index.open()
+        except sqlite3.OperationalError:  # a full disk, say: not a reason to throw it away
+            raise
+        except sqlite3.DatabaseError as exc:  # damaged or from another version: built again
+            log.warning(
+                "the message-id index %s is unusable (%s): rebuilding it", self.index.path, exc
+            )
+            self.index.close()
+            for suffix in ("", "-wal", "-shm"):
+                with contextlib.suppress(FileNotFoundError):
+                    os.remove(f"{self.index.path}{suffix}")
+            index = self.index.open()
+        try:
+            after = max(
+                Index.upto(index),
+                _first_batch_at(conn, _since(now_ms, DEDUP_DAYS * DAY_MS + DAY_MS, DAY_MS)) - 1,
+            )
+            total = 0
+            while True:
+                rows = conn.execute(
+                    "SELECT id, received_ms, ids, events, messages FROM batches WHERE id > ?"
+                    " ORDER BY id LIMIT ?",
+                    (after, _CATCH_UP_BATCHES),
+                ).fetchall()
+                if not rows:
+                    break
+                Index.write(index, [_from_row(*row) for row in rows])
+                after = rows[-1][0]
+                total += len(rows)
+                if total >= 10 * _CATCH_UP_BATCHES:
+                    log.info("message-id index: %d batches written from the log", total)
+            Index.prune(index, now_ms)
+        finally:
+            index.close()
+
+    # --- the thread that writes the index -------------------------------------------------
+
+    def start(self) -> None:
+        if self.index is None or self._thread is not None:
+            return
+        self._stop.clear()
+        self._thread = threading.Thread(target=self._run, name="forewarn-dedup", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        """Write what is queued and stop the thread."""
+        if self._thread is None:
+            return
+        self._stop.set()
+        self._thread.join(timeout=30)
+        self._thread = None
+        if self.index is not None:
+            self.index.close()
+
+    def flush(self, conn: sqlite3.Connection) -> None:
+        """Write the queued ids to the index now (the thread does every `FLUSH_EVERY_S`); on
+        an error they stay queued, and in memory."""
+        while True:
+            try:
+                self._waiting.append(self._queue.get_nowait())
+            except queue.Empty:
+                break
+        if not self._waiting:
+            return
+        Index.write(conn, self._waiting)
+        with self._pending.lock:
+            pending = self._pending.minutes
+            for e in self._waiting:
+                slot = e.received_ms // self.slot_ms
+                left = pending.get(slot, 0) - 1
+                if left > 0:
+                    pending[slot] = left
+                else:
+                    pending.pop(slot, None)
+        self._waiting = []
+
+    def _run(self) -> None:
+        assert self.index is not None
+        conn: sqlite3.Connection | None = None
+        failing = False
+        pruned_ms = clock.now_ms()
+        while True:
+            stopping = self._stop.wait(FLUSH_EVERY_S)
+            try:
+                if conn is None:
+                    conn = self.index.open()
+                self.flush(conn)
+                now = clock.now_ms()
+                if now - pruned_ms >= PRUNE_EVERY_MS:
+                    Index.prune(conn, now)
+                    pruned_ms = now
+            except sqlite3.Error as exc:  # a full disk, say: memory keeps the ids meanwhile
+                if not failing:
+                    log.warning("cannot write the message-id index (%s): retrying", exc)
+                failing = True
+            else:
+                if failing:
+                    log.warning("the message-id index is written again")
+                failing = False
+            if stopping:
+                break
+        if conn is not None:
+            conn.close()
+
+
+def _since(now_ms: int, keep_ms: int, slot_ms: int) -> int:
+    return (now_ms - keep_ms) // slot_ms * slot_ms
+
+
+def _from_row(
+    batch: int, received_ms: int, ids: bytes, events: bytes | None, messages: bytes
+) -> _Flush:
+    """A logged batch as an index entry: its id hashes with their events' times."""
+    hashes = [h for (h,) in _HASH.iter_unpack(ids)]
+    stamps: list[int] | None = None
+    if events is not None and events[:1] == _EVENTS_FORMAT:
+        stamps = [int(row[_TIME_FIELD]) for row in _unpack_rows(events[1:])]
+    else:
+        with contextlib.suppress(msgspec.DecodeError, ValueError, TypeError, KeyError):
+            stamps = [parse_time_ms(m["timestamp"]) for m in _decode_messages(messages)]
+    if stamps is None or len(stamps) != len(hashes):  # by hash alone: found whatever its time
+        stamps = [received_ms] * len(hashes)
+    return _Flush(batch, received_ms, hashes, stamps)
+
+
+def _first_batch_at(conn: sqlite3.Connection, since_ms: int) -> int:
+    """About the first batch received at `since_ms` or later, found by bisecting the ids:
+    batches are appended in the order they are received, give or take a few milliseconds,
+    so a margin of a thousand batches is kept."""
+    low = 0
+    high = int(conn.execute("SELECT coalesce(max(id), 0) FROM batches").fetchone()[0]) + 1
+    while low < high:
+        mid = (low + high) // 2
+        row = conn.execute(
+            "SELECT received_ms FROM batches WHERE id >= ? ORDER BY id LIMIT 1", (mid,)
+        ).fetchone()
+        if row is None or row[0] >= since_ms:
+            high = mid
+        else:
+            low = mid + 1
+    return max(0, low - 1_000)

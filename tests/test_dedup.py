@@ -1,0 +1,256 @@
+"""Message-id deduplication over a week in bounded memory: recent ids in memory, older ones in
+the on-disk index beside the database, found again whichever way the message was timed."""
+
+from __future__ import annotations
+
+import sqlite3
+from pathlib import Path
+from typing import Any
+
+import msgspec
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from forewarn import dedup, ingest, store_sqlite
+from forewarn.dedup import DAY_MS, JITTER_MS, MEMORY_MS, MINUTE_MS, Index, SeenIds
+from forewarn.store_sqlite import Append
+
+T0 = 1_790_000_000_000  # 2026-09-21
+
+
+def _message(mid: str, stamp: int | None, sent: int | None) -> dict[str, Any]:
+    m: dict[str, Any] = {"type": "track", "event": "Clicked", "userId": "u1", "messageId": mid}
+    if stamp is not None:
+        m["timestamp"] = ingest.iso(stamp)
+    if sent is not None:
+        m["sentAt"] = ingest.iso(sent)
+    return m
+
+
+def _send(
+    conn: sqlite3.Connection, seen: SeenIds, received_ms: int, *messages: dict[str, Any]
+) -> list[int]:
+    """The messages as one Segment batch received at `received_ms`; returns the indexes the
+    store found to be duplicates."""
+    body = msgspec.json.encode({"batch": list(messages)})
+    parsed = ingest.segment(body, "batch", received_ms)
+    assert not parsed.rejected, parsed.rejected
+    ids = [str(m["messageId"]) for m in parsed.messages]
+    append = Append(1, "segment", received_ms, parsed.messages, ids, parsed.events)
+    (done,) = store_sqlite.append_batches(conn, [append], seen)
+    return done.duplicates
+
+
+def _flush(seen: SeenIds) -> None:
+    assert seen.index is not None
+    conn = seen.index.open()
+    try:
+        seen.flush(conn)
+    finally:
+        conn.close()
+
+
+def _filler(conn: sqlite3.Connection, seen: SeenIds, received_ms: int, n: int = 1) -> None:
+    """Fresh traffic at `received_ms`: moves memory's window on."""
+    for i in range(n):
+        _send(conn, seen, received_ms, _message(f"fill-{received_ms}-{i}", received_ms - 5, None))
+
+
+def _store(tmp_path: Path) -> tuple[sqlite3.Connection, SeenIds]:
+    db = tmp_path / "forewarn.db"
+    conn = store_sqlite.connect(db)
+    where = dedup.index_path(db)
+    assert where is not None
+    seen = SeenIds(Index(where))
+    seen.load(conn, T0)
+    return conn, seen
+
+
+def test_a_resend_after_memory_moved_on_is_found_on_disk(tmp_path):
+    conn, seen = _store(tmp_path)
+    # a Segment client: event at T0 - 2 s, sent at T0 - 1 s on a clock 10 minutes fast
+    fast = 600_000
+    original = _message("m-1", T0 - 2_000 + fast, T0 - 1_000 + fast)
+    assert _send(conn, seen, T0, original) == []
+    _flush(seen)
+    _filler(conn, seen, T0 + 3 * DAY_MS)  # three days on: memory holds none of T0's ids
+    _flush(seen)
+    assert store_sqlite.id_hash(1, "m-1") not in seen
+    resent = _message("m-1", T0 - 2_000 + fast, T0 + 3 * DAY_MS - 500 + fast)
+    assert _send(conn, seen, T0 + 3 * DAY_MS, resent) == [0]
+    assert seen.disk_lookups >= 1
+
+
+def test_a_resend_in_another_request_that_took_longer_in_transit_is_found(tmp_path):
+    conn, seen = _store(tmp_path)
+    assert _send(conn, seen, T0 + 100, _message("m-1", T0 - 1_000, T0)) == []
+    _flush(seen)
+    _filler(conn, seen, T0 + DAY_MS)
+    # the resend's request spent almost the whole jitter allowance longer on the way
+    late = T0 + DAY_MS + JITTER_MS - 1_000
+    assert _send(conn, seen, late, _message("m-1", T0 - 1_000, T0 + DAY_MS)) == [0]
+
+
+def test_a_resend_slower_on_the_way_than_its_original_is_looked_for_on_disk(tmp_path):
+    conn, seen = _store(tmp_path)
+    start = T0 // MINUTE_MS * MINUTE_MS + 59_000  # the end of a minute
+    assert _send(conn, seen, start, _message("m-1", start - 1_000, start)) == []
+    _flush(seen)
+    again = start + 1_000 + MEMORY_MS  # memory has just let the original's minute go
+    _filler(conn, seen, again)
+    assert store_sqlite.id_hash(1, "m-1") not in seen
+    # 50 s longer on the way: its corrected time is within memory's reach, yet the
+    # original was received before it
+    slow = _message("m-1", start - 1_000, again - (JITTER_MS - 10_000))
+    assert _send(conn, seen, again, slow) == [0]
+
+
+def test_messages_without_sent_at_or_without_any_time_are_found_on_disk(tmp_path):
+    conn, seen = _store(tmp_path)
+    timed = _message("timed", T0 - 42_000, None)  # the client's clock, the same in each resend
+    untimed = _message("untimed", None, None)  # timed by its receipt, different in each
+    assert _send(conn, seen, T0, timed, untimed) == []
+    _flush(seen)
+    _filler(conn, seen, T0 + 6 * DAY_MS)
+    _flush(seen)
+    assert len(seen) == 1  # the filler alone
+    assert _send(conn, seen, T0 + 6 * DAY_MS + 1, timed, untimed) == [0, 1]
+
+
+def test_an_event_a_day_older_than_its_receipt_is_kept_for_the_whole_window(tmp_path):
+    conn, seen = _store(tmp_path)
+    old = T0 - 30 * DAY_MS  # a phone's queue, sent after a month offline
+    assert _send(conn, seen, T0, _message("queued", old, T0 - 10)) == []
+    _flush(seen)
+    index = Index(seen.index.path).open()  # type: ignore[union-attr]
+    Index.prune(index, T0 + 6 * DAY_MS)
+    index.close()
+    _filler(conn, seen, T0 + 6 * DAY_MS)
+    assert _send(conn, seen, T0 + 6 * DAY_MS, _message("queued", old, T0 + 6 * DAY_MS)) == [0]
+
+
+def test_memory_holds_only_the_window_once_the_index_has_the_rest(tmp_path):
+    conn, seen = _store(tmp_path)
+    for minute in range(30):
+        _filler(conn, seen, T0 + minute * MINUTE_MS, n=3)
+        _flush(seen)
+    window_minutes = MEMORY_MS // MINUTE_MS
+    assert len(seen.slots) <= window_minutes + 1
+    assert len(seen) <= 3 * (window_minutes + 1)
+
+
+def test_ids_not_yet_on_disk_stay_in_memory(tmp_path):
+    conn, seen = _store(tmp_path)
+    _send(conn, seen, T0, _message("m-1", T0 - 5, T0 - 1))
+    _filler(conn, seen, T0 + DAY_MS)  # the index has not been written: memory keeps T0's ids
+    assert store_sqlite.id_hash(1, "m-1") in seen
+    assert _send(conn, seen, T0 + DAY_MS, _message("m-1", T0 - 5, T0 + DAY_MS)) == [0]
+
+
+def test_after_a_crash_the_index_catches_up_from_the_log(tmp_path):
+    conn, seen = _store(tmp_path)
+    _send(conn, seen, T0, _message("m-1", T0 - 5, T0 - 1), _message("m-2", None, None))
+    # never written to the index: the process died
+    restarted = SeenIds(Index(seen.index.path))  # type: ignore[union-attr]
+    restarted.load(conn, T0 + 2 * DAY_MS)
+    assert len(restarted) == 0  # memory holds only its window
+    later = T0 + 2 * DAY_MS
+    resent = (_message("m-1", T0 - 5, later), _message("m-2", None, None))
+    assert _send(conn, restarted, later, *resent) == [0, 1]
+
+
+def test_a_damaged_index_is_built_again_from_the_log(tmp_path):
+    conn, seen = _store(tmp_path)
+    _send(conn, seen, T0, _message("m-1", T0 - 5, T0 - 1))
+    _flush(seen)
+    seen.index.close()  # type: ignore[union-attr]
+    path = seen.index.path  # type: ignore[union-attr]
+    path.write_bytes(b"not a database" * 100)
+    rebuilt = SeenIds(Index(path))
+    rebuilt.load(conn, T0 + DAY_MS)
+    assert _send(conn, rebuilt, T0 + DAY_MS, _message("m-1", T0 - 5, T0 + DAY_MS)) == [0]
+
+
+def test_the_index_forgets_what_is_older_than_the_window(tmp_path):
+    conn, seen = _store(tmp_path)
+    _send(conn, seen, T0, _message("m-1", T0 - 5, T0 - 1), _message("m-2", None, None))
+    _flush(seen)
+    index = seen.index.open()  # type: ignore[union-attr]
+    assert Index.prune(index, T0 + 7 * DAY_MS) == 0  # the week is kept
+    assert Index.prune(index, T0 + 11 * DAY_MS) == 2
+    index.close()
+
+
+def test_the_server_writes_the_index_beside_the_database(tmp_path):
+    from forewarn.server import Writer
+
+    db = tmp_path / "forewarn.db"
+    store_sqlite.connect(db).close()
+    writer = Writer(db)
+    writer.start()
+    writer.stop()  # writes what is queued
+    assert (tmp_path / "forewarn.db-ids").exists()
+    assert dedup.index_path(":memory:") is None
+
+
+# --- against a week of resends, the same answers as remembering every id ---------------------
+
+_client = st.tuples(
+    st.integers(-3_600_000, 3_600_000),  # the client's clock error
+    st.booleans(),  # whether it sends sentAt
+    st.booleans(),  # whether it sends a timestamp
+)
+_sending = st.lists(
+    st.tuples(
+        st.integers(0, 7),  # message
+        st.integers(0, 6 * DAY_MS),  # how long after the first the request was received
+        st.integers(0, JITTER_MS // 2),  # time in transit
+        st.booleans(),  # the index written after this request
+    ),
+    min_size=1,
+    max_size=25,
+)
+
+
+@settings(
+    max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(
+    client=_client,
+    sending=_sending,
+    ages=st.lists(st.integers(0, 2 * DAY_MS), min_size=8, max_size=8),
+)
+def test_within_a_week_every_resend_is_a_duplicate_and_nothing_else_is(
+    tmp_path_factory, client, sending, ages
+):
+    skew, with_sent, with_time = client
+    conn, seen = _store(tmp_path_factory.mktemp("dedup"))
+    accepted: set[int] = set()
+    happened: dict[int, int] = {}  # each message's event, on the server's clock
+    for message, after, transit, flush in sorted(sending, key=lambda s: s[1]):
+        received = T0 + after
+        happened.setdefault(message, received - transit - ages[message])
+        m = _message(
+            f"id-{message}",
+            happened[message] + skew if with_time else None,
+            received - transit + skew if with_sent else None,
+        )
+        duplicates = _send(conn, seen, received, m)
+        assert duplicates == ([0] if message in accepted else [])
+        accepted.add(message)
+        if flush:
+            _flush(seen)
+
+
+def test_a_lookup_sees_what_was_written_after_the_previous_lookup(tmp_path):
+    index = Index(tmp_path / "ids")
+    assert not index.holds(42, T0, sent=False)
+    writer = index.open()
+    Index.write(writer, [dedup._Flush(1, T0 + 5, [42], [T0])])
+    assert index.holds(42, T0, sent=False)
+    Index.write(writer, [dedup._Flush(2, T0 + 5, [43], [T0])])
+    assert index.holds(43, T0, sent=True)
+    writer.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+    assert (tmp_path / "ids-wal").stat().st_size == 0  # no lookup holds a snapshot open
+    writer.close()
+    index.close()
