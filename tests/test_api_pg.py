@@ -7,6 +7,8 @@ same events give the same answers as an embedded server's."""
 from __future__ import annotations
 
 import contextlib
+import subprocess
+import sys
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -399,3 +401,29 @@ def test_the_same_events_read_the_same_as_on_an_embedded_server(
         assert audit[0] == audit[1] and len(audit[0]) == 2
     finally:
         srv.stop(embedded)
+
+
+def test_a_key_created_on_the_command_line_works_and_is_audited(
+    scale_out: ScaleOut, url: str
+) -> None:
+    command = [sys.executable, "-m", "forewarn", "keys", "create", "--kind", "admin"]
+    env = {**_env(url), "FOREWARN_ADMIN_KEY": "", "FOREWARN_WRITE_KEY": ""}
+    done = subprocess.run(
+        [*command, "--name", "ops"], env=env, capture_output=True, text=True, check=True
+    )
+    key = done.stdout.strip()
+    assert key.startswith("fw_ak_")
+    rows = scale_out.get("/api/v1/audit", key).json()["audit"]  # it opens the admin API
+    assert (rows[0]["actor"], rows[0]["action"], rows[0]["target"], rows[0]["detail"]) == (
+        "cli",
+        "key.created",
+        key[:10],
+        {"kind": "admin", "name": "ops"},
+    )
+    identity = subprocess.run(
+        [sys.executable, "-m", "forewarn", "keys", "identity"],
+        env=env,
+        capture_output=True,
+        text=True,
+    )
+    assert identity.returncode == 2 and "embedded SQLite store only" in identity.stderr
