@@ -6,11 +6,14 @@ and a bounded number of examples. `make fuzz` runs the same with many more."""
 from __future__ import annotations
 
 import re
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import httpx
+import pytest
 
+from . import pg
 from . import server as srv
 from .fuzz import api_run
 
@@ -22,6 +25,22 @@ def test_the_api_holds_to_its_openapi_document(tmp_path: Path) -> None:
     assert code == 0, report
     summary = re.search(r"(\d+) generated, (\d+) passed", report)
     assert summary and summary[1] == summary[2] and int(summary[1]) > 1000, report
+
+
+@pytest.fixture
+def database_url() -> Iterator[str]:
+    yield from pg.database()
+
+
+def test_a_scale_out_api_process_holds_to_its_own_document(
+    tmp_path: Path, database_url: str
+) -> None:
+    """The same against `forewarn serve --role all` on PostgreSQL: the document it serves
+    (ingest and the admin reads) and nothing else."""
+    code, report = api_run.run_scale_out(tmp_path, database_url, EXAMPLES)
+    assert code == 0, report
+    summary = re.search(r"(\d+) generated, (\d+) passed", report)
+    assert summary and summary[1] == summary[2] and int(summary[1]) > 500, report
 
 
 def test_what_the_api_fuzzer_found_stays_fixed(tmp_path: Path) -> None:

@@ -5,11 +5,12 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 
+import psycopg
 import pytest
 
-from forewarn import schema, store_pg
+from forewarn import audit_pg, schema, store_pg
 from forewarn.errors import InputError
-from forewarn.store_sqlite import Append, StoreError
+from forewarn.store_sqlite import ENV_KEY_NAME, Append, StoreError
 from tests import pg
 from tests.factories import T0_MS, at, events, group, track
 
@@ -124,3 +125,54 @@ def test_standing_reads_consent_bounces_and_account_suppressions(pool: store_pg.
         later = store_pg.standing(conn, 1, "user", "u1", None, T0_MS + 1, ["acme"])
     assert now == store_pg.Standing(frozenset({"email"}), True, "incident")
     assert later == store_pg.Standing(frozenset({"email"}), False, None)  # the suppression ended
+
+
+def test_keys_added_are_in_the_audit_log_which_cannot_be_changed(pool: store_pg.Pool) -> None:
+    ws = store_pg.ensure_workspace(pool, "default", T0_MS, admin_key="fw_ak_0123456789abcdef")
+    with pool.connection() as conn:
+        store_pg.add_key(conn, ws, "write", T0_MS + 1, name="ci")
+        rows = audit_pg.read(conn, ws)
+        assert [(r["actor"], r["action"], r["detail"]) for r in rows] == [
+            ("cli", "key.created", {"kind": "write", "name": "ci"}),
+            ("environment", "key.created", {"kind": "admin", "name": ENV_KEY_NAME}),
+        ]
+        assert rows[1]["target"] == "fw_ak_0123"  # the key's prefix, never the key
+        assert audit_pg.read(conn, ws, before=rows[0]["id"]) == rows[1:]
+        assert audit_pg.read(conn, ws, action="key.revoked") == []
+        assert audit_pg.read(conn, ws + 1) == []  # another workspace's log
+        for statement in ("UPDATE audit SET actor = 'x'", "DELETE FROM audit"):
+            with pytest.raises(psycopg.errors.RaiseException, match="append-only"):
+                conn.execute(statement)
+        assert len(audit_pg.read(conn, ws)) == 2
+
+
+def test_events_stored_before_version_9_get_their_person(url: str) -> None:
+    with psycopg.connect(url, autocommit=True) as conn:  # a database left at version 8
+        conn.execute("CREATE TABLE schema_version (version BIGINT NOT NULL)")
+        conn.execute("INSERT INTO schema_version VALUES (8)")
+        for version in range(1, 9):
+            for statement in schema.statements(version, "postgresql"):
+                conn.execute(statement.encode())
+        for n, message in enumerate(
+            [
+                b'{"type":"track","userId":"u1","properties":{"note":"a\\u0000b \\\\u0000"}}',
+                b'{"type":"page","userId":null,"anonymousId":"anon-7"}',
+                b'{"type":"group","userId":"","anonymousId":"anon-8","groupId":"acme"}',
+            ]
+        ):
+            conn.execute(
+                "INSERT INTO events (workspace, hash, part, received_ms, source, event, message)"
+                " VALUES (1, %s, 'account:acme', 0, 'segment', '', %s)",
+                (n, message),
+            )
+    pool = store_pg.connect(url)
+    try:
+        with pool.connection() as conn:
+            people = [r[0] for r in conn.execute("SELECT person FROM events ORDER BY id")]
+            ws = store_pg.ensure_workspace(pool, "default", T0_MS)
+            store_pg.append_batches(pool, [_append(ws, [track("Login", at(), user="u9")])])
+            newest = conn.execute("SELECT person FROM events ORDER BY id DESC LIMIT 1").fetchone()
+    finally:
+        pool.close()
+    assert people == ["u1", "anon-7", "anon-8"]
+    assert newest == ("u9",)

@@ -47,15 +47,27 @@ def _int(text: str | None, name: str, low: int, high: int) -> int | None:
     return int(text)
 
 
+def audit_query(request: Request) -> tuple[int, int | None, str | None]:
+    """`GET /api/v1/audit`'s parameters: limit, before (an id), action."""
+    q = request.query_params
+    limit = _int(q.get("limit"), "limit", 1, 1000) or AUDIT_LIMIT
+    before = _int(q.get("before"), "before", 1, 2**63 - 1)
+    action = q.get("action")
+    if action is not None and action not in audit.ACTIONS:
+        raise InputError(f"action={action!r}: give one of {', '.join(audit.ACTIONS)}")
+    return limit, before, action
+
+
+def audit_answer(rows: list[dict[str, Any]]) -> Response:
+    for row in rows:
+        row["at"] = format_time(row.pop("at_ms"))
+    return _json({"audit": rows})
+
+
 def routes(app: Forewarn) -> list[Route]:
     async def audit_log(request: Request) -> Response:
         key = app.admin_key(request)
-        q = request.query_params
-        limit = _int(q.get("limit"), "limit", 1, 1000) or AUDIT_LIMIT
-        before = _int(q.get("before"), "before", 1, 2**63 - 1)
-        action = q.get("action")
-        if action is not None and action not in audit.ACTIONS:
-            raise InputError(f"action={action!r}: give one of {', '.join(audit.ACTIONS)}")
+        limit, before, action = audit_query(request)
 
         def job() -> list[dict[str, Any]]:
             conn = store_sqlite.connect(app.settings.db)
@@ -64,9 +76,6 @@ def routes(app: Forewarn) -> list[Route]:
             finally:
                 conn.close()
 
-        rows = await asyncio.to_thread(job)
-        for row in rows:
-            row["at"] = format_time(row.pop("at_ms"))
-        return _json({"audit": rows})
+        return audit_answer(await asyncio.to_thread(job))
 
     return [Route("/api/v1/audit", audit_log, methods=["GET"])]

@@ -38,6 +38,11 @@ def _keys(args: argparse.Namespace) -> int:
     if args.action == "identity":
         from forewarn import widget
 
+        if env("DATABASE_URL"):
+            raise InputError(
+                "forewarn keys identity works on the embedded SQLite store only (the widget is "
+                "served in the embedded mode only): unset FOREWARN_DATABASE_URL"
+            )
         conn = store_sqlite.connect(args.db)
         ws = store_sqlite.workspace_id(conn, args.workspace)
         if ws is None:
@@ -59,12 +64,24 @@ def _keys(args: argparse.Namespace) -> int:
         print("a new Web Push key pair: keep the private key secret", file=sys.stderr)
         return 0
 
-    conn = store_sqlite.connect(args.db)
-    ws = store_sqlite.workspace_id(conn, args.workspace)
-    if ws is None:
-        ws = store_sqlite.ensure_workspace(conn, args.workspace, clock.now_ms())
-    token = store_sqlite.add_key(conn, ws, args.kind, clock.now_ms(), name=args.name or "")
-    conn.close()
+    url = env("DATABASE_URL")
+    if url:  # the scale-out mode's keys are in PostgreSQL, as is its audit log
+        from forewarn import store_pg
+
+        pool = store_pg.connect(url, max_size=1)
+        try:
+            ws = store_pg.ensure_workspace(pool, args.workspace, clock.now_ms())
+            with pool.connection() as pg:
+                token = store_pg.add_key(pg, ws, args.kind, clock.now_ms(), name=args.name or "")
+        finally:
+            pool.close()
+    else:
+        conn = store_sqlite.connect(args.db)
+        ws = store_sqlite.workspace_id(conn, args.workspace)
+        if ws is None:
+            ws = store_sqlite.ensure_workspace(conn, args.workspace, clock.now_ms())
+        token = store_sqlite.add_key(conn, ws, args.kind, clock.now_ms(), name=args.name or "")
+        conn.close()
     print(token)
     print(
         f"a new {args.kind} key for workspace '{args.workspace}': it is shown only now",

@@ -8,6 +8,8 @@ which answer supplies another operation's parameters.
 
 from __future__ import annotations
 
+import copy
+from collections.abc import Iterable
 from typing import Any
 
 import forewarn
@@ -561,3 +563,29 @@ def _openapi() -> dict[str, Any]:
 
 
 OPENAPI = _openapi()
+
+
+def subset(served: Iterable[tuple[str, str]], about: str) -> dict[str, Any]:
+    """The document of a process that serves only these operations, (path, method) (the
+    scale-out API process): the others are left out, and so are the links to them."""
+    keep = set(served)
+    doc = copy.deepcopy(OPENAPI)
+    doc["info"]["description"] = about
+    paths: dict[str, Any] = {}
+    for path, operations in doc["paths"].items():
+        kept = {m: op for m, op in operations.items() if (path, m) in keep}
+        if kept:
+            paths[path] = kept
+    ids = {op.get("operationId") for ops in paths.values() for op in ops.values()}
+    for ops in paths.values():
+        for op in ops.values():
+            answer = op["responses"].get("200", {})
+            links = {
+                n: link for n, link in answer.get("links", {}).items() if link["operationId"] in ids
+            }
+            if links:
+                answer["links"] = links
+            else:
+                answer.pop("links", None)
+    doc["paths"] = paths
+    return doc

@@ -3,7 +3,8 @@
 
 - **api**: the ingest routes of the embedded server (Segment, PostHog, Sentry, ticket and
   billing webhooks), each request committed to PostgreSQL before it is answered, plus
-  `/api/v1/firings`, `/healthz` and `/openapi.json`. It runs no engine.
+  `/api/v1/firings`, `/healthz`, the admin API's reads (`api_pg`) and `/openapi.json`. It
+  runs no engine.
 - **worker**: steps a `worker.Worker` in a loop: claims what it can, commits, and waits a
   moment only when there was nothing to claim.
 - **delivery**: drains the outbox onto the channels (`deliver` over `outbox_pg`).
@@ -35,7 +36,18 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
-from forewarn import api, api_outreach, clock, compose, live, settings, store_pg, store_sqlite
+from forewarn import (
+    admin_pg,
+    api,
+    api_outreach,
+    api_pg,
+    clock,
+    compose,
+    live,
+    settings,
+    store_pg,
+    store_sqlite,
+)
 from forewarn.errors import ForewarnError, InputError, NotFoundError
 from forewarn.live import Committed
 from forewarn.playbook import Trigger
@@ -144,6 +156,7 @@ class IngestApp(api.Forewarn):
     def __init__(self, settings: api.Settings, pool: store_pg.Pool, triggers: list[Trigger]):
         super().__init__(settings, PgWriter(pool), Elsewhere(triggers))
         self.pool = pool
+        self.reader = admin_pg.Reader(triggers, kept_traits(settings.playbooks, triggers))
 
     def key(self, token: str | None) -> Key | None:
         if not token:
@@ -167,7 +180,7 @@ class IngestApp(api.Forewarn):
 
 
 def build_api(app: IngestApp) -> Starlette:
-    """The API process's routes: ingest, firings, health."""
+    """The API process's routes: ingest, firings, health, the admin reads (`api_pg`)."""
 
     async def firings(request: Request) -> Response:
         key = app.admin_key(request)
@@ -199,7 +212,8 @@ def build_api(app: IngestApp) -> Starlette:
     kept = [
         r
         for r in api.routes(app)
-        if isinstance(r, Route) and (r.path.startswith(INGEST_PATHS) or r.path == "/openapi.json")
+        if isinstance(r, Route)
+        and (r.path.startswith(INGEST_PATHS) or r.path == "/api/v1/triggers")
     ]
 
     @contextlib.asynccontextmanager
@@ -213,11 +227,15 @@ def build_api(app: IngestApp) -> Starlette:
 
     return Starlette(
         lifespan=lifespan,
-        routes=[
-            *kept,
-            Route("/api/v1/firings", firings, methods=["GET"]),
-            Route("/healthz", healthz, methods=["GET"]),
-        ],
+        routes=api_pg.complete(
+            app,
+            [
+                *kept,
+                Route("/api/v1/firings", firings, methods=["GET"]),
+                Route("/healthz", healthz, methods=["GET"]),
+                *api_pg.routes(app, app.pool, app.reader),
+            ],
+        ),
         exception_handlers={
             ForewarnError: api._forewarn_error,
             HTTPException: api._http_error,
@@ -268,8 +286,15 @@ def composer_for(
     composer = compose.Composer(
         Templates(directory if directory.is_dir() else None), settings.env("PUBLIC_URL") or "", key
     )
+    return composer, kept_traits(playbooks, triggers)
+
+
+def kept_traits(playbooks: str, triggers: list[Trigger]) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """The traits (user, account) the triggers' messages name: the workers keep them in the
+    state, so the API processes read the state laid out the same way."""
+    directory = compose.templates_dir(playbooks)
     user, account = compose.trait_names(triggers, directory if directory.is_dir() else None)
-    return composer, (tuple(sorted(user)), tuple(sorted(account)))
+    return tuple(sorted(user)), tuple(sorted(account))
 
 
 def serve(

@@ -313,6 +313,45 @@ MIGRATIONS: dict[int, str | Only] = {
     BEGIN SELECT RAISE(ABORT, 'the audit log is append-only: its rows cannot be deleted'); END;
     """,
     ),
+    # the audit log on PostgreSQL too (see audit_pg), append-only as on SQLite: a trigger
+    # refuses every UPDATE and DELETE
+    8: Only(
+        "postgresql",
+        """
+    CREATE TABLE audit (
+        id INTEGER PRIMARY KEY,
+        workspace INTEGER NOT NULL,
+        at_ms INTEGER NOT NULL,
+        actor TEXT NOT NULL,
+        action TEXT NOT NULL,
+        target TEXT NOT NULL,
+        detail TEXT NOT NULL
+    );
+    CREATE INDEX audit_workspace ON audit (workspace, id);
+    CREATE FUNCTION audit_append_only() RETURNS trigger LANGUAGE plpgsql AS $$
+    BEGIN
+        RAISE EXCEPTION 'the audit log is append-only: its rows cannot be changed or deleted';
+    END $$;
+    CREATE TRIGGER audit_append_only BEFORE UPDATE OR DELETE ON audit
+    FOR EACH ROW EXECUTE FUNCTION audit_append_only();
+    """,
+    ),
+    # the scale-out admin API's timelines (see admin_pg): each event's person (user id, else
+    # anonymous id), filled in for the events already stored, and the log indexed by person
+    # (with the partitions their events went to) and by partition. (A `\u0000` escape in a
+    # message's text, which PostgreSQL's json cannot read, is read as a space for this.)
+    9: Only(
+        "postgresql",
+        r"""
+    ALTER TABLE events ADD COLUMN person TEXT;
+    UPDATE events SET person = (
+        SELECT coalesce(nullif(m->>'userId', ''), nullif(m->>'anonymousId', ''))
+        FROM (SELECT replace(convert_from(message, 'UTF8'), '\u0000', '\u0020')::json AS m) x
+    );
+    CREATE INDEX events_person ON events (workspace, person, part, id);
+    CREATE INDEX events_part ON events (workspace, part, id);
+    """,
+    ),
 }
 
 VERSION = max(MIGRATIONS)

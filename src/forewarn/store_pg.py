@@ -27,7 +27,7 @@ import msgspec
 import psycopg
 from psycopg_pool import ConnectionPool
 
-from forewarn import schema
+from forewarn import audit_pg, schema
 from forewarn.errors import InputError
 from forewarn.model import Event, event_from_dict
 from forewarn.store_sqlite import (
@@ -154,19 +154,24 @@ def add_key(
     now_ms: int,
     token: str | None = None,
     name: str = "",
+    actor: str = "cli",
 ) -> str:
-    """Store a key (a new random one unless `token` is given); returns the token."""
+    """Store a key (a new random one unless `token` is given); returns the token. The audit
+    log records who (`actor`) created it, in the same transaction."""
     if kind not in KEY_KINDS:
         raise InputError(f"unknown key kind '{kind}': use one of {', '.join(KEY_KINDS)}")
     token = token or new_key_token(kind)
     if len(token) < 16:
         raise InputError("a key must be at least 16 characters long: use a random one")
     try:
-        conn.execute(
-            "INSERT INTO keys (workspace, kind, prefix, hash, name, created_ms)"
-            " VALUES (%s, %s, %s, %s, %s, %s)",
-            (workspace, kind, token[:10], hash_key(token), name, now_ms),
-        )
+        with conn.transaction():
+            conn.execute(
+                "INSERT INTO keys (workspace, kind, prefix, hash, name, created_ms)"
+                " VALUES (%s, %s, %s, %s, %s, %s)",
+                (workspace, kind, token[:10], hash_key(token), name, now_ms),
+            )
+            detail = {"kind": kind, "name": name}
+            audit_pg.record(conn, workspace, actor, "key.created", token[:10], now_ms, detail)
     except psycopg.errors.UniqueViolation:
         raise InputError("that key is in use already: create a new one") from None
     return token
@@ -195,7 +200,7 @@ def ensure_workspace(
             if token:
                 known = find_key(conn, token)
                 if known is None:
-                    add_key(conn, ws, kind, now_ms, token, name=ENV_KEY_NAME)
+                    add_key(conn, ws, kind, now_ms, token, ENV_KEY_NAME, "environment")
                 elif known.kind != kind or known.workspace != ws:
                     raise InputError(
                         f"the {kind} key from the environment is already a {known.kind} key "
@@ -230,10 +235,11 @@ def lock_key(workspace: int, part: str) -> int:
 _APPEND = """
 WITH rows AS (
     SELECT * FROM unnest(%(hash)b::bigint[], %(part)b::text[], %(event)b::bytea[],
-                         %(message)b::bytea[]) WITH ORDINALITY AS r(hash, part, event, message, n)
+                         %(message)b::bytea[], %(person)b::text[])
+                  WITH ORDINALITY AS r(hash, part, event, message, person, n)
 ), stored AS (
-    INSERT INTO events (workspace, hash, part, received_ms, source, event, message)
-    SELECT %(workspace)s, hash, part, %(received_ms)s, %(source)s, event, message
+    INSERT INTO events (workspace, hash, part, received_ms, source, event, message, person)
+    SELECT %(workspace)s, hash, part, %(received_ms)s, %(source)s, event, message, person
     FROM rows ORDER BY n
     ON CONFLICT (workspace, hash) DO NOTHING
     RETURNING id, part, hash
@@ -282,6 +288,7 @@ def _append(conn: psycopg.Connection[Any], a: Append, learnt: dict[str, str]) ->
             "part": [partition(events[i], homes) for i in order],
             "event": [EVENTS_FORMAT + _pack(msgspec.structs.astuple(events[i])) for i in order],
             "message": [_json(a.messages[i]) for i in order],
+            "person": [person(events[i]) or None for i in order],
             "workspace": a.workspace,
             "received_ms": a.received_ms,
             "source": a.source,

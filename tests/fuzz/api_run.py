@@ -17,6 +17,7 @@ import sys
 import tempfile
 import uuid
 from pathlib import Path
+from typing import Any
 
 import httpx
 
@@ -28,17 +29,21 @@ STRIPE_SECRET = "whsec_fuzz-signing-secret"
 SEED = 20261124
 
 
-def seed_data(server: srv.Server) -> None:
+def seed_batch() -> dict[str, Any]:
     """Subjects with traits and events, enough for the example playbooks to fire."""
-    batch = []
+    batch: list[dict[str, Any]] = []
     for user in ("u1", "u2"):
         batch.append({"type": "identify", "userId": user, "traits": {"plan": "pro"}})
         batch.append({"type": "group", "userId": user, "groupId": "acme"})
         batch += [{"type": "track", "userId": user, "event": "Export Failed"} for _ in range(6)]
     for msg in batch:
         msg["messageId"] = str(uuid.uuid4())
+    return {"batch": batch}
+
+
+def seed_data(server: srv.Server) -> None:
     r = httpx.post(
-        server.url + "/v1/batch", json={"batch": batch}, auth=(srv.WRITE_KEY, ""), timeout=10
+        server.url + "/v1/batch", json=seed_batch(), auth=(srv.WRITE_KEY, ""), timeout=10
     )
     r.raise_for_status()
     server.wait_for(lambda: server.firings(), timeout_s=10)
@@ -76,7 +81,9 @@ def identity(db: Path) -> str:
     return jwt.encode({"sub": "u1", "exp": int(time.time()) + 3600}, secret, algorithm="HS256")
 
 
-def config(server: srv.Server) -> str:
+def config(server: srv.Server | None) -> str:
+    """`server`: the embedded server, whose database gives the widget's and the links'
+    credentials; None for a scale-out API process, which serves neither."""
     lines = [
         f"seed = {SEED}",
         'hooks = "tests.fuzz.api_hooks"',
@@ -99,16 +106,17 @@ def config(server: srv.Server) -> str:
         "[auth.openapi.adminKey]",
         f'bearer = "{srv.ADMIN_KEY}"',
     ]
-    lines += ["[auth.openapi.widgetAnonymousId]", 'api_key = "anon-fuzz-visitor-01"']
-    lines += ["[auth.openapi.widgetIdentity]", f'api_key = "{identity(server.db)}"']
-    # the stream never ends on its own: it is for a browser, not a request-answer fuzzer
-    lines += ["[[operations]]", 'include-path = "/w/v1/stream"', "enabled = false"]
-    for path, token in tokens(server.db).items():
-        lines += [
-            "[[operations]]",
-            f'include-path = "{path}"',
-            f'parameters = {{ token = "{token}" }}',
-        ]
+    if server is not None:
+        lines += ["[auth.openapi.widgetAnonymousId]", 'api_key = "anon-fuzz-visitor-01"']
+        lines += ["[auth.openapi.widgetIdentity]", f'api_key = "{identity(server.db)}"']
+        # the stream never ends on its own: it is for a browser, not a request-answer fuzzer
+        lines += ["[[operations]]", 'include-path = "/w/v1/stream"', "enabled = false"]
+        for path, token in tokens(server.db).items():
+            lines += [
+                "[[operations]]",
+                f'include-path = "{path}"',
+                f'parameters = {{ token = "{token}" }}',
+            ]
     # An envelope is newline-separated JSON, which JSON Schema cannot describe: the generator can
     # only make strings, which are rarely envelopes, and any text is of the declared type. The envelope parser has its own fuzzer
     # (tests/fuzz/targets.py) and the Sentry SDK its end-to-end test.
@@ -121,47 +129,79 @@ def config(server: srv.Server) -> str:
     return "\n".join(lines) + "\n"
 
 
+ENV = {"FOREWARN_STRIPE_SECRET": STRIPE_SECRET, "FOREWARN_RATE_LIMIT": "1000000"}
+
+
 def run(folder: Path, max_examples: int, extra: list[str] | None = None) -> tuple[int, str]:
-    env = {"FOREWARN_STRIPE_SECRET": STRIPE_SECRET, "FOREWARN_RATE_LIMIT": "1000000"}
-    server = srv.start(folder / "forewarn.db", env=env)
+    server = srv.start(folder / "forewarn.db", env=ENV)
     try:
         seed_data(server)
         (folder / "schemathesis.toml").write_text(config(server))
-        st = shutil.which("st", path=str(Path(sys.executable).parent)) or "st"
-        command = [
-            st,
-            "--config-file",
-            str(folder / "schemathesis.toml"),
-            "--no-color",
-            "run",
-            server.url + "/openapi.json",
-            "--max-examples",
-            str(max_examples),
-            "--output-truncate",
-            "true",
-            "--workers",
-            "1",
-            "--report-dir",
-            str(folder / "report"),
-            *(extra or []),
-        ]
-        done = subprocess.run(
-            command,
-            cwd=folder,
-            env={
-                **os.environ,
-                "PYTHONPATH": str(srv.ROOT),
-                "FUZZ_WRITE_KEY": srv.WRITE_KEY,
-                "FUZZ_STRIPE_SECRET": STRIPE_SECRET,
-                "SCHEMATHESIS_HOOKS": "tests.fuzz.api_hooks",
-            },
-            capture_output=True,
-            text=True,
-            timeout=1800,
-        )
-        return done.returncode, done.stdout + done.stderr
+        return schemathesis(folder, server.url, max_examples, extra)
     finally:
         srv.stop(server)
+
+
+def run_scale_out(
+    folder: Path, database_url: str, max_examples: int, extra: list[str] | None = None
+) -> tuple[int, str]:
+    """The same against a scale-out process on PostgreSQL (`--role all`: an API process and a
+    worker), with the document it serves."""
+    from tests.test_scaleout import _env, _healthy, _serve, _stop
+
+    port = srv.free_port()
+    env = {**_env(database_url), **ENV, "FOREWARN_DELIVERY": "off"}
+    process = _serve("all", env, srv.PLAYBOOKS, port)
+    try:
+        _healthy(port, process)
+        server = srv.Server(f"http://127.0.0.1:{port}", folder, process, port, env)
+        batch = seed_batch()
+        r = httpx.post(server.url + "/v1/batch", json=batch, auth=(srv.WRITE_KEY, ""), timeout=10)
+        r.raise_for_status()
+        server.wait_for(lambda: server.firings(), timeout_s=20)
+        (folder / "schemathesis.toml").write_text(config(None))
+        return schemathesis(folder, server.url, max_examples, extra)
+    finally:
+        _stop([process])
+
+
+def schemathesis(
+    folder: Path, url: str, max_examples: int, extra: list[str] | None
+) -> tuple[int, str]:
+    """`st run` on the document at `url`, configured in `folder`."""
+    st = shutil.which("st", path=str(Path(sys.executable).parent)) or "st"
+    command = [
+        st,
+        "--config-file",
+        str(folder / "schemathesis.toml"),
+        "--no-color",
+        "run",
+        url + "/openapi.json",
+        "--max-examples",
+        str(max_examples),
+        "--output-truncate",
+        "true",
+        "--workers",
+        "1",
+        "--report-dir",
+        str(folder / "report"),
+        *(extra or []),
+    ]
+    done = subprocess.run(
+        command,
+        cwd=folder,
+        env={
+            **os.environ,
+            "PYTHONPATH": str(srv.ROOT),
+            "FUZZ_WRITE_KEY": srv.WRITE_KEY,
+            "FUZZ_STRIPE_SECRET": STRIPE_SECRET,
+            "SCHEMATHESIS_HOOKS": "tests.fuzz.api_hooks",
+        },
+        capture_output=True,
+        text=True,
+        timeout=1800,
+    )
+    return done.returncode, done.stdout + done.stderr
 
 
 def main() -> None:
