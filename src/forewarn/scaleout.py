@@ -46,6 +46,7 @@ from forewarn.worker import Worker
 log = logging.getLogger("forewarn.scaleout")
 
 IDLE_S = 0.02  # a worker that found nothing to claim looks again after this
+STALE_S = 5.0  # a worker whose playbooks are not the current ones looks again after this
 INGEST_PATHS = ("/v1/", "/batch/", "/capture/", "/i/v1/", "/api/{project}/", "/webhooks/")
 
 
@@ -247,11 +248,13 @@ def run_worker(
     while not stop.is_set():
         try:
             done = worker.step(now_ms())
-        except Exception as exc:  # any failure rolls the whole step back
+        except Exception as exc:  # the database failed: the whole step was rolled back
             log.warning("worker step failed, retrying: %s", exc)
             stop.wait(1.0)
             continue
-        if not done.parts:
+        if done.stale:  # newer playbooks are current: look again now and then (a rollback)
+            stop.wait(STALE_S)
+        elif not done.parts and not done.dead:
             stop.wait(idle_s)
 
 
@@ -328,6 +331,12 @@ def serve(
         if role in ("worker", "all"):
             composer, keep = composer_for(pool, playbooks, triggers)
             worker = Worker(pool, ws, triggers, policy, composer, keep)
+            if not worker.register(clock.now_ms()):
+                print(
+                    "newer playbooks than these were started by another worker: this one "
+                    "claims nothing until it runs the current playbooks",
+                    flush=True,
+                )
             if role == "worker":
                 print(f"Forewarn worker with {len(triggers)} triggers on PostgreSQL", flush=True)
                 signal.signal(signal.SIGTERM, lambda *_: stop.set())
