@@ -320,3 +320,42 @@ def test_a_worker_killed_mid_batch_loses_and_repeats_nothing(url: str) -> None:
     finally:
         pool.close()
     assert len(found) > 20 and found == reference(messages)
+
+
+def test_an_api_process_lists_what_it_serves_and_counts_dead_letters(
+    url: str, tmp_path: Path
+) -> None:
+    from forewarn.worker import Worker
+    from tests.factories import track
+    from tests.test_worker import LIMIT, _poison
+
+    playbooks = tmp_path / "playbooks"
+    playbooks.mkdir()
+    (playbooks / "p.yaml").write_text(PLAYBOOK)
+    pool = store_pg.connect(url)
+    port = free_port()
+    api = _serve("api", _env(url), playbooks, port)
+    try:
+        _healthy(port, api)
+        with pool.connection() as conn:
+            ws = store_pg.workspace_id(conn, "default")
+        assert ws is not None
+        _poison(pool, ws, track("Limit Hit", "2026-01-05T00:00:00Z", "u1", "acme"))
+        Worker(pool, ws, LIMIT).run_until_idle(0)
+        base = f"http://127.0.0.1:{port}"
+        sent = httpx.post(
+            base + "/v1/track", json=track("Login", "2026-01-05T00:01:00Z"), auth=(WRITE_KEY, "")
+        )
+        assert sent.status_code == 200, sent.text
+        metrics = httpx.get(base + "/metrics").text
+        document = httpx.get(base + "/openapi.json").json()
+    finally:
+        _stop([api])
+        pool.close()
+    assert f'forewarn_dead_letters{{workspace="{ws}"}} 1' in metrics
+    assert f'forewarn_queue_events{{workspace="{ws}"}} 1' in metrics
+    assert "forewarn_events_accepted_total 1" in metrics
+    paths = set(document["paths"])
+    assert {"/v1/batch", "/api/v1/firings", "/healthz", "/metrics", "/openapi.json"} <= paths
+    assert not paths & {"/api/v1/triggers", "/api/v1/subjects/{subject}", "/w/v1/inbox", "/"}
+    assert set(document["paths"]["/api/v1/firings"]) == {"get"}

@@ -3,7 +3,7 @@
 
 - **api**: the ingest routes of the embedded server (Segment, PostHog, Sentry, ticket and
   billing webhooks), each request committed to PostgreSQL before it is answered, plus
-  `/api/v1/firings`, `/healthz` and `/openapi.json`. It runs no engine.
+  `/api/v1/firings`, `/healthz`, `/metrics` and `/openapi.json`. It runs no engine.
 - **worker**: steps a `worker.Worker` in a loop: claims what it can, commits, and waits a
   moment only when there was nothing to claim.
 - **delivery**: drains the outbox onto the channels (`deliver` over `outbox_pg`).
@@ -35,7 +35,18 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
-from forewarn import api, api_outreach, clock, compose, live, settings, store_pg, store_sqlite
+from forewarn import (
+    api,
+    api_outreach,
+    clock,
+    compose,
+    dead_letters,
+    live,
+    settings,
+    store_pg,
+    store_sqlite,
+)
+from forewarn import openapi as openapi_document
 from forewarn.errors import ForewarnError, InputError, NotFoundError
 from forewarn.live import Committed
 from forewarn.playbook import Trigger
@@ -197,11 +208,30 @@ def build_api(app: IngestApp) -> Starlette:
         await asyncio.to_thread(ping)
         return Response(b'{"ok":true}', media_type="application/json")
 
-    kept = [
-        r
-        for r in api.routes(app)
-        if isinstance(r, Route) and (r.path.startswith(INGEST_PATHS) or r.path == "/openapi.json")
+    async def metrics(request: Request) -> Response:
+        def read() -> tuple[dict[int, int], dict[int, int]]:
+            with app.pool.connection() as conn:
+                queued = {
+                    int(w): int(n)
+                    for w, n in conn.execute("SELECT workspace, count(*) FROM queue GROUP BY 1")
+                }
+                return dead_letters.count(conn), queued
+
+        letters, queued = await asyncio.to_thread(read)
+        return Response(pg_metrics(app.counters, letters, queued), media_type=METRICS_TYPE)
+
+    async def openapi(request: Request) -> Response:
+        return Response(document, media_type="application/json")
+
+    kept = [r for r in api.routes(app) if isinstance(r, Route) and r.path.startswith(INGEST_PATHS)]
+    routes = [
+        *kept,
+        Route("/api/v1/firings", firings, methods=["GET"]),
+        Route("/healthz", healthz, methods=["GET"]),
+        Route("/metrics", metrics, methods=["GET"]),
+        Route("/openapi.json", openapi, methods=["GET"]),
     ]
+    document = msgspec.json.encode(served(openapi_document.OPENAPI, routes))
 
     @contextlib.asynccontextmanager
     async def lifespan(_: Starlette) -> AsyncIterator[None]:
@@ -214,11 +244,7 @@ def build_api(app: IngestApp) -> Starlette:
 
     return Starlette(
         lifespan=lifespan,
-        routes=[
-            *kept,
-            Route("/api/v1/firings", firings, methods=["GET"]),
-            Route("/healthz", healthz, methods=["GET"]),
-        ],
+        routes=routes,
         exception_handlers={
             ForewarnError: api._forewarn_error,
             HTTPException: api._http_error,
@@ -227,6 +253,55 @@ def build_api(app: IngestApp) -> Starlette:
             Exception: api._server_error,
         },
     )
+
+
+METRICS_TYPE = "text/plain; version=0.0.4"
+_METHODS = {"get", "put", "post", "delete", "patch", "head", "options", "trace"}
+
+
+def served(document: dict[str, Any], routes: list[Route]) -> dict[str, Any]:
+    """The OpenAPI document cut down to the operations these routes serve (an API process
+    serves only some of the embedded server's)."""
+    paths: dict[str, Any] = {}
+    for path, item in document["paths"].items():
+        matching = [r for r in routes if r.path_regex.match(path)]
+        ops = {
+            k: v
+            for k, v in item.items()
+            if k not in _METHODS
+            or any(r.methods is None or k.upper() in r.methods for r in matching)
+        }
+        if _METHODS & set(ops):
+            paths[path] = ops
+    return {**document, "paths": paths}
+
+
+def pg_metrics(c: api.Counters, letters: dict[int, int], queued: dict[int, int]) -> str:
+    """/metrics of an API process: its own ingest counters, and from PostgreSQL what every
+    worker shares: the events queued and the dead letters, by workspace."""
+    lines = [
+        "# HELP forewarn_events_accepted_total Events committed to the log.",
+        "# TYPE forewarn_events_accepted_total counter",
+        f"forewarn_events_accepted_total {c.accepted}",
+        "# HELP forewarn_events_rejected_total Events refused with a reason.",
+        "# TYPE forewarn_events_rejected_total counter",
+        f"forewarn_events_rejected_total {c.rejected}",
+        "# HELP forewarn_events_duplicate_total Events already stored (a client's resend).",
+        "# TYPE forewarn_events_duplicate_total counter",
+        f"forewarn_events_duplicate_total {c.duplicates}",
+        "# HELP forewarn_events_flagged_total Events stamped over 23 h after their receipt.",
+        "# TYPE forewarn_events_flagged_total counter",
+        f"forewarn_events_flagged_total {c.flagged}",
+        "# HELP forewarn_queue_events Events accepted and not yet applied by a worker.",
+        "# TYPE forewarn_queue_events gauge",
+        *(f'forewarn_queue_events{{workspace="{w}"}} {n}' for w, n in sorted(queued.items())),
+        "# HELP forewarn_dead_letters Events and partition states the workers set aside.",
+        "# TYPE forewarn_dead_letters gauge",
+        *(f'forewarn_dead_letters{{workspace="{w}"}} {n}' for w, n in sorted(letters.items())),
+    ]
+    for source, n in sorted(c.requests.items()):
+        lines.append(f'forewarn_requests_total{{source="{source}"}} {n}')
+    return "\n".join(lines) + "\n"
 
 
 async def _unavailable(request: Request, exc: Exception) -> Response:
