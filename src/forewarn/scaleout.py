@@ -42,6 +42,7 @@ from forewarn import (
     compose,
     dead_letters,
     live,
+    pruning,
     settings,
     store_pg,
     store_sqlite,
@@ -317,10 +318,22 @@ def run_worker(
     stop: threading.Event,
     now_ms: Callable[[], int] = clock.now_ms,
     idle_s: float = IDLE_S,
+    prune_every_ms: int = 0,
+    keep_events_ms: int = 0,
 ) -> None:
     """Step until `stop` is set; an error (the database restarting, say) is logged and the
-    step tried again: its transaction was rolled back, so nothing was half done."""
+    step tried again: its transaction was rolled back, so nothing was half done. Every
+    `prune_every_ms` (0: never), prune what is no longer needed (`pruning`)."""
+    pruned_ms = now_ms()  # not at start: a rolling restart starts many workers at once
     while not stop.is_set():
+        if prune_every_ms and worker.current and now_ms() - pruned_ms >= prune_every_ms:
+            pruned_ms = now_ms()
+            try:
+                pruning.prune(
+                    worker.pool, worker.workspace, worker.playbooks, pruned_ms, keep_events_ms
+                )
+            except Exception as exc:  # the next run goes on where this one stopped
+                log.warning("pruning failed: %s", exc)
         try:
             done = worker.step(now_ms())
         except Exception as exc:  # the database failed: the whole step was rolled back
@@ -406,6 +419,7 @@ def serve(
         if role in ("worker", "all"):
             composer, keep = composer_for(pool, playbooks, triggers)
             worker = Worker(pool, ws, triggers, policy, composer, keep)
+            prune = (settings.pg_prune_every_ms(), settings.pg_keep_events_ms())
             if not worker.register(clock.now_ms()):
                 print(
                     "newer playbooks than these were started by another worker: this one "
@@ -416,10 +430,14 @@ def serve(
                 print(f"Forewarn worker with {len(triggers)} triggers on PostgreSQL", flush=True)
                 signal.signal(signal.SIGTERM, lambda *_: stop.set())
                 with contextlib.suppress(KeyboardInterrupt):
-                    run_worker(worker, stop)
+                    run_worker(worker, stop, prune_every_ms=prune[0], keep_events_ms=prune[1])
                 return 0
             thread = threading.Thread(
-                target=run_worker, args=(worker, stop), name="forewarn-worker", daemon=True
+                target=run_worker,
+                args=(worker, stop),
+                kwargs={"prune_every_ms": prune[0], "keep_events_ms": prune[1]},
+                name="forewarn-worker",
+                daemon=True,
             )
             thread.start()
             if settings.env("DELIVERY") == "on":  # the delivery worker, as the embedded server

@@ -30,6 +30,8 @@ SETTINGS: dict[str, str] = {
     "ROLE": "all",
     "PG_STATEMENT_TIMEOUT": "30s",
     "PG_KEEPALIVE": "30s",
+    "PG_KEEP_EVENTS": "7d",
+    "PG_PRUNE_EVERY": "10m",
     # the policy (docs/concepts.md)
     "FREQUENCY_CAPS": "2/7d,1/1d",
     "CHANNEL_CAPS": "",
@@ -148,6 +150,25 @@ def pg_keepalive_s() -> int:
     """Seconds of silence on a PostgreSQL connection before TCP keepalives probe it; 0 when
     off."""
     return _span_ms("PG_KEEPALIVE", "e.g. 30s, or off") // 1000
+
+
+DEDUP_MS = 7 * 86_400_000  # a message id resent within this is recognised
+
+
+def pg_keep_events_ms() -> int:
+    """How long the scale-out workers keep applied events in the log; 0 when for ever."""
+    span = _span_ms("PG_KEEP_EVENTS", "e.g. 30d, or off")
+    if span and span < DEDUP_MS:
+        raise InputError(
+            f"{PREFIX}PG_KEEP_EVENTS={env('PG_KEEP_EVENTS')}: keep events at least 7d (a "
+            "message id resent within 7 days is recognised by its row), or off"
+        )
+    return span
+
+
+def pg_prune_every_ms() -> int:
+    """How often a scale-out worker prunes what is no longer needed; 0 when never."""
+    return _span_ms("PG_PRUNE_EVERY", "e.g. 10m, or off")
 
 
 def _span_ms(name: str, example: str) -> int:

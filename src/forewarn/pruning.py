@@ -1,0 +1,161 @@
+"""Pruning of the scale-out tables, run now and then by the workers (`scaleout.run_worker`):
+
+- `events`: rows received longer ago than the window kept (`FOREWARN_PG_KEEP_EVENTS`, at
+  least the 7 days within which a resent message id is recognised, since the unique index on
+  the rows that remain is what recognises it), once applied: never an event still queued,
+  nor one set aside as a dead letter (it is replayed from its row);
+- `parts`: partition states no worker will use again: those made under playbooks other than
+  the current generation's with nothing queued (a worker would start them afresh anyway), and
+  those left empty (no subject, alias, ticket nor outreach history: a user's partition emptied
+  into their home account, say).
+
+Each batch is a transaction of its own, of at most `batch` rows, under a lock that one worker
+at a time holds; a partition is only deleted under its own lock (tried, never waited for), so
+never in the middle of a worker's step.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Any
+
+import psycopg
+
+from forewarn import dead_letters, partition, store_pg
+
+log = logging.getLogger("forewarn.worker")
+
+PRUNE = "prune"  # the advisory lock (as a partition name) of the worker pruning
+BATCH = 5_000
+BATCHES = 40  # per run and table: a run's work stays bounded, the next run goes on
+SMALL_STATE = 64  # bytes: an empty partition state is smaller; only those are decoded
+
+_EVENTS = """
+DELETE FROM events WHERE id IN (
+    SELECT id FROM events e
+    WHERE e.workspace = %(ws)s AND e.received_ms < %(before)s
+      AND NOT EXISTS (SELECT 1 FROM queue q WHERE q.id = e.id)
+      AND NOT EXISTS (SELECT 1 FROM dead_letters d WHERE d.event = e.id)
+    ORDER BY id LIMIT %(n)s
+)
+"""
+
+_OLD_PLAYBOOKS = """
+SELECT part FROM parts p
+WHERE p.workspace = %(ws)s AND p.playbooks <> %(current)s
+  AND NOT EXISTS (SELECT 1 FROM queue q WHERE q.workspace = p.workspace AND q.part = p.part)
+ORDER BY part LIMIT %(n)s
+"""
+
+_SMALL = """
+SELECT part, state FROM parts p
+WHERE p.workspace = %(ws)s AND p.part > %(after)s AND octet_length(p.state) <= %(small)s
+  AND NOT EXISTS (SELECT 1 FROM queue q WHERE q.workspace = p.workspace AND q.part = p.part)
+ORDER BY part LIMIT %(n)s
+"""
+
+
+@dataclass
+class Pruned:
+    events: int = 0
+    parts: int = 0
+
+
+def prune(
+    pool: store_pg.Pool,
+    workspace: int,
+    playbooks: str,
+    now_ms: int,
+    keep_events_ms: int,
+    batch: int = BATCH,
+) -> Pruned:
+    """One run over the workspace (`playbooks`: the current generation's fingerprint;
+    `keep_events_ms`: 0 keeps every event). Returns what it deleted."""
+    done = Pruned()
+    if keep_events_ms:
+        for _ in range(BATCHES):
+            n = _batch(pool, workspace, _events, now_ms - keep_events_ms, batch)
+            if n is None:
+                return done  # another worker is pruning
+            done.events += n
+            if n < batch:
+                break
+    for _ in range(BATCHES):
+        n = _batch(pool, workspace, _old_parts, playbooks, batch)
+        if n is None:
+            return done
+        done.parts += n
+        if n < batch:
+            break
+    after = ""
+    for _ in range(BATCHES):
+        with pool.connection() as conn, conn.transaction():
+            if not _lock(conn, workspace):
+                return done
+            rows = conn.execute(
+                _SMALL,
+                {"ws": workspace, "after": after, "small": SMALL_STATE, "n": batch},
+            ).fetchall()
+            empty = [str(p) for p, s in rows if _empty(bytes(s))]
+            done.parts += _delete(conn, workspace, empty, "octet_length(state) <= %s", SMALL_STATE)
+        if len(rows) < batch:
+            break
+        after = str(rows[-1][0])
+    if done.events or done.parts:
+        log.info("pruned %d events and %d partition states", done.events, done.parts)
+    return done
+
+
+def _lock(conn: psycopg.Connection[Any], workspace: int) -> bool:
+    key = store_pg.lock_key(workspace, PRUNE)
+    row = conn.execute("SELECT pg_try_advisory_xact_lock(%s)", (key,)).fetchone()
+    return bool(row and row[0])
+
+
+def _batch(pool: store_pg.Pool, workspace: int, step: Any, arg: Any, batch: int) -> int | None:
+    with pool.connection() as conn, conn.transaction():
+        if not _lock(conn, workspace):
+            return None
+        return int(step(conn, workspace, arg, batch))
+
+
+def _events(conn: psycopg.Connection[Any], workspace: int, before_ms: int, batch: int) -> int:
+    return conn.execute(_EVENTS, {"ws": workspace, "before": before_ms, "n": batch}).rowcount
+
+
+def _old_parts(conn: psycopg.Connection[Any], workspace: int, current: str, batch: int) -> int:
+    parts = [
+        str(p)
+        for (p,) in conn.execute(_OLD_PLAYBOOKS, {"ws": workspace, "current": current, "n": batch})
+    ]
+    return _delete(conn, workspace, parts, "playbooks <> %s", current)
+
+
+def _delete(
+    conn: psycopg.Connection[Any], workspace: int, parts: list[str], still: str, arg: Any
+) -> int:
+    """Delete those of `parts` whose lock this transaction gets, if `still` holds and nothing
+    was queued for them meanwhile."""
+    if not parts:
+        return 0
+    keys = [store_pg.lock_key(workspace, p) for p in parts]
+    locked = [str(p) for (p,) in conn.execute(dead_letters.TRY_LOCKS, (parts, keys))]
+    if not locked:
+        return 0
+    return conn.execute(
+        f"DELETE FROM parts p WHERE p.workspace = %s AND p.part = ANY(%s) AND {still}"
+        " AND NOT EXISTS (SELECT 1 FROM queue q WHERE q.workspace = p.workspace"
+        " AND q.part = p.part)",
+        (workspace, locked, arg),
+    ).rowcount
+
+
+def _empty(raw: bytes) -> bool:
+    try:
+        snap = partition.decode(raw)
+    except Exception:  # not for pruning to judge: a worker sets it aside when it claims it
+        return False
+    return not (
+        snap.users or snap.accounts or snap.aliases or snap.members or snap.urgent or snap.history
+    )
