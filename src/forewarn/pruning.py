@@ -17,6 +17,7 @@ never in the middle of a worker's step.
 from __future__ import annotations
 
 import logging
+import time
 from dataclasses import dataclass
 from typing import Any
 
@@ -60,6 +61,8 @@ ORDER BY part LIMIT %(n)s
 class Pruned:
     events: int = 0
     parts: int = 0
+    batches: int = 0
+    longest_s: float = 0.0  # the longest batch's transaction: how long it held its locks
 
 
 def prune(
@@ -75,35 +78,36 @@ def prune(
     done = Pruned()
     if keep_events_ms:
         for _ in range(BATCHES):
-            n = _batch(pool, workspace, _events, now_ms - keep_events_ms, batch)
+            n = _batch(pool, workspace, done, _events, now_ms - keep_events_ms, batch)
             if n is None:
                 return done  # another worker is pruning
             done.events += n
             if n < batch:
                 break
     for _ in range(BATCHES):
-        n = _batch(pool, workspace, _old_parts, playbooks, batch)
+        n = _batch(pool, workspace, done, _old_parts, playbooks, batch)
         if n is None:
             return done
         done.parts += n
         if n < batch:
             break
-    after = ""
+    after: str | None = ""
     for _ in range(BATCHES):
-        with pool.connection() as conn, conn.transaction():
-            if not _lock(conn, workspace):
-                return done
-            rows = conn.execute(
-                _SMALL,
-                {"ws": workspace, "after": after, "small": SMALL_STATE, "n": batch},
-            ).fetchall()
-            empty = [str(p) for p, s in rows if _empty(bytes(s))]
-            done.parts += _delete(conn, workspace, empty, "octet_length(state) <= %s", SMALL_STATE)
-        if len(rows) < batch:
+        got = _batch(pool, workspace, done, _empty_parts, after, batch)
+        if got is None:
+            return done
+        n, after = got
+        done.parts += n
+        if after is None:
             break
-        after = str(rows[-1][0])
     if done.events or done.parts:
-        log.info("pruned %d events and %d partition states", done.events, done.parts)
+        log.info(
+            "pruned %d events and %d partition states in %d transactions (the longest %.3f s)",
+            done.events,
+            done.parts,
+            done.batches,
+            done.longest_s,
+        )
     return done
 
 
@@ -113,11 +117,18 @@ def _lock(conn: psycopg.Connection[Any], workspace: int) -> bool:
     return bool(row and row[0])
 
 
-def _batch(pool: store_pg.Pool, workspace: int, step: Any, arg: Any, batch: int) -> int | None:
+def _batch(
+    pool: store_pg.Pool, workspace: int, done: Pruned, step: Any, arg: Any, batch: int
+) -> Any:
+    """One transaction of `step`, under the pruning lock; None when another worker has it."""
+    start = time.perf_counter()
     with pool.connection() as conn, conn.transaction():
         if not _lock(conn, workspace):
             return None
-        return int(step(conn, workspace, arg, batch))
+        result = step(conn, workspace, arg, batch)
+    done.batches += 1
+    done.longest_s = max(done.longest_s, time.perf_counter() - start)
+    return result
 
 
 def _events(conn: psycopg.Connection[Any], workspace: int, before_ms: int, batch: int) -> int:
@@ -130,6 +141,19 @@ def _old_parts(conn: psycopg.Connection[Any], workspace: int, current: str, batc
         for (p,) in conn.execute(_OLD_PLAYBOOKS, {"ws": workspace, "current": current, "n": batch})
     ]
     return _delete(conn, workspace, parts, "playbooks <> %s", current)
+
+
+def _empty_parts(
+    conn: psycopg.Connection[Any], workspace: int, after: str, batch: int
+) -> tuple[int, str | None]:
+    """The empty states among the small ones after `after`, deleted; with where the next
+    batch starts (None at the end)."""
+    rows = conn.execute(
+        _SMALL, {"ws": workspace, "after": after, "small": SMALL_STATE, "n": batch}
+    ).fetchall()
+    empty = [str(p) for p, s in rows if _empty(bytes(s))]
+    n = _delete(conn, workspace, empty, "octet_length(state) <= %s", SMALL_STATE)
+    return n, (str(rows[-1][0]) if len(rows) == batch else None)
 
 
 def _delete(
