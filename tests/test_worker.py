@@ -12,6 +12,7 @@ from typing import Any
 import pytest
 
 from forewarn import dead_letters, store_pg
+from forewarn.dead_letters import BadState
 from forewarn.model import event_from_dict
 from forewarn.store_sqlite import Append
 from forewarn.worker import Worker
@@ -272,6 +273,31 @@ def test_a_state_that_no_longer_decodes_is_set_aside_and_its_partition_starts_af
     assert "ValidationError" in letter.error
     fired = sorted((f[1], f[2]) for f in _firings(pool, ws))
     assert fired == [("acme", at(minutes=1)), ("acme", at(minutes=2)), ("beta", at())]
+
+
+def test_when_every_partition_fails_alone_nothing_is_set_aside(pool: store_pg.Pool) -> None:
+    """As after an upgrade that reads no stored state: a fault of the code, not of the data,
+    so no partition loses its state or its events."""
+    ws = store_pg.ensure_workspace(pool, "default", T0_MS)
+    worker = Worker(pool, ws, LIMIT)
+    _ingest(
+        pool, ws, [track("Limit Hit", at(), "u1", "acme"), track("Limit Hit", at(), "u2", "beta")]
+    )
+    worker.run_until_idle(0)
+    with pool.connection() as conn:
+        conn.execute("UPDATE parts SET state = '\\x00ff'::bytea")
+    _ingest(
+        pool,
+        ws,
+        [track("Limit Hit", at(1), "u1", "acme"), track("Limit Hit", at(1), "u2", "beta")],
+    )
+    with pytest.raises(BadState):
+        worker.step(0)
+    with pool.connection() as conn:
+        assert store_pg.pending(conn, ws) == 2
+        assert dead_letters.listed(conn, ws) == []
+        states = {bytes(s) for (s,) in conn.execute("SELECT state FROM parts")}
+    assert states == {b"\x00\xff"} and worker.dead_letters == 0
 
 
 def test_a_worker_never_waits_for_a_users_partition_another_holds(

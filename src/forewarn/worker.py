@@ -209,8 +209,10 @@ class Worker:
         event the engine cannot apply) is not retried as a whole: its partitions are tried
         again one at a time, so the healthy ones go on, and in a partition that fails alone
         the event at fault (or, failing that, its oldest one; or its state, when it is the
-        state that fails) is set aside as a dead letter. A failure of the database itself is
-        raised, for the caller to retry the step."""
+        state that fails) is set aside as a dead letter. When every one of several
+        partitions fails alone, the fault is not in their data (a bug, an upgrade that reads
+        no state): nothing is set aside and the error is raised. A failure of the database
+        itself is raised, for the caller to retry the step."""
         if not self.registered:
             self.register(now_ms)
         self._tried = []
@@ -229,21 +231,35 @@ class Worker:
                 exc,
             )
         done = Stepped()
+        failed: list[tuple[str, Exception]] = []
         for part in parts:
-            done.add(self._alone(now_ms, part))
+            one, error = self._alone(now_ms, part)
+            done.add(one)
+            if error is not None:
+                failed.append((part, error))
+        if len(parts) > 1 and len(failed) == len(parts):
+            log.error(
+                "each of the %d partitions of a step failed on its own (%s): not a fault of "
+                "their data, so nothing is set aside; retrying",
+                len(parts),
+                failed[0][1],
+            )
+            raise failed[0][1]
+        for part, error in failed:
+            done.add(self._dead_letter(part, error, now_ms))
         return done
 
-    def _alone(self, now_ms: int, part: str) -> Stepped:
+    def _alone(self, now_ms: int, part: str) -> tuple[Stepped, Exception | None]:
         """One partition on its own, after a step over several failed. If it fails again,
         and not on a known event or its state, its events are applied one per transaction
-        up to the one that fails; what fails becomes a dead letter."""
+        up to the one that fails. Returns what was done, and the failure that remains."""
         try:
-            return self._step(now_ms, [part], self.events_per_step)
+            return self._step(now_ms, [part], self.events_per_step), None
         except Exception as exc:
             if transient(exc):
                 raise
             if isinstance(exc, (BadEvent, BadState)):
-                return self._dead_letter(part, exc, now_ms)
+                return Stepped(), exc
         done = Stepped()
         for _ in range(self.events_per_step):
             try:
@@ -251,12 +267,11 @@ class Worker:
             except Exception as exc:
                 if transient(exc):
                     raise
-                done.add(self._dead_letter(part, exc, now_ms))
-                break
+                return done, exc
             done.add(one)
             if not one.events:
                 break
-        return done
+        return done, None
 
     def _dead_letter(self, part: str, exc: BaseException, now_ms: int) -> Stepped:
         with self.pool.connection() as conn, conn.transaction():
