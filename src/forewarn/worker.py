@@ -15,7 +15,14 @@ A step, in one transaction:
 
 The locks end with the transaction. A worker killed mid-step commits nothing: its partitions'
 events are still queued, and the next worker to try them gets the lock. Nothing is lost, and
-nothing is applied twice, because the state and the queue change in the same commit.
+nothing is applied twice, because the state and the queue change in the same commit. No lock
+is ever waited for while others are held (a user's partition an account adopts is only tried
+too), so workers cannot deadlock.
+
+A step that fails on its data is retried a partition at a time, and what still fails is set
+aside (`dead_letters`). A worker claims only while its playbooks are the newest generation
+recorded in the database (`register`), so old and new workers in a rolling restart do not
+start afresh each other's partitions.
 
 Partitions: an event belongs to its account (`context.groupId`, or the account a `group` call
 joins), else to its user. A partition's users and its account live in one state, so an
@@ -37,6 +44,7 @@ from forewarn import (
     dead_letters,
     decide,
     engine,
+    homes,
     live,
     partition,
     store_outbox,
@@ -338,14 +346,16 @@ class Worker:
                 )
             }
             loaded = [self._load(p, stored.get(p), claimed[p]) for p in parts]
-            self._send_home(conn, loaded)
+            homes.send_home(conn, self.workspace, loaded)
             users = {p.name: p for p in loaded if p.name.startswith("user:")}
             modes = store_pg.trigger_overrides(conn, self.workspace)
             # users' own partitions first: a user an account adopts below brings all of it
             for p in users.values():
                 done.firings += self._run(conn, p, now_ms, modes, p.name in behind)
             accounts = [p for p in loaded if p.name not in users]
-            deferred = self._adopt(conn, accounts, users)
+            deferred = homes.adopt(
+                conn, self.workspace, self.playbooks, accounts, users, self._load
+            )
             accounts = [p for p in accounts if p.name not in deferred]
             for p in accounts:
                 done.firings += self._run(conn, p, now_ms, modes, p.name in behind)
@@ -364,7 +374,7 @@ class Worker:
                 },
             )
             # what was applied leaves the queue; a deferred partition's events stay queued
-            # (moved ones were given to their home's queue in `_send_home`)
+            # (moved ones were given to their home's queue in `homes.send_home`)
             applied = [i for p in ran for i in p.ids]
             if applied:
                 conn.execute("DELETE FROM queue WHERE id = ANY(%s)", (applied,))
@@ -405,113 +415,6 @@ class Worker:
             part.events.append(event)
             part.ids.append(qid)
         return part
-
-    def _send_home(self, conn: psycopg.Connection[Any], loaded: list[Part]) -> set[int]:
-        """Events queued under a user who has since got a home account (accepted while the
-        home was being set) go to that account: applied with it now when it is claimed in
-        this step (in log order), else moved to its queue. Returns the ids moved."""
-        users = [p for p in loaded if p.name.startswith("user:") and p.ids]
-        if not users:
-            return set()
-        homes = dict(
-            conn.execute(
-                "SELECT 'user:' || person, 'account:' || account FROM homes"
-                " WHERE workspace = %s AND 'user:' || person = ANY(%s)",
-                (self.workspace, [p.name for p in users]),
-            ).fetchall()
-        )
-        here = {p.name: p for p in loaded}
-        moved: set[int] = set()
-        for p in users:
-            home = homes.get(p.name)
-            if home is None:
-                continue
-            into = here.get(home)
-            if into is not None:
-                merged = sorted(
-                    zip(into.ids + p.ids, into.events + p.events, strict=True),
-                    key=lambda pair: pair[0],
-                )
-                into.ids = [i for i, _ in merged]
-                into.events = [e for _, e in merged]
-            else:
-                conn.execute("UPDATE queue SET part = %s WHERE id = ANY(%s)", (home, p.ids))
-                moved.update(p.ids)
-            p.events, p.ids = [], []
-        return moved
-
-    def _adopt(
-        self, conn: psycopg.Connection[Any], parts: list[Part], here: dict[str, Part]
-    ) -> set[str]:
-        """Users new to an account partition bring the state their own partition kept before
-        they had a home: from that partition claimed in this step (`here`), else from the
-        database under its lock. The lock is only tried, never waited for (a worker waiting
-        while holding others' could deadlock): an account whose users' partitions another
-        worker holds is deferred to a later step, its events left queued. Returns the names
-        of the accounts deferred."""
-        needs: dict[str, list[str]] = {}
-        for p in parts:
-            state = p.runner.state
-            for event in p.events:
-                who = store_pg.person(event)
-                if who not in state.users and who not in state.aliases:
-                    name = "user:" + who
-                    if name not in needs.setdefault(p.name, []):
-                        needs[p.name].append(name)
-        elsewhere = sorted({n for names in needs.values() for n in names if n not in here})
-        got: set[str] = set()
-        if elsewhere:
-            keys = [store_pg.lock_key(self.workspace, n) for n in elsewhere]
-            got = {str(n) for (n,) in conn.execute(dead_letters.TRY_LOCKS, (elsewhere, keys))}
-        deferred = {
-            a for a, names in needs.items() if any(n not in here and n not in got for n in names)
-        }
-        wanted: dict[str, Part] = {}
-        for p in parts:
-            if p.name not in deferred:
-                for name in needs.get(p.name, ()):
-                    wanted.setdefault(name, p)
-        for name in [n for n in wanted if n in here]:
-            own = here[name]
-            snap = partition.decode(partition.snapshot(own.runner, own.outreach))
-            partition.move_user(snap, wanted.pop(name), name[len("user:") :])
-            rest = self._load(name, (partition.encode(snap), self.playbooks), [])
-            own.runner, own.outreach = rest.runner, rest.outreach
-        if deferred:
-            log.info(
-                "accounts %s wait for users' partitions another worker holds", sorted(deferred)
-            )
-        if not wanted:
-            return deferred
-        names = sorted(wanted)
-        rows = conn.execute(
-            "SELECT part, state, playbooks FROM parts WHERE workspace = %s AND part = ANY(%s)",
-            (self.workspace, names),
-        ).fetchall()
-        for name, raw, playbooks in rows:
-            if playbooks != self.playbooks:
-                continue
-            try:
-                snap = partition.decode(bytes(raw))
-            except Exception as exc:
-                raise BadState(str(name), exc) from exc
-            partition.move_user(snap, wanted[name], name[len("user:") :])
-            if snap.users or snap.accounts:
-                conn.execute(
-                    "UPDATE parts SET state = %s, due_ms = %s WHERE workspace = %s AND part = %s",
-                    (
-                        partition.encode(snap),
-                        partition.next_due(snap.users, snap.accounts),
-                        self.workspace,
-                        name,
-                    ),
-                )
-            else:
-                conn.execute(
-                    "DELETE FROM parts WHERE workspace = %s AND part = %s",
-                    (self.workspace, name),
-                )
-        return deferred
 
     def _run(
         self,
