@@ -60,6 +60,8 @@ def run(url: str, events: int, parts: int) -> dict[str, Any]:
         empty = partition.PartState(None, 0, {}, {}, {}, {}, {}, [])
         with pool.connection() as conn:
             conn.execute("DELETE FROM queue")  # as if applied
+            conn.execute("INSERT INTO playbook_generations VALUES (%s, 1, 'old', 0)", (ws,))
+            conn.execute("INSERT INTO playbook_generations VALUES (%s, 2, 'new', 0)", (ws,))
             conn.execute(
                 "INSERT INTO parts (workspace, part, state, due_ms, playbooks)"
                 " SELECT %s, 'user:u' || i, %s, %s, CASE WHEN i %% 2 = 0 THEN 'old' ELSE 'new' END"
@@ -70,7 +72,7 @@ def run(url: str, events: int, parts: int) -> dict[str, Any]:
         deleted = pruning.Pruned()
         runs = 0
         while True:
-            done = pruning.prune(pool, ws, "new", now_ms, 7 * DAY_MS)
+            done = pruning.prune(pool, ws, now_ms, 7 * DAY_MS)
             runs += 1
             deleted.events += done.events
             deleted.parts += done.parts

@@ -63,7 +63,7 @@ def test_applied_events_past_the_window_go_and_what_is_still_needed_stays(
     _ingest(pool, ws, old_ms, late)
     before = _ids(pool)
 
-    done = pruning.prune(pool, ws, worker.playbooks, NOW_MS, 7 * DAY_MS, batch=3)
+    done = pruning.prune(pool, ws, NOW_MS, 7 * DAY_MS, batch=3)
 
     assert done.events == 7  # in transactions of at most 3
     assert len(before - _ids(pool)) == 7 and dead in _ids(pool)
@@ -103,7 +103,7 @@ def test_partition_states_no_worker_will_use_again_go(pool: store_pg.Pool) -> No
         "account:beta": live.fingerprint(QUIET),
     }
 
-    done = pruning.prune(pool, ws, new.playbooks, NOW_MS, 0)
+    done = pruning.prune(pool, ws, NOW_MS, 0)
 
     with pool.connection() as conn:
         left = {str(p) for (p,) in conn.execute("SELECT part FROM parts")}
@@ -111,7 +111,7 @@ def test_partition_states_no_worker_will_use_again_go(pool: store_pg.Pool) -> No
     # an event queued, and starts afresh under the new playbooks when it is applied
     assert (done.parts, left) == (2, {"user:u2", "account:acme"})
     new.run_until_idle(ms(hours=2))
-    assert pruning.prune(pool, ws, new.playbooks, NOW_MS, 0).parts == 0
+    assert pruning.prune(pool, ws, NOW_MS, 0).parts == 0
 
 
 def test_a_partition_a_worker_holds_is_not_pruned_under_it(pool: store_pg.Pool) -> None:
@@ -119,10 +119,25 @@ def test_a_partition_a_worker_holds_is_not_pruned_under_it(pool: store_pg.Pool) 
     Worker(pool, ws, QUIET).run_until_idle(0)
     _ingest(pool, ws, T0_MS, [track("Login", at(), "u1")])
     Worker(pool, ws, QUIET).run_until_idle(0)
+    Worker(pool, ws, FREE).register(T0_MS)  # u1's state is under older playbooks now
     with pool.connection() as conn, conn.transaction():
         conn.execute("SELECT pg_advisory_xact_lock(%s)", (store_pg.lock_key(ws, "user:u1"),))
-        assert pruning.prune(pool, ws, "other playbooks", NOW_MS, 0).parts == 0
-    assert pruning.prune(pool, ws, "other playbooks", NOW_MS, 0).parts == 1
+        assert pruning.prune(pool, ws, NOW_MS, 0).parts == 0
+    assert pruning.prune(pool, ws, NOW_MS, 0).parts == 1
+
+
+def test_the_current_generation_is_the_newest_in_the_database(pool: store_pg.Pool) -> None:
+    # (read by each statement: a generation started during a run keeps what it builds)
+    ws = store_pg.ensure_workspace(pool, "default", T0_MS)
+    _ingest(pool, ws, T0_MS, [identify(at(), "u1", plan="free")])
+    Worker(pool, ws, QUIET).run_until_idle(0)
+    newer = Worker(pool, ws, FREE)  # registers, then builds u2's partition
+    _ingest(pool, ws, T0_MS, [identify(at(), "u2", plan="free")])
+    newer.run_until_idle(0)
+    assert pruning.prune(pool, ws, NOW_MS, 0).parts == 1
+    with pool.connection() as conn:
+        left = {str(p) for (p,) in conn.execute("SELECT part FROM parts")}
+    assert left == {"user:u2"}
 
 
 def test_a_worker_prunes_every_so_often(pool: store_pg.Pool) -> None:

@@ -340,9 +340,10 @@ def test_an_api_process_lists_what_it_serves_and_counts_dead_letters(
         with pool.connection() as conn:
             ws = store_pg.workspace_id(conn, "default")
         assert ws is not None
+        base = f"http://127.0.0.1:{port}"
+        before = httpx.get(base + "/metrics").text
         _poison(pool, ws, track("Limit Hit", "2026-01-05T00:00:00Z", "u1", "acme"))
         Worker(pool, ws, LIMIT).run_until_idle(0)
-        base = f"http://127.0.0.1:{port}"
         sent = httpx.post(
             base + "/v1/track", json=track("Login", "2026-01-05T00:01:00Z"), auth=(WRITE_KEY, "")
         )
@@ -352,6 +353,7 @@ def test_an_api_process_lists_what_it_serves_and_counts_dead_letters(
     finally:
         _stop([api])
         pool.close()
+    assert f'forewarn_dead_letters{{workspace="{ws}"}} 0' in before  # (a series to alert on)
     assert f'forewarn_dead_letters{{workspace="{ws}"}} 1' in metrics
     assert f'forewarn_queue_events{{workspace="{ws}"}} 1' in metrics
     assert "forewarn_events_accepted_total 1" in metrics

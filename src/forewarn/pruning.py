@@ -5,9 +5,9 @@
   the rows that remain is what recognises it), once applied: never an event still queued,
   nor one set aside as a dead letter (it is replayed from its row);
 - `parts`: partition states no worker will use again: those made under playbooks other than
-  the current generation's with nothing queued (a worker would start them afresh anyway), and
-  those left empty (no subject, alias, ticket nor outreach history: a user's partition emptied
-  into their home account, say).
+  the current generation's (read from the database by each statement) with nothing queued (a
+  worker would start them afresh anyway), and those left empty (no subject, alias, ticket
+  nor outreach history: a user's partition emptied into their home account, say).
 
 Each batch is a transaction of its own, of at most `batch` rows, under a lock that one worker
 at a time holds; a partition is only deleted under its own lock (tried, never waited for), so
@@ -42,11 +42,18 @@ DELETE FROM events WHERE id IN (
 )
 """
 
-_OLD_PLAYBOOKS = """
+# read in each statement: a generation started during a run is seen by the next statement
+# (its workers build nothing before it is recorded)
+CURRENT = """(
+    SELECT fingerprint FROM playbook_generations WHERE workspace = %s
+    ORDER BY generation DESC LIMIT 1
+)"""
+
+_OLD_PLAYBOOKS = f"""
 SELECT part FROM parts p
-WHERE p.workspace = %(ws)s AND p.playbooks <> %(current)s
+WHERE p.workspace = %s AND p.playbooks <> {CURRENT}
   AND NOT EXISTS (SELECT 1 FROM queue q WHERE q.workspace = p.workspace AND q.part = p.part)
-ORDER BY part LIMIT %(n)s
+ORDER BY part LIMIT %s
 """
 
 _SMALL = """
@@ -66,15 +73,10 @@ class Pruned:
 
 
 def prune(
-    pool: store_pg.Pool,
-    workspace: int,
-    playbooks: str,
-    now_ms: int,
-    keep_events_ms: int,
-    batch: int = BATCH,
+    pool: store_pg.Pool, workspace: int, now_ms: int, keep_events_ms: int, batch: int = BATCH
 ) -> Pruned:
-    """One run over the workspace (`playbooks`: the current generation's fingerprint;
-    `keep_events_ms`: 0 keeps every event). Returns what it deleted."""
+    """One run over the workspace (`keep_events_ms`: 0 keeps every event). Returns what it
+    deleted."""
     done = Pruned()
     if keep_events_ms:
         for _ in range(BATCHES):
@@ -85,7 +87,7 @@ def prune(
             if n < batch:
                 break
     for _ in range(BATCHES):
-        n = _batch(pool, workspace, done, _old_parts, playbooks, batch)
+        n = _batch(pool, workspace, done, _old_parts, None, batch)
         if n is None:
             return done
         done.parts += n
@@ -135,12 +137,9 @@ def _events(conn: psycopg.Connection[Any], workspace: int, before_ms: int, batch
     return conn.execute(_EVENTS, {"ws": workspace, "before": before_ms, "n": batch}).rowcount
 
 
-def _old_parts(conn: psycopg.Connection[Any], workspace: int, current: str, batch: int) -> int:
-    parts = [
-        str(p)
-        for (p,) in conn.execute(_OLD_PLAYBOOKS, {"ws": workspace, "current": current, "n": batch})
-    ]
-    return _delete(conn, workspace, parts, "playbooks <> %s", current)
+def _old_parts(conn: psycopg.Connection[Any], workspace: int, _: None, batch: int) -> int:
+    parts = [str(p) for (p,) in conn.execute(_OLD_PLAYBOOKS, (workspace, workspace, batch))]
+    return _delete(conn, workspace, parts, f"playbooks <> {CURRENT}", workspace)
 
 
 def _empty_parts(

@@ -212,11 +212,12 @@ def build_api(app: IngestApp) -> Starlette:
     async def metrics(request: Request) -> Response:
         def read() -> tuple[dict[int, int], dict[int, int]]:
             with app.pool.connection() as conn:
-                queued = {
+                every = {int(w): 0 for (w,) in conn.execute("SELECT id FROM workspaces")}
+                queued = every | {
                     int(w): int(n)
                     for w, n in conn.execute("SELECT workspace, count(*) FROM queue GROUP BY 1")
                 }
-                return dead_letters.count(conn), queued
+                return every | dead_letters.count(conn), queued
 
         letters, queued = await asyncio.to_thread(read)
         return Response(pg_metrics(app.counters, letters, queued), media_type=METRICS_TYPE)
@@ -329,9 +330,7 @@ def run_worker(
         if prune_every_ms and worker.current and now_ms() - pruned_ms >= prune_every_ms:
             pruned_ms = now_ms()
             try:
-                pruning.prune(
-                    worker.pool, worker.workspace, worker.playbooks, pruned_ms, keep_events_ms
-                )
+                pruning.prune(worker.pool, worker.workspace, pruned_ms, keep_events_ms)
             except Exception as exc:  # the next run goes on where this one stopped
                 log.warning("pruning failed: %s", exc)
         try:
