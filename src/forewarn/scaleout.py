@@ -379,6 +379,11 @@ def serve(
 
     from forewarn.sources import load_playbooks
 
+    # the workers' log (dead letters, older playbooks, pruning) at FOREWARN_LOG_LEVEL
+    logging.basicConfig(
+        level=getattr(logging, log_level.upper(), logging.WARNING),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
     if role == "delivery":
         from forewarn import deliver
 
