@@ -1,7 +1,8 @@
 """What pruning the scale-out tables costs on PostgreSQL: `--events` applied events past the
-window and `--parts` partition states no worker will use again (half made under older
-playbooks, half empty), deleted by `pruning.prune` runs until none is left. Prints JSON: rows
-deleted per second, and the longest single transaction (what a batch holds its locks for).
+window, `--parts` partition states no worker will use again (half made under older
+playbooks, half empty) and as many homes of people with no state left, deleted by
+`pruning.prune` runs until none is left. Prints JSON: rows deleted per second, and the
+longest single transaction (what a batch holds its locks for).
 
 The events are stored through the ingest path and then taken out of the queue directly, as
 if applied (the engine is not what is measured here).
@@ -60,6 +61,11 @@ def run(url: str, events: int, parts: int) -> dict[str, Any]:
         empty = partition.PartState(None, 0, {}, {}, {}, {}, {}, [])
         with pool.connection() as conn:
             conn.execute("DELETE FROM queue")  # as if applied
+            conn.execute(  # the people of half the events' accounts have homes to prune
+                "INSERT INTO homes (workspace, person, account)"
+                " SELECT %s, 'person-' || i, 'gone-' || (i %% 300) FROM generate_series(1, %s) i",
+                (ws, parts),
+            )
             conn.execute("INSERT INTO playbook_generations VALUES (%s, 1, 'old', 0)", (ws,))
             conn.execute("INSERT INTO playbook_generations VALUES (%s, 2, 'new', 0)", (ws,))
             conn.execute(
@@ -76,9 +82,10 @@ def run(url: str, events: int, parts: int) -> dict[str, Any]:
             runs += 1
             deleted.events += done.events
             deleted.parts += done.parts
+            deleted.homes += done.homes
             deleted.batches += done.batches
             deleted.longest_s = max(deleted.longest_s, done.longest_s)
-            if not done.events and not done.parts:
+            if not done.events and not done.parts and not done.homes:
                 break
         elapsed = time.perf_counter() - start_s
         with pool.connection() as conn:
@@ -88,10 +95,11 @@ def run(url: str, events: int, parts: int) -> dict[str, Any]:
     return {
         "events_deleted": deleted.events,
         "parts_deleted": deleted.parts,
+        "homes_deleted": deleted.homes,
         "events_left": int(left[0]) if left else -1,
         "runs": runs,
         "seconds": round(elapsed, 2),
-        "rows_per_s": round((deleted.events + deleted.parts) / elapsed),
+        "rows_per_s": round((deleted.events + deleted.parts + deleted.homes) / elapsed),
         "transactions": deleted.batches,
         "longest_transaction_s": round(deleted.longest_s, 3),
         "batch_rows": pruning.BATCH,

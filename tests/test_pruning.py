@@ -174,3 +174,32 @@ def test_the_window_is_at_least_the_dedup_window(monkeypatch: pytest.MonkeyPatch
     monkeypatch.setenv("FOREWARN_PG_PRUNE_EVERY", "often")
     with pytest.raises(InputError, match="FOREWARN_PG_PRUNE_EVERY"):
         settings.pg_prune_every_ms()
+
+
+def test_the_home_of_a_person_with_no_state_left_goes(pool: store_pg.Pool) -> None:
+    from tests.factories import group
+
+    ws = store_pg.ensure_workspace(pool, "default", T0_MS)
+    _ingest(pool, ws, T0_MS, [group(at(), "acme", "u1"), group(at(), "beta", "u2")])
+    Worker(pool, ws, QUIET).run_until_idle(0)
+    newer = Worker(pool, ws, FREE)
+    _ingest(pool, ws, T0_MS, [track("Login", at(1), "u2", "beta")])  # beta goes on, under FREE
+    newer.run_until_idle(0)
+
+    done = pruning.prune(pool, ws, NOW_MS, 0)
+
+    with pool.connection() as conn:
+        homes = {str(p): str(a) for p, a in conn.execute("SELECT person, account FROM homes")}
+        parts = {str(p) for (p,) in conn.execute("SELECT part FROM parts")}
+    assert (done.parts, done.homes) == (1, 1)  # acme's state under QUIET, then u1's home
+    assert homes == {"u2": "beta"} and parts == {"account:beta"}
+    # u1 comes back (to an API process that never cached their home): afresh, a new home
+    store_pg._HOMES.clear()
+    _ingest(pool, ws, NOW_MS, [identify(at(2), "u1", plan="free")])
+    _ingest(pool, ws, NOW_MS, [track("Login", at(3), "u1", "zeta")])
+    newer.run_until_idle(0)
+    with pool.connection() as conn:
+        homes = {str(p): str(a) for p, a in conn.execute("SELECT person, account FROM homes")}
+        parts = {str(p) for (p,) in conn.execute("SELECT part FROM parts")}
+    assert homes == {"u1": "zeta", "u2": "beta"}
+    assert parts == {"account:beta", "account:zeta"}  # u1's own partition adopted by zeta

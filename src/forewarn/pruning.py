@@ -9,6 +9,12 @@
   worker would start them afresh anyway), and those left empty (no subject, alias, ticket
   nor outreach history: a user's partition emptied into their home account, say).
 
+- `homes`: the home of a person with no state left anywhere (no partition of their own, no
+  partition of their home account: pruned as above; nothing queued for either). A returning
+  person starts afresh, as their state did, and their home is the first account seen from
+  then on. (An API process forgets the homes it cached within `store_pg.HOMES_FOR_S`; until
+  then, it still sends such a person's events without an account to the old one.)
+
 Each batch is a transaction of its own, of at most `batch` rows, under a lock that one worker
 at a time holds; a partition is only deleted under its own lock (tried, never waited for), so
 never in the middle of a worker's step.
@@ -68,6 +74,7 @@ ORDER BY part LIMIT %(n)s
 class Pruned:
     events: int = 0
     parts: int = 0
+    homes: int = 0
     batches: int = 0
     longest_s: float = 0.0  # the longest batch's transaction: how long it held its locks
 
@@ -102,11 +109,22 @@ def prune(
         done.parts += n
         if after is None:
             break
-    if done.events or done.parts:
+    after = ""
+    for _ in range(BATCHES):
+        got = _batch(pool, workspace, done, _homes, after, batch)
+        if got is None:
+            return done
+        n, after = got
+        done.homes += n
+        if after is None:
+            break
+    if done.events or done.parts or done.homes:
         log.info(
-            "pruned %d events and %d partition states in %d transactions (the longest %.3f s)",
+            "pruned %d events, %d partition states and %d homes in %d transactions"
+            " (the longest %.3f s)",
             done.events,
             done.parts,
+            done.homes,
             done.batches,
             done.longest_s,
         )
@@ -153,6 +171,34 @@ def _empty_parts(
     empty = [str(p) for p, s in rows if _empty(bytes(s))]
     n = _delete(conn, workspace, empty, "octet_length(state) <= %s", SMALL_STATE)
     return n, (str(rows[-1][0]) if len(rows) == batch else None)
+
+
+_HOMES = """
+SELECT person FROM homes WHERE workspace = %(ws)s AND person > %(after)s
+ORDER BY person LIMIT %(n)s
+"""
+
+_ORPHANS = """
+DELETE FROM homes h WHERE h.workspace = %(ws)s AND h.person = ANY(%(people)s)
+  AND NOT EXISTS (SELECT 1 FROM parts p WHERE p.workspace = h.workspace
+                  AND p.part IN ('account:' || h.account, 'user:' || h.person))
+  AND NOT EXISTS (SELECT 1 FROM queue q WHERE q.workspace = h.workspace
+                  AND q.part IN ('account:' || h.account, 'user:' || h.person))
+"""
+
+
+def _homes(
+    conn: psycopg.Connection[Any], workspace: int, after: str, batch: int
+) -> tuple[int, str | None]:
+    """The homes after `after` of people with no state left, deleted; with where the next
+    batch starts (None at the end)."""
+    people = [
+        str(p) for (p,) in conn.execute(_HOMES, {"ws": workspace, "after": after, "n": batch})
+    ]
+    if not people:
+        return 0, None
+    n = conn.execute(_ORPHANS, {"ws": workspace, "people": people}).rowcount
+    return n, (people[-1] if len(people) == batch else None)
 
 
 def _delete(

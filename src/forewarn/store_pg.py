@@ -20,6 +20,7 @@ from __future__ import annotations
 import hashlib
 import os
 import secrets
+import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -301,8 +302,9 @@ def append_batches(pool: Pool, appends: Sequence[Append]) -> list[Appended]:
         db = _database(conn)
         for a in appends:
             results.append(_append(conn, a, learnt.setdefault(a.workspace, {})))
-    if len(_HOMES) > _HOMES_MAX:
+    if len(_HOMES) > _HOMES_MAX or time.monotonic() - _HOMES_SINCE[0] > HOMES_FOR_S:
         _HOMES.clear()
+        _HOMES_SINCE[0] = time.monotonic()
     for workspace, homes in learnt.items():  # committed: now they are known
         _HOMES.update(((db, workspace, p), a) for p, a in homes.items())
     return results
@@ -359,10 +361,13 @@ UNION ALL
 SELECT person, account FROM homes WHERE workspace = %(ws)s AND person = ANY(%(ask)s)
 """
 
-# Each user's home account, as far as this process has learnt it: a home, once set, never
-# changes, so it is looked up in the database once per process.
+# Each user's home account, as far as this process has learnt it: a home, once set, does not
+# change, so it is looked up in the database once per process and per HOMES_FOR_S (pruning
+# deletes the homes of people with no state left anywhere: see `pruning`).
 _HOMES: dict[tuple[str, int, str], str] = {}  # (database, workspace, user) -> account
 _HOMES_MAX = 1_000_000
+_HOMES_SINCE = [time.monotonic()]
+HOMES_FOR_S = 600.0
 
 
 def _database(conn: psycopg.Connection[Any]) -> str:
