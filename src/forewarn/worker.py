@@ -233,7 +233,7 @@ class Worker:
             if not parts:
                 raise
             log.warning(
-                "a worker step over %d partitions failed (%s: %s): trying each alone",
+                "a worker step over %d partition(s) failed (%s: %s): trying each alone",
                 len(parts),
                 type(exc).__name__,
                 exc,
