@@ -361,7 +361,8 @@ def test_an_api_process_lists_what_it_serves_and_counts_dead_letters(
     assert "forewarn_events_accepted_total 1" in metrics
     paths = set(document["paths"])
     assert {"/v1/batch", "/api/v1/firings", "/healthz", "/metrics", "/openapi.json"} <= paths
-    assert not paths & {"/api/v1/triggers", "/api/v1/subjects/{subject}", "/w/v1/inbox", "/"}
+    assert {"/api/v1/triggers", "/api/v1/subjects/{subject}"} <= paths  # the admin reads
+    assert not paths & {"/w/v1/inbox", "/"}  # the widget and the dashboard: embedded only
     assert set(document["paths"]["/api/v1/firings"]) == {"get"}
 
 
