@@ -14,6 +14,7 @@ import base64
 import hashlib
 import html
 import re
+from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Any
@@ -102,10 +103,13 @@ def _since(text: object, now_ms: int) -> int:
     return max(0, now_ms - span)
 
 
-def routes(app: Forewarn) -> list[Route]:
-    db = app.settings.db
+Run = Callable[..., Awaitable[Any]]
 
-    def run(fn: Any, *args: Any) -> Any:
+
+def sqlite_run(db: str) -> Run:
+    """Call `fn(conn, *args)` on a connection of its own to the embedded store, in a thread."""
+
+    def run(fn: Any, *args: Any) -> Awaitable[Any]:
         def job() -> Any:
             conn = _conn(db)
             try:
@@ -114,6 +118,16 @@ def routes(app: Forewarn) -> list[Route]:
                 conn.close()
 
         return asyncio.to_thread(job)
+
+    return run
+
+
+def routes(app: Forewarn, run: Run | None = None) -> list[Route]:
+    """The routes; `run(fn, *args)` calls a `store_outbox` function with a connection (by
+    default to the embedded store; a scale-out API process gives `outreach_pg.runner`, which
+    calls its twin on PostgreSQL). Engagement goes into the log through `app.writer`."""
+    db = app.settings.db
+    run = run or sqlite_run(db)
 
     async def reports(request: Request) -> Response:
         from forewarn import report

@@ -45,6 +45,7 @@ from forewarn import (
     compose,
     dead_letters,
     live,
+    outreach_pg,
     pruning,
     settings,
     store_pg,
@@ -251,6 +252,7 @@ def build_api(app: IngestApp) -> Starlette:
                 Route("/healthz", healthz, methods=["GET"]),
                 Route("/metrics", metrics, methods=["GET"]),
                 *api_pg.routes(app, app.pool, app.reader),
+                *outreach_routes(app),
             ],
         ),
         exception_handlers={
@@ -261,6 +263,14 @@ def build_api(app: IngestApp) -> Starlette:
             Exception: api._server_error,
         },
     )
+
+
+def outreach_routes(app: IngestApp) -> list[Route]:
+    """The embedded server's outreach routes that PostgreSQL serves (`outreach_pg`): the
+    signed links of messages, suppression, consent, inboxes, push subscriptions, pausing
+    triggers; engagement goes into the log through this process's writer."""
+    every = api_outreach.routes(app, outreach_pg.runner(app.pool))
+    return [r for r in every if isinstance(r, Route) and r.path in outreach_pg.PATHS]
 
 
 METRICS_TYPE = "text/plain; version=0.0.4"

@@ -410,6 +410,12 @@ def statements(version: int, dialect: str) -> list[str]:
     return _split(script)
 
 
+def placeholders(sql: str) -> str:
+    """A statement written with SQLite's `?` placeholders as psycopg reads it (`%s`; a literal
+    `%` doubled): for statements both stores share, rewritten once, at import."""
+    return sql.replace("%", "%%").replace("?", "%s")
+
+
 def _split(script: str) -> list[str]:
     """The statements of a script: split at `;`, except inside a trigger's BEGIN … END."""
     found: list[str] = []

@@ -18,7 +18,7 @@ from __future__ import annotations
 import hashlib
 import secrets
 import sqlite3
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -133,28 +133,36 @@ def unsubscribe(
     """Takes effect at once: what is still waiting in the outbox for the subject on that
     channel (every channel for `*`) is suppressed. Returns how many messages that stopped."""
     with store_sqlite.transaction(conn):
-        conn.execute(
-            "INSERT OR REPLACE INTO consent (workspace, scope, subject, channel, at_ms, source)"
-            " VALUES (?, ?, ?, ?, ?, ?)",
-            (workspace, scope, subject, channel, now_ms, source),
-        )
+        conn.execute(CONSENT, (workspace, scope, subject, channel, now_ms, source))
         cur = conn.execute(
-            "UPDATE outbox SET status = ?, reason = 'unsubscribed', done_ms = ?"
-            " WHERE workspace = ? AND scope = ? AND subject = ? AND status = ?"
-            " AND channel != 'webhook' AND (? = '*' OR channel = ?)",
+            UNSUBSCRIBED,
             (SUPPRESSED, now_ms, workspace, scope, subject, PENDING, channel, channel),
         )
         return cur.rowcount
 
 
+# The statements below that end in the SQL both stores read (upserts as `ON CONFLICT`) are
+# shared with PostgreSQL (`outreach_pg`), rewritten there for its placeholders.
+CONSENT = (
+    "INSERT INTO consent (workspace, scope, subject, channel, at_ms, source)"
+    " VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (workspace, scope, subject, channel)"
+    " DO UPDATE SET at_ms = excluded.at_ms, source = excluded.source"
+)
+UNSUBSCRIBED = (
+    "UPDATE outbox SET status = ?, reason = 'unsubscribed', done_ms = ?"
+    " WHERE workspace = ? AND scope = ? AND subject = ? AND status = ?"
+    " AND channel != 'webhook' AND (? = '*' OR channel = ?)"
+)
+RESUBSCRIBE = (
+    "DELETE FROM consent WHERE workspace = ? AND scope = ? AND subject = ?"
+    " AND (? = '*' OR channel = ?)"
+)
+
+
 def resubscribe(
     conn: sqlite3.Connection, workspace: int, scope: str, subject: str, channel: str
 ) -> None:
-    conn.execute(
-        "DELETE FROM consent WHERE workspace = ? AND scope = ? AND subject = ?"
-        " AND (? = '*' OR channel = ?)",
-        (workspace, scope, subject, channel, channel),
-    )
+    conn.execute(RESUBSCRIBE, (workspace, scope, subject, channel, channel))
 
 
 def bounce(
@@ -184,32 +192,39 @@ def suppress(
         detail = {"scope": scope, "reason": said, "until_ms": until_ms}
         target = audit.subject_target(workspace, scope, subject)
         audit.record(conn, workspace, actor, "subject.suppressed", target, now_ms, detail)
-        conn.execute(
-            "INSERT OR REPLACE INTO suppressions (workspace, scope, subject, reason, until_ms,"
-            " at_ms) VALUES (?, ?, ?, ?, ?, ?)",
-            (workspace, scope, subject, reason, until_ms, now_ms),
-        )
-        # the subject's own messages, and for an account those of its users
+        conn.execute(SUPPRESSION, (workspace, scope, subject, reason, until_ms, now_ms))
         cur = conn.execute(
-            "UPDATE outbox SET status = ?, reason = 'account_suppressed', done_ms = ?"
-            " WHERE workspace = ? AND status = ? AND (? IS NULL OR due_ms < ?)"
-            " AND ((scope = ? AND subject = ?) OR (? = 'account' AND scope = 'user' AND"
-            " EXISTS (SELECT 1 FROM json_each(CAST(message AS TEXT), '$.data.accounts')"
-            " WHERE value = ?)))",
-            (
-                SUPPRESSED,
-                now_ms,
-                workspace,
-                PENDING,
-                until_ms,
-                until_ms,
-                scope,
-                subject,
-                scope,
-                subject,
-            ),
+            SUPPRESS_WAITING_SQLITE,
+            suppress_waiting_args(workspace, scope, subject, until_ms, now_ms),
         )
         return cur.rowcount
+
+
+SUPPRESSION = (
+    "INSERT INTO suppressions (workspace, scope, subject, reason, until_ms, at_ms)"
+    " VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (workspace, scope, subject)"
+    " DO UPDATE SET reason = excluded.reason, until_ms = excluded.until_ms, at_ms = excluded.at_ms"
+)
+# the subject's own messages waiting, and for an account those of its users ({accounts}: the
+# accounts a message names, as rows of `value`, in each database's JSON functions)
+SUPPRESS_WAITING = (
+    "UPDATE outbox SET status = ?, reason = 'account_suppressed', done_ms = ?"
+    " WHERE workspace = ? AND status = ? AND (? IS NULL OR due_ms < ?)"
+    " AND ((scope = ? AND subject = ?) OR (? = 'account' AND scope = 'user' AND"
+    " EXISTS (SELECT 1 FROM {accounts} WHERE value = ?)))"
+)
+SUPPRESS_WAITING_SQLITE = SUPPRESS_WAITING.format(
+    accounts="json_each(CAST(message AS TEXT), '$.data.accounts')"
+)
+UNSUPPRESS = "DELETE FROM suppressions WHERE workspace = ? AND scope = ? AND subject = ?"
+
+
+def suppress_waiting_args(
+    workspace: int, scope: str, subject: str, until_ms: int | None, now_ms: int
+) -> tuple[Any, ...]:
+    """The parameters of `SUPPRESS_WAITING`."""
+    window = (until_ms, until_ms)
+    return (SUPPRESSED, now_ms, workspace, PENDING, *window, scope, subject, scope, subject)
 
 
 def unsuppress(
@@ -221,10 +236,7 @@ def unsuppress(
     now_ms: int,
 ) -> bool:
     with store_sqlite.transaction(conn):
-        cur = conn.execute(
-            "DELETE FROM suppressions WHERE workspace = ? AND scope = ? AND subject = ?",
-            (workspace, scope, subject),
-        )
+        cur = conn.execute(UNSUPPRESS, (workspace, scope, subject))
         if cur.rowcount > 0:
             detail = {"scope": scope}
             target = audit.subject_target(workspace, scope, subject)
@@ -412,7 +424,7 @@ def inbox(
     conn: sqlite3.Connection, workspace: int, scope: str, subject: str, limit: int = 50
 ) -> list[dict[str, Any]]:
     """The subject's inbox, newest first."""
-    return _inbox_rows(conn, "ORDER BY id DESC LIMIT ?", workspace, scope, subject, limit)
+    return inbox_rows(conn.execute(INBOX, (workspace, scope, subject, limit)))
 
 
 def inbox_after(
@@ -424,6 +436,18 @@ def inbox_after(
     )
 
 
+INBOX = (
+    f"SELECT {', '.join(_INBOX)} FROM inbox WHERE workspace = ? AND scope = ?"
+    " AND subject = ? ORDER BY id DESC LIMIT ?"
+)
+
+
+def inbox_rows(rows: Iterable[Sequence[Any]]) -> list[dict[str, Any]]:
+    """Rows of `INBOX` as the API answers them."""
+    names = ["trigger" if c == "trig" else c for c in _INBOX]
+    return [dict(zip(names, r, strict=True)) for r in rows]
+
+
 def _inbox_rows(
     conn: sqlite3.Connection, rest: str, workspace: int, scope: str, subject: str, arg: int
 ) -> list[dict[str, Any]]:
@@ -432,8 +456,7 @@ def _inbox_rows(
         f" AND subject = ? {rest}",
         (workspace, scope, subject, arg),
     ).fetchall()
-    names = ["trigger" if c == "trig" else c for c in _INBOX]
-    return [dict(zip(names, r, strict=True)) for r in rows]
+    return inbox_rows(rows)
 
 
 @dataclass(frozen=True)
@@ -499,14 +522,23 @@ def escalate(conn: sqlite3.Connection, conversation_id: int, now_ms: int) -> boo
 def subscriptions(
     conn: sqlite3.Connection, workspace: int, scope: str, subject: str
 ) -> list[dict[str, Any]]:
-    return [
-        {"endpoint": e, "keys": {"p256dh": p, "auth": a}}
-        for e, p, a in conn.execute(
-            "SELECT endpoint, p256dh, auth FROM push_subscriptions"
-            " WHERE workspace = ? AND scope = ? AND subject = ? ORDER BY created_ms",
-            (workspace, scope, subject),
-        )
-    ]
+    return subscription_rows(conn.execute(SUBSCRIPTIONS, (workspace, scope, subject)))
+
+
+SUBSCRIPTIONS = (
+    "SELECT endpoint, p256dh, auth FROM push_subscriptions"
+    " WHERE workspace = ? AND scope = ? AND subject = ? ORDER BY created_ms"
+)
+SUBSCRIBE = (
+    "INSERT INTO push_subscriptions (workspace, scope, subject, endpoint, p256dh, auth,"
+    " created_ms) VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT (workspace, endpoint) DO UPDATE SET"
+    " scope = excluded.scope, subject = excluded.subject, p256dh = excluded.p256dh,"
+    " auth = excluded.auth, created_ms = excluded.created_ms"
+)
+
+
+def subscription_rows(rows: Iterable[Sequence[Any]]) -> list[dict[str, Any]]:
+    return [{"endpoint": e, "keys": {"p256dh": p, "auth": a}} for e, p, a in rows]
 
 
 def subscribe(
@@ -519,11 +551,7 @@ def subscribe(
     auth: str,
     now_ms: int,
 ) -> None:
-    conn.execute(
-        "INSERT OR REPLACE INTO push_subscriptions (workspace, scope, subject, endpoint, p256dh,"
-        " auth, created_ms) VALUES (?, ?, ?, ?, ?, ?, ?)",
-        (workspace, scope, subject, endpoint, p256dh, auth, now_ms),
-    )
+    conn.execute(SUBSCRIBE, (workspace, scope, subject, endpoint, p256dh, auth, now_ms))
 
 
 def forget_endpoints(conn: sqlite3.Connection, workspace: int, endpoints: Iterable[str]) -> None:
@@ -600,14 +628,15 @@ def query_outreach(
 def secret(conn: sqlite3.Connection, name: str) -> str:
     """A random secret kept in the database, made on first use (e.g. for unsubscribe links);
     read without a write once it exists, so readers never wait for the write lock."""
-    row = conn.execute("SELECT value FROM secrets WHERE name = ?", (name,)).fetchone()
+    row = conn.execute(SECRET, (name,)).fetchone()
     if row is None:
-        conn.execute(
-            "INSERT OR IGNORE INTO secrets (name, value) VALUES (?, ?)",
-            (name, secrets.token_urlsafe(32)),
-        )
-        row = conn.execute("SELECT value FROM secrets WHERE name = ?", (name,)).fetchone()
+        conn.execute(NEW_SECRET, (name, secrets.token_urlsafe(32)))
+        row = conn.execute(SECRET, (name,)).fetchone()
     return str(row[0])
+
+
+SECRET = "SELECT value FROM secrets WHERE name = ?"
+NEW_SECRET = "INSERT INTO secrets (name, value) VALUES (?, ?) ON CONFLICT (name) DO NOTHING"
 
 
 # --- triggers paused or put in shadow (by hand, or by the auto-guard) -------------------------
@@ -629,14 +658,20 @@ def override_trigger(
     `dashboard`, `auto-guard`); `actor`, who the audit log names (a key's prefix), `by` if
     not given."""
     with store_sqlite.transaction(conn):
-        conn.execute(
-            "INSERT OR REPLACE INTO trigger_overrides (workspace, trig, mode, reason, by, at_ms)"
-            " VALUES (?, ?, ?, ?, ?, ?)",
-            (workspace, trigger, mode, reason, by, now_ms),
-        )
+        conn.execute(OVERRIDE, (workspace, trigger, mode, reason, by, now_ms))
         action = "trigger.paused" if mode == "paused" else "trigger.shadowed"
         detail = {"reason": reason}
         audit.record(conn, workspace, actor or by, action, trigger, now_ms, detail)
+
+
+OVERRIDE = (
+    'INSERT INTO trigger_overrides (workspace, trig, mode, reason, "by", at_ms)'
+    " VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (workspace, trig) DO UPDATE SET"
+    ' mode = excluded.mode, reason = excluded.reason, "by" = excluded."by",'
+    " at_ms = excluded.at_ms"
+)
+RESUME = "DELETE FROM trigger_overrides WHERE workspace = ? AND trig = ?"
+OVERRIDES = 'SELECT trig, mode, reason, "by", at_ms FROM trigger_overrides WHERE workspace = ?'
 
 
 def resume_trigger(
@@ -647,19 +682,15 @@ def resume_trigger(
     now_ms: int,
 ) -> bool:
     with store_sqlite.transaction(conn):
-        cur = conn.execute(
-            "DELETE FROM trigger_overrides WHERE workspace = ? AND trig = ?", (workspace, trigger)
-        )
+        cur = conn.execute(RESUME, (workspace, trigger))
         if cur.rowcount > 0:
             audit.record(conn, workspace, by, "trigger.resumed", trigger, now_ms)
         return cur.rowcount > 0
 
 
 def trigger_overrides(conn: sqlite3.Connection, workspace: int) -> dict[str, dict[str, Any]]:
-    return {
-        str(t): {"mode": m, "reason": r, "by": b, "at_ms": a}
-        for t, m, r, b, a in conn.execute(
-            "SELECT trig, mode, reason, by, at_ms FROM trigger_overrides WHERE workspace = ?",
-            (workspace,),
-        )
-    }
+    return override_rows(conn.execute(OVERRIDES, (workspace,)))
+
+
+def override_rows(rows: Iterable[Sequence[Any]]) -> dict[str, dict[str, Any]]:
+    return {str(t): {"mode": m, "reason": r, "by": b, "at_ms": a} for t, m, r, b, a in rows}
