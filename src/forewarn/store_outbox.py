@@ -209,7 +209,7 @@ SUPPRESSION = (
 # accounts a message names, as rows of `value`, in each database's JSON functions)
 SUPPRESS_WAITING = (
     "UPDATE outbox SET status = ?, reason = 'account_suppressed', done_ms = ?"
-    " WHERE workspace = ? AND status = ? AND (? IS NULL OR due_ms < ?)"
+    " WHERE workspace = ? AND status = ? AND (CAST(? AS BIGINT) IS NULL OR due_ms < ?)"
     " AND ((scope = ? AND subject = ?) OR (? = 'account' AND scope = 'user' AND"
     " EXISTS (SELECT 1 FROM {accounts} WHERE value = ?)))"
 )
