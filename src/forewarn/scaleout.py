@@ -3,7 +3,8 @@
 
 - **api**: the ingest routes of the embedded server (Segment, PostHog, Sentry, ticket and
   billing webhooks), each request committed to PostgreSQL before it is answered, plus
-  `/api/v1/firings`, `/healthz`, `/metrics`, the admin API's reads (`api_pg`) and
+  `/api/v1/firings`, `/healthz`, `/metrics`, the admin API's reads (`api_pg`), the outreach
+  routes and the signed links inside messages (`api_outreach` over `outreach_pg`) and
   `/openapi.json`. It runs no engine.
 - **worker**: steps a `worker.Worker` in a loop: claims what it can, commits, and waits a
   moment only when there was nothing to claim.
