@@ -67,7 +67,27 @@ async def _body(request: Request, fields: tuple[str, ...]) -> dict[str, Any]:
             f"unknown field {unknown[0]!r}: this route takes "
             + (", ".join(fields) if fields else "no fields")
         )
+    if _has_nul(data):  # (as ingest refuses it; PostgreSQL cannot store it either)
+        raise InputError("the body contains a NUL character (\\u0000): send text without it")
     return data
+
+
+def _has_nul(value: Any) -> bool:
+    if isinstance(value, str):
+        return "\x00" in value
+    if isinstance(value, dict):
+        return any(_has_nul(k) or _has_nul(v) for k, v in value.items())
+    if isinstance(value, list):
+        return any(_has_nul(v) for v in value)
+    return False
+
+
+def _subject(request: Request) -> str:
+    """The subject a path names; no id holds a NUL character (ingest refuses them)."""
+    subject = str(request.path_params["subject"])
+    if _has_nul(subject):
+        raise InputError("the subject id contains a NUL character: no subject has one")
+    return subject
 
 
 _DATE_TIME = re.compile(
@@ -218,7 +238,7 @@ def routes(app: Forewarn, run: Run | None = None) -> list[Route]:
         key = app.admin_key(request)
         body = await _body(request, ("scope", *fields))
         scope = _scope(body.get("scope", "user") or "")
-        return key.workspace, request.path_params["subject"], body, scope
+        return key.workspace, _subject(request), body, scope
 
     async def outreach(request: Request) -> Response:
         key = app.admin_key(request)
@@ -228,6 +248,8 @@ def routes(app: Forewarn, run: Run | None = None) -> list[Route]:
         if status is not None and status not in allowed:
             raise InputError(f"status={status!r}: give one of {', '.join(allowed)}")
         limit = _limit(q.get("limit"))
+        if _has_nul([q.get("subject"), q.get("trigger")]):
+            return _json({"outreach": []})  # (no id holds one, and PostgreSQL cannot look)
         rows = await run(
             store_outbox.query_outreach,
             key.workspace,
@@ -293,7 +315,11 @@ def routes(app: Forewarn, run: Run | None = None) -> list[Route]:
         key = app.admin_key(request)
         subject = request.path_params["subject"]
         scope = _scope(request.query_params.get("scope"))
-        rows = await run(store_outbox.inbox, key.workspace, scope, subject, 100)
+        rows = (
+            []
+            if _has_nul(subject)
+            else await run(store_outbox.inbox, key.workspace, scope, subject, 100)
+        )
         return _json({"subject": subject, "scope": scope, "messages": rows})
 
     async def push_subscriptions(request: Request) -> Response:
@@ -301,7 +327,11 @@ def routes(app: Forewarn, run: Run | None = None) -> list[Route]:
             key = app.admin_key(request)
             subject = request.path_params["subject"]
             scope = _scope(request.query_params.get("scope"))
-            subs = await run(store_outbox.subscriptions, key.workspace, scope, subject)
+            subs = (
+                []  # (no id holds a NUL character, and PostgreSQL cannot look one up)
+                if _has_nul(subject)
+                else await run(store_outbox.subscriptions, key.workspace, scope, subject)
+            )
             return _json({"subject": subject, "scope": scope, "subscriptions": subs})
         workspace, subject, body, scope = await target(
             request, "endpoint", "expirationTime", "keys"

@@ -117,20 +117,24 @@ STRIPE_EVENT: Schema = {
     " what it becomes (other types are counted as ignored); a problem with its fields is"
     " listed in `rejected`",
 }
-PAUSE = obj({"mode": {"enum": list(store_outbox.OVERRIDE_MODES)}, "reason": TEXT})
-SUPPRESS = obj({"scope": SCOPE, "reason": TEXT, "until": DATE_TIME})
+# the outreach routes' text, which holds no NUL character (PostgreSQL cannot store one)
+NO_NUL = r"^[^\u0000]*$"
+PLAIN: Schema = {"type": "string", "pattern": NO_NUL}
+REASON: Schema = {"type": "string", "pattern": r"^[^\u0000]*[^\s\u0000][^\u0000]*$"}  # not blank
+PAUSE = obj({"mode": {"enum": list(store_outbox.OVERRIDE_MODES)}, "reason": REASON})
+SUPPRESS = obj({"scope": SCOPE, "reason": REASON, "until": DATE_TIME})
 SCOPE_ONLY = obj({"scope": SCOPE})
 CONSENT = obj({"scope": SCOPE, "channel": {"enum": list(links.CHANNELS), "default": "*"}})
 BACKTEST = obj({"since": DURATION, "triggers": array(TRIGGER_ID)})
 PUSH_SUBSCRIPTION = obj(
     {
         "scope": SCOPE,
-        "endpoint": {"type": "string", "pattern": "^https://", "maxLength": 2000},
+        "endpoint": {"type": "string", "pattern": r"^https://[^\u0000]*$", "maxLength": 2000},
         "expirationTime": nullable(NUMBER),
         "keys": obj(
             {
-                "p256dh": {"type": "string", "minLength": 1, "maxLength": 200},
-                "auth": {"type": "string", "minLength": 1, "maxLength": 200},
+                "p256dh": {"type": "string", "pattern": NO_NUL, "minLength": 1, "maxLength": 200},
+                "auth": {"type": "string", "pattern": NO_NUL, "minLength": 1, "maxLength": 200},
             },
             ("p256dh", "auth"),
         ),
@@ -140,8 +144,8 @@ PUSH_SUBSCRIPTION = obj(
 ENGAGEMENT = obj(
     {
         "event": {"enum": ["opened", "clicked", "dismissed", "replied"]},
-        "url": STRING,
-        "text": STRING,
+        "url": PLAIN,
+        "text": PLAIN,
     },
     ("event",),
 )

@@ -56,9 +56,25 @@ def tokens(db: Path) -> dict[str, str]:
         secret = store_outbox.secret(conn, links.SECRET_NAME)
     finally:
         conn.close()
-    about = links.About(1, "user", "u1", "fuzz", "email", "fuzz-message")
+    return signed(secret, 1)
+
+
+def pg_tokens(database_url: str) -> dict[str, str]:
+    """The same, signed with the secret of a scale-out deployment's database."""
+    import psycopg
+
+    from forewarn import outreach_pg, store_pg
+
+    with psycopg.connect(database_url, autocommit=True) as conn:
+        workspace = store_pg.workspace_id(conn, "default")
+        assert workspace is not None
+        return signed(outreach_pg.secret(conn, links.SECRET_NAME), workspace)
+
+
+def signed(secret: str, workspace: int) -> dict[str, str]:
+    about = links.About(workspace, "user", "u1", "fuzz", "email", "fuzz-message")
     return {
-        "/u/{token}": links.unsubscribe_token(secret, 1, "user", "u1", "email"),
+        "/u/{token}": links.unsubscribe_token(secret, workspace, "user", "u1", "email"),
         "/o/{token}": links.engagement_token(secret, about),
         "/e/{token}": links.engagement_token(secret, about),
         "/c/{token}": links.click_token(secret, about, "https://example.com/docs"),
@@ -81,9 +97,10 @@ def identity(db: Path) -> str:
     return jwt.encode({"sub": "u1", "exp": int(time.time()) + 3600}, secret, algorithm="HS256")
 
 
-def config(server: srv.Server | None) -> str:
+def config(server: srv.Server | None, link_tokens: dict[str, str] | None = None) -> str:
     """`server`: the embedded server, whose database gives the widget's and the links'
-    credentials; None for a scale-out API process, which serves neither."""
+    credentials; None for a scale-out API process, which serves no widget, and whose
+    database gives its `link_tokens` (by path)."""
     lines = [
         f"seed = {SEED}",
         'hooks = "tests.fuzz.api_hooks"',
@@ -111,12 +128,13 @@ def config(server: srv.Server | None) -> str:
         lines += ["[auth.openapi.widgetIdentity]", f'api_key = "{identity(server.db)}"']
         # the stream never ends on its own: it is for a browser, not a request-answer fuzzer
         lines += ["[[operations]]", 'include-path = "/w/v1/stream"', "enabled = false"]
-        for path, token in tokens(server.db).items():
-            lines += [
-                "[[operations]]",
-                f'include-path = "{path}"',
-                f'parameters = {{ token = "{token}" }}',
-            ]
+        link_tokens = tokens(server.db)
+    for path, token in (link_tokens or {}).items():
+        lines += [
+            "[[operations]]",
+            f'include-path = "{path}"',
+            f'parameters = {{ token = "{token}" }}',
+        ]
     # An envelope is newline-separated JSON, which JSON Schema cannot describe: the generator can
     # only make strings, which are rarely envelopes, and any text is of the declared type. The envelope parser has its own fuzzer
     # (tests/fuzz/targets.py) and the Sentry SDK its end-to-end test.
@@ -159,7 +177,7 @@ def run_scale_out(
         r = httpx.post(server.url + "/v1/batch", json=batch, auth=(srv.WRITE_KEY, ""), timeout=10)
         r.raise_for_status()
         server.wait_for(lambda: server.firings(), timeout_s=20)
-        (folder / "schemathesis.toml").write_text(config(None))
+        (folder / "schemathesis.toml").write_text(config(None, pg_tokens(database_url)))
         return schemathesis(folder, server.url, max_examples, extra)
     finally:
         _stop([process])
