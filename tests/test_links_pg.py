@@ -18,7 +18,7 @@ import httpx
 import msgspec
 import pytest
 
-from forewarn import clock, compose, deliver, store_pg
+from forewarn import clock, compose, deliver, outreach_pg, store_pg
 from forewarn.audit import subject_target
 from forewarn.channels import Channel, MemoryChannel
 from forewarn.compose import Composer
@@ -115,7 +115,7 @@ def deployment(url: str, tmp_path: Path) -> Iterator[Deployment]:
         try:
             with pool.connection() as conn:
                 ws = store_pg.workspace_id(conn, "default")
-                secret = store_pg.secret(conn, SECRET_NAME)
+                secret = outreach_pg.secret(conn, SECRET_NAME)
             assert ws is not None
             # the messages' links point at the API process, as FOREWARN_PUBLIC_URL would
             composer = Composer(Templates(templates), str(client.base_url), secret)
@@ -238,6 +238,15 @@ def test_opens_clicks_and_engagement_are_recorded_once_and_reach_the_worker(
         )
 
 
+SUBSCRIPTION = {
+    "endpoint": "https://push.example.com/send/abc",
+    "expirationTime": None,
+    "keys": {
+        "p256dh": "BNcRdreALRFXTkOOUHK1EtK2wtaz5Ry4YfYCA_0QTpQtUbVlUls0VJXg7A8u-Ts1XbjhazAkj7I99e8QcYP7DkM",
+        "auth": "tBHItJI5svbpez7KI4CCXg",
+    },
+}
+
 # the admin writes, in order, as (method, path, body); the same on both servers
 WRITES: list[tuple[str, str, dict[str, Any] | None]] = [
     ("POST", "/api/v1/subjects/u1/suppress", {"reason": "incident INC-7"}),
@@ -254,18 +263,9 @@ WRITES: list[tuple[str, str, dict[str, Any] | None]] = [
     ("POST", "/api/v1/subjects/u1/suppress", {"scope": "team"}),
     ("POST", "/api/v1/subjects/u1/suppress", {"until": "tomorrow"}),
     ("POST", "/api/v1/subjects/u1/suppress", {"reasons": "typo"}),
-    (
-        "POST",
-        "/api/v1/subjects/u1/push-subscriptions",
-        {
-            "endpoint": "https://push.example.com/send/abc",
-            "expirationTime": None,
-            "keys": {
-                "p256dh": "BNcRdreALRFXTkOOUHK1EtK2wtaz5Ry4YfYCA_0QTpQtUbVlUls0VJXg7A8u-Ts1XbjhazAkj7I99e8QcYP7DkM",
-                "auth": "tBHItJI5svbpez7KI4CCXg",
-            },
-        },
-    ),
+    ("POST", "/api/v1/subjects/u1/suppress", {"reason": "nul \x00 inside"}),
+    ("POST", "/api/v1/subjects/u1%00/unsubscribe", {}),
+    ("POST", "/api/v1/subjects/u1/push-subscriptions", SUBSCRIPTION),
     ("POST", "/api/v1/subjects/u1/push-subscriptions", {"endpoint": "http://insecure"}),
     ("GET", "/api/v1/subjects/u1/push-subscriptions", None),
     ("GET", "/api/v1/subjects/u1/push-subscriptions?scope=account", None),
@@ -276,6 +276,8 @@ WRITES: list[tuple[str, str, dict[str, Any] | None]] = [
     ("POST", "/api/v1/triggers/import-nudge/pause", {"mode": "off"}),
     ("POST", "/api/v1/triggers/nope/pause", {}),
     ("GET", "/api/v1/triggers/overrides", None),
+    ("GET", "/api/v1/outreach", None),
+    ("GET", "/api/v1/outreach?status=lost", None),
     ("POST", "/api/v1/triggers/import-nudge/resume", None),
     ("POST", "/api/v1/triggers/import-nudge/resume", None),
 ]
@@ -342,6 +344,11 @@ def test_what_the_admin_writes_is_honoured_by_the_workers_and_the_delivery(
     assert d.outbox("import-nudge")[:2] == ("suppressed", "account_suppressed")
     d.send(track("Seat Limit Hit", minutes=2))
     assert d.decision("seats-full") == ("suppressed", "account_suppressed")
+    listed = d.admin("GET", "/api/v1/outreach", params={"subject": "u1"}).json()["outreach"]
+    assert [(o["trigger"], o["status"], o["status_reason"]) for o in listed] == [
+        ("seats-full", "suppressed", None),
+        ("export-trouble", "suppressed", "account_suppressed"),
+    ]
     d.admin("POST", "/api/v1/subjects/acme/unsuppress", json={"scope": "account"})
 
     # a paused trigger's firings are recorded and not sent
@@ -371,7 +378,7 @@ def test_the_new_routes_need_an_admin_key_of_the_workspace(deployment: Deploymen
     b_write, b_admin = "fw_wk_beta-write-key-0123456789", "fw_ak_beta-admin-key-0123456789"
     beta = store_pg.ensure_workspace(d.pool, "beta", clock.now_ms(), b_write, b_admin)
     d.admin("POST", "/api/v1/subjects/u1/suppress", json={"reason": "ours"})
-    d.admin("POST", "/api/v1/subjects/u1/push-subscriptions", json=WRITES[14][2])
+    d.admin("POST", "/api/v1/subjects/u1/push-subscriptions", json=SUBSCRIPTION)
     d.admin("POST", "/api/v1/triggers/seats-full/pause")
     for method, path, body in WRITES:
         kw: dict[str, Any] = {} if body is None else {"json": body}

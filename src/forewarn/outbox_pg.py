@@ -14,7 +14,7 @@ from typing import Any
 import msgspec
 import psycopg
 
-from forewarn import store_outbox, store_pg
+from forewarn import outreach_pg, store_outbox, store_pg
 from forewarn.channels import Outgoing
 from forewarn.store_outbox import Claimed, Message, Standing
 from forewarn.store_sqlite import Append, StoreError
@@ -112,14 +112,7 @@ class PgOutbox:
 
     def subscriptions(self, workspace: int, scope: str, subject: str) -> list[dict[str, Any]]:
         with self._use() as conn:
-            return [
-                {"endpoint": e, "keys": {"p256dh": p, "auth": a}}
-                for e, p, a in conn.execute(
-                    "SELECT endpoint, p256dh, auth FROM push_subscriptions WHERE workspace = %s"
-                    " AND scope = %s AND subject = %s ORDER BY created_ms",
-                    (workspace, scope, subject),
-                )
-            ]
+            return outreach_pg.subscriptions(conn, workspace, scope, subject)
 
     def endpoint_disabled(self, workspace: int, url: str) -> bool:
         with self._use() as conn:

@@ -118,6 +118,18 @@ def subscribe(
     conn.execute(_SUBSCRIBE, (workspace, scope, subject, endpoint, p256dh, auth, now_ms))
 
 
+def query_outreach(
+    conn: Conn,
+    workspace: int,
+    subject: str | None = None,
+    trigger: str | None = None,
+    status: str | None = None,
+    limit: int = 100,
+) -> list[dict[str, Any]]:
+    sql, args = store_outbox.outreach_query(workspace, subject, trigger, status, limit)
+    return store_outbox.outreach_rows(conn.execute(placeholders(sql), args))
+
+
 def secret(conn: Conn, name: str) -> str:
     """Read without a write once it exists (a pixel or a click per request)."""
     row = conn.execute(_SECRET, (name,)).fetchone()
@@ -167,6 +179,7 @@ TWINS: dict[Callable[..., Any], Callable[..., Any]] = {
     store_outbox.subscriptions: subscriptions,
     store_outbox.subscribe: subscribe,
     store_outbox.secret: secret,
+    store_outbox.query_outreach: query_outreach,
     store_outbox.override_trigger: override_trigger,
     store_outbox.resume_trigger: resume_trigger,
     store_outbox.trigger_overrides: trigger_overrides,
@@ -179,6 +192,7 @@ PATHS = frozenset(
         "/o/{token}",
         "/c/{token}",
         "/e/{token}",
+        "/api/v1/outreach",
         "/api/v1/triggers/overrides",
         "/api/v1/triggers/{trigger}/pause",
         "/api/v1/triggers/{trigger}/resume",

@@ -353,7 +353,7 @@ def composer_for(
 
     directory = compose.templates_dir(playbooks)
     with pool.connection() as conn:
-        key = store_pg.secret(conn, SECRET_NAME)
+        key = outreach_pg.secret(conn, SECRET_NAME)
     composer = compose.Composer(
         Templates(directory if directory.is_dir() else None), settings.env("PUBLIC_URL") or "", key
     )

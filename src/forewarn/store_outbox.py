@@ -591,6 +591,14 @@ def query_outreach(
 ) -> list[dict[str, Any]]:
     """Each decided firing with its delivery: `status` is the outbox row's, or the decision
     (`held_out`, `suppressed`) when nothing was to be sent."""
+    sql, args = outreach_query(workspace, subject, trigger, status, limit)
+    return outreach_rows(conn.execute(sql, args))
+
+
+def outreach_query(
+    workspace: int, subject: str | None, trigger: str | None, status: str | None, limit: int
+) -> tuple[str, list[Any]]:
+    """The statement of `query_outreach` (in the SQL both stores read) and its arguments."""
     where, args = store_sqlite.filters(
         ("f.workspace = ?", workspace),
         ("f.subject = ?", subject),
@@ -598,13 +606,16 @@ def query_outreach(
         ("coalesce(o.status, f.decision) = ?", status),
     )
     args.append(limit)
-    rows = conn.execute(
+    sql = (
         "SELECT f.id, f.trig, f.subject, f.scope, f.channel, f.at_ms, f.decision, f.reason,"
         " f.send_at_ms, coalesce(o.status, f.decision), o.reason, o.attempts, o.done_ms,"
         " o.detail, o.key FROM firings f LEFT JOIN outbox o ON o.firing = f.id"
-        f" WHERE {where} ORDER BY f.id DESC LIMIT ?",
-        args,
-    ).fetchall()
+        f" WHERE {where} ORDER BY f.id DESC LIMIT ?"
+    )
+    return sql, args
+
+
+def outreach_rows(rows: Iterable[Sequence[Any]]) -> list[dict[str, Any]]:
     cols = (
         "firing",
         "trigger",

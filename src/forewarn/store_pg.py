@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import hashlib
 import os
-import secrets
 import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -507,17 +506,6 @@ def query_firings(
         (workspace, trigger, trigger, subject, subject, since_ms, since_ms, limit),
     ).fetchall()
     return [tuple(r) for r in rows]
-
-
-def secret(conn: psycopg.Connection[Any], name: str) -> str:
-    """A random secret kept in the database, made on first use (as `store_outbox.secret`)."""
-    conn.execute(
-        "INSERT INTO secrets (name, value) VALUES (%s, %s) ON CONFLICT (name) DO NOTHING",
-        (name, secrets.token_urlsafe(32)),
-    )
-    row = conn.execute("SELECT value FROM secrets WHERE name = %s", (name,)).fetchone()
-    assert row is not None
-    return str(row[0])
 
 
 def append_within(conn: psycopg.Connection[Any], a: Append) -> Appended:
