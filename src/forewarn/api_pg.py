@@ -40,8 +40,9 @@ RELOAD = (
     "place, restart every worker process, then the API processes"
 )
 ABOUT = (
-    "A scale-out API process on PostgreSQL: the ingest routes and the admin API's reads. The "
-    "embedded server's other routes answer 501 `embedded_only` here."
+    "A scale-out API process on PostgreSQL: the ingest routes, the admin API's reads, its "
+    "outreach routes and the links inside messages. The embedded server's other routes answer "
+    "501 `embedded_only` here."
 )
 OTHER_PLAYBOOKS = (
     "the subject's state was stored by workers running other playbooks than this process"

@@ -3,8 +3,9 @@ read and write, for a scale-out API process to serve them with the embedded cont
 
 Each function here is the twin of the `store_outbox` function of the same name, on the same
 tables (consent, suppressions, the outbox, inbox, push subscriptions, trigger overrides,
-secrets), with the same statements where both databases read them (rewritten once, here, for
-psycopg's placeholders) and the audit rows on PostgreSQL (`audit_pg`). What they write is what
+secrets), with the same statements, rewritten for psycopg's placeholders (`schema.placeholders`,
+once, at import, but for the outreach list's, which is built per request), and the audit rows
+on PostgreSQL (`audit_pg`). What they write is what
 the workers' policy (`store_pg.standing`, `store_pg.trigger_overrides`) and the delivery
 processes (`outbox_pg`) read, so an unsubscribe or a pause takes effect as in the embedded mode.
 `runner` gives `api_outreach.routes` its way of calling them.
