@@ -8,17 +8,19 @@ same audit rows, and the workers and the delivery honour what they write."""
 from __future__ import annotations
 
 import asyncio
+import inspect
 import re
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+from unittest.mock import Mock
 
 import httpx
 import msgspec
 import pytest
 
-from forewarn import clock, compose, deliver, outreach_pg, store_pg
+from forewarn import api_outreach, clock, compose, deliver, outreach_pg, store_pg
 from forewarn.audit import subject_target
 from forewarn.channels import Channel, MemoryChannel
 from forewarn.compose import Composer
@@ -397,3 +399,16 @@ def test_the_new_routes_need_an_admin_key_of_the_workspace(deployment: Deploymen
         assert store_pg.standing(conn, beta, "user", "u1", None, 0).suppressed is None
         assert store_pg.trigger_overrides(conn, d.workspace) == {"seats-full": "paused"}
         assert store_pg.trigger_overrides(conn, beta) == {}
+
+
+def test_each_postgresql_twin_takes_what_the_embedded_function_takes() -> None:
+    """The routes call `store_outbox`'s functions; the twin called in their place must take
+    the same parameters, with the same defaults."""
+    for embedded, twin in outreach_pg.TWINS.items():
+        want = list(inspect.signature(embedded).parameters.values())[1:]  # after the connection
+        got = list(inspect.signature(twin).parameters.values())[1:]
+        assert [(p.name, p.default, p.kind) for p in got] == [
+            (p.name, p.default, p.kind) for p in want
+        ], embedded.__qualname__
+    routes = {r.path for r in api_outreach.routes(Mock())}
+    assert routes >= outreach_pg.PATHS
