@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import inspect
 import re
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,6 +34,8 @@ from tests import server as srv
 from tests.server import ADMIN_KEY, WRITE_KEY
 from tests.test_api_pg import _playbooks, ago, api_process, batch
 from tests.test_api_pg import url as url  # the database fixture
+from tests.test_outreach_e2e import Catch
+from tests.test_scaleout import _env, _serve, _stop
 
 PLAYBOOK = """
 triggers:
@@ -182,6 +185,45 @@ def test_an_emails_unsubscribe_link_works_and_delivery_honours_it(deployment: De
 
     forged = d.client.post(link[:-3] + "AAA")
     assert forged.status_code == 401 and forged.json()["error"]["code"] == "unauthorized"
+
+
+def test_the_link_in_an_email_a_delivery_process_sent_unsubscribes(
+    deployment: Deployment, url: str, tmp_path: Path
+) -> None:
+    """The same through a real `forewarn serve --role delivery` and a real SMTP server: the
+    mail's List-Unsubscribe link, posted as a mail client does, stops the next mail."""
+    d = deployment
+    catch = Catch()
+    controller = srv.start_smtp(catch)
+    env = {
+        **_env(url),
+        "FOREWARN_SMTP_URL": f"smtp://127.0.0.1:{controller.port}",
+        "FOREWARN_EMAIL_FROM": "Acme Support <support@acme.test>",
+    }
+    delivery = _serve("delivery", env, tmp_path / "playbooks")
+    try:
+        d.send(identify(), track("Export Failed", minutes=21), track("Export Failed"))
+        deadline = time.monotonic() + 20
+        while not catch.received and time.monotonic() < deadline:
+            time.sleep(0.1)
+        [mail] = catch.received
+        assert mail["To"] == "u1@example.com"
+        assert mail["List-Unsubscribe-Post"] == "List-Unsubscribe=One-Click"
+        link = mail["List-Unsubscribe"].strip("<>")
+        done = d.client.post(link, content=b"List-Unsubscribe=One-Click")
+        assert done.status_code == 200, done.text
+
+        d.send(track("Seat Limit Hit", minutes=1))
+        assert d.decision("seats-full") == ("suppressed", "unsubscribed")
+        while not d.logged("Message Sent") and time.monotonic() < deadline:
+            time.sleep(0.1)  # (the delivery settles its row once the SMTP server took the mail)
+        [(key,)] = d.rows("SELECT key FROM outbox WHERE trig = 'export-trouble'")
+        [sent] = d.logged("Message Sent")
+        assert sent.startswith(key) and d.outbox("export-trouble")[0] == "sent"
+    finally:
+        _stop([delivery])
+        controller.stop()
+    assert len(catch.received) == 1
 
 
 def test_opens_clicks_and_engagement_are_recorded_once_and_reach_the_worker(
