@@ -381,9 +381,18 @@ def test_what_the_admin_writes_is_honoured_by_the_workers_and_the_delivery(
     d.send(identify(), identify("u2"), joins("u1"), joins("u2"))
     d.send(track("Export Failed", minutes=21), track("Export Failed"))
     d.send(track("Import Failed", user="u2", minutes=19))
+    # a waiting message holding a NUL (a trait's, say), which PostgreSQL's JSON cannot hold
+    nul = {"text": "hi \x00", "data": {"accounts": ["acme"]}}
+    d.rows(
+        "INSERT INTO outbox (workspace, firing, key, channel, trig, subject, scope, message,"
+        " due_ms, created_ms, status) VALUES (%s, 0, 'k-nul', 'in_app', 'seats-full', 'u9',"
+        " 'user', %s, 0, 0, 'pending') RETURNING id",
+        d.workspace,
+        msgspec.json.encode(nul),
+    )
     # suppressing the account stops its users' waiting messages (read from the messages)
     r = d.admin("POST", "/api/v1/subjects/acme/suppress", json={"scope": "account"})
-    assert r.json() == {"subject": "acme", "scope": "account", "suppressed": True, "stopped": 2}
+    assert r.json() == {"subject": "acme", "scope": "account", "suppressed": True, "stopped": 3}
     assert d.outbox("export-trouble")[:2] == ("suppressed", "account_suppressed")
     assert d.outbox("import-nudge")[:2] == ("suppressed", "account_suppressed")
     d.send(track("Seat Limit Hit", minutes=2))

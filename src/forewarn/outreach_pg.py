@@ -32,8 +32,10 @@ _RESUBSCRIBE = placeholders(store_outbox.RESUBSCRIBE)
 _SUPPRESSION = placeholders(store_outbox.SUPPRESSION)
 _SUPPRESS_WAITING = placeholders(
     store_outbox.SUPPRESS_WAITING.format(
-        accounts="jsonb_array_elements_text("
-        "convert_from(message, 'UTF8')::jsonb -> 'data' -> 'accounts')"
+        # a NUL a message holds (escaped: \u0000) made a space, as PostgreSQL's JSON cannot hold
+        # one (as schema version 9 reads messages)
+        accounts="json_array_elements_text(replace(convert_from(message, 'UTF8'),"
+        " '\\u0000', '\\u0020')::json -> 'data' -> 'accounts')"
     )
 )
 _UNSUPPRESS = placeholders(store_outbox.UNSUPPRESS)
