@@ -162,9 +162,12 @@ class Forewarn:
         now = time.monotonic()
         cached = self._origins.get(key.workspace)
         if cached is None or now - cached[1] > 5.0:
-            cached = (widget.get_origins(self._read, key.workspace), now)
+            cached = (self.read_origins(key.workspace), now)
             self._origins[key.workspace] = cached
         return cached[0]
+
+    def read_origins(self, workspace: int) -> frozenset[str]:
+        return widget.get_origins(self._read, workspace)
 
     # --- auth -------------------------------------------------------------------------
 

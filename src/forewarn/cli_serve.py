@@ -113,17 +113,9 @@ def _serve(args: argparse.Namespace) -> int:
 
     if env("WIDGET_ORIGINS") is not None:
         widget.set_origins(conn, ws, env("WIDGET_ORIGINS") or "")
-    identity = env("IDENTITY_SECRET")
-    if identity and len(identity.encode()) < 32:
-        raise InputError(
-            "FOREWARN_IDENTITY_SECRET is shorter than 32 bytes: HS256 needs at least 32; "
-            "leave it unset and Forewarn makes one (forewarn keys identity prints it)"
-        )
+    identity = widget.identity_setting(env("IDENTITY_SECRET"))
     if identity:
-        conn.execute(
-            "INSERT OR REPLACE INTO secrets (name, value) VALUES (?, ?)",
-            (f"identity:{ws}", identity),
-        )
+        widget.set_identity_secret(conn, ws, identity)
     kinds = {k for (k,) in conn.execute("SELECT kind FROM keys WHERE workspace = ?", (ws,))}
     keyless = [kind for kind in ("write", "admin") if kind not in kinds]
     conn.close()

@@ -431,32 +431,18 @@ def inbox_after(
     conn: sqlite3.Connection, workspace: int, scope: str, subject: str, after_id: int
 ) -> list[dict[str, Any]]:
     """The subject's inbox messages newer than `after_id`, oldest first (for the stream)."""
-    return _inbox_rows(
-        conn, "AND id > ? ORDER BY id LIMIT 100", workspace, scope, subject, after_id
-    )
+    return inbox_rows(conn.execute(INBOX_AFTER, (workspace, scope, subject, after_id)))
 
 
-INBOX = (
-    f"SELECT {', '.join(_INBOX)} FROM inbox WHERE workspace = ? AND scope = ?"
-    " AND subject = ? ORDER BY id DESC LIMIT ?"
-)
+_OF_SUBJECT = f"SELECT {', '.join(_INBOX)} FROM inbox WHERE workspace = ? AND scope = ?"
+INBOX = _OF_SUBJECT + " AND subject = ? ORDER BY id DESC LIMIT ?"
+INBOX_AFTER = _OF_SUBJECT + " AND subject = ? AND id > ? ORDER BY id LIMIT 100"
 
 
 def inbox_rows(rows: Iterable[Sequence[Any]]) -> list[dict[str, Any]]:
     """Rows of `INBOX` as the API answers them."""
     names = ["trigger" if c == "trig" else c for c in _INBOX]
     return [dict(zip(names, r, strict=True)) for r in rows]
-
-
-def _inbox_rows(
-    conn: sqlite3.Connection, rest: str, workspace: int, scope: str, subject: str, arg: int
-) -> list[dict[str, Any]]:
-    rows = conn.execute(
-        f"SELECT {', '.join(_INBOX)} FROM inbox WHERE workspace = ? AND scope = ?"
-        f" AND subject = ? {rest}",
-        (workspace, scope, subject, arg),
-    ).fetchall()
-    return inbox_rows(rows)
 
 
 @dataclass(frozen=True)
@@ -472,27 +458,36 @@ def conversation(
     conn: sqlite3.Connection, workspace: int, scope: str, subject: str, conversation_id: int
 ) -> Conversation | None:
     """The subject's own conversation with that id; None for anyone else's."""
-    row = conn.execute(
-        "SELECT id, trig, key, context, escalated_ms FROM inbox WHERE id = ? AND workspace = ?"
-        " AND scope = ? AND subject = ? AND kind = 'chat'",
-        (conversation_id, workspace, scope, subject),
-    ).fetchone()
-    if row is None:
-        return None
+    row = conn.execute(CONVERSATION, (conversation_id, workspace, scope, subject)).fetchone()
+    return None if row is None else conversation_from(row)
+
+
+CONVERSATION = (
+    "SELECT id, trig, key, context, escalated_ms FROM inbox WHERE id = ? AND workspace = ?"
+    " AND scope = ? AND subject = ? AND kind = 'chat'"
+)
+CONVERSATION_MESSAGES = (
+    "SELECT id, author, text, at_ms FROM conversation_messages WHERE conversation = ? ORDER BY id"
+)
+ADD_CONVERSATION_MESSAGE = (
+    "INSERT INTO conversation_messages (workspace, conversation, author, text, at_ms)"
+    " VALUES (?, ?, ?, ?, ?)"
+)
+ESCALATE = "UPDATE inbox SET escalated_ms = ? WHERE id = ? AND escalated_ms IS NULL"
+
+
+def conversation_from(row: Sequence[Any]) -> Conversation:
     return Conversation(
         int(row[0]), str(row[1]), str(row[2]), msgspec.json.decode(row[3]), row[4] is not None
     )
 
 
+def conversation_message_rows(rows: Iterable[Sequence[Any]]) -> list[dict[str, Any]]:
+    return [{"id": i, "author": a, "text": t, "at_ms": at} for i, a, t, at in rows]
+
+
 def conversation_messages(conn: sqlite3.Connection, conversation_id: int) -> list[dict[str, Any]]:
-    return [
-        {"id": i, "author": a, "text": t, "at_ms": at}
-        for i, a, t, at in conn.execute(
-            "SELECT id, author, text, at_ms FROM conversation_messages WHERE conversation = ?"
-            " ORDER BY id",
-            (conversation_id,),
-        )
-    ]
+    return conversation_message_rows(conn.execute(CONVERSATION_MESSAGES, (conversation_id,)))
 
 
 def add_conversation_message(
@@ -503,19 +498,12 @@ def add_conversation_message(
     text: str,
     now_ms: int,
 ) -> int:
-    cur = conn.execute(
-        "INSERT INTO conversation_messages (workspace, conversation, author, text, at_ms)"
-        " VALUES (?, ?, ?, ?, ?)",
-        (workspace, conversation_id, author, text, now_ms),
-    )
+    cur = conn.execute(ADD_CONVERSATION_MESSAGE, (workspace, conversation_id, author, text, now_ms))
     return int(cur.lastrowid or 0)
 
 
 def escalate(conn: sqlite3.Connection, conversation_id: int, now_ms: int) -> bool:
-    cur = conn.execute(
-        "UPDATE inbox SET escalated_ms = ? WHERE id = ? AND escalated_ms IS NULL",
-        (now_ms, conversation_id),
-    )
+    cur = conn.execute(ESCALATE, (now_ms, conversation_id))
     return cur.rowcount > 0
 
 
@@ -648,6 +636,10 @@ def secret(conn: sqlite3.Connection, name: str) -> str:
 
 SECRET = "SELECT value FROM secrets WHERE name = ?"
 NEW_SECRET = "INSERT INTO secrets (name, value) VALUES (?, ?) ON CONFLICT (name) DO NOTHING"
+SET_SECRET = (
+    "INSERT INTO secrets (name, value) VALUES (?, ?)"
+    " ON CONFLICT (name) DO UPDATE SET value = excluded.value"
+)
 
 
 # --- triggers paused or put in shadow (by hand, or by the auto-guard) -------------------------

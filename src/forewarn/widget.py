@@ -77,10 +77,17 @@ def identity_secret(conn: Any, workspace: int) -> str:
 
 
 def set_identity_secret(conn: Any, workspace: int, secret: str) -> None:
-    conn.execute(
-        "INSERT OR REPLACE INTO secrets (name, value) VALUES (?, ?)",
-        (f"identity:{workspace}", secret),
-    )
+    conn.execute(store_outbox.SET_SECRET, (f"identity:{workspace}", secret))
+
+
+def identity_setting(value: str | None) -> str | None:
+    """`FOREWARN_IDENTITY_SECRET`, checked: None when unset (one is made on first use)."""
+    if value and len(value.encode()) < 32:
+        raise InputError(
+            "FOREWARN_IDENTITY_SECRET is shorter than 32 bytes: HS256 needs at least 32; "
+            "leave it unset and Forewarn makes one (forewarn keys identity prints it)"
+        )
+    return value or None
 
 
 def read_identity(secret: str, token: str) -> str:
@@ -113,11 +120,17 @@ class Visitor:
     signed_in: bool  # a verified user id; otherwise an anonymous id
 
 
-def routes(app: Forewarn, assistant: Callable[[], Answers | None]) -> list[Route]:
+def routes(
+    app: Forewarn,
+    assistant: Callable[[], Answers | None],
+    run: Callable[..., Awaitable[Any]] | None = None,
+) -> list[Route]:
+    """`run(fn, *args)` calls a store function with a connection, as `api_outreach.routes`'s
+    (a scale-out API process gives `outreach_pg.runner`)."""
     db = app.settings.db
     secrets: dict[int, str] = {}
 
-    def run(fn: Callable[..., Any], *args: Any) -> Awaitable[Any]:
+    def sqlite_run(fn: Callable[..., Any], *args: Any) -> Awaitable[Any]:
         def job() -> Any:
             conn = store_sqlite.connect(db)
             try:
@@ -126,6 +139,8 @@ def routes(app: Forewarn, assistant: Callable[[], Answers | None]) -> list[Route
                 conn.close()
 
         return asyncio.to_thread(job)
+
+    run = run or sqlite_run
 
     async def visitor(request: Request) -> Visitor:
         q, h = request.query_params, request.headers
@@ -420,18 +435,20 @@ def origins_name(workspace: int) -> str:
 
 def set_origins(conn: Any, workspace: int, origins: str) -> None:
     """The workspace's allowlist of web origins for the widget, comma-separated."""
-    clean = ",".join(o.strip().rstrip("/") for o in origins.split(",") if o.strip())
-    conn.execute(
-        "INSERT OR REPLACE INTO secrets (name, value) VALUES (?, ?)",
-        (origins_name(workspace), clean),
-    )
+    conn.execute(store_outbox.SET_SECRET, (origins_name(workspace), clean_origins(origins)))
+
+
+def clean_origins(origins: str) -> str:
+    return ",".join(o.strip().rstrip("/") for o in origins.split(",") if o.strip())
 
 
 def get_origins(conn: Any, workspace: int) -> frozenset[str]:
-    row = conn.execute(
-        "SELECT value FROM secrets WHERE name = ?", (origins_name(workspace),)
-    ).fetchone()
-    return frozenset(o for o in (row[0] if row else "").split(",") if o)
+    row = conn.execute(store_outbox.SECRET, (origins_name(workspace),)).fetchone()
+    return origins_of(row[0] if row else "")
+
+
+def origins_of(value: str) -> frozenset[str]:
+    return frozenset(o for o in value.split(",") if o)
 
 
 DEMO_PAGE = """<!doctype html>
