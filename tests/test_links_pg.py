@@ -18,6 +18,7 @@ from typing import Any
 from unittest.mock import Mock
 
 import httpx
+import jwt
 import msgspec
 import pytest
 
@@ -48,6 +49,9 @@ triggers:
   - id: import-nudge
     when: {event: {name: Import Failed}}
     action: {channel: in_app, message: Need a hand with imports?}
+  - id: help-chat
+    when: {event: {name: Need Help}}
+    action: {channel: chat, message: Can I help you with that?}
 """
 
 
@@ -71,6 +75,7 @@ class Deployment:
         channels: dict[str, Channel] = {
             "email": self.email,
             "in_app": deliver.InboxChannel(outbox, "in_app", clock.now_ms),
+            "chat": deliver.InboxChannel(outbox, "chat", clock.now_ms),
         }
         later = deliver.Worker(outbox, channels, now_ms=lambda: clock.now_ms() + 3_600_000)
         return asyncio.run(later.run_once())
@@ -105,8 +110,15 @@ class Deployment:
         ]
 
 
+ORIGIN = "https://app.example.com"
+IDENTITY = "an-identity-secret-of-at-least-32-bytes-0123456789"
+
+
 @pytest.fixture
-def deployment(url: str, tmp_path: Path) -> Iterator[Deployment]:
+def deployment(url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Deployment]:
+    # the API process takes the widget's settings from its environment
+    monkeypatch.setenv("FOREWARN_WIDGET_ORIGINS", ORIGIN)
+    monkeypatch.setenv("FOREWARN_IDENTITY_SECRET", IDENTITY)
     playbooks = _playbooks(tmp_path / "playbooks", PLAYBOOK)
     templates = compose.templates_dir(playbooks)
     templates.mkdir()
@@ -463,3 +475,58 @@ def test_each_postgresql_twin_takes_what_the_embedded_function_takes() -> None:
         ], embedded.__qualname__
     routes = {r.path for r in api_outreach.routes(Mock())}
     assert routes >= outreach_pg.PATHS
+
+
+def test_the_widget_reads_the_inbox_and_converses_through_an_api_process(
+    deployment: Deployment,
+) -> None:
+    d = deployment
+    signed = jwt.encode({"sub": "u5", "exp": int(time.time()) + 600}, IDENTITY, algorithm="HS256")
+
+    def widget(method: str, path: str, token: str | None = signed, **kw: Any) -> httpx.Response:
+        headers = kw.pop("headers", {})
+        if token is not None:
+            headers["authorization"] = f"Bearer {token}"
+        return d.client.request(method, path, params={"key": WRITE_KEY}, headers=headers, **kw)
+
+    # the page sends an event as the signed-in user; the worker decides, the delivery delivers
+    r = widget("POST", "/w/v1/events", json={"batch": [{"type": "track", "event": "Need Help"}]})
+    assert r.status_code == 200 and r.json()["accepted"] == 1, r.text
+    d.worker.run_until_idle(clock.now_ms())
+    assert d.deliver() == 1
+    [message] = widget("GET", "/w/v1/inbox").json()["messages"]
+    assert (message["kind"], message["text"]) == ("chat", "Can I help you with that?")
+    conversation = message["id"]
+    # someone else, or nobody signed in, sees none of it
+    other = jwt.encode({"sub": "u6", "exp": int(time.time()) + 600}, IDENTITY, algorithm="HS256")
+    assert widget("GET", "/w/v1/inbox", other).json() == {"messages": []}
+    anonymous = {"x-forewarn-anonymous-id": "anon-0123456789"}
+    assert widget("GET", "/w/v1/inbox", None, headers=anonymous).json() == {"messages": []}
+    assert widget("GET", f"/w/v1/conversations/{conversation}", other).status_code == 404
+    forged = jwt.encode({"sub": "u5", "exp": int(time.time()) + 600}, "x" * 32, algorithm="HS256")
+    assert widget("GET", "/w/v1/inbox", forged).status_code == 401
+
+    # a reply: no assistant is set up here, so a person takes over (a Ticket Created event)
+    r = widget("POST", f"/w/v1/conversations/{conversation}/reply", json={"text": "yes"})
+    assert r.status_code == 200 and r.json()["escalated"] is True, r.text
+    history = widget("GET", f"/w/v1/conversations/{conversation}").json()
+    assert history["escalated"] is True
+    assert [m["author"] for m in history["messages"]] == ["assistant", "user", "assistant"]
+    assert len(d.logged("Ticket Created")) == 1 and len(d.logged("Message Replied")) == 1
+
+    # the stream sends what lands in the inbox
+    headers = {"authorization": f"Bearer {signed}"}
+    params = {"key": WRITE_KEY, "since": "0"}
+    with d.client.stream("GET", "/w/v1/stream", params=params, headers=headers) as stream:
+        lines = stream.iter_lines()
+        assert next(line for line in lines if line.startswith("event:")) == "event: message"
+        assert f'"id":{conversation}' in next(lines)
+
+    # CORS: the workspace's origins only
+    pre = {"origin": ORIGIN, "access-control-request-method": "POST"}
+    assert widget("OPTIONS", "/w/v1/events", None, headers=pre).status_code == 204
+    evil = {**pre, "origin": "https://evil.test"}
+    assert widget("OPTIONS", "/w/v1/events", None, headers=evil).status_code == 403
+    got = widget("GET", "/w/v1/inbox", headers={"origin": ORIGIN})
+    assert got.headers["access-control-allow-origin"] == ORIGIN
+    assert d.client.get("/widget.js").headers["content-type"].startswith("text/javascript")

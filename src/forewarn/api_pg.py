@@ -41,8 +41,8 @@ RELOAD = (
 )
 ABOUT = (
     "A scale-out API process on PostgreSQL: the ingest routes, the admin API's reads, its "
-    "outreach routes and the links inside messages. The embedded server's other routes answer "
-    "501 `embedded_only` here."
+    "outreach routes, the links inside messages and the widget API. The embedded server's other "
+    "routes answer 501 `embedded_only` here."
 )
 OTHER_PLAYBOOKS = (
     "the subject's state was stored by workers running other playbooks than this process"

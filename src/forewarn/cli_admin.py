@@ -38,17 +38,24 @@ def _keys(args: argparse.Namespace) -> int:
     if args.action == "identity":
         from forewarn import widget
 
-        if env("DATABASE_URL"):
-            raise InputError(
-                "forewarn keys identity works on the embedded SQLite store only (the widget is "
-                "served in the embedded mode only): unset FOREWARN_DATABASE_URL"
-            )
-        conn = store_sqlite.connect(args.db)
-        ws = store_sqlite.workspace_id(conn, args.workspace)
-        if ws is None:
-            ws = store_sqlite.ensure_workspace(conn, args.workspace, clock.now_ms())
-        print(widget.identity_secret(conn, ws))
-        conn.close()
+        url = env("DATABASE_URL")
+        if url:  # the scale-out API processes read it from PostgreSQL
+            from forewarn import outreach_pg, store_pg
+
+            pool = store_pg.connect(url, max_size=1)
+            try:
+                made = store_pg.ensure_workspace(pool, args.workspace, clock.now_ms())
+                with pool.connection() as pg:
+                    print(outreach_pg.identity_secret(pg, made))
+            finally:
+                pool.close()
+        else:
+            conn = store_sqlite.connect(args.db)
+            ws = store_sqlite.workspace_id(conn, args.workspace)
+            if ws is None:
+                ws = store_sqlite.ensure_workspace(conn, args.workspace, clock.now_ms())
+            print(widget.identity_secret(conn, ws))
+            conn.close()
         print(
             f"the identity secret of workspace '{args.workspace}': your backend signs each "
             "user's widget token with it (JWT HS256, sub = user id, exp); keep it secret",

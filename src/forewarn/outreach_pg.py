@@ -20,7 +20,7 @@ from typing import Any
 
 import psycopg
 
-from forewarn import audit, audit_pg, store_outbox, store_pg
+from forewarn import audit, audit_pg, store_outbox, store_pg, widget
 from forewarn.schema import placeholders
 from forewarn.store_outbox import PENDING, SUPPRESSED
 
@@ -47,6 +47,12 @@ _NEW_SECRET = placeholders(store_outbox.NEW_SECRET)
 _OVERRIDE = placeholders(store_outbox.OVERRIDE)
 _RESUME = placeholders(store_outbox.RESUME)
 _OVERRIDES = placeholders(store_outbox.OVERRIDES)
+_SET_SECRET = placeholders(store_outbox.SET_SECRET)
+_INBOX_AFTER = placeholders(store_outbox.INBOX_AFTER)
+_CONVERSATION = placeholders(store_outbox.CONVERSATION)
+_CONVERSATION_MESSAGES = placeholders(store_outbox.CONVERSATION_MESSAGES)
+_ADD_CONVERSATION_MESSAGE = placeholders(store_outbox.ADD_CONVERSATION_MESSAGE) + " RETURNING id"
+_ESCALATE = placeholders(store_outbox.ESCALATE)
 
 
 def unsubscribe(
@@ -101,6 +107,55 @@ def inbox(
     conn: Conn, workspace: int, scope: str, subject: str, limit: int = 50
 ) -> list[dict[str, Any]]:
     return store_outbox.inbox_rows(conn.execute(_INBOX, (workspace, scope, subject, limit)))
+
+
+def inbox_after(
+    conn: Conn, workspace: int, scope: str, subject: str, after_id: int
+) -> list[dict[str, Any]]:
+    rows = conn.execute(_INBOX_AFTER, (workspace, scope, subject, after_id))
+    return store_outbox.inbox_rows(rows)
+
+
+def conversation(
+    conn: Conn, workspace: int, scope: str, subject: str, conversation_id: int
+) -> store_outbox.Conversation | None:
+    row = conn.execute(_CONVERSATION, (conversation_id, workspace, scope, subject)).fetchone()
+    return None if row is None else store_outbox.conversation_from(row)
+
+
+def conversation_messages(conn: Conn, conversation_id: int) -> list[dict[str, Any]]:
+    rows = conn.execute(_CONVERSATION_MESSAGES, (conversation_id,))
+    return store_outbox.conversation_message_rows(rows)
+
+
+def add_conversation_message(
+    conn: Conn, workspace: int, conversation_id: int, author: str, text: str, now_ms: int
+) -> int:
+    args = (workspace, conversation_id, author, text, now_ms)
+    row = conn.execute(_ADD_CONVERSATION_MESSAGE, args).fetchone()
+    assert row is not None
+    return int(row[0])
+
+
+def escalate(conn: Conn, conversation_id: int, now_ms: int) -> bool:
+    return conn.execute(_ESCALATE, (now_ms, conversation_id)).rowcount > 0
+
+
+def identity_secret(conn: Conn, workspace: int) -> str:
+    return secret(conn, f"identity:{workspace}")
+
+
+def set_identity_secret(conn: Conn, workspace: int, secret: str) -> None:
+    conn.execute(_SET_SECRET, (f"identity:{workspace}", secret))
+
+
+def set_origins(conn: Conn, workspace: int, origins: str) -> None:
+    conn.execute(_SET_SECRET, (widget.origins_name(workspace), widget.clean_origins(origins)))
+
+
+def get_origins(conn: Conn, workspace: int) -> frozenset[str]:
+    row = conn.execute(_SECRET, (widget.origins_name(workspace),)).fetchone()
+    return widget.origins_of(row[0] if row else "")
 
 
 def subscriptions(conn: Conn, workspace: int, scope: str, subject: str) -> list[dict[str, Any]]:
@@ -183,6 +238,15 @@ TWINS: dict[Callable[..., Any], Callable[..., Any]] = {
     store_outbox.subscribe: subscribe,
     store_outbox.secret: secret,
     store_outbox.query_outreach: query_outreach,
+    store_outbox.inbox_after: inbox_after,
+    store_outbox.conversation: conversation,
+    store_outbox.conversation_messages: conversation_messages,
+    store_outbox.add_conversation_message: add_conversation_message,
+    store_outbox.escalate: escalate,
+    widget.identity_secret: identity_secret,
+    widget.set_identity_secret: set_identity_secret,
+    widget.set_origins: set_origins,
+    widget.get_origins: get_origins,
     store_outbox.override_trigger: override_trigger,
     store_outbox.resume_trigger: resume_trigger,
     store_outbox.trigger_overrides: trigger_overrides,
@@ -205,6 +269,17 @@ PATHS = frozenset(
         "/api/v1/subjects/{subject}/resubscribe",
         "/api/v1/subjects/{subject}/inbox",
         "/api/v1/subjects/{subject}/push-subscriptions",
+    }
+)
+# the routes of `widget` these serve (not the demo page)
+WIDGET_PATHS = frozenset(
+    {
+        "/widget.js",
+        "/w/v1/events",
+        "/w/v1/inbox",
+        "/w/v1/stream",
+        "/w/v1/conversations/{id}",
+        "/w/v1/conversations/{id}/reply",
     }
 )
 

@@ -4,8 +4,8 @@
 - **api**: the ingest routes of the embedded server (Segment, PostHog, Sentry, ticket and
   billing webhooks), each request committed to PostgreSQL before it is answered, plus
   `/api/v1/firings`, `/healthz`, `/metrics`, the admin API's reads (`api_pg`), the outreach
-  routes and the signed links inside messages (`api_outreach` over `outreach_pg`) and
-  `/openapi.json`. It runs no engine.
+  routes, the signed links inside messages and the widget API (`api_outreach` and `widget`
+  over `outreach_pg`) and `/openapi.json`. It runs no engine.
 - **worker**: steps a `worker.Worker` in a loop: claims what it can, commits, and waits a
   moment only when there was nothing to claim.
 - **delivery**: drains the outbox onto the channels (`deliver` over `outbox_pg`).
@@ -33,6 +33,7 @@ import psycopg
 from psycopg_pool import PoolTimeout
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
+from starlette.middleware import Middleware
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
@@ -51,6 +52,7 @@ from forewarn import (
     settings,
     store_pg,
     store_sqlite,
+    widget,
 )
 from forewarn.errors import ForewarnError, InputError, NotFoundError
 from forewarn.live import Committed
@@ -180,8 +182,9 @@ class IngestApp(api.Forewarn):
         self._keys[token] = (found, now)
         return found
 
-    async def widget_origins(self, token: str | None) -> frozenset[str]:
-        return frozenset()
+    def read_origins(self, workspace: int) -> frozenset[str]:
+        with self.pool.connection() as conn:
+            return outreach_pg.get_origins(conn, workspace)
 
 
 def build_api(app: IngestApp) -> Starlette:
@@ -256,6 +259,7 @@ def build_api(app: IngestApp) -> Starlette:
                 *outreach_routes(app),
             ],
         ),
+        middleware=[Middleware(widget.Cors, origins=app.widget_origins)],
         exception_handlers={
             ForewarnError: api._forewarn_error,
             HTTPException: api._http_error,
@@ -267,11 +271,14 @@ def build_api(app: IngestApp) -> Starlette:
 
 
 def outreach_routes(app: IngestApp) -> list[Route]:
-    """The embedded server's outreach routes that PostgreSQL serves (`outreach_pg`): the
-    signed links of messages, suppression, consent, inboxes, push subscriptions, pausing
-    triggers; engagement goes into the log through this process's writer."""
-    every = api_outreach.routes(app, outreach_pg.runner(app.pool))
-    return [r for r in every if isinstance(r, Route) and r.path in outreach_pg.PATHS]
+    """The embedded server's outreach and widget routes that PostgreSQL serves
+    (`outreach_pg`): the signed links of messages, suppression, consent, inboxes, push
+    subscriptions, pausing triggers, the widget; what they log goes through this process's
+    writer."""
+    run = outreach_pg.runner(app.pool)
+    every = [*api_outreach.routes(app, run), *widget.routes(app, app.assistant, run)]
+    paths = outreach_pg.PATHS | outreach_pg.WIDGET_PATHS
+    return [r for r in every if isinstance(r, Route) and r.path in paths]
 
 
 METRICS_TYPE = "text/plain; version=0.0.4"
@@ -419,6 +426,13 @@ def serve(
                 admin_key = store_sqlite.new_key_token("admin")
                 created.append(f"admin key: {admin_key}")
         ws = store_pg.ensure_workspace(pool, workspace, clock.now_ms(), write_key, admin_key)
+        # the widget's settings, as the embedded server takes them when it starts
+        identity = widget.identity_setting(settings.env("IDENTITY_SECRET"))
+        with pool.connection() as conn:
+            if settings.env("WIDGET_ORIGINS") is not None:
+                outreach_pg.set_origins(conn, ws, settings.env("WIDGET_ORIGINS") or "")
+            if identity:
+                outreach_pg.set_identity_secret(conn, ws, identity)
         if created:
             print("workspace '" + workspace + "' created; keys (shown once):", flush=True)
             for line in created:

@@ -59,8 +59,12 @@ def tokens(db: Path) -> dict[str, str]:
     return signed(secret, 1)
 
 
-def pg_tokens(database_url: str) -> dict[str, str]:
-    """The same, signed with the secret of a scale-out deployment's database."""
+def pg_credentials(database_url: str) -> tuple[dict[str, str], str]:
+    """The signed links and the widget's identity token, from a scale-out deployment's
+    database."""
+    import time
+
+    import jwt
     import psycopg
 
     from forewarn import outreach_pg, store_pg
@@ -68,7 +72,10 @@ def pg_tokens(database_url: str) -> dict[str, str]:
     with psycopg.connect(database_url, autocommit=True) as conn:
         workspace = store_pg.workspace_id(conn, "default")
         assert workspace is not None
-        return signed(outreach_pg.secret(conn, links.SECRET_NAME), workspace)
+        made = signed(outreach_pg.secret(conn, links.SECRET_NAME), workspace)
+        secret = outreach_pg.identity_secret(conn, workspace)
+    claims = {"sub": "u1", "exp": int(time.time()) + 3600}
+    return made, jwt.encode(claims, secret, algorithm="HS256")
 
 
 def signed(secret: str, workspace: int) -> dict[str, str]:
@@ -97,10 +104,14 @@ def identity(db: Path) -> str:
     return jwt.encode({"sub": "u1", "exp": int(time.time()) + 3600}, secret, algorithm="HS256")
 
 
-def config(server: srv.Server | None, link_tokens: dict[str, str] | None = None) -> str:
+def config(
+    server: srv.Server | None,
+    link_tokens: dict[str, str] | None = None,
+    identity_token: str | None = None,
+) -> str:
     """`server`: the embedded server, whose database gives the widget's and the links'
-    credentials; None for a scale-out API process, which serves no widget, and whose
-    database gives its `link_tokens` (by path)."""
+    credentials; None for a scale-out API process, whose database gives its `link_tokens`
+    (by path) and the widget's `identity_token`."""
     lines = [
         f"seed = {SEED}",
         'hooks = "tests.fuzz.api_hooks"',
@@ -124,11 +135,13 @@ def config(server: srv.Server | None, link_tokens: dict[str, str] | None = None)
         f'bearer = "{srv.ADMIN_KEY}"',
     ]
     if server is not None:
+        link_tokens = tokens(server.db)
+        identity_token = identity(server.db)
+    if identity_token is not None:
         lines += ["[auth.openapi.widgetAnonymousId]", 'api_key = "anon-fuzz-visitor-01"']
-        lines += ["[auth.openapi.widgetIdentity]", f'api_key = "{identity(server.db)}"']
+        lines += ["[auth.openapi.widgetIdentity]", f'api_key = "{identity_token}"']
         # the stream never ends on its own: it is for a browser, not a request-answer fuzzer
         lines += ["[[operations]]", 'include-path = "/w/v1/stream"', "enabled = false"]
-        link_tokens = tokens(server.db)
     for path, token in (link_tokens or {}).items():
         lines += [
             "[[operations]]",
@@ -177,7 +190,8 @@ def run_scale_out(
         r = httpx.post(server.url + "/v1/batch", json=batch, auth=(srv.WRITE_KEY, ""), timeout=10)
         r.raise_for_status()
         server.wait_for(lambda: server.firings(), timeout_s=20)
-        (folder / "schemathesis.toml").write_text(config(None, pg_tokens(database_url)))
+        made, identity_token = pg_credentials(database_url)
+        (folder / "schemathesis.toml").write_text(config(None, made, identity_token))
         return schemathesis(folder, server.url, max_examples, extra)
     finally:
         _stop([process])
