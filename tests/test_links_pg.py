@@ -22,7 +22,7 @@ import jwt
 import msgspec
 import pytest
 
-from forewarn import api_outreach, clock, compose, deliver, outreach_pg, store_pg
+from forewarn import api, api_outreach, clock, compose, deliver, outreach_pg, scaleout, store_pg
 from forewarn.audit import subject_target
 from forewarn.channels import Channel, MemoryChannel
 from forewarn.compose import Composer
@@ -530,3 +530,20 @@ def test_the_widget_reads_the_inbox_and_converses_through_an_api_process(
     got = widget("GET", "/w/v1/inbox", headers={"origin": ORIGIN})
     assert got.headers["access-control-allow-origin"] == ORIGIN
     assert d.client.get("/widget.js").headers["content-type"].startswith("text/javascript")
+
+
+def test_with_the_database_gone_the_widget_lets_no_origin_in(url: str, tmp_path: Path) -> None:
+    """The CORS middleware runs outside the error handlers: a database that fails there must
+    not make a 500 (the route answers 503 itself)."""
+    playbooks = _playbooks(tmp_path / "playbooks", PLAYBOOK)
+    pool = store_pg.connect(url)
+    store_pg.ensure_workspace(pool, "default", clock.now_ms(), WRITE_KEY)
+    settings = api.Settings(db=":memory:", playbooks=playbooks)
+    app = scaleout.IngestApp(settings, pool, load_playbooks(playbooks))
+    with pool.connection() as conn:
+        outreach_pg.set_origins(conn, 1, ORIGIN)
+    assert asyncio.run(app.widget_origins(WRITE_KEY)) == frozenset({ORIGIN})
+    pool.close()
+    app._keys.clear()
+    app._origins.clear()
+    assert asyncio.run(app.widget_origins(WRITE_KEY)) == frozenset()

@@ -186,6 +186,16 @@ class IngestApp(api.Forewarn):
         with self.pool.connection() as conn:
             return outreach_pg.get_origins(conn, workspace)
 
+    async def widget_origins(self, token: str | None) -> frozenset[str]:
+        """As the embedded app's; with the database down, no origin (the CORS middleware runs
+        outside the error handlers: the route itself then answers 503 to retry, and a
+        preflight is refused until the database is back)."""
+        try:
+            return await super().widget_origins(token)
+        except (StoreError, psycopg.Error, PoolTimeout) as exc:
+            log.warning("the widget's origins could not be read: %s", exc)
+            return frozenset()
+
 
 def build_api(app: IngestApp) -> Starlette:
     """The API process's routes: ingest, firings, health, the admin reads (`api_pg`)."""
