@@ -42,15 +42,14 @@ import queue
 import sqlite3
 import struct
 import threading
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import msgspec
 
 from forewarn import clock
 from forewarn.model import parse_time_ms
+from forewarn.store_sqlite import LogBatch, transaction
 
 log = logging.getLogger(__name__)
 
@@ -67,10 +66,7 @@ INDEX_VERSION = 1
 CACHE_KIB = 16_384  # page cache per connection to the index
 _HASH = struct.Struct("<q")
 _CATCH_UP_BATCHES = 2_000  # batches read from the log per transaction while catching up
-_EVENTS_FORMAT = b"\x01"  # store_sqlite.EVENTS_FORMAT: the byte before a batch's event tuples
-_TIME_FIELD = 7  # model.Event's timestamp_ms in those tuples
-_unpack_rows = msgspec.msgpack.Decoder(list[tuple[Any, ...]]).decode
-_decode_messages = msgspec.json.Decoder(list[dict[str, Any]]).decode
+_TIME_FIELD = 7  # model.Event's timestamp_ms in a batch's event tuples
 
 _LOOKUP = (
     "SELECT 1 FROM ids_only WHERE h = ?1 UNION ALL"
@@ -194,7 +190,7 @@ class Index:
                         by_minute[minute] = [h]
                     else:
                         hashes.append(h)
-        with _transaction(conn):
+        with transaction(conn):
             for minute in sorted(by_minute):
                 hashes = by_minute[minute]
                 hashes.sort()
@@ -224,21 +220,10 @@ class Index:
         minute = (now_ms - (DEDUP_DAYS + 1) * DAY_MS - NEAR_MS - JITTER_MS) // MINUTE_MS
         day = now_ms // DAY_MS - DEDUP_DAYS - 1
         removed = 0
-        with _transaction(conn):
+        with transaction(conn):
             removed += conn.execute("DELETE FROM ids_at WHERE minute < ?", (minute,)).rowcount
             removed += conn.execute("DELETE FROM ids_only WHERE day < ?", (day,)).rowcount
         return removed
-
-
-@contextlib.contextmanager
-def _transaction(conn: sqlite3.Connection) -> Iterator[None]:
-    conn.execute("BEGIN IMMEDIATE")
-    try:
-        yield
-    except BaseException:
-        conn.execute("ROLLBACK")
-        raise
-    conn.execute("COMMIT")
 
 
 class SeenIds:
@@ -437,12 +422,14 @@ def _from_row(
 ) -> _Flush:
     """A logged batch as an index entry: its id hashes with their events' times."""
     hashes = [h for (h,) in _HASH.iter_unpack(ids)]
+    logged = LogBatch(batch, received_ms, messages, events)
+    rows = logged.event_rows()
     stamps: list[int] | None = None
-    if events is not None and events[:1] == _EVENTS_FORMAT:
-        stamps = [int(row[_TIME_FIELD]) for row in _unpack_rows(events[1:])]
+    if rows is not None:
+        stamps = [int(row[_TIME_FIELD]) for row in rows]
     else:
         with contextlib.suppress(msgspec.DecodeError, ValueError, TypeError, KeyError):
-            stamps = [parse_time_ms(m["timestamp"]) for m in _decode_messages(messages)]
+            stamps = [parse_time_ms(m["timestamp"]) for m in logged.messages]
     if stamps is None or len(stamps) != len(hashes):  # by hash alone: found whatever its time
         stamps = [received_ms] * len(hashes)
     return _Flush(batch, received_ms, hashes, stamps)

@@ -269,29 +269,17 @@ METRICS_TYPE = "text/plain; version=0.0.4"
 def pg_metrics(c: api.Counters, letters: dict[int, int], queued: dict[int, int]) -> str:
     """/metrics of an API process: its own ingest counters, and from PostgreSQL what every
     worker shares: the events queued and the dead letters, by workspace."""
-    lines = [
-        "# HELP forewarn_events_accepted_total Events committed to the log.",
-        "# TYPE forewarn_events_accepted_total counter",
-        f"forewarn_events_accepted_total {c.accepted}",
-        "# HELP forewarn_events_rejected_total Events refused with a reason.",
-        "# TYPE forewarn_events_rejected_total counter",
-        f"forewarn_events_rejected_total {c.rejected}",
-        "# HELP forewarn_events_duplicate_total Events already stored (a client's resend).",
-        "# TYPE forewarn_events_duplicate_total counter",
-        f"forewarn_events_duplicate_total {c.duplicates}",
-        "# HELP forewarn_events_flagged_total Events stamped over 23 h after their receipt.",
-        "# TYPE forewarn_events_flagged_total counter",
-        f"forewarn_events_flagged_total {c.flagged}",
-        "# HELP forewarn_queue_events Events accepted and not yet applied by a worker.",
-        "# TYPE forewarn_queue_events gauge",
-        *(f'forewarn_queue_events{{workspace="{w}"}} {n}' for w, n in sorted(queued.items())),
-        "# HELP forewarn_dead_letters Events and partition states the workers set aside.",
-        "# TYPE forewarn_dead_letters gauge",
-        *(f'forewarn_dead_letters{{workspace="{w}"}} {n}' for w, n in sorted(letters.items())),
-    ]
-    for source, n in sorted(c.requests.items()):
-        lines.append(f'forewarn_requests_total{{source="{source}"}} {n}')
-    return "\n".join(lines) + "\n"
+    return api.ingest_metrics(
+        c,
+        [
+            "# HELP forewarn_queue_events Events accepted and not yet applied by a worker.",
+            "# TYPE forewarn_queue_events gauge",
+            *(f'forewarn_queue_events{{workspace="{w}"}} {n}' for w, n in sorted(queued.items())),
+            "# HELP forewarn_dead_letters Events and partition states the workers set aside.",
+            "# TYPE forewarn_dead_letters gauge",
+            *(f'forewarn_dead_letters{{workspace="{w}"}} {n}' for w, n in sorted(letters.items())),
+        ],
+    )
 
 
 async def _unavailable(request: Request, exc: Exception) -> Response:
