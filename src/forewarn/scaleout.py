@@ -385,16 +385,11 @@ def serve(
     )
     try:
         write_key, admin_key = settings.env("WRITE_KEY"), settings.env("ADMIN_KEY")
-        created = []
+        created: list[str] = []
         with pool.connection() as conn:
             known = store_pg.workspace_id(conn, workspace) is not None
-        if not known:
-            if not write_key:
-                write_key = store_sqlite.new_key_token("write")
-                created.append(f"write key: {write_key}")
-            if not admin_key:
-                admin_key = store_sqlite.new_key_token("admin")
-                created.append(f"admin key: {admin_key}")
+        if not known and sys.stdout.isatty():  # as `forewarn serve` embedded: see keys_to_make
+            write_key, admin_key, created = store_sqlite.keys_to_make(write_key, admin_key)
         ws = store_pg.ensure_workspace(pool, workspace, clock.now_ms(), write_key, admin_key)
         if created:
             print("workspace '" + workspace + "' created; keys (shown once):", flush=True)

@@ -147,6 +147,20 @@ def new_key_token(kind: str) -> str:
     return _KEY_PREFIX[kind] + secrets.token_urlsafe(24)
 
 
+def keys_to_make(write_key: str | None, admin_key: str | None) -> tuple[str, str, list[str]]:
+    """A new workspace's keys: those given, and new ones for those not, each new one with a
+    line showing it (once: call this only where the lines go to a terminal, since printed
+    into a service's log a key would be kept there in plain text)."""
+    created: list[str] = []
+    if not write_key:
+        write_key = new_key_token("write")
+        created.append(f"write key: {write_key}")
+    if not admin_key:
+        admin_key = new_key_token("admin")
+        created.append(f"admin key: {admin_key}")
+    return write_key, admin_key, created
+
+
 def create_workspace(conn: sqlite3.Connection, name: str, now_ms: int) -> int:
     try:
         cur = conn.execute(
