@@ -524,33 +524,14 @@ def _drive(
 
 def _replay(job: Job) -> dict[str, Any]:
     """`forewarn replay` minus printing; the events stay frozen out of the collector's sight for
-    the passes that follow, as in replay. Timers that come due are counted by wrapping
-    `engine.on_timer_into`, what the runner calls (a few hundred thousand calls at most: well
-    under 1% of the time)."""
-    calls = [0]
-    real_on_timer = engine.on_timer_into
-
-    def counting_on_timer(
-        state: engine.State,
-        timer: engine.Timer,
-        now_ms: int,
-        firings: list[engine.Firing],
-        timers: list[engine.Timer],
-    ) -> None:
-        calls[0] += 1
-        real_on_timer(state, timer, now_ms, firings, timers)
-
-    engine.on_timer_into = counting_on_timer
-    try:
-        t0 = time.perf_counter()
-        batch = read_events(job.path)
-        gc.freeze()  # as replay does: the events live to the end, the collector skips them
-        t1 = time.perf_counter()
-        runner = _new_runner()
-        fired, peak, finish_s = _drive(runner, batch.events, job.until_ms)
-        t2 = time.perf_counter()
-    finally:
-        engine.on_timer_into = real_on_timer
+    the passes that follow, as in replay."""
+    t0 = time.perf_counter()
+    batch = read_events(job.path)
+    gc.freeze()  # as replay does: the events live to the end, the collector skips them
+    t1 = time.perf_counter()
+    runner = _new_runner()
+    fired, peak, finish_s = _drive(runner, batch.events, job.until_ms)
+    t2 = time.perf_counter()
     n = len(batch.events)
     return {
         "events": n,
@@ -564,7 +545,7 @@ def _replay(job: Job) -> dict[str, Any]:
         "finish_s": round(finish_s, 3),
         "firings": sum(fired.values()),
         "firings_by_trigger": dict(sorted(fired.items())),
-        "timers_run": calls[0],
+        "timers_run": runner.timers_run,
         "timers_pending_after_events": peak,
         "timers_pending_after_finish": runner.pending_timers,
         "late_events": runner.late,
