@@ -14,50 +14,11 @@ from typing import Any
 import msgspec
 
 from forewarn.errors import EventError
+from forewarn.records import Event as Event
+from forewarn.records import SegmentContext as SegmentContext
+from forewarn.records import SegmentMessage as SegmentMessage
 
 KINDS = ("track", "identify", "group", "page", "screen", "alias")
-
-
-class SegmentContext(msgspec.Struct, rename="camel"):
-    group_id: str | int | None = None
-
-
-class SegmentMessage(msgspec.Struct, rename="camel"):
-    """The fields of a Segment-spec message that Forewarn uses; others are ignored."""
-
-    type: str | None = None
-    event: str | None = None
-    name: str | None = None
-    user_id: str | int | None = None
-    anonymous_id: str | int | None = None
-    group_id: str | int | None = None
-    previous_id: str | int | None = None
-    properties: dict[str, Any] | None = None
-    traits: dict[str, Any] | None = None
-    context: SegmentContext | None = None
-    timestamp: str | int | None = None
-    original_timestamp: str | int | None = None
-    message_id: str | int | None = None
-
-
-class Event(msgspec.Struct, gc=False):
-    """One normalised event. Times are integer milliseconds since the Unix epoch, UTC."""
-
-    kind: str
-    name: str
-    user_id: str | None
-    anonymous_id: str | None
-    account_id: str | None
-    properties: dict[str, Any]
-    traits: dict[str, Any]
-    timestamp_ms: int
-    message_id: str = ""
-    previous_id: str | None = None
-
-    @property
-    def person(self) -> str | None:
-        """The user-scoped subject: the user id, else the anonymous id."""
-        return self.user_id if self.user_id is not None else self.anonymous_id
 
 
 _decoder = msgspec.json.Decoder(SegmentMessage)
