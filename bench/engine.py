@@ -23,8 +23,11 @@ with the targets (events/s at 1e5 subjects, bytes of state per subject).
     .venv/bin/python bench/engine.py --quick        # smoke run: a few seconds
     .venv/bin/python bench/engine.py --profile      # adds cProfile's hottest functions per N
     .venv/bin/python bench/engine.py --data-dir /tmp/streams   # keep and reuse the streams
+    .venv/bin/python bench/engine.py --quick --write-stream s.jsonl   # the 1e3 stream, no timing
 
-To measure another checkout's engine, put its src first: `PYTHONPATH=../other/src`.
+To measure another checkout's engine, put its src first: `PYTHONPATH=../other/src`. To measure
+the compiled build, run it with that build's Python: `.venv-compiled/bin/python bench/engine.py`
+(after `make compiled`); "forewarn.compiled" in the JSON says which was measured.
 """
 
 from __future__ import annotations
@@ -812,6 +815,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--no-tracemalloc", action="store_true", help="skip the tracemalloc pass")
     parser.add_argument("--profile", action="store_true", help="add cProfile's hottest functions")
     parser.add_argument("--out", help="also write the JSON to this file")
+    parser.add_argument(
+        "--write-stream",
+        metavar="PATH",
+        help="only write the first stream to PATH (JSONL) and print its figures: a replay to "
+        "compare two builds by",
+    )
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     return parser
 
@@ -819,7 +828,13 @@ def build_parser() -> argparse.ArgumentParser:
 def _source() -> dict[str, Any]:
     """Which forewarn was measured: its folder, and its git commit when it is a checkout."""
     folder = Path(forewarn.__file__).resolve().parent
-    out: dict[str, Any] = {"path": str(folder), "commit": None, "dirty": None}
+    out: dict[str, Any] = {
+        "path": str(folder),
+        # the mypyc build (`make compiled`) or pure Python
+        "compiled": not str(engine.__file__).endswith(".py"),
+        "commit": None,
+        "dirty": None,
+    }
     try:
         git = ["git", "-C", str(folder)]
         head = subprocess.run([*git, "rev-parse", "HEAD"], capture_output=True, text=True)
@@ -865,6 +880,11 @@ def main(argv: list[str] | None = None) -> int:
     if len(events) != len(subjects):
         print("--events needs one value or one per --subjects entry", file=sys.stderr)
         return 2
+    if args.write_stream:
+        spec = StreamSpec(subjects=subjects[0], events=events[0], days=args.days, seed=args.seed)
+        json.dump(asdict(generate(spec, Path(args.write_stream))), sys.stdout)
+        print()
+        return 0
     data_dir = Path(args.data_dir) if args.data_dir else None
     scratch = None if data_dir else tempfile.TemporaryDirectory(prefix="forewarn-bench-")
     folder = data_dir or Path(scratch.name if scratch else ".")
