@@ -391,11 +391,13 @@ _ATOMS = (str, bytes, int, float, complex)
 
 
 def _slots(cls: type) -> tuple[str, ...]:
+    """Attributes kept outside a `__dict__`: slots, and those of a class compiled by mypyc."""
     names: list[str] = []
     for klass in cls.__mro__:
         slots = klass.__dict__.get("__slots__", ())
         names.extend([slots] if isinstance(slots, str) else slots)
-    return tuple(names)
+        names.extend(klass.__dict__.get("__mypyc_attrs__", ()))
+    return tuple(dict.fromkeys(names))
 
 
 def walk_size(
