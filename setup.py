@@ -21,6 +21,7 @@ COMPILED = (
     "model",
     "sources",
     "expr",
+    "playbook",
     "signals",
     "adaptive",
     "detect",
