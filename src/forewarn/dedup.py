@@ -48,7 +48,7 @@ from pathlib import Path
 import msgspec
 
 from forewarn import clock
-from forewarn.model import parse_time_ms
+from forewarn.model import Event, parse_time_ms
 from forewarn.store_sqlite import LogBatch, transaction
 
 log = logging.getLogger(__name__)
@@ -66,7 +66,7 @@ INDEX_VERSION = 1
 CACHE_KIB = 16_384  # page cache per connection to the index
 _HASH = struct.Struct("<q")
 _CATCH_UP_BATCHES = 2_000  # batches read from the log per transaction while catching up
-_TIME_FIELD = 7  # model.Event's timestamp_ms in a batch's event tuples
+_TIME_FIELD = Event.__struct_fields__.index("timestamp_ms")  # in a batch's event tuples
 
 _LOOKUP = (
     "SELECT 1 FROM ids_only WHERE h = ?1 UNION ALL"
