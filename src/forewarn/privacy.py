@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import sqlite3
 import struct
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -105,7 +106,9 @@ def forget(
             events = _rewrite(conn, batch, subject, addresses)
             done.events += events
             done.batches += 1 if events else 0
-        done.removed = _delete_rows(conn, workspace, subject, addresses)
+        done.removed = delete_rows(
+            lambda sql, args: conn.execute(sql, args).rowcount, workspace, subject, addresses
+        )
         # the engine's state is rebuilt from the rewritten log, not restored from a snapshot
         conn.execute(
             "UPDATE engine SET snapshot = NULL, snapshot_tick = 0, playbooks = ''"
@@ -183,15 +186,22 @@ def _emails(message: dict[str, Any]) -> list[str]:
     return found
 
 
-def _delete_rows(
-    conn: sqlite3.Connection, workspace: int, subject: str, addresses: set[str]
+def delete_rows(
+    execute: Callable[[str, tuple[Any, ...]], int],
+    workspace: int,
+    subject: str,
+    addresses: set[str],
+    tables: tuple[str, ...] = TABLES,
 ) -> dict[str, int]:
-    """Everything else kept about the person, table by table; returns the counts."""
+    """Everything else kept about the person, table by table, through `execute` (a statement
+    with `?` placeholders and its arguments -> the rows it changed: the SQL both stores read);
+    only `tables` (PostgreSQL has no subject index). Returns the counts."""
     ws_user = (workspace, subject)
     counts: dict[str, int] = {}
 
     def delete(name: str, sql: str, args: tuple[Any, ...] = ws_user) -> None:
-        counts[name] = counts.get(name, 0) + conn.execute(sql, args).rowcount
+        if name in tables:
+            counts[name] = counts.get(name, 0) + execute(sql, args)
 
     own = "workspace = ? AND scope = 'user' AND subject = ?"
     delete(
