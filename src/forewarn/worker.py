@@ -188,17 +188,23 @@ class Worker:
                     (self.workspace, parts),
                 )
             }
+            rebuilding = _rebuilds(conn, self.workspace, parts)
+            for name, redo in rebuilding.items():
+                if name not in stored:  # its state was dropped: start from the history kept
+                    stored[name] = (redo.state, redo.playbooks)
             loaded = [self._load(p, stored.get(p), claimed[p]) for p in parts]
             moved = self._send_home(conn, loaded)
             users = {p.name: p for p in loaded if p.name.startswith("user:")}
             modes = store_pg.trigger_overrides(conn, self.workspace)
             # users' own partitions first: a user an account adopts below brings all of it
             for p in users.values():
-                done.firings += self._run(conn, p, now_ms, modes, p.name in behind)
+                again = rebuilding.get(p.name)
+                done.firings += self._run(conn, p, now_ms, modes, p.name in behind, again)
             accounts = [p for p in loaded if p.name not in users]
             self._adopt(conn, accounts, users)
             for p in accounts:
-                done.firings += self._run(conn, p, now_ms, modes, p.name in behind)
+                again = rebuilding.get(p.name)
+                done.firings += self._run(conn, p, now_ms, modes, p.name in behind, again)
             done.parts = len(loaded)
             done.events = sum(len(p.events) for p in loaded)
             states = [p.runner.state for p in loaded]
@@ -337,14 +343,29 @@ class Worker:
         now_ms: int,
         modes: dict[str, str],
         behind: bool = False,
+        again: Rebuild | None = None,
     ) -> int:
         """Apply a partition's events and due timers, decide and record the firings; `behind`:
-        it has more events queued, so its timers run only up to the last event applied.
-        Returns the number of firings."""
+        it has more events queued, so its timers run only up to the last event applied;
+        `again`: it is being rebuilt, and the firings of what it had applied before are not
+        recorded again. Returns the number of firings."""
         runner, outreach, state = p.runner, p.outreach, p.runner.state
         firings: list[Firing] = []
-        for event in p.events:
-            runner._apply(event, firings)
+        if again is None:
+            for event in p.events:
+                runner._apply(event, firings)
+        else:
+            past: list[Firing] = []
+            for qid, event in zip(p.ids, p.events, strict=True):
+                redone = qid <= again.upto and qid not in again.fresh
+                runner._apply(event, past if redone else firings)
+            if not behind or (p.ids and p.ids[-1] >= again.upto):
+                if again.clock_ms is not None:
+                    runner.advance(again.clock_ms)  # timers that had fired: not again
+                conn.execute(
+                    "DELETE FROM rebuilds WHERE workspace = %s AND part = %s",
+                    (self.workspace, p.name),
+                )
         last = p.ids[-1] if p.ids else 0
         until = now_ms
         if behind:
@@ -435,6 +456,31 @@ class Worker:
                 done,
             ),
         )
+
+
+@dataclass(frozen=True)
+class Rebuild:
+    """A partition whose state a forget dropped (`privacy_pg`): its events up to `upto`, but
+    those in `fresh`, were applied before, and its clock had reached `clock_ms`."""
+
+    upto: int
+    fresh: frozenset[int]
+    clock_ms: int | None
+    state: bytes
+    playbooks: str
+
+
+def _rebuilds(
+    conn: psycopg.Connection[Any], workspace: int, parts: list[str]
+) -> dict[str, Rebuild]:
+    return {
+        str(p): Rebuild(int(u), frozenset(int(i) for i in f), c, bytes(s), str(b))
+        for p, u, f, c, s, b in conn.execute(
+            "SELECT part, upto, fresh, clock_ms, state, playbooks FROM rebuilds"
+            " WHERE workspace = %s AND part = ANY(%s)",
+            (workspace, parts),
+        )
+    }
 
 
 def _accounts(state: engine.State, scope: str, subject: str) -> list[str]:
