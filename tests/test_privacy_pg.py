@@ -15,7 +15,7 @@ from typing import Any
 import msgspec
 import pytest
 
-from forewarn import live, partition, privacy_pg, store_pg
+from forewarn import live, partition, privacy_pg, scaleout, store_pg
 from forewarn.forgotten import REASON, subject_hash
 from forewarn.model import event_from_dict
 from forewarn.store_sqlite import Append, Appended
@@ -371,3 +371,26 @@ def test_forget_and_purge_on_the_command_line(pool: store_pg.Pool, url: str) -> 
     with pool.connection() as conn:
         actions = [a for (a,) in conn.execute("SELECT action FROM audit ORDER BY id")]
     assert actions[-3:] == ["subject.forget_requested", "subject.forgotten", "retention.purged"]
+
+
+def test_a_worker_process_purges_when_it_starts(pool: store_pg.Pool) -> None:
+    ws = store_pg.ensure_workspace(pool, "default", T0_MS)
+    _ingest(pool, ws, [identify(at(days=1), "u1")], ms(days=1))
+    Worker(pool, ws, FREE).run_until_idle(ms(days=1))
+    stop = threading.Event()
+    purging = threading.Thread(
+        target=scaleout.run_purges,
+        args=(pool, ws, 8 * 86_400_000, stop, lambda: ms(days=20)),
+    )
+    purging.start()
+    try:
+        for _ in range(100):
+            if _count(pool, "audit", "action = 'retention.purged'"):
+                break
+            stop.wait(0.05)
+    finally:
+        stop.set()
+        purging.join(10)
+    assert not purging.is_alive()
+    assert _count(pool, "audit", "action = 'retention.purged' AND actor = 'retention'") == 1
+    assert _count(pool, "events", "true") == 0

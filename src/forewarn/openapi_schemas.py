@@ -272,6 +272,9 @@ ANSWERS: dict[str, Schema] = {
             "batches": INT,
             "checkpointed": BOOL,
             **{table: INT for table in FORGOTTEN_TABLES},
+            # the scale-out mode's: partitions dropped, and their events queued to rebuild them
+            "partitions": INT,
+            "requeued": INT,
         },
         ("forgotten", "hash", "events", "batches", "checkpointed", *FORGOTTEN_TABLES),
     ),
