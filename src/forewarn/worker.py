@@ -351,6 +351,7 @@ class Worker:
         recorded again. Returns the number of firings."""
         runner, outreach, state = p.runner, p.outreach, p.runner.state
         firings: list[Firing] = []
+        replaying = False
         if again is None:
             for event in p.events:
                 runner._apply(event, firings)
@@ -359,7 +360,8 @@ class Worker:
             for qid, event in zip(p.ids, p.events, strict=True):
                 redone = qid <= again.upto and qid not in again.fresh
                 runner._apply(event, past if redone else firings)
-            if not behind or (p.ids and p.ids[-1] >= again.upto):
+            replaying = behind and not (p.ids and p.ids[-1] >= again.upto)
+            if not replaying:
                 if again.clock_ms is not None:
                     runner.advance(again.clock_ms)  # timers that had fired: not again
                 conn.execute(
@@ -370,7 +372,9 @@ class Worker:
         until = now_ms
         if behind:
             until = min(now_ms, max((e.timestamp_ms for e in p.events), default=0))
-        firings.extend(runner.advance(until))
+        due = runner.advance(until)
+        if not replaying:  # (while replaying, only timers that had fired come due)
+            firings.extend(due)
         for t in self.triggers:
             spec = outreach.specs[t.id]
             mode = modes.get(t.id, t.mode)
