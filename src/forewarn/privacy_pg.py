@@ -104,6 +104,11 @@ def _remove(
     conn: psycopg.Connection[Any], workspace: int, subject: str, named: list[int], h: str
 ) -> privacy.Forgot:
     conn.execute("SELECT pg_advisory_xact_lock(%s)", (store_pg.forget_lock(workspace),))
+    # a delivery settling one of their messages (and logging its result) commits first
+    conn.execute(
+        "SELECT 1 FROM outbox WHERE workspace = %s AND scope = 'user' AND subject = %s FOR UPDATE",
+        (workspace, subject),
+    )
     rows = conn.execute(
         "SELECT e.id, e.part, q.part, e.message FROM events e LEFT JOIN queue q ON q.id = e.id"
         " WHERE e.workspace = %s AND (e.person = %s OR e.id = ANY(%s))",
@@ -127,7 +132,6 @@ def _remove(
     names = sorted(parts)  # the order every worker takes partition locks in
     conn.execute(_LOCK_ALL, ([store_pg.lock_key(workspace, n) for n in names],))
     done = privacy.Forgot(h)
-    # the outbox first: a delivery settling one of their messages commits before this goes on
     done.removed = privacy.delete_rows(
         lambda sql, args: conn.execute(sql.replace("?", "%s"), args).rowcount,
         workspace,
