@@ -108,13 +108,16 @@ def routes(app: api.Forewarn, pool: store_pg.Pool, reader: admin_pg.Reader) -> l
 
         return api._json({"forgotten": True, **await asyncio.to_thread(job)})
 
+    async def one_subject(request: Request) -> Response:
+        # one route for both methods: a 405 on it lists both in `Allow`
+        return await (forget if request.method == "DELETE" else subject)(request)
+
     async def reload(request: Request) -> Response:
         app.admin_key(request)
         raise EmbeddedOnlyError(RELOAD)
 
     return [
-        Route("/api/v1/subjects/{subject}", subject, methods=["GET"]),
-        Route("/api/v1/subjects/{subject}", forget, methods=["DELETE"]),
+        Route("/api/v1/subjects/{subject}", one_subject, methods=["GET", "DELETE"]),
         Route("/api/v1/subjects/{subject}/why", why, methods=["GET"]),
         Route("/api/v1/audit", audit_log, methods=["GET"]),
         Route("/api/v1/playbooks/reload", reload, methods=["POST"]),
