@@ -434,3 +434,25 @@ def _states_of(pool: store_pg.Pool, ws: int) -> dict[str, Any]:
         name: (s.clock_ms, s.users, s.accounts, s.aliases, s.members)
         for name, s in _states(pool, ws).items()
     }
+
+
+def test_an_append_in_flight_when_a_forget_starts_commits_first_and_is_removed(
+    pool: store_pg.Pool,
+) -> None:
+    ws = store_pg.ensure_workspace(pool, "default", T0_MS)
+    theirs = [track("Limit Hit", at(minutes=1), VICTIM)]
+    append = Append(ws, "segment", T0_MS, theirs, [m["messageId"] for m in theirs])
+    with pool.connection() as conn:
+        with conn.transaction():  # an API process's commit, its check made: no one forgotten
+            known = store_pg._forgotten_in(conn, store_pg._database(conn), [ws])
+            forgetting = threading.Thread(
+                target=privacy_pg.forget, args=(pool, ws, VICTIM, "cli", ms(minutes=2))
+            )
+            forgetting.start()
+            forgetting.join(1.0)
+            assert forgetting.is_alive()  # waiting for the commit in flight
+            assert store_pg._append(conn, append, {}, known).stored == 1
+        forgetting.join(10)
+    assert not forgetting.is_alive()
+    assert _named(pool, VICTIM) == 0  # stored before the forget, removed by it
+    assert _ingest(pool, ws, [track("Limit Hit", at(minutes=3), VICTIM)]).forgotten == [0]
