@@ -456,3 +456,19 @@ def test_an_append_in_flight_when_a_forget_starts_commits_first_and_is_removed(
     assert not forgetting.is_alive()
     assert _named(pool, VICTIM) == 0  # stored before the forget, removed by it
     assert _ingest(pool, ws, [track("Limit Hit", at(minutes=3), VICTIM)]).forgotten == [0]
+
+
+def test_a_numeric_id_is_found_wherever_it_names_the_person(pool: store_pg.Pool) -> None:
+    ws = store_pg.ensure_workspace(pool, "default", T0_MS)
+    _ingest(
+        pool,
+        ws,
+        [
+            message("track", at(minutes=1), None, event="Seen", anonymousId=9071),
+            message("track", at(minutes=2), "u5", event="Seen", anonymousId=9071),
+            message("track", at(minutes=3), "u5", event="Seen", anonymousId=90712),
+        ],
+    )
+    done = privacy_pg.forget(pool, ws, "9071", "cli", ms(minutes=4))
+    assert done.events == 2
+    assert _count(pool, "events", "true") == 1  # the one of 90712 stays
