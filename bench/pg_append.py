@@ -5,7 +5,7 @@ fresh database, with the two indexes and without them, in alternating rounds on 
 machine. Prints JSON: events per second of each round, and the medians.
 
 With `--forget-check`, the rounds compare instead each commit's check of the workspace's
-forgotten people (schema version 10: a lock and a lookup per transaction, and a hash per
+forgotten people (schema version 11: a lock and a lookup per transaction, and a hash per
 person), with 1,000 people forgotten, against the same commits without it.
 
     .venv/bin/python bench/pg_append.py [--requests 400] [--rounds 5] [--forget-check]

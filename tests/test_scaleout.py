@@ -1,7 +1,9 @@
 """Scale-out on this machine: PostgreSQL on localhost, 2 API, 3 worker and 1 delivery
 processes of `forewarn serve`, fed by the real Segment client; the firings and decisions equal
 those of a single-process replay of the same events, and the in-app messages reach the inbox. And a worker killed with SIGKILL in the middle of its
-work loses and repeats nothing."""
+work loses and repeats nothing; an API process serves /metrics and describes only its routes;
+a rolling restart with new playbooks stops the old workers instead of letting them reset the
+new ones' partitions."""
 
 from __future__ import annotations
 
@@ -320,3 +322,139 @@ def test_a_worker_killed_mid_batch_loses_and_repeats_nothing(url: str) -> None:
     finally:
         pool.close()
     assert len(found) > 20 and found == reference(messages)
+
+
+def test_an_api_process_lists_what_it_serves_and_counts_dead_letters(
+    url: str, tmp_path: Path
+) -> None:
+    from forewarn.worker import Worker
+    from tests.factories import track
+    from tests.test_worker import LIMIT, _poison
+
+    playbooks = tmp_path / "playbooks"
+    playbooks.mkdir()
+    (playbooks / "p.yaml").write_text(PLAYBOOK)
+    pool = store_pg.connect(url)
+    port = free_port()
+    api = _serve("api", _env(url), playbooks, port)
+    try:
+        _healthy(port, api)
+        with pool.connection() as conn:
+            ws = store_pg.workspace_id(conn, "default")
+        assert ws is not None
+        base = f"http://127.0.0.1:{port}"
+        before = httpx.get(base + "/metrics").text
+        _poison(pool, ws, track("Limit Hit", "2026-01-05T00:00:00Z", "u1", "acme"))
+        Worker(pool, ws, LIMIT).run_until_idle(0)
+        sent = httpx.post(
+            base + "/v1/track", json=track("Login", "2026-01-05T00:01:00Z"), auth=(WRITE_KEY, "")
+        )
+        assert sent.status_code == 200, sent.text
+        metrics = httpx.get(base + "/metrics").text
+        document = httpx.get(base + "/openapi.json").json()
+    finally:
+        _stop([api])
+        pool.close()
+    assert f'forewarn_dead_letters{{workspace="{ws}"}} 0' in before  # (a series to alert on)
+    assert f'forewarn_dead_letters{{workspace="{ws}"}} 1' in metrics
+    assert f'forewarn_queue_events{{workspace="{ws}"}} 1' in metrics
+    assert "forewarn_events_accepted_total 1" in metrics
+    paths = set(document["paths"])
+    assert {"/v1/batch", "/api/v1/firings", "/healthz", "/metrics", "/openapi.json"} <= paths
+    assert {"/api/v1/triggers", "/api/v1/subjects/{subject}"} <= paths  # the admin reads
+    assert not paths & {"/w/v1/inbox", "/"}  # the widget and the dashboard: embedded only
+    assert set(document["paths"]["/api/v1/firings"]) == {"get"}
+
+
+_LIMIT_YAML = """
+triggers:
+  - id: limit-hit
+    scope: account
+    when: {event: {name: Limit Hit}}
+    action: {channel: in_app, message: MESSAGE}
+"""
+
+
+def test_a_rolling_restart_with_new_playbooks_stops_the_old_workers(
+    url: str, tmp_path: Path
+) -> None:
+    from forewarn import live
+    from forewarn.sources import load_playbooks
+    from tests.factories import at, track
+
+    folders = {}
+    for name, text in (("old", "You hit a limit"), ("new", "You hit a limit (v2)")):
+        folders[name] = tmp_path / name
+        folders[name].mkdir()
+        (folders[name] / "p.yaml").write_text(_LIMIT_YAML.replace("MESSAGE", text))
+    env = {**_env(url), "FOREWARN_LOG_LEVEL": "info"}
+    subprocess.run(
+        [sys.executable, "-m", "forewarn", "migrate"], env=env, check=True, capture_output=True
+    )
+    port = free_port()
+    processes = [_serve("api", env, folders["old"], port), _serve("worker", env, folders["old"])]
+    sent = 0
+
+    def send(minute: int) -> None:
+        nonlocal sent
+        batch = [track("Limit Hit", at(minutes=minute), f"u{i}", f"a{i}") for i in range(5)]
+        answer = httpx.post(
+            f"http://127.0.0.1:{port}/v1/batch", json={"batch": batch}, auth=(WRITE_KEY, "")
+        )
+        assert answer.status_code == 200, answer.text
+        sent += len(batch)
+
+    try:
+        _healthy(port, processes[0])
+        send(1)
+        _wait_applied(url, sent)
+        processes.append(_serve("worker", env, folders["new"]))  # the rollout begins
+        pool = store_pg.connect(url)
+        try:
+            deadline = time.monotonic() + 30
+            while True:
+                with pool.connection() as conn:
+                    rows = conn.execute("SELECT count(*) FROM playbook_generations").fetchone()
+                if rows and rows[0] == 2:
+                    break
+                assert time.monotonic() < deadline, "the new worker did not start"
+                time.sleep(0.1)
+            for minute in range(2, 6):  # the same accounts again: all go to the new worker
+                send(minute)
+            _wait_applied(url, sent)
+            restarted = _serve("worker", env, folders["old"])  # an old one restarted meanwhile
+            processes.append(restarted)
+            said = _wait_for_line(restarted, "claims nothing until")
+            send(6)
+            _wait_applied(url, sent)
+            with pool.connection() as conn:
+                kept = {str(b) for (b,) in conn.execute("SELECT DISTINCT playbooks FROM parts")}
+        finally:
+            pool.close()
+        for p in processes[1:3]:
+            p.terminate()
+        logs = [p.communicate(timeout=15)[1].decode() for p in processes[1:3]]
+    finally:
+        _stop(processes)
+    new = live.fingerprint(load_playbooks(str(folders["new"])))
+    assert kept == {new}  # the old workers reset nothing the new one built
+    old_log, new_log = logs
+    assert "claims nothing until it is restarted with the current playbooks" in old_log
+    assert "claims nothing" not in new_log and "are generation 2" in new_log
+    assert "the current playbooks are generation 2" in said  # not a generation 3
+
+
+def _wait_for_line(process: subprocess.Popen[bytes], text: str, timeout_s: float = 30) -> str:
+    """The first line of the process's log holding `text`."""
+    import selectors
+
+    assert process.stderr is not None
+    watch = selectors.DefaultSelector()
+    watch.register(process.stderr, selectors.EVENT_READ)
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline and process.poll() is None:
+        if watch.select(timeout=0.2):
+            line = process.stderr.readline().decode()
+            if text in line:
+                return line
+    raise AssertionError(f"the process did not log {text!r} in time")

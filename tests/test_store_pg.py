@@ -176,3 +176,57 @@ def test_events_stored_before_version_9_get_their_person(url: str) -> None:
         pool.close()
     assert people == ["u1", "anon-7", "anon-8"]
     assert newest == ("u9",)
+
+
+def _show(pool: store_pg.Pool, name: str) -> str:
+    with pool.connection() as conn:
+        row = conn.execute(f"SHOW {name}").fetchone()
+    assert row is not None
+    return str(row[0])
+
+
+def test_connections_have_timeouts_and_keepalives_by_default(url: str) -> None:
+    pool = store_pg.connect(url)
+    try:
+        assert _show(pool, "statement_timeout") == "30s"
+        assert _show(pool, "idle_in_transaction_session_timeout") == "1min"
+        with pool.connection() as conn:
+            given = conn.info.get_parameters()
+    finally:
+        pool.close()
+    assert (given["keepalives"], given["keepalives_idle"]) == ("1", "30")
+    assert (given["keepalives_interval"], given["keepalives_count"]) == ("10", "3")
+
+
+def test_a_statement_past_the_timeout_is_cancelled_by_the_server(
+    url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import psycopg
+
+    monkeypatch.setenv("FOREWARN_PG_STATEMENT_TIMEOUT", "1s")
+    pool = store_pg.connect(url)
+    try:
+        with pytest.raises(psycopg.errors.QueryCanceled), pool.connection() as conn:
+            conn.execute("SELECT pg_sleep(5)")
+        assert _show(pool, "idle_in_transaction_session_timeout") == "2s"
+    finally:
+        pool.close()
+
+
+def test_the_urls_own_parameters_win_and_off_sets_none(
+    url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    pool = store_pg.connect(url + "?options=-c%20statement_timeout%3D5s&keepalives_idle=7")
+    try:
+        assert _show(pool, "statement_timeout") == "5s"
+        assert _show(pool, "idle_in_transaction_session_timeout") == "0"
+        with pool.connection() as conn:
+            assert conn.info.get_parameters()["keepalives_idle"] == "7"
+    finally:
+        pool.close()
+    monkeypatch.setenv("FOREWARN_PG_STATEMENT_TIMEOUT", "off")
+    monkeypatch.setenv("FOREWARN_PG_KEEPALIVE", "off")
+    assert store_pg.session_parameters(url) == {}
+    monkeypatch.setenv("FOREWARN_PG_KEEPALIVE", "soon")
+    with pytest.raises(InputError, match="FOREWARN_PG_KEEPALIVE"):
+        store_pg.connect(url)

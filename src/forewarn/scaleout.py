@@ -3,8 +3,8 @@
 
 - **api**: the ingest routes of the embedded server (Segment, PostHog, Sentry, ticket and
   billing webhooks), each request committed to PostgreSQL before it is answered, plus
-  `/api/v1/firings`, `/healthz`, the admin API's reads (`api_pg`) and `/openapi.json`. It
-  runs no engine.
+  `/api/v1/firings`, `/healthz`, `/metrics`, the admin API's reads (`api_pg`) and
+  `/openapi.json`. It runs no engine.
 - **worker**: steps a `worker.Worker` in a loop: claims what it can, commits, and waits a
   moment only when there was nothing to claim.
 - **delivery**: drains the outbox onto the channels (`deliver` over `outbox_pg`).
@@ -43,7 +43,9 @@ from forewarn import (
     api_pg,
     clock,
     compose,
+    dead_letters,
     live,
+    pruning,
     settings,
     store_pg,
     store_sqlite,
@@ -58,6 +60,7 @@ from forewarn.worker import Worker
 log = logging.getLogger("forewarn.scaleout")
 
 IDLE_S = 0.02  # a worker that found nothing to claim looks again after this
+STALE_S = 5.0  # a worker whose playbooks are not the current ones looks again after this
 INGEST_PATHS = ("/v1/", "/batch/", "/capture/", "/i/v1/", "/api/{project}/", "/webhooks/")
 
 
@@ -209,6 +212,19 @@ def build_api(app: IngestApp) -> Starlette:
         await asyncio.to_thread(ping)
         return Response(b'{"ok":true}', media_type="application/json")
 
+    async def metrics(request: Request) -> Response:
+        def read() -> tuple[dict[int, int], dict[int, int]]:
+            with app.pool.connection() as conn:
+                every = {int(w): 0 for (w,) in conn.execute("SELECT id FROM workspaces")}
+                queued = every | {
+                    int(w): int(n)
+                    for w, n in conn.execute("SELECT workspace, count(*) FROM queue GROUP BY 1")
+                }
+                return every | dead_letters.count(conn), queued
+
+        letters, queued = await asyncio.to_thread(read)
+        return Response(pg_metrics(app.counters, letters, queued), media_type=METRICS_TYPE)
+
     kept = [
         r
         for r in api.routes(app)
@@ -233,6 +249,7 @@ def build_api(app: IngestApp) -> Starlette:
                 *kept,
                 Route("/api/v1/firings", firings, methods=["GET"]),
                 Route("/healthz", healthz, methods=["GET"]),
+                Route("/metrics", metrics, methods=["GET"]),
                 *api_pg.routes(app, app.pool, app.reader),
             ],
         ),
@@ -243,6 +260,25 @@ def build_api(app: IngestApp) -> Starlette:
             PoolTimeout: _unavailable,
             Exception: api._server_error,
         },
+    )
+
+
+METRICS_TYPE = "text/plain; version=0.0.4"
+
+
+def pg_metrics(c: api.Counters, letters: dict[int, int], queued: dict[int, int]) -> str:
+    """/metrics of an API process: its own ingest counters, and from PostgreSQL what every
+    worker shares: the events queued and the dead letters, by workspace."""
+    return api.ingest_metrics(
+        c,
+        [
+            "# HELP forewarn_queue_events Events accepted and not yet applied by a worker.",
+            "# TYPE forewarn_queue_events gauge",
+            *(f'forewarn_queue_events{{workspace="{w}"}} {n}' for w, n in sorted(queued.items())),
+            "# HELP forewarn_dead_letters Events and partition states the workers set aside.",
+            "# TYPE forewarn_dead_letters gauge",
+            *(f'forewarn_dead_letters{{workspace="{w}"}} {n}' for w, n in sorted(letters.items())),
+        ],
     )
 
 
@@ -259,17 +295,29 @@ def run_worker(
     stop: threading.Event,
     now_ms: Callable[[], int] = clock.now_ms,
     idle_s: float = IDLE_S,
+    prune_every_ms: int = 0,
+    keep_events_ms: int = 0,
 ) -> None:
     """Step until `stop` is set; an error (the database restarting, say) is logged and the
-    step tried again: its transaction was rolled back, so nothing was half done."""
+    step tried again: its transaction was rolled back, so nothing was half done. Every
+    `prune_every_ms` (0: never), prune what is no longer needed (`pruning`)."""
+    pruned_ms = now_ms()  # not at start: a rolling restart starts many workers at once
     while not stop.is_set():
+        if prune_every_ms and worker.current and now_ms() - pruned_ms >= prune_every_ms:
+            pruned_ms = now_ms()
+            try:
+                pruning.prune(worker.pool, worker.workspace, pruned_ms, keep_events_ms)
+            except Exception as exc:  # the next run goes on where this one stopped
+                log.warning("pruning failed: %s", exc)
         try:
             done = worker.step(now_ms())
-        except Exception as exc:  # any failure rolls the whole step back
+        except Exception as exc:  # the database failed: the whole step was rolled back
             log.warning("worker step failed, retrying: %s", exc)
             stop.wait(1.0)
             continue
-        if not done.parts:
+        if done.stale:  # newer playbooks are current: look again now and then (a rollback)
+            stop.wait(STALE_S)
+        elif not done.parts and not done.dead:
             stop.wait(idle_s)
 
 
@@ -341,6 +389,11 @@ def serve(
 
     from forewarn.sources import load_playbooks
 
+    # the workers' log (dead letters, older playbooks, pruning) at FOREWARN_LOG_LEVEL
+    logging.basicConfig(
+        level=getattr(logging, log_level.upper(), logging.WARNING),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
     if role == "delivery":
         from forewarn import deliver
 
@@ -380,6 +433,13 @@ def serve(
         if role in ("worker", "all"):
             composer, keep = composer_for(pool, playbooks, triggers)
             worker = Worker(pool, ws, triggers, policy, composer, keep)
+            prune = (settings.pg_prune_every_ms(), settings.pg_keep_events_ms())
+            if not worker.register(clock.now_ms()):
+                print(
+                    "newer playbooks than these were started by another worker: this one "
+                    "claims nothing until it runs the current playbooks",
+                    flush=True,
+                )
             retention = settings.retention_ms()
             if retention:
                 threading.Thread(
@@ -392,10 +452,14 @@ def serve(
                 print(f"Forewarn worker with {len(triggers)} triggers on PostgreSQL", flush=True)
                 signal.signal(signal.SIGTERM, lambda *_: stop.set())
                 with contextlib.suppress(KeyboardInterrupt):
-                    run_worker(worker, stop)
+                    run_worker(worker, stop, prune_every_ms=prune[0], keep_events_ms=prune[1])
                 return 0
             thread = threading.Thread(
-                target=run_worker, args=(worker, stop), name="forewarn-worker", daemon=True
+                target=run_worker,
+                args=(worker, stop),
+                kwargs={"prune_every_ms": prune[0], "keep_events_ms": prune[1]},
+                name="forewarn-worker",
+                daemon=True,
             )
             thread.start()
             if settings.env("DELIVERY") == "on":  # the delivery worker, as the embedded server

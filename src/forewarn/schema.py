@@ -352,11 +352,37 @@ MIGRATIONS: dict[int, str | Only] = {
     CREATE INDEX events_part ON events (workspace, part, id);
     """,
     ),
+    # the scale-out worker (worker): events and partition states it could not apply, set aside
+    # with the error (an event's row stays in `events` until it is replayed or discarded);
+    # the playbooks each generation of workers started with, the newest being current
+    10: Only(
+        "postgresql",
+        """
+    CREATE TABLE dead_letters (
+        id INTEGER PRIMARY KEY,
+        workspace INTEGER NOT NULL,
+        part TEXT NOT NULL,
+        event INTEGER UNIQUE,
+        state BLOB,
+        error TEXT NOT NULL,
+        at_ms INTEGER NOT NULL
+    );
+    CREATE INDEX dead_letters_workspace ON dead_letters (workspace, id);
+    CREATE TABLE playbook_generations (
+        workspace INTEGER NOT NULL,
+        generation INTEGER NOT NULL,
+        fingerprint TEXT NOT NULL,
+        started_ms INTEGER NOT NULL,
+        PRIMARY KEY (workspace, generation),
+        UNIQUE (workspace, fingerprint)
+    );
+    """,
+    ),
     # privacy in the scale-out mode (see privacy_pg): the hashes of forgotten people, as on
     # SQLite; and the partitions whose state a forget dropped, which workers rebuild from their
     # events up to `upto` (but the ids in `fresh`, still unapplied then) without firing again,
     # the policy's history kept in `state`
-    10: Only(
+    11: Only(
         "postgresql",
         """
     CREATE TABLE forgotten (

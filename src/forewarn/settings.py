@@ -28,6 +28,10 @@ SETTINGS: dict[str, str] = {
     # scale-out on PostgreSQL (docs/deploy.md)
     "DATABASE_URL": "",
     "ROLE": "all",
+    "PG_STATEMENT_TIMEOUT": "30s",
+    "PG_KEEPALIVE": "30s",
+    "PG_KEEP_EVENTS": "7d",
+    "PG_PRUNE_EVERY": "10m",
     # the policy (docs/concepts.md)
     "FREQUENCY_CAPS": "2/7d,1/1d",
     "CHANNEL_CAPS": "",
@@ -134,3 +138,47 @@ def guard_every_ms() -> int:
         return parse_duration(text)
     except ValueError as exc:
         raise InputError(f"{PREFIX}GUARD_EVERY: {exc}") from None
+
+
+def pg_statement_timeout_ms() -> int:
+    """The server-side timeout of one statement on PostgreSQL (twice it for a transaction left
+    idle); 0 when Forewarn sets none."""
+    return _span_ms("PG_STATEMENT_TIMEOUT", "e.g. 30s, or off")
+
+
+def pg_keepalive_s() -> int:
+    """Seconds of silence on a PostgreSQL connection before TCP keepalives probe it; 0 when
+    off."""
+    return _span_ms("PG_KEEPALIVE", "e.g. 30s, or off") // 1000
+
+
+DEDUP_MS = 7 * 86_400_000  # a message id resent within this is recognised
+
+
+def pg_keep_events_ms() -> int:
+    """How long the scale-out workers keep applied events in the log; 0 when for ever."""
+    span = _span_ms("PG_KEEP_EVENTS", "e.g. 30d, or off")
+    if span and span < DEDUP_MS:
+        raise InputError(
+            f"{PREFIX}PG_KEEP_EVENTS={env('PG_KEEP_EVENTS')}: keep events at least 7d (a "
+            "message id resent within 7 days is recognised by its row), or off"
+        )
+    return span
+
+
+def pg_prune_every_ms() -> int:
+    """How often a scale-out worker prunes what is no longer needed; 0 when never."""
+    return _span_ms("PG_PRUNE_EVERY", "e.g. 10m, or off")
+
+
+def _span_ms(name: str, example: str) -> int:
+    text = env(name) or "off"
+    if text.strip().lower() in ("0", "off"):
+        return 0
+    try:
+        span = parse_duration(text)
+    except ValueError as exc:
+        raise InputError(f"{PREFIX}{name}: {exc}; {example}") from None
+    if span < 1000:
+        raise InputError(f"{PREFIX}{name}={text}: give at least 1s; {example}")
+    return span

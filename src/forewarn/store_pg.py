@@ -18,8 +18,10 @@ Every process opens its own pool with `connect`.
 from __future__ import annotations
 
 import hashlib
+import os
 import secrets
 import threading
+import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -28,7 +30,7 @@ import msgspec
 import psycopg
 from psycopg_pool import ConnectionPool
 
-from forewarn import audit_pg, schema
+from forewarn import audit_pg, schema, settings
 from forewarn.errors import InputError
 from forewarn.forgotten import Forgotten, people_of, subject_hash
 from forewarn.model import Event, event_from_dict
@@ -71,19 +73,21 @@ def connect(
             f"FOREWARN_DATABASE_URL must be a postgresql:// URL, not {url!r}: "
             "e.g. postgresql://forewarn@db.internal/forewarn"
         )
+    extra = session_parameters(url)
     pool = ConnectionPool(
         url,
         min_size=min_size,
         max_size=max_size,
         open=False,
         timeout=timeout_s if wait_s is None else wait_s,
-        kwargs={"autocommit": True},
+        kwargs={"autocommit": True, **extra},
         name="forewarn",
     )
     try:
         pool.open(wait=True, timeout=timeout_s)
     except Exception as exc:  # the pool reports any failure to connect as its own timeout
         pool.close()
+        _refused_options(url, extra)
         raise StoreError(
             f"cannot connect to PostgreSQL at {_redact(url)}: {exc}; check that it runs and "
             "that FOREWARN_DATABASE_URL names a database this user may use"
@@ -93,6 +97,49 @@ def connect(
 
 
 Pool = ConnectionPool[psycopg.Connection[tuple[Any, ...]]]
+
+
+def _refused_options(url: str, extra: dict[str, Any]) -> None:
+    """A StoreError saying what to do when the server (a PgBouncer, say) refuses the timeouts
+    Forewarn sets on connecting: the pool's own timeout hides the server's reason, so ask once
+    more, directly."""
+    if "options" not in extra:
+        return
+    try:
+        psycopg.connect(url, connect_timeout=2, **extra).close()
+    except psycopg.Error as exc:
+        if "startup parameter" in str(exc):
+            raise StoreError(
+                f"PostgreSQL at {_redact(url)} (a PgBouncer?) refuses the timeouts Forewarn "
+                f"sets on connecting ({exc}); set FOREWARN_PG_STATEMENT_TIMEOUT=off and set "
+                "statement_timeout and idle_in_transaction_session_timeout on the database "
+                "role instead (docs/deploy.md)"
+            ) from None
+
+
+def session_parameters(url: str) -> dict[str, Any]:
+    """Connection parameters Forewarn adds to those of the URL (which win): TCP keepalives, so
+    that a connection to a server gone silent (a failover, a dropped route) is noticed within
+    about a minute instead of the operating system's two hours, and a server-side
+    `statement_timeout` (`FOREWARN_PG_STATEMENT_TIMEOUT`), with twice it for
+    `idle_in_transaction_session_timeout`, so that a hung process releases its locks."""
+    given = psycopg.conninfo.conninfo_to_dict(url)
+    extra: dict[str, Any] = {}
+    keepalive_s = settings.pg_keepalive_s()
+    if keepalive_s and "keepalives" not in given and "keepalives_idle" not in given:
+        extra |= {
+            "keepalives": 1,
+            "keepalives_idle": keepalive_s,
+            "keepalives_interval": max(1, keepalive_s // 3),
+            "keepalives_count": 3,
+        }
+    timeout_ms = settings.pg_statement_timeout_ms()
+    if timeout_ms and "options" not in given and not os.environ.get("PGOPTIONS"):
+        extra["options"] = (
+            f"-c statement_timeout={timeout_ms}"
+            f" -c idle_in_transaction_session_timeout={2 * timeout_ms}"
+        )
+    return extra
 
 
 def _redact(url: str) -> str:
@@ -114,6 +161,8 @@ def migrate(pool: Pool) -> int:
     """Apply the migrations the database lacks, in one transaction, one process at a time;
     returns the version."""
     with pool.connection() as conn, conn.transaction():
+        # a migration may rewrite large tables, and waits for another process's
+        conn.execute("SET LOCAL statement_timeout = 0")
         conn.execute("SELECT pg_advisory_xact_lock(%s)", (MIGRATE_LOCK,))
         found = version(conn)
         if found > schema.VERSION:
@@ -262,8 +311,9 @@ def append_batches(pool: Pool, appends: Sequence[Append]) -> list[Appended]:
         forgotten = _forgotten_in(conn, db, sorted({a.workspace for a in appends}))
         for a in appends:
             results.append(_append(conn, a, learnt.setdefault(a.workspace, {}), forgotten))
-    if len(_HOMES) > _HOMES_MAX:
+    if len(_HOMES) > _HOMES_MAX or time.monotonic() - _HOMES_SINCE[0] > HOMES_FOR_S:
         _HOMES.clear()
+        _HOMES_SINCE[0] = time.monotonic()
     for workspace, homes in learnt.items():  # committed: now they are known
         _HOMES.update(((db, workspace, p), a) for p, a in homes.items())
     return results
@@ -391,10 +441,13 @@ UNION ALL
 SELECT person, account FROM homes WHERE workspace = %(ws)s AND person = ANY(%(ask)s)
 """
 
-# Each user's home account, as far as this process has learnt it: a home, once set, never
-# changes, so it is looked up in the database once per process.
+# Each user's home account, as far as this process has learnt it: a home, once set, does not
+# change, so it is looked up in the database once per process and per HOMES_FOR_S (pruning
+# deletes the homes of people with no state left anywhere: see `pruning`).
 _HOMES: dict[tuple[str, int, str], str] = {}  # (database, workspace, user) -> account
 _HOMES_MAX = 1_000_000
+_HOMES_SINCE = [time.monotonic()]
+HOMES_FOR_S = 600.0
 
 
 def _database(conn: psycopg.Connection[Any]) -> str:

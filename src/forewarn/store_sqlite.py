@@ -30,15 +30,17 @@ import struct
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import msgspec
 
 from forewarn import audit, schema
-from forewarn.dedup import SeenIds
 from forewarn.errors import ForewarnError, InputError
 from forewarn.forgotten import Forgotten, among
 from forewarn.model import Event
+
+if TYPE_CHECKING:
+    from forewarn.dedup import SeenIds
 
 SCHEMA_VERSION = schema.VERSION
 KEY_KINDS = ("write", "admin")
@@ -303,11 +305,15 @@ def append_within(conn: sqlite3.Connection, a: Append) -> Appended:
     """Store one batch inside the caller's transaction, its message ids trusted to be new
     (events Forewarn makes itself, each with an id of its own); those about a forgotten
     person are left out."""
-    return _append(conn, a, SeenIds(), set(), among(conn, a.workspace, a.messages))[0]
+    return _append(conn, a, None, set(), among(conn, a.workspace, a.messages))[0]
 
 
 def _append(
-    conn: sqlite3.Connection, a: Append, seen: SeenIds, fresh: set[int], forgotten: Forgotten
+    conn: sqlite3.Connection,
+    a: Append,
+    seen: SeenIds | None,
+    fresh: set[int],
+    forgotten: Forgotten,
 ) -> tuple[Appended, list[int], list[int]]:
     """One request's messages into the log; also returns the hashes of the ids stored and
     their events' times, for `seen` to learn once committed."""
@@ -327,7 +333,7 @@ def _append(
         h = id_hash(a.workspace, mid)
         # an event Forewarn made itself has no event to time it by: its receipt does
         stamp = events[i].timestamp_ms if events is not None else received
-        if h in fresh or seen.seen(h, received, stamp, "sentAt" in message):
+        if h in fresh or (seen is not None and seen.seen(h, received, stamp, "sentAt" in message)):
             duplicates.append(i)
             continue
         fresh.add(h)

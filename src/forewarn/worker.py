@@ -15,7 +15,14 @@ A step, in one transaction:
 
 The locks end with the transaction. A worker killed mid-step commits nothing: its partitions'
 events are still queued, and the next worker to try them gets the lock. Nothing is lost, and
-nothing is applied twice, because the state and the queue change in the same commit.
+nothing is applied twice, because the state and the queue change in the same commit. No lock
+is ever waited for while others are held (a user's partition an account adopts is only tried
+too), so workers cannot deadlock.
+
+A step that fails on its data is retried a partition at a time, and what still fails is set
+aside (`dead_letters`). A worker claims only while its playbooks are the newest generation
+recorded in the database (`register`), so old and new workers in a rolling restart do not
+start afresh each other's partitions.
 
 Partitions: an event belongs to its account (`context.groupId`, or the account a `group` call
 joins), else to its user. A partition's users and its account live in one state, so an
@@ -33,7 +40,18 @@ from typing import Any
 import msgspec
 import psycopg
 
-from forewarn import decide, engine, live, partition, store_outbox, store_pg, store_sqlite
+from forewarn import (
+    dead_letters,
+    decide,
+    engine,
+    homes,
+    live,
+    partition,
+    store_outbox,
+    store_pg,
+    store_sqlite,
+)
+from forewarn.dead_letters import BadEvent, BadState, transient
 from forewarn.engine import Firing
 from forewarn.errors import ForewarnError
 from forewarn.model import Event
@@ -47,6 +65,7 @@ log = logging.getLogger("forewarn.worker")
 PARTS_PER_STEP = 64
 EVENTS_PER_STEP = 2_000
 SCAN = 5_000  # queued events looked at to find candidate partitions
+GEN = "playbooks"  # the advisory lock under which a worker records its playbooks' generation
 
 
 _decode_event = msgspec.msgpack.Decoder(tuple[Any, ...]).decode
@@ -57,6 +76,15 @@ class Stepped:
     parts: int = 0
     events: int = 0
     firings: int = 0
+    dead: int = 0  # events or partition states set aside as dead letters
+    stale: bool = False  # newer playbooks are current: this worker claimed nothing
+
+    def add(self, other: Stepped) -> None:
+        self.parts += other.parts
+        self.events += other.events
+        self.firings += other.firings
+        self.dead += other.dead
+        self.stale = self.stale or other.stale
 
 
 _CANDIDATES = """
@@ -89,11 +117,9 @@ ON CONFLICT (workspace, part) DO UPDATE SET state = excluded.state, due_ms = exc
     playbooks = excluded.playbooks
 """
 
-# blocking, in the order given: every worker takes them sorted, so none waits in a circle
-_LOCK_ALL = """
-SELECT pg_advisory_xact_lock(key) FROM (
-    SELECT key FROM unnest(%s::bigint[]) WITH ORDINALITY AS k(key, n) ORDER BY n
-) ordered
+_GENERATION = """
+SELECT generation, fingerprint FROM playbook_generations WHERE workspace = %s
+ORDER BY generation DESC LIMIT 1
 """
 
 _FIRING = (
@@ -135,24 +161,156 @@ class Worker:
         self.playbooks = live.fingerprint(triggers)
         self.parts_per_step = parts_per_step
         self.events_per_step = events_per_step
+        self.registered = False  # its playbooks recorded as a generation (`register`)
+        self.current = True  # its playbooks are the newest generation's
+        self.dead_letters = 0  # set aside by this worker since it started
+        self._tried: list[str] = []  # the partitions the last step locked
+
+    def register(self, now_ms: int) -> bool:
+        """Record this worker's playbooks as the current generation, unless they are known
+        already; returns whether they are the current ones. A worker started with playbooks
+        new to the database makes them current, so the workers still running older ones stop
+        claiming (instead of starting afresh the partitions the newer ones build)."""
+        with self.pool.connection() as conn, conn.transaction():
+            conn.execute(
+                "SELECT pg_advisory_xact_lock(%s)", (store_pg.lock_key(self.workspace, GEN),)
+            )
+            latest = conn.execute(_GENERATION, (self.workspace,)).fetchone()
+            known = conn.execute(
+                "SELECT generation FROM playbook_generations WHERE workspace = %s"
+                " AND fingerprint = %s",
+                (self.workspace, self.playbooks),
+            ).fetchone()
+            if known is None:
+                generation = int(latest[0]) + 1 if latest else 1
+                conn.execute(
+                    "INSERT INTO playbook_generations VALUES (%s, %s, %s, %s)",
+                    (self.workspace, generation, self.playbooks, now_ms),
+                )
+                log.info("playbooks %s are generation %d", self.playbooks, generation)
+                latest = (generation, self.playbooks)
+        self.registered = True
+        return self._current(latest)
+
+    def _current(self, latest: tuple[Any, ...] | None) -> bool:
+        """Whether this worker's playbooks are the newest generation's; says so in the log
+        when that changes."""
+        current = latest is not None and str(latest[1]) == self.playbooks
+        if not current and self.current:
+            newer = f"generation {latest[0]}" if latest else "none"
+            log.warning(
+                "the current playbooks are %s, not this worker's (%s): it claims nothing until "
+                "it is restarted with the current playbooks",
+                newer,
+                self.playbooks,
+            )
+        elif current and not self.current:
+            log.warning("this worker's playbooks are current again: it claims partitions")
+        self.current = current
+        return current
 
     def step(self, now_ms: int) -> Stepped:
         """Claim what this worker can, apply it and commit; an empty result when there was
-        nothing to do or every partition with work was held by other workers."""
+        nothing to do or every partition with work was held by other workers.
+
+        A step that fails on the data of what it claimed (a state that no longer decodes, an
+        event the engine cannot apply) is not retried as a whole: its partitions are tried
+        again one at a time, so the healthy ones go on, and in a partition that fails alone
+        the event at fault (or, failing that, its oldest one; or its state, when it is the
+        state that fails) is set aside as a dead letter. When every one of several
+        partitions fails alone, the fault is not in their data (a bug, an upgrade that reads
+        no state): nothing is set aside and the error is raised. A failure of the database
+        itself is raised, for the caller to retry the step."""
+        if not self.registered:
+            self.register(now_ms)
+        self._tried = []
+        try:
+            return self._step(now_ms, None, self.events_per_step)
+        except Exception as exc:
+            if transient(exc):
+                raise
+            parts = list(self._tried)
+            if not parts:
+                raise
+            log.warning(
+                "a worker step over %d partition(s) failed (%s: %s): trying each alone",
+                len(parts),
+                type(exc).__name__,
+                exc,
+            )
+        done = Stepped()
+        failed: list[tuple[str, Exception]] = []
+        for part in parts:
+            one, error = self._alone(now_ms, part)
+            done.add(one)
+            if error is not None:
+                failed.append((part, error))
+        if len(parts) > 1 and len(failed) == len(parts):
+            log.error(
+                "each of the %d partitions of a step failed on its own (%s): not a fault of "
+                "their data, so nothing is set aside; retrying",
+                len(parts),
+                failed[0][1],
+            )
+            raise failed[0][1]
+        for part, error in failed:
+            done.add(self._dead_letter(part, error, now_ms))
+        return done
+
+    def _alone(self, now_ms: int, part: str) -> tuple[Stepped, Exception | None]:
+        """One partition on its own, after a step over several failed. If it fails again,
+        and not on a known event or its state, its events are applied one per transaction
+        up to the one that fails. Returns what was done, and the failure that remains."""
+        try:
+            return self._step(now_ms, [part], self.events_per_step), None
+        except Exception as exc:
+            if transient(exc):
+                raise
+            if isinstance(exc, (BadEvent, BadState)):
+                return Stepped(), exc
+        done = Stepped()
+        for _ in range(self.events_per_step):
+            try:
+                one = self._step(now_ms, [part], 1)
+            except Exception as exc:
+                if transient(exc):
+                    raise
+                return done, exc
+            done.add(one)
+            if not one.events:
+                break
+        return done, None
+
+    def _dead_letter(self, part: str, exc: BaseException, now_ms: int) -> Stepped:
+        with self.pool.connection() as conn, conn.transaction():
+            if not dead_letters.set_aside(conn, self.workspace, part, exc, now_ms):
+                return Stepped()
+        self.dead_letters += 1
+        return Stepped(dead=1)
+
+    def _step(self, now_ms: int, only: list[str] | None, limit: int) -> Stepped:
+        """One transaction over the candidate partitions (or `only` those), claiming at most
+        `limit` events."""
         done = Stepped()
         with self.pool.connection() as conn, conn.transaction():
-            candidates = [
-                str(p)
-                for (p,) in conn.execute(
-                    _CANDIDATES,
-                    {
-                        "ws": self.workspace,
-                        "scan": SCAN,
-                        "now": now_ms,
-                        "many": 4 * self.parts_per_step,
-                    },
-                )
-            ]
+            if not self._current(conn.execute(_GENERATION, (self.workspace,)).fetchone()):
+                done.stale = True
+                return done
+            if only is not None:
+                candidates = only
+            else:
+                candidates = [
+                    str(p)
+                    for (p,) in conn.execute(
+                        _CANDIDATES,
+                        {
+                            "ws": self.workspace,
+                            "scan": SCAN,
+                            "now": now_ms,
+                            "many": 4 * self.parts_per_step,
+                        },
+                    )
+                ]
             if not candidates:
                 return done
             keys = [store_pg.lock_key(self.workspace, p) for p in candidates]
@@ -161,17 +319,16 @@ class Worker:
             ]
             if not parts:
                 return done
+            self._tried = parts
             claimed: dict[str, list[tuple[int, int, bytes]]] = {p: [] for p in parts}
             ids: list[int] = []
-            for qid, part, received_ms, raw in conn.execute(
-                _CLAIM, (self.workspace, parts, self.events_per_step)
-            ):
+            for qid, part, received_ms, raw in conn.execute(_CLAIM, (self.workspace, parts, limit)):
                 claimed[part].append((int(qid), int(received_ms), bytes(raw)))
                 ids.append(int(qid))
             # partitions with events still queued past this step's claim: their timers may
             # not run past what was applied (a queued event could end an absence, say)
             behind: set[str] = set()
-            if len(ids) >= self.events_per_step:
+            if len(ids) >= limit:
                 behind = {
                     str(p)
                     for (p,) in conn.execute(
@@ -193,7 +350,7 @@ class Worker:
                 if name not in stored:  # its state was dropped: start from the history kept
                     stored[name] = (redo.state, redo.playbooks)
             loaded = [self._load(p, stored.get(p), claimed[p]) for p in parts]
-            moved = self._send_home(conn, loaded)
+            homes.send_home(conn, self.workspace, loaded)
             users = {p.name: p for p in loaded if p.name.startswith("user:")}
             modes = store_pg.trigger_overrides(conn, self.workspace)
             # users' own partitions first: a user an account adopts below brings all of it
@@ -201,26 +358,32 @@ class Worker:
                 again = rebuilding.get(p.name)
                 done.firings += self._run(conn, p, now_ms, modes, p.name in behind, again)
             accounts = [p for p in loaded if p.name not in users]
-            self._adopt(conn, accounts, users)
+            deferred = homes.adopt(
+                conn, self.workspace, self.playbooks, accounts, users, self._load
+            )
+            accounts = [p for p in accounts if p.name not in deferred]
             for p in accounts:
                 again = rebuilding.get(p.name)
                 done.firings += self._run(conn, p, now_ms, modes, p.name in behind, again)
-            done.parts = len(loaded)
-            done.events = sum(len(p.events) for p in loaded)
-            states = [p.runner.state for p in loaded]
+            ran = [p for p in loaded if p.name not in deferred]
+            done.parts = len(ran)
+            done.events = sum(len(p.events) for p in ran)
+            states = [p.runner.state for p in ran]
             conn.execute(
                 _SAVE,
                 {
                     "ws": self.workspace,
                     "playbooks": self.playbooks,
-                    "part": [p.name for p in loaded],
-                    "state": [partition.snapshot(p.runner, p.outreach) for p in loaded],
+                    "part": [p.name for p in ran],
+                    "state": [partition.snapshot(p.runner, p.outreach) for p in ran],
                     "due": [partition.next_due(st.users, st.accounts) for st in states],
                 },
             )
-            ids = [i for i in ids if i not in moved]
-            if ids:
-                conn.execute("DELETE FROM queue WHERE id = ANY(%s)", (ids,))
+            # what was applied leaves the queue; a deferred partition's events stay queued
+            # (moved ones were given to their home's queue in `homes.send_home`)
+            applied = [i for p in ran for i in p.ids]
+            if applied:
+                conn.execute("DELETE FROM queue WHERE id = ANY(%s)", (applied,))
         return done
 
     def run_until_idle(self, now_ms: int) -> Stepped:
@@ -228,11 +391,10 @@ class Worker:
         total = Stepped()
         while True:
             s = self.step(now_ms)
-            if not s.parts:
+            if not s.parts and not s.dead:
+                total.stale = s.stale
                 return total
-            total.parts += s.parts
-            total.events += s.events
-            total.firings += s.firings
+            total.add(s)
 
     # --- one partition ---------------------------------------------------------------------
 
@@ -243,98 +405,22 @@ class Worker:
         part = Part(name, Runner(state, lateness_ms=0), Outreach(state, self.triggers, self.policy))
         if stored is not None:
             if stored[1] == self.playbooks:
-                partition.restore(part.runner, part.outreach, partition.decode(stored[0]))
+                try:
+                    partition.restore(part.runner, part.outreach, partition.decode(stored[0]))
+                except Exception as exc:
+                    raise BadState(name, exc) from exc
             else:  # other playbooks: this partition starts again from its next event
                 log.warning("partition %s: playbooks changed, its state starts afresh", name)
         for qid, received_ms, raw in claimed:
-            event = Event(*_decode_event(raw[1:]))
-            if event.timestamp_ms > received_ms:  # a client clock running ahead
-                event.timestamp_ms = received_ms
+            try:
+                event = Event(*_decode_event(raw[1:]))
+                if event.timestamp_ms > received_ms:  # a client clock running ahead
+                    event.timestamp_ms = received_ms
+            except Exception as exc:
+                raise BadEvent(name, qid, exc) from exc
             part.events.append(event)
             part.ids.append(qid)
         return part
-
-    def _send_home(self, conn: psycopg.Connection[Any], loaded: list[Part]) -> set[int]:
-        """Events queued under a user who has since got a home account (accepted while the
-        home was being set) go to that account: applied with it now when it is claimed in
-        this step (in log order), else moved to its queue. Returns the ids moved."""
-        users = [p for p in loaded if p.name.startswith("user:") and p.ids]
-        if not users:
-            return set()
-        homes = dict(
-            conn.execute(
-                "SELECT 'user:' || person, 'account:' || account FROM homes"
-                " WHERE workspace = %s AND 'user:' || person = ANY(%s)",
-                (self.workspace, [p.name for p in users]),
-            ).fetchall()
-        )
-        here = {p.name: p for p in loaded}
-        moved: set[int] = set()
-        for p in users:
-            home = homes.get(p.name)
-            if home is None:
-                continue
-            into = here.get(home)
-            if into is not None:
-                merged = sorted(
-                    zip(into.ids + p.ids, into.events + p.events, strict=True),
-                    key=lambda pair: pair[0],
-                )
-                into.ids = [i for i, _ in merged]
-                into.events = [e for _, e in merged]
-            else:
-                conn.execute("UPDATE queue SET part = %s WHERE id = ANY(%s)", (home, p.ids))
-                moved.update(p.ids)
-            p.events, p.ids = [], []
-        return moved
-
-    def _adopt(
-        self, conn: psycopg.Connection[Any], parts: list[Part], here: dict[str, Part]
-    ) -> None:
-        """Users new to an account partition bring the state their own partition kept before
-        they had a home: from that partition claimed in this step (`here`), else from the
-        database under its lock (taken in one order by every worker)."""
-        wanted: dict[str, Part] = {}
-        for p in parts:
-            state = p.runner.state
-            for event in p.events:
-                who = store_pg.person(event)
-                if who not in state.users and who not in state.aliases:
-                    wanted.setdefault("user:" + who, p)
-        for name in [n for n in wanted if n in here]:
-            own = here[name]
-            snap = partition.decode(partition.snapshot(own.runner, own.outreach))
-            partition.move_user(snap, wanted.pop(name), name[len("user:") :])
-            rest = self._load(name, (partition.encode(snap), self.playbooks), [])
-            own.runner, own.outreach = rest.runner, rest.outreach
-        if not wanted:
-            return
-        names = sorted(wanted)
-        conn.execute(_LOCK_ALL, ([store_pg.lock_key(self.workspace, n) for n in names],))
-        rows = conn.execute(
-            "SELECT part, state, playbooks FROM parts WHERE workspace = %s AND part = ANY(%s)",
-            (self.workspace, names),
-        ).fetchall()
-        for name, raw, playbooks in rows:
-            if playbooks != self.playbooks:
-                continue
-            snap = partition.decode(bytes(raw))
-            partition.move_user(snap, wanted[name], name[len("user:") :])
-            if snap.users or snap.accounts:
-                conn.execute(
-                    "UPDATE parts SET state = %s, due_ms = %s WHERE workspace = %s AND part = %s",
-                    (
-                        partition.encode(snap),
-                        partition.next_due(snap.users, snap.accounts),
-                        self.workspace,
-                        name,
-                    ),
-                )
-            else:
-                conn.execute(
-                    "DELETE FROM parts WHERE workspace = %s AND part = %s",
-                    (self.workspace, name),
-                )
 
     def _run(
         self,
@@ -352,14 +438,14 @@ class Worker:
         runner, outreach, state = p.runner, p.outreach, p.runner.state
         firings: list[Firing] = []
         replaying = False
-        if again is None:
-            for event in p.events:
-                runner._apply(event, firings)
-        else:
-            past: list[Firing] = []
-            for qid, event in zip(p.ids, p.events, strict=True):
-                redone = qid <= again.upto and qid not in again.fresh
+        past: list[Firing] = []  # a rebuild's: what it had applied before, fired before
+        for qid, event in zip(p.ids, p.events, strict=True):
+            redone = again is not None and qid <= again.upto and qid not in again.fresh
+            try:
                 runner._apply(event, past if redone else firings)
+            except Exception as exc:
+                raise BadEvent(p.name, qid, exc) from exc
+        if again is not None:
             replaying = behind and not (p.ids and p.ids[-1] >= again.upto)
             if not replaying:
                 if again.clock_ms is not None:
