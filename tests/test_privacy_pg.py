@@ -472,3 +472,33 @@ def test_a_numeric_id_is_found_wherever_it_names_the_person(pool: store_pg.Pool)
     done = privacy_pg.forget(pool, ws, "9071", "cli", ms(minutes=4))
     assert done.events == 2
     assert _count(pool, "events", "true") == 1  # the one of 90712 stays
+
+
+def test_forget_removes_their_dead_letters_and_keeps_the_others(pool: store_pg.Pool) -> None:
+    ws = store_pg.ensure_workspace(pool, "default", T0_MS)
+    _ingest(
+        pool,
+        ws,
+        [
+            track("Limit Hit", at(minutes=1), VICTIM, "acme"),
+            track("Limit Hit", at(minutes=1), "u2", "beta"),
+        ],
+    )
+    with pool.connection() as conn:  # as a worker sets aside what it cannot apply
+        conn.execute(
+            "INSERT INTO dead_letters (workspace, part, event, error, at_ms)"
+            " SELECT workspace, part, id, 'boom', 1 FROM events"
+        )
+        conn.execute("DELETE FROM queue")
+        for part in ("account:acme", "account:beta"):
+            conn.execute(
+                "INSERT INTO dead_letters (workspace, part, state, error, at_ms)"
+                " VALUES (%s, %s, 'x', 'unreadable', 1)",
+                (ws, part),
+            )
+    done = privacy_pg.forget(pool, ws, VICTIM, "cli", ms(minutes=2))
+    assert done.to_dict()["dead_letters"] == 2
+    assert _count(pool, "dead_letters", "part = 'account:beta'") == 2
+    assert _count(pool, "dead_letters", "part = 'account:acme'") == 0
+    # beta's set-aside event is not queued again by anything here
+    assert _count(pool, "queue", "true") == 0

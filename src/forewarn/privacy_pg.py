@@ -141,6 +141,13 @@ def _remove(
     )
     done.removed["subject_index"] = 0
     conn.execute("DELETE FROM queue WHERE id = ANY(%s)", (ids,))
+    # their events set aside as dead letters, and the states set aside of the partitions that
+    # held them (kept for inspection only: they hold the person too)
+    done.removed["dead_letters"] = conn.execute(
+        "DELETE FROM dead_letters WHERE workspace = %s AND (event = ANY(%s)"
+        " OR (event IS NULL AND part = ANY(%s)))",
+        (workspace, ids, sorted(parts)),
+    ).rowcount
     done.events = conn.execute("DELETE FROM events WHERE id = ANY(%s)", (ids,)).rowcount
     done.batches = done.events  # each event is a row of its own here
     conn.execute("DELETE FROM homes WHERE workspace = %s AND person = %s", (workspace, subject))
@@ -180,8 +187,10 @@ def _rebuild(conn: psycopg.Connection[Any], workspace: int, name: str, subject: 
     queued = [
         int(i)
         for (i,) in conn.execute(
-            "INSERT INTO queue (id, workspace, part) SELECT id, workspace, %s FROM events"
-            " WHERE workspace = %s AND part = ANY(%s) ON CONFLICT (id) DO NOTHING RETURNING id",
+            "INSERT INTO queue (id, workspace, part) SELECT id, workspace, %s FROM events e"
+            " WHERE workspace = %s AND part = ANY(%s)"
+            " AND NOT EXISTS (SELECT 1 FROM dead_letters d WHERE d.event = e.id)"
+            " ON CONFLICT (id) DO NOTHING RETURNING id",
             (name, workspace, sources),
         )
     ]
@@ -294,16 +303,16 @@ def _purge(
 
 
 _OLD_EVENTS = """
-SELECT e.id, e.received_ms < %(before)s, q.id IS NULL FROM events e
-LEFT JOIN queue q ON q.id = e.id
+SELECT e.id, e.received_ms < %(before)s, q.id IS NULL AND d.id IS NULL FROM events e
+LEFT JOIN queue q ON q.id = e.id LEFT JOIN dead_letters d ON d.event = e.id
 WHERE e.workspace = %(ws)s AND e.id > %(after)s ORDER BY e.id LIMIT %(chunk)s
 """
 
 
 def _purge_events(conn: psycopg.Connection[Any], workspace: int, before_ms: int) -> int:
-    """The applied events received before `before_ms` (one still queued, or queued again for a
-    rebuild, stays), walked in log order: ids are given out as events arrive, so the walk
-    stops at the first chunk holding none old enough."""
+    """The applied events received before `before_ms` (one still queued, queued again for a
+    rebuild, or set aside as a dead letter, stays), walked in log order: ids are given out as
+    events arrive, so the walk stops at the first chunk holding none old enough."""
     total, after = 0, 0
     args = {"ws": workspace, "before": before_ms, "chunk": privacy._CHUNK}
     while True:
