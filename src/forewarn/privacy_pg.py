@@ -7,7 +7,7 @@
    workspace's forget lock, taken exclusive (each append takes it shared, `store_pg`): appends
    in flight commit first, and every later one reads the new hash and refuses the person's
    events (`forgotten.REASON`). From this commit on nothing of theirs is stored.
-2. the log is searched, with no lock held, for events that name the id as `anonymousId` or
+2. the log is searched, with no lock taken, for events that name the id as `anonymousId` or
    alias `previousId` while their person (user id, else anonymous id) is someone else: a byte
    search of the stored messages, each hit checked decoded. (Events whose person is the id are
    found by the `events_person` index in step 3.)
@@ -73,8 +73,13 @@ def forget(
                 " ON CONFLICT (workspace, hash) DO NOTHING",
                 (workspace, h, now_ms),
             )
-        named = _naming(conn, workspace, subject)
+        # the search reads the whole log, and the removal waits for workers' steps and queues
+        # whole partitions again: neither is cut short by the processes' statement timeout
         with conn.transaction():
+            conn.execute("SET LOCAL statement_timeout = 0")
+            named = _naming(conn, workspace, subject)
+        with conn.transaction():
+            conn.execute("SET LOCAL statement_timeout = 0")
             done = _remove(conn, workspace, subject, named, h)
             audit_pg.record(conn, workspace, actor, "subject.forgotten", h, now_ms, done.to_dict())
     return done
