@@ -114,11 +114,19 @@ def _forget(args: argparse.Namespace) -> int:
 
     url = env("DATABASE_URL")
     if url:  # the scale-out mode: the workers rebuild the partitions it held
+        import psycopg
+
         from forewarn import privacy_pg
+        from forewarn.store_sqlite import StoreError
 
         pool, ws = _scale_out(url, args.workspace)
         try:
             done = privacy_pg.forget(pool, ws, args.user, "cli", clock.now_ms())
+        except psycopg.Error as exc:
+            raise StoreError(
+                f"PostgreSQL failed during the forget ({exc}): the person may be refused "
+                "already with their data still there; run the same forewarn forget again"
+            ) from None
         finally:
             pool.close()
         where = "events"
@@ -176,12 +184,20 @@ def _purge(args: argparse.Namespace) -> int:
         raise InputError("no retention: give --retention 400d or set FOREWARN_RETENTION")
     url = env("DATABASE_URL")
     if url:
+        import psycopg
+
         from forewarn import privacy_pg
+        from forewarn.store_sqlite import StoreError
 
         pool, ws = _scale_out(url, args.workspace)
         try:
             now = clock.now_ms()
             found = privacy_pg.purge(pool, ws, now - keep_ms, "cli", now)
+        except psycopg.Error as exc:
+            raise StoreError(
+                f"PostgreSQL failed during the purge ({exc}): what it deleted before stays "
+                "deleted; run it again"
+            ) from None
         finally:
             pool.close()
         if found is None:
