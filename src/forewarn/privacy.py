@@ -43,7 +43,7 @@ _encode = msgspec.json.Encoder().encode
 _pack = msgspec.msgpack.Encoder().encode
 _rows = msgspec.msgpack.Decoder(list[tuple[Any, ...]]).decode
 _HASH = struct.Struct("<q")
-_CHUNK = 2_000  # rows per delete of a purge: short write transactions, ingest goes on between
+CHUNK = 2_000  # rows per delete of a purge: short write transactions, ingest goes on between
 # the tables `forget` deletes rows from, as its answer counts them
 TABLES = (
     "outcomes",
@@ -156,7 +156,7 @@ def _rewrite(conn: sqlite3.Connection, batch: int, subject: str, addresses: set[
     if not theirs:
         return 0  # the id is only mentioned, in someone else's event
     for i in theirs:
-        addresses.update(_emails(messages[i]))
+        addresses.update(emails_of(messages[i]))
     keep = [i for i in range(len(messages)) if i not in theirs]
     ids = [h for (h,) in _HASH.iter_unpack(row[2])]
     events = row[1]
@@ -178,7 +178,7 @@ def _rewrite(conn: sqlite3.Connection, batch: int, subject: str, addresses: set[
     return len(theirs)
 
 
-def _emails(message: dict[str, Any]) -> list[str]:
+def emails_of(message: dict[str, Any]) -> list[str]:
     found = []
     for holder in (message.get("traits"), (message.get("context") or {}).get("traits")):
         if isinstance(holder, dict) and isinstance(holder.get("email"), str):
@@ -350,11 +350,11 @@ def _read_up_to(conn: sqlite3.Connection, workspace: int) -> int:
 
 
 def _in_chunks(conn: sqlite3.Connection, select: str, args: tuple[Any, ...], delete: str) -> int:
-    """Delete the rows `select` finds, `_CHUNK` at a time, each chunk its own transaction."""
+    """Delete the rows `select` finds, `CHUNK` at a time, each chunk its own transaction."""
     total = 0
     while True:
         with store_sqlite.transaction(conn):
-            ids = [row[0] for row in conn.execute(f"{select} LIMIT {_CHUNK}", args)]
+            ids = [row[0] for row in conn.execute(f"{select} LIMIT {CHUNK}", args)]
             if not ids:
                 return total
             conn.execute(delete.format(",".join("?" * len(ids))), ids)

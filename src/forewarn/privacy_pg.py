@@ -133,7 +133,7 @@ def _remove(
         if queued is not None:
             parts.add(str(queued))
         with contextlib.suppress(msgspec.DecodeError):
-            addresses.update(privacy._emails(_messages(bytes(message))))
+            addresses.update(privacy.emails_of(_messages(bytes(message))))
     names = sorted(parts)  # the order every worker takes partition locks in
     conn.execute(_LOCK_ALL, ([store_pg.lock_key(workspace, n) for n in names],))
     done = privacy.Forgot(h)
@@ -239,7 +239,7 @@ def _rebuild(conn: psycopg.Connection[Any], workspace: int, name: str, subject: 
 def purge(
     pool: store_pg.Pool, workspace: int, before_ms: int, actor: str, now_ms: int
 ) -> dict[str, int] | None:
-    """Delete the workspace's data from before `before_ms`, `privacy._CHUNK` rows per
+    """Delete the workspace's data from before `before_ms`, `privacy.CHUNK` rows per
     transaction; returns the rows deleted per table (recorded in the audit log), or None when
     another process is purging (it holds the purge lock)."""
     with pool.connection() as conn:
@@ -294,7 +294,7 @@ def _purge(
         total = 0
         while True:
             with conn.transaction():
-                ids = [r[0] for r in conn.execute(f"{select} LIMIT {privacy._CHUNK}", args)]
+                ids = [r[0] for r in conn.execute(f"{select} LIMIT {privacy.CHUNK}", args)]
                 if ids:
                     conn.execute(delete, (ids,))
             if not ids:
@@ -319,7 +319,7 @@ def _purge_events(conn: psycopg.Connection[Any], workspace: int, before_ms: int)
     rebuild, or set aside as a dead letter, stays), walked in log order: ids are given out as
     events arrive, so the walk stops at the first chunk holding none old enough."""
     total, after = 0, 0
-    args = {"ws": workspace, "before": before_ms, "chunk": privacy._CHUNK}
+    args = {"ws": workspace, "before": before_ms, "chunk": privacy.CHUNK}
     while True:
         with conn.transaction():
             rows = conn.execute(_OLD_EVENTS, {**args, "after": after}).fetchall()
