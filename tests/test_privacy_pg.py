@@ -502,3 +502,61 @@ def test_forget_removes_their_dead_letters_and_keeps_the_others(pool: store_pg.P
     assert _count(pool, "dead_letters", "part = 'account:acme'") == 0
     # beta's set-aside event is not queued again by anything here
     assert _count(pool, "queue", "true") == 0
+
+
+def test_a_forget_amid_ingest_and_running_workers_leaves_nothing_of_the_person(
+    pool: store_pg.Pool,
+) -> None:
+    """Requests of the person and of others keep coming and two workers keep stepping while
+    the person is forgotten: afterwards no row, state or firing of theirs is left."""
+    ws = store_pg.ensure_workspace(pool, "default", T0_MS)
+    stop, forgot = threading.Event(), threading.Event()
+    refused: list[int] = []
+
+    def send() -> None:
+        n = 0
+        while not stop.is_set():
+            n += 1
+            who = [VICTIM, "u2", "u3"][n % 3]
+            account = ["acme", "beta"][n % 2]
+            done = _ingest(
+                pool,
+                ws,
+                [
+                    identify(at(minutes=n), who, plan="free"),
+                    track("Limit Hit", at(minutes=n), who, account),
+                ],
+            )
+            if forgot.is_set() and who == VICTIM:
+                refused.append(len(done.forgotten))
+
+    workers = [
+        threading.Thread(target=scaleout.run_worker, args=(Worker(pool, ws, FREE), stop))
+        for _ in range(2)
+    ]
+    sender = threading.Thread(target=send)
+    for thread in (sender, *workers):
+        thread.start()
+    try:
+        for _ in range(100):  # until the workers have fired for them
+            if _count(pool, "firings", "subject = %s", VICTIM):
+                break
+            stop.wait(0.05)
+        stop.wait(0.5)
+        assert _count(pool, "firings", "subject = %s", VICTIM)
+        privacy_pg.forget(pool, ws, VICTIM, "cli", ms(days=1))
+        forgot.set()
+        stop.wait(1.5)
+    finally:
+        stop.set()
+        for thread in (sender, *workers):
+            thread.join(30)
+    assert refused and set(refused) == {2}  # every later request of theirs refused whole
+    Worker(pool, ws, FREE).run_until_idle(ms(days=1))
+    assert _named(pool, VICTIM) == 0
+    assert _count(pool, "firings", "subject = %s", VICTIM) == 0
+    assert _count(pool, "outbox", "subject = %s", VICTIM) == 0
+    states = _states(pool, ws)
+    assert all(VICTIM not in s.users for s in states.values())
+    assert any("u2" in s.users for s in states.values())
+    assert _count(pool, "firings", "subject = 'u2'") >= 1
