@@ -321,6 +321,33 @@ def run_worker(
             stop.wait(idle_s)
 
 
+PURGE_EVERY_S = 3600.0  # with a retention: at start, then every hour
+
+
+def run_purges(
+    pool: store_pg.Pool,
+    workspace: int,
+    keep_ms: int,
+    stop: threading.Event,
+    now_ms: Callable[[], int] = clock.now_ms,
+    every_s: float = PURGE_EVERY_S,
+) -> None:
+    """Purge what is older than the retention until `stop` is set: at once, then every
+    `every_s`. Each worker process runs this; the purge lock lets one at a time work, and the
+    others skip that round."""
+    from forewarn import privacy_pg
+
+    while not stop.is_set():
+        now = now_ms()
+        try:
+            counts = privacy_pg.purge(pool, workspace, now - keep_ms, "retention", now)
+            if counts is not None:
+                log.info("retention purge of workspace %d: %s", workspace, counts)
+        except Exception as exc:  # the purge must never stop the worker
+            log.warning("the retention purge failed, it will try again: %s", exc)
+        stop.wait(every_s)
+
+
 def composer_for(
     pool: store_pg.Pool, playbooks: str, triggers: list[Trigger]
 ) -> tuple[compose.Composer, tuple[tuple[str, ...], tuple[str, ...]]]:
@@ -408,6 +435,14 @@ def serve(
                     "claims nothing until it runs the current playbooks",
                     flush=True,
                 )
+            retention = settings.retention_ms()
+            if retention:
+                threading.Thread(
+                    target=run_purges,
+                    args=(pool, ws, retention, stop),
+                    name="forewarn-purge",
+                    daemon=True,
+                ).start()
             if role == "worker":
                 print(f"Forewarn worker with {len(triggers)} triggers on PostgreSQL", flush=True)
                 signal.signal(signal.SIGTERM, lambda *_: stop.set())
