@@ -23,8 +23,11 @@ with the targets (events/s at 1e5 subjects, bytes of state per subject).
     .venv/bin/python bench/engine.py --quick        # smoke run: a few seconds
     .venv/bin/python bench/engine.py --profile      # adds cProfile's hottest functions per N
     .venv/bin/python bench/engine.py --data-dir /tmp/streams   # keep and reuse the streams
+    .venv/bin/python bench/engine.py --quick --write-stream s.jsonl   # the 1e3 stream, no timing
 
-To measure another checkout's engine, put its src first: `PYTHONPATH=../other/src`.
+To measure another checkout's engine, put its src first: `PYTHONPATH=../other/src`. To measure
+the compiled build, run it with that build's Python: `.venv-compiled/bin/python bench/engine.py`
+(after `make compiled`); "forewarn.compiled" in the JSON says which was measured.
 """
 
 from __future__ import annotations
@@ -388,11 +391,13 @@ _ATOMS = (str, bytes, int, float, complex)
 
 
 def _slots(cls: type) -> tuple[str, ...]:
+    """Attributes kept outside a `__dict__`: slots, and those of a class compiled by mypyc."""
     names: list[str] = []
     for klass in cls.__mro__:
         slots = klass.__dict__.get("__slots__", ())
         names.extend([slots] if isinstance(slots, str) else slots)
-    return tuple(names)
+        names.extend(klass.__dict__.get("__mypyc_attrs__", ()))
+    return tuple(dict.fromkeys(names))
 
 
 def walk_size(
@@ -524,39 +529,25 @@ def _drive(
 
 def _replay(job: Job) -> dict[str, Any]:
     """`forewarn replay` minus printing; the events stay frozen out of the collector's sight for
-    the passes that follow, as in replay. Timers that come due are counted by wrapping
-    `engine.on_timer_into`, what the runner calls (a few hundred thousand calls at most: well
-    under 1% of the time)."""
-    calls = [0]
-    real_on_timer = engine.on_timer_into
-
-    def counting_on_timer(
-        state: engine.State,
-        timer: engine.Timer,
-        now_ms: int,
-        firings: list[engine.Firing],
-        timers: list[engine.Timer],
-    ) -> None:
-        calls[0] += 1
-        real_on_timer(state, timer, now_ms, firings, timers)
-
-    engine.on_timer_into = counting_on_timer
-    try:
-        t0 = time.perf_counter()
-        batch = read_events(job.path)
-        gc.freeze()  # as replay does: the events live to the end, the collector skips them
-        t1 = time.perf_counter()
-        runner = _new_runner()
-        fired, peak, finish_s = _drive(runner, batch.events, job.until_ms)
-        t2 = time.perf_counter()
-    finally:
-        engine.on_timer_into = real_on_timer
+    the passes that follow, as in replay."""
+    t0, cpu0 = time.perf_counter(), time.process_time()
+    batch = read_events(job.path)
+    gc.freeze()  # as replay does: the events live to the end, the collector skips them
+    t1, cpu1 = time.perf_counter(), time.process_time()
+    runner = _new_runner()
+    fired, peak, finish_s = _drive(runner, batch.events, job.until_ms)
+    t2, cpu2 = time.perf_counter(), time.process_time()
     n = len(batch.events)
     return {
         "events": n,
         "rejected": len(batch.rejected),
         "seconds": round(t2 - t0, 3),
         "events_per_s": _rate(n, t2 - t0),
+        # CPU time of this process, which a shared machine's other work does not inflate
+        "cpu_s": round(cpu2 - cpu0, 3),
+        "cpu_events_per_s": _rate(n, cpu2 - cpu0),
+        "read_decode_sort_cpu_us_per_event": round((cpu1 - cpu0) / n * 1e6, 3) if n else 0,
+        "runner_cpu_us_per_event": round((cpu2 - cpu1) / n * 1e6, 3) if n else 0,
         "read_decode_sort_s": round(t1 - t0, 3),
         "read_decode_sort_us_per_event": round((t1 - t0) / n * 1e6, 3) if n else 0,
         "runner_s": round(t2 - t1, 3),
@@ -564,7 +555,7 @@ def _replay(job: Job) -> dict[str, Any]:
         "finish_s": round(finish_s, 3),
         "firings": sum(fired.values()),
         "firings_by_trigger": dict(sorted(fired.items())),
-        "timers_run": calls[0],
+        "timers_run": runner.timers_run,
         "timers_pending_after_events": peak,
         "timers_pending_after_finish": runner.pending_timers,
         "late_events": runner.late,
@@ -710,7 +701,7 @@ def measure(job: Job) -> dict[str, Any]:
     for _ in range(job.repeat):
         replays.append(_replay(job))
         gc.collect()
-    replay = min(replays, key=lambda r: float(r["seconds"]))
+    replay = min(replays, key=lambda r: float(r["cpu_s"]))
     events: list[model.Event] = replay.pop("_events")
     for r in replays:
         r.pop("_events", None)
@@ -831,6 +822,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--no-tracemalloc", action="store_true", help="skip the tracemalloc pass")
     parser.add_argument("--profile", action="store_true", help="add cProfile's hottest functions")
     parser.add_argument("--out", help="also write the JSON to this file")
+    parser.add_argument(
+        "--write-stream",
+        metavar="PATH",
+        help="only write the first stream to PATH (JSONL) and print its figures: a replay to "
+        "compare two builds by",
+    )
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     return parser
 
@@ -838,7 +835,13 @@ def build_parser() -> argparse.ArgumentParser:
 def _source() -> dict[str, Any]:
     """Which forewarn was measured: its folder, and its git commit when it is a checkout."""
     folder = Path(forewarn.__file__).resolve().parent
-    out: dict[str, Any] = {"path": str(folder), "commit": None, "dirty": None}
+    out: dict[str, Any] = {
+        "path": str(folder),
+        # the mypyc build (`make compiled`) or pure Python
+        "compiled": not str(engine.__file__).endswith(".py"),
+        "commit": None,
+        "dirty": None,
+    }
     try:
         git = ["git", "-C", str(folder)]
         head = subprocess.run([*git, "rev-parse", "HEAD"], capture_output=True, text=True)
@@ -884,6 +887,11 @@ def main(argv: list[str] | None = None) -> int:
     if len(events) != len(subjects):
         print("--events needs one value or one per --subjects entry", file=sys.stderr)
         return 2
+    if args.write_stream:
+        spec = StreamSpec(subjects=subjects[0], events=events[0], days=args.days, seed=args.seed)
+        json.dump(asdict(generate(spec, Path(args.write_stream))), sys.stdout)
+        print()
+        return 0
     data_dir = Path(args.data_dir) if args.data_dir else None
     scratch = None if data_dir else tempfile.TemporaryDirectory(prefix="forewarn-bench-")
     folder = data_dir or Path(scratch.name if scratch else ".")

@@ -20,6 +20,7 @@ import httpx
 import pytest
 
 from forewarn import clock, openapi, outreach_pg, scaleout, store_pg
+from forewarn.forgotten import REASON
 from forewarn.sources import load_playbooks
 from forewarn.worker import Worker
 from tests import pg
@@ -233,6 +234,40 @@ def test_the_audit_log_lists_the_keys_added(scale_out: ScaleOut) -> None:
     assert refused.status_code == 400 and "give one of" in refused.text
 
 
+def test_forgetting_a_person_over_http_removes_them_and_refuses_their_events(
+    scale_out: ScaleOut,
+) -> None:
+    scale_out.send(customer())
+    scale_out.send(customer("u2"))
+    before = scale_out.get("/api/v1/firings").json()["firings"]
+    assert {f["subject"] for f in before} == {"u1", "u2", "acme"}
+    delete = {"Authorization": f"Bearer {ADMIN_KEY}"}
+    refused = scale_out.client.delete(
+        "/api/v1/subjects/u1", headers={"Authorization": f"Bearer {WRITE_KEY}"}
+    )
+    assert refused.status_code == 403 and refused.json()["error"]["code"] == "forbidden"
+    answer = scale_out.client.delete("/api/v1/subjects/u1", headers=delete)
+    assert answer.status_code == 200, answer.text
+    done = answer.json()
+    assert done["forgotten"] is True and done["events"] == 6 and done["firings"] == 1
+    assert scale_out.get("/api/v1/subjects/u1").status_code == 404
+    scale_out.worker.run_until_idle(clock.now_ms())  # acme rebuilt with u2 alone
+    assert scale_out.get("/api/v1/subjects/u1").status_code == 404
+    account = scale_out.get("/api/v1/subjects/acme").json()
+    assert [f["trigger"] for f in account["firings"]] == ["storage-85"]
+    # the others' firings stay, and rebuilding acme fired nothing again
+    assert scale_out.get("/api/v1/firings").json()["firings"] == [
+        f for f in before if f["subject"] != "u1"
+    ]
+    again = scale_out.client.post("/v1/batch", json=customer(), auth=(WRITE_KEY, ""))
+    assert again.status_code == 200
+    body = again.json()
+    assert body["accepted"] == 0 and len(body["rejected"]) == 6
+    assert {r["reason"] for r in body["rejected"]} == {REASON}
+    actions = [r["action"] for r in scale_out.get("/api/v1/audit").json()["audit"]]
+    assert actions[:2] == ["subject.forgotten", "subject.forget_requested"]
+
+
 def test_only_what_is_served_is_described_and_the_rest_says_embedded_only(
     scale_out: ScaleOut,
 ) -> None:
@@ -243,6 +278,7 @@ def test_only_what_is_served_is_described_and_the_rest_says_embedded_only(
         ("/api/v1/firings", "get"),
         ("/api/v1/subjects/{subject}", "get"),
         ("/api/v1/subjects/{subject}/why", "get"),
+        ("/api/v1/subjects/{subject}", "delete"),
         ("/api/v1/audit", "get"),
         ("/v1/batch", "post"),
         ("/healthz", "get"),
@@ -321,10 +357,13 @@ def test_no_key_reads_another_workspace_and_write_keys_open_nothing(
                     if marker != subject:
                         assert marker not in answer.text, (method, path, answer.text)
                 explained = ("/api/v1/subjects/{subject}", "/api/v1/subjects/{subject}/why")
-                if path in explained and answer.status_code == 200:
+                if method == "delete":  # forgets them in its own workspace: no one there
+                    assert answer.json()["events"] == 0, answer.text
+                elif path in explained and answer.status_code == 200:
                     assert answer.json().get("known") is False, answer.text
                 tried += 1
     assert tried >= 10
+    assert scale_out.get(f"/api/v1/subjects/{b_subject}", b_admin).status_code == 200
 
 
 # when a firing happened: the embedded engine applies an event at the moment it takes it in,

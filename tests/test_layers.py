@@ -10,6 +10,7 @@ from pathlib import Path
 PACKAGE = Path(__file__).resolve().parent.parent / "src" / "forewarn"
 CORE = {
     "model",
+    "records",
     "expr",
     "playbook",
     "signals",

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+from datetime import UTC, datetime, timedelta, timezone
 from pathlib import Path
 
 import pytest
@@ -128,6 +129,16 @@ def test_no_bytes_crash_the_decoder(data):
 @given(st.integers(min_value=0, max_value=4_102_444_800_000))
 def test_time_round_trips(ms):
     assert parse_time_ms(format_time(ms)) == ms
+
+
+@given(
+    st.datetimes(min_value=datetime(1970, 1, 2), max_value=datetime(9999, 12, 30)),
+    st.integers(min_value=-1439, max_value=1439),
+)
+def test_times_with_microseconds_and_offsets_truncate_to_the_millisecond(when, offset_min):
+    aware = when.replace(tzinfo=timezone(timedelta(minutes=offset_min)))
+    epoch = datetime(1970, 1, 1, tzinfo=UTC)
+    assert parse_time_ms(aware.isoformat()) == (aware - epoch) // timedelta(milliseconds=1)
 
 
 def test_naive_times_are_utc():

@@ -265,16 +265,17 @@ def test_a_numeric_user_id_is_found_and_forgotten(tmp_path: Path) -> None:
     conn.close()
 
 
-def test_forget_refuses_the_scale_out_store_and_an_unknown_workspace(
+def test_forget_refuses_an_unknown_workspace_and_a_database_it_cannot_reach(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
     db = tmp_path / "forewarn.db"
     _log(db).close()
     assert cli.main(["forget", VICTIM, "--db", str(db), "--workspace", "nope"]) == 2
     assert "no workspace 'nope'" in capsys.readouterr().err
-    monkeypatch.setenv("FOREWARN_DATABASE_URL", "postgresql://nobody@127.0.0.1/none")
+    # the scale-out store is used when it is set (tests/test_privacy_pg.py)
+    monkeypatch.setenv("FOREWARN_DATABASE_URL", "postgresql://nobody@127.0.0.1:1/none")
     assert cli.main(["forget", VICTIM, "--db", str(db), "--workspace", "default"]) == 2
-    assert "embedded SQLite store only" in capsys.readouterr().err
+    assert "cannot connect to PostgreSQL" in capsys.readouterr().err
 
 
 def test_the_retention_purge_removes_old_rows_and_keeps_new_ones(tmp_path: Path) -> None:

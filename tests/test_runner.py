@@ -8,8 +8,11 @@ import heapq
 from hypothesis import given
 from hypothesis import strategies as st
 
+from forewarn import engine
 from forewarn.engine import Timer
-from forewarn.runner import TimerWheel
+from forewarn.model import order_key
+from forewarn.runner import Runner, TimerWheel
+from tests.factories import DAY, at, events, track, trigger
 
 timers = st.lists(
     st.builds(
@@ -48,3 +51,15 @@ def test_wheel_pops_in_exact_order(first, later, polls):
     expected.extend(heapq.heappop(reference) for _ in range(len(reference)))
     assert popped == expected
     assert len(wheel) == 0
+
+
+def test_the_runner_counts_the_timers_it_ran():
+    """The first login files an absence timer; the second moves the deadline a day later without
+    a new timer, so the first comes due early and files one for the new deadline: two timers run,
+    one firing."""
+    runner = Runner(engine.State(engine.Playbook(trigger("{absent: {name: Login, for: 2d}}"))), 0)
+    evs = sorted(events([track("Login", at(days=0)), track("Login", at(days=1))]), key=order_key)
+    fired: list[engine.Firing] = []
+    runner.replay(evs, evs[-1].timestamp_ms + 5 * DAY, fired.append)
+    assert [f.trigger for f in fired] == ["t"]
+    assert runner.timers_run == 2

@@ -588,10 +588,9 @@ def app_why(app: Forewarn, workspace: int, subject_id: str, trigger: str) -> dic
     return app.engines.why(workspace, subject_id, trigger, clock.now_ms())
 
 
-def _metrics(app: Forewarn) -> str:
-    c = app.counters
-    stats = app.engines.stats_view()
-    lag = sum(stats.lag.values())
+def ingest_metrics(c: Counters, more: list[str]) -> str:
+    """/metrics in the Prometheus text format: the ingest counters, `more`, then the requests
+    by source."""
     lines = [
         "# HELP forewarn_events_accepted_total Events committed to the log.",
         "# TYPE forewarn_events_accepted_total counter",
@@ -605,6 +604,17 @@ def _metrics(app: Forewarn) -> str:
         "# HELP forewarn_events_flagged_total Events stamped over 23 h after their receipt.",
         "# TYPE forewarn_events_flagged_total counter",
         f"forewarn_events_flagged_total {c.flagged}",
+        *more,
+    ]
+    for source, n in sorted(c.requests.items()):
+        lines.append(f'forewarn_requests_total{{source="{source}"}} {n}')
+    return "\n".join(lines) + "\n"
+
+
+def _metrics(app: Forewarn) -> str:
+    stats = app.engines.stats_view()
+    lag = sum(stats.lag.values())
+    engine = [
         "# HELP forewarn_engine_events_total Events the engine applied since it started.",
         "# TYPE forewarn_engine_events_total counter",
         f"forewarn_engine_events_total {stats.events}",
@@ -621,9 +631,7 @@ def _metrics(app: Forewarn) -> str:
         "# TYPE forewarn_engine_lag_batches gauge",
         f"forewarn_engine_lag_batches {lag}",
     ]
-    for source, n in sorted(c.requests.items()):
-        lines.append(f'forewarn_requests_total{{source="{source}"}} {n}')
-    return "\n".join(lines) + "\n"
+    return ingest_metrics(app.counters, engine)
 
 
 # --- errors and the app -------------------------------------------------------------------

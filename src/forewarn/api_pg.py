@@ -4,12 +4,13 @@ refusal for the rest.
 
 - Served as in the embedded mode: `GET /api/v1/triggers` (this process's playbooks),
   `/api/v1/subjects/{id}` and `/api/v1/subjects/{id}/why` (from the partitions' stored
-  states, `admin_pg`), `/api/v1/audit` (`audit_pg`), beside the ingest routes,
-  `/api/v1/firings` and `/healthz` that `scaleout` serves.
+  states, `admin_pg`), `DELETE /api/v1/subjects/{id}` (forgetting the person, `privacy_pg`),
+  `/api/v1/audit` (`audit_pg`), beside the ingest routes, `/api/v1/firings` and `/healthz`
+  that `scaleout` serves.
 - `POST /api/v1/playbooks/reload` is refused, saying what to do instead: the workers load the
   playbooks when they start, so a reload is a restart of the workers, then the API processes.
 - Every other route of the embedded server answers `501` with the code `embedded_only` (`405`,
-  with `Allow`, for another method of a path served here, such as `DELETE /api/v1/subjects/{id}`).
+  with `Allow`, for another method of a path served here).
 
 `/openapi.json` describes exactly the operations served.
 """
@@ -25,7 +26,17 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
-from forewarn import admin_pg, api, api_privacy, audit_pg, clock, live, openapi, store_pg
+from forewarn import (
+    admin_pg,
+    api,
+    api_privacy,
+    audit_pg,
+    clock,
+    live,
+    openapi,
+    privacy_pg,
+    store_pg,
+)
 from forewarn.errors import ForewarnError, InputError
 
 
@@ -88,12 +99,26 @@ def routes(app: api.Forewarn, pool: store_pg.Pool, reader: admin_pg.Reader) -> l
 
         return api_privacy.audit_answer(await asyncio.to_thread(read))
 
+    async def forget(request: Request) -> Response:
+        key = app.admin_key(request)
+        subject_id = request.path_params["subject"]
+
+        def job() -> dict[str, Any]:
+            done = privacy_pg.forget(pool, key.workspace, subject_id, key.prefix, clock.now_ms())
+            return done.to_dict()
+
+        return api._json({"forgotten": True, **await asyncio.to_thread(job)})
+
+    async def one_subject(request: Request) -> Response:
+        # one route for both methods: a 405 on it lists both in `Allow`
+        return await (forget if request.method == "DELETE" else subject)(request)
+
     async def reload(request: Request) -> Response:
         app.admin_key(request)
         raise EmbeddedOnlyError(RELOAD)
 
     return [
-        Route("/api/v1/subjects/{subject}", subject, methods=["GET"]),
+        Route("/api/v1/subjects/{subject}", one_subject, methods=["GET", "DELETE"]),
         Route("/api/v1/subjects/{subject}/why", why, methods=["GET"]),
         Route("/api/v1/audit", audit_log, methods=["GET"]),
         Route("/api/v1/playbooks/reload", reload, methods=["POST"]),

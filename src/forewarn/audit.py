@@ -11,7 +11,6 @@ logged without the reason typed for it (which may name them).
 
 from __future__ import annotations
 
-import sqlite3
 from typing import Any
 
 import msgspec
@@ -40,37 +39,53 @@ def subject_target(workspace: int, scope: str, subject: str) -> str:
     return subject if scope == "account" else subject_hash(workspace, subject)
 
 
+# each statement for both stores: `?` marks a parameter in SQLite, `%s` in PostgreSQL
+_INSERT = (
+    "INSERT INTO audit (workspace, at_ms, actor, action, target, detail)"
+    " VALUES ({p}, {p}, {p}, {p}, {p}, {p})"
+)
+_READ = (
+    "SELECT id, at_ms, actor, action, target, detail FROM audit WHERE workspace = {p}"
+    " AND (CAST({p} AS BIGINT) IS NULL OR id < {p}) AND (CAST({p} AS TEXT) IS NULL"
+    " OR action = {p}) ORDER BY id DESC LIMIT {p}"
+)
+SQL = {
+    dialect: {"insert": _INSERT.format(p=mark), "read": _READ.format(p=mark)}
+    for dialect, mark in (("sqlite", "?"), ("postgresql", "%s"))
+}
+
+
 def record(
-    conn: sqlite3.Connection,
+    conn: Any,
     workspace: int,
     actor: str,
     action: str,
     target: str,
     now_ms: int,
     detail: dict[str, Any] | None = None,
+    dialect: str = "sqlite",
 ) -> None:
-    """Append one row; the caller holds the action's transaction (or this is its own)."""
+    """Append one row; the caller holds the action's transaction (or this is its own). `conn`
+    is an SQLite connection, or a PostgreSQL one with `dialect="postgresql"`."""
     if action not in ACTIONS:
         raise ValueError(f"unknown audit action {action!r}")
     conn.execute(
-        "INSERT INTO audit (workspace, at_ms, actor, action, target, detail)"
-        " VALUES (?, ?, ?, ?, ?, ?)",
+        SQL[dialect]["insert"],
         (workspace, now_ms, actor, action, target, msgspec.json.encode(detail or {}).decode()),
     )
 
 
 def read(
-    conn: sqlite3.Connection,
+    conn: Any,
     workspace: int,
     limit: int = 100,
     before: int | None = None,
     action: str | None = None,
+    dialect: str = "sqlite",
 ) -> list[dict[str, Any]]:
     """The workspace's latest rows, newest first; `before` an id, to read further back."""
     rows = conn.execute(
-        "SELECT id, at_ms, actor, action, target, detail FROM audit WHERE workspace = ?"
-        " AND (? IS NULL OR id < ?) AND (? IS NULL OR action = ?) ORDER BY id DESC LIMIT ?",
-        (workspace, before, before, action, action, limit),
+        SQL[dialect]["read"], (workspace, before, before, action, action, limit)
     ).fetchall()
     return [
         {

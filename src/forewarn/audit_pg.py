@@ -6,10 +6,9 @@ from __future__ import annotations
 
 from typing import Any
 
-import msgspec
 import psycopg
 
-from forewarn.audit import ACTIONS
+from forewarn import audit
 
 
 def record(
@@ -22,13 +21,7 @@ def record(
     detail: dict[str, Any] | None = None,
 ) -> None:
     """Append one row; the caller holds the action's transaction (or this is its own)."""
-    if action not in ACTIONS:
-        raise ValueError(f"unknown audit action {action!r}")
-    conn.execute(
-        "INSERT INTO audit (workspace, at_ms, actor, action, target, detail)"
-        " VALUES (%s, %s, %s, %s, %s, %s)",
-        (workspace, now_ms, actor, action, target, msgspec.json.encode(detail or {}).decode()),
-    )
+    audit.record(conn, workspace, actor, action, target, now_ms, detail, "postgresql")
 
 
 def read(
@@ -39,20 +32,4 @@ def read(
     action: str | None = None,
 ) -> list[dict[str, Any]]:
     """The workspace's latest rows, newest first; `before` an id, to read further back."""
-    rows = conn.execute(
-        "SELECT id, at_ms, actor, action, target, detail FROM audit WHERE workspace = %s"
-        " AND (%s::bigint IS NULL OR id < %s) AND (%s::text IS NULL OR action = %s)"
-        " ORDER BY id DESC LIMIT %s",
-        (workspace, before, before, action, action, limit),
-    ).fetchall()
-    return [
-        {
-            "id": int(i),
-            "at_ms": int(at),
-            "actor": str(actor),
-            "action": str(act),
-            "target": str(target),
-            "detail": msgspec.json.decode(detail),
-        }
-        for i, at, actor, act, target, detail in rows
-    ]
+    return audit.read(conn, workspace, limit, before, action, "postgresql")

@@ -4,12 +4,16 @@ from __future__ import annotations
 
 import argparse
 import sys
+from typing import TYPE_CHECKING
 
 import msgspec
 
 from forewarn import settings
 from forewarn.cli_args import Commands, add_store, embedded, env
 from forewarn.errors import InputError
+
+if TYPE_CHECKING:
+    from forewarn.store_pg import Pool
 
 
 def add_keys(commands: Commands) -> None:
@@ -102,9 +106,10 @@ def add_forget(commands: Commands) -> None:
         "forget",
         help="remove everything kept about a person and refuse their events from now on",
         description="Remove a person's events, engine state, firings, messages, inbox and "
-        "conversations, consent, push subscriptions and outcomes from the SQLite file, and "
-        "refuse their future events (only a hash of the id is kept for that). Works while the "
-        "server runs. Prints what was removed, as JSON.",
+        "conversations, consent, push subscriptions and outcomes from the SQLite file (from "
+        "PostgreSQL when FOREWARN_DATABASE_URL is set), and refuse their future events (only a "
+        "hash of the id is kept for that). Works while the server runs. Prints what was "
+        "removed, as JSON.",
     )
     forget.add_argument("user", metavar="USER", help="the user id or anonymous id")
     add_store(forget)
@@ -114,18 +119,51 @@ def add_forget(commands: Commands) -> None:
 def _forget(args: argparse.Namespace) -> int:
     from forewarn import clock, privacy
 
-    conn, ws = embedded(args, "forget")
-    try:
-        done = privacy.forget(conn, ws, args.user, "cli", clock.now_ms())
-    finally:
-        conn.close()
+    url = env("DATABASE_URL")
+    if url:  # the scale-out mode: the workers rebuild the partitions it held
+        import psycopg
+
+        from forewarn import privacy_pg
+        from forewarn.store_sqlite import StoreError
+
+        pool, ws = _scale_out(url, args.workspace)
+        try:
+            done = privacy_pg.forget(pool, ws, args.user, "cli", clock.now_ms())
+        except psycopg.Error as exc:
+            raise StoreError(
+                f"PostgreSQL failed during the forget ({exc}): the person may be refused "
+                "already with their data still there; run the same forewarn forget again"
+            ) from None
+        finally:
+            pool.close()
+        where = "events"
+    else:
+        conn, ws = embedded(args, "forget")
+        try:
+            done = privacy.forget(conn, ws, args.user, "cli", clock.now_ms())
+        finally:
+            conn.close()
+        where = f"events in {done.batches} batches"
     print(msgspec.json.encode({"forgotten": True, **done.to_dict()}).decode())
     print(
-        f"forgot {done.events} events in {done.batches} batches and everything else kept "
-        f"about that person in workspace '{args.workspace}'; their events are refused from now on",
+        f"forgot {done.events} {where} and everything else kept about that person in "
+        f"workspace '{args.workspace}'; their events are refused from now on",
         file=sys.stderr,
     )
     return 0
+
+
+def _scale_out(url: str, workspace: str) -> tuple[Pool, int]:
+    """The PostgreSQL pool (one connection) and the workspace's id."""
+    from forewarn import store_pg
+
+    pool = store_pg.connect(url, max_size=1)
+    with pool.connection() as conn:
+        ws = store_pg.workspace_id(conn, workspace)
+    if ws is None:
+        pool.close()
+        raise InputError(f"no workspace '{workspace}' in PostgreSQL: check --workspace")
+    return pool, ws
 
 
 def add_purge(commands: Commands) -> None:
@@ -151,11 +189,33 @@ def _purge(args: argparse.Namespace) -> int:
     keep_ms = settings.retention_ms(args.retention)
     if not keep_ms:
         raise InputError("no retention: give --retention 400d or set FOREWARN_RETENTION")
-    conn, ws = embedded(args, "purge")
-    try:
-        now = clock.now_ms()
-        counts = privacy.purge(conn, ws, now - keep_ms, "cli", now)
-    finally:
-        conn.close()
+    url = env("DATABASE_URL")
+    if url:
+        import psycopg
+
+        from forewarn import privacy_pg
+        from forewarn.store_sqlite import StoreError
+
+        pool, ws = _scale_out(url, args.workspace)
+        try:
+            now = clock.now_ms()
+            found = privacy_pg.purge(pool, ws, now - keep_ms, "cli", now)
+        except psycopg.Error as exc:
+            raise StoreError(
+                f"PostgreSQL failed during the purge ({exc}): what it deleted before stays "
+                "deleted; run it again"
+            ) from None
+        finally:
+            pool.close()
+        if found is None:
+            raise InputError("another process is purging this database now: try again later")
+        counts = found
+    else:
+        conn, ws = embedded(args, "purge")
+        try:
+            now = clock.now_ms()
+            counts = privacy.purge(conn, ws, now - keep_ms, "cli", now)
+        finally:
+            conn.close()
     print(msgspec.json.encode(counts).decode())
     return 0

@@ -98,16 +98,8 @@ def _serve(args: argparse.Namespace) -> int:
     conn = store_sqlite.connect(args.db)
     write_key, admin_key = env("WRITE_KEY"), env("ADMIN_KEY")
     created: list[str] = []
-    # keys are shown on a terminal only: printed into a service's log, they would be kept there
-    # in plain text
-    shown = sys.stdout.isatty()
-    if store_sqlite.workspace_id(conn, args.workspace) is None and shown:
-        if not write_key:
-            write_key = store_sqlite.new_key_token("write")
-            created.append(f"write key: {write_key}")
-        if not admin_key:
-            admin_key = store_sqlite.new_key_token("admin")
-            created.append(f"admin key: {admin_key}")
+    if store_sqlite.workspace_id(conn, args.workspace) is None and sys.stdout.isatty():
+        write_key, admin_key, created = store_sqlite.keys_to_make(write_key, admin_key)
     ws = store_sqlite.ensure_workspace(conn, args.workspace, clock.now_ms(), write_key, admin_key)
     from forewarn import widget
 

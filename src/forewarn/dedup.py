@@ -42,15 +42,14 @@ import queue
 import sqlite3
 import struct
 import threading
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import msgspec
 
 from forewarn import clock
-from forewarn.model import parse_time_ms
+from forewarn.model import Event, parse_time_ms
+from forewarn.store_sqlite import LogBatch, transaction
 
 log = logging.getLogger(__name__)
 
@@ -59,7 +58,7 @@ DAY_MS = 86_400_000
 MINUTE_MS = 60_000
 MEMORY_MS = 3 * MINUTE_MS
 JITTER_MS = MINUTE_MS
-FLUSH_EVERY_S = 5.0
+FLUSH_EVERY_S = 30.0  # two bulk writes a minute: each fills a stretch of the B-tree in order
 PRUNE_EVERY_MS = 3_600_000
 # an event this far from its receipt is indexed by hash alone: its minute may be pruned first
 NEAR_MS = DAY_MS
@@ -67,10 +66,13 @@ INDEX_VERSION = 1
 CACHE_KIB = 16_384  # page cache per connection to the index
 _HASH = struct.Struct("<q")
 _CATCH_UP_BATCHES = 2_000  # batches read from the log per transaction while catching up
-_EVENTS_FORMAT = b"\x01"  # store_sqlite.EVENTS_FORMAT: the byte before a batch's event tuples
-_TIME_FIELD = 7  # model.Event's timestamp_ms in those tuples
-_unpack_rows = msgspec.msgpack.Decoder(list[tuple[Any, ...]]).decode
-_decode_messages = msgspec.json.Decoder(list[dict[str, Any]]).decode
+_TIME_FIELD = Event.__struct_fields__.index("timestamp_ms")  # in a batch's event tuples
+
+_LOOKUP = (
+    "SELECT 1 FROM ids_only WHERE h = ?1 UNION ALL"
+    " SELECT 1 FROM ids_at WHERE minute IN (?2, ?3, ?4) AND h = ?1 LIMIT 1"
+)
+_json = msgspec.json.encode
 
 _SCHEMA = (
     "CREATE TABLE IF NOT EXISTS ids_at (minute INTEGER NOT NULL, h INTEGER NOT NULL,"
@@ -89,12 +91,6 @@ def index_path(database: str | Path) -> Path | None:
     if text == ":memory:" or text.startswith("file::memory:"):
         return None
     return Path(text + "-ids")
-
-
-def on_disk_only(received_ms: int, stamp: int) -> bool:
-    """Whether an event is indexed by hash alone: it has no time of its own (its time is its
-    receipt) or its time is over `NEAR_MS` from its receipt."""
-    return stamp == received_ms or not received_ms - NEAR_MS <= stamp < received_ms + NEAR_MS
 
 
 def needs_disk(received_ms: int, stamp: int, sent: bool) -> bool:
@@ -162,37 +158,49 @@ class Index:
         """Whether `h` is on disk, for a message whose (corrected) time is `stamp`; `sent`
         says whether it came with `sentAt`, in which case its time may be `JITTER_MS` off the
         original's."""
-        conn = self.reader()
+        if sent:  # stamp ± JITTER_MS spans at most three minutes
+            first = (stamp - JITTER_MS) // MINUTE_MS
+            minutes = (first, first + 1, first + 2)
+        else:
+            minutes = (stamp // MINUTE_MS,) * 3
         # fetchall, not fetchone: a statement left unfinished keeps its read transaction open,
         # and with it a snapshot that would miss later writes and keep the WAL from shrinking
-        if conn.execute("SELECT 1 FROM ids_only WHERE h = ?", (h,)).fetchall():
-            return True
-        if sent:
-            first, last = (stamp - JITTER_MS) // MINUTE_MS, (stamp + JITTER_MS) // MINUTE_MS
-        else:
-            first = last = stamp // MINUTE_MS
-        minutes = ",".join(str(m) for m in range(first, last + 1))
-        rows = conn.execute(
-            f"SELECT 1 FROM ids_at WHERE minute IN ({minutes}) AND h = ? LIMIT 1", (h,)
-        ).fetchall()
-        return bool(rows)
+        return bool(self.reader().execute(_LOOKUP, (h, *minutes)).fetchall())
 
     @staticmethod
     def write(conn: sqlite3.Connection, entries: list[_Flush]) -> None:
-        """Add entries in one transaction and move `upto` to the last of their batches."""
-        at: list[tuple[int, int]] = []
-        only: list[tuple[int, int]] = []
+        """Add entries in one transaction and move `upto` to the last of their batches. The
+        hashes go in one statement per minute, as a sorted JSON array that SQLite reads
+        itself: no Python work per row, the B-tree filled in order, and the lock on Python
+        released while it is."""
+        by_minute: dict[int, list[int]] = {}
+        only: list[int] = []
+        only_days: list[int] = []
         for e in entries:
-            day = e.received_ms // DAY_MS
+            received = e.received_ms
+            near, far = received - NEAR_MS, received + NEAR_MS
             for h, stamp in zip(e.hashes, e.stamps, strict=True):
-                if on_disk_only(e.received_ms, stamp):
-                    only.append((h, day))
+                if stamp == received or not near <= stamp < far:
+                    only.append(h)
+                    only_days.append(received // DAY_MS)
                 else:
-                    at.append((stamp // MINUTE_MS, h))
-        at.sort()
-        with _transaction(conn):
-            conn.executemany("INSERT OR IGNORE INTO ids_at VALUES (?, ?)", at)
-            conn.executemany("INSERT OR IGNORE INTO ids_only VALUES (?, ?)", only)
+                    minute = stamp // MINUTE_MS
+                    hashes = by_minute.get(minute)
+                    if hashes is None:
+                        by_minute[minute] = [h]
+                    else:
+                        hashes.append(h)
+        with transaction(conn):
+            for minute in sorted(by_minute):
+                hashes = by_minute[minute]
+                hashes.sort()
+                conn.execute(
+                    "INSERT OR IGNORE INTO ids_at SELECT ?, value FROM json_each(?)",
+                    (minute, _json(hashes).decode()),
+                )
+            conn.executemany(
+                "INSERT OR IGNORE INTO ids_only VALUES (?, ?)", zip(only, only_days, strict=True)
+            )
             if entries:
                 conn.execute(
                     "INSERT INTO upto VALUES (1, ?) ON CONFLICT (one) DO UPDATE"
@@ -212,21 +220,10 @@ class Index:
         minute = (now_ms - (DEDUP_DAYS + 1) * DAY_MS - NEAR_MS - JITTER_MS) // MINUTE_MS
         day = now_ms // DAY_MS - DEDUP_DAYS - 1
         removed = 0
-        with _transaction(conn):
+        with transaction(conn):
             removed += conn.execute("DELETE FROM ids_at WHERE minute < ?", (minute,)).rowcount
             removed += conn.execute("DELETE FROM ids_only WHERE day < ?", (day,)).rowcount
         return removed
-
-
-@contextlib.contextmanager
-def _transaction(conn: sqlite3.Connection) -> Iterator[None]:
-    conn.execute("BEGIN IMMEDIATE")
-    try:
-        yield
-    except BaseException:
-        conn.execute("ROLLBACK")
-        raise
-    conn.execute("COMMIT")
 
 
 class SeenIds:
@@ -425,12 +422,14 @@ def _from_row(
 ) -> _Flush:
     """A logged batch as an index entry: its id hashes with their events' times."""
     hashes = [h for (h,) in _HASH.iter_unpack(ids)]
+    logged = LogBatch(batch, received_ms, messages, events)
+    rows = logged.event_rows()
     stamps: list[int] | None = None
-    if events is not None and events[:1] == _EVENTS_FORMAT:
-        stamps = [int(row[_TIME_FIELD]) for row in _unpack_rows(events[1:])]
+    if rows is not None:
+        stamps = [int(row[_TIME_FIELD]) for row in rows]
     else:
         with contextlib.suppress(msgspec.DecodeError, ValueError, TypeError, KeyError):
-            stamps = [parse_time_ms(m["timestamp"]) for m in _decode_messages(messages)]
+            stamps = [parse_time_ms(m["timestamp"]) for m in logged.messages]
     if stamps is None or len(stamps) != len(hashes):  # by hash alone: found whatever its time
         stamps = [received_ms] * len(hashes)
     return _Flush(batch, received_ms, hashes, stamps)

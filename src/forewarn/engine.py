@@ -19,13 +19,13 @@ import copy
 from collections.abc import Callable, Iterable
 from typing import Any, NamedTuple
 
-import msgspec
-
 from forewarn import decide, signals
 from forewarn import playbook as pb
 from forewarn.errors import NotFoundError
-from forewarn.model import Event, format_time
+from forewarn.model import Event
 from forewarn.playbook import Trigger
+from forewarn.records import Firing as Firing
+from forewarn.records import Subject as Subject
 from forewarn.signals import NEVER, Ctx, Leaf, as_time_ms
 
 
@@ -35,32 +35,6 @@ class Timer(NamedTuple):
     subject: str
 
 
-class Firing(msgspec.Struct):
-    trigger: str
-    subject: str
-    scope: str
-    at_ms: int
-    evidence: dict[str, Any]
-    decision: str
-    reason: str | None
-    channel: str
-    cooldown: bool = False  # a new episode inside the trigger's cooldown
-    send_at_ms: int | None = None  # when the message may go (set by the policy)
-
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "trigger": self.trigger,
-            "subject": self.subject,
-            "scope": self.scope,
-            "at": format_time(self.at_ms),
-            "evidence": self.evidence,
-            "decision": self.decision,
-            "reason": self.reason,
-            "channel": self.channel,
-            "send_at": None if self.send_at_ms is None else format_time(self.send_at_ms),
-        }
-
-
 # One trigger's state for one subject is a flat list: these four entries, then each stateful
 # leaf's entries (see signals.Leaf.slot). A list costs less memory than an object holding one.
 # ACTIVE: the condition is true; EPISODE: when the current cooldown started; DEADLINE: when to
@@ -68,19 +42,6 @@ class Firing(msgspec.Struct):
 TState = list[Any]
 ACTIVE, EPISODE, DEADLINE, FILED = range(4)
 HEAD = 4
-
-
-class Subject(msgspec.Struct, gc=False):
-    """A user or an account: first seen, the traits the playbooks read, trigger states.
-
-    Not tracked by the garbage collector (it holds no reference cycles): a million subjects
-    would otherwise make every full collection walk them all.
-    """
-
-    first_seen: int
-    traits: list[Any] | None = None  # by Playbook.trait_slots; None: not set
-    states: list[TState | None] | None = None  # by the trigger's slot in its scope
-    accounts: list[str] | None = None  # users: accounts joined, newest last
 
 
 class CompiledTrigger:

@@ -56,6 +56,11 @@ class Forgotten:
         self.hashes, self.mark = hashes, mark
         self._known = {}
 
+    def load(self, workspace: int, hashes: set[str]) -> None:
+        """Replace one workspace's hashes (the scale-out store reloads them per workspace)."""
+        self.hashes[workspace] = hashes
+        self._known = {}
+
     def holds(self, workspace: int, message: dict[str, Any]) -> bool:
         hashes = self.hashes.get(workspace)
         if not hashes:

@@ -8,62 +8,22 @@ only the fields the engine needs: that is the fastest JSON path in Python (see P
 from __future__ import annotations
 
 import math
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime
 from typing import Any
 
 import msgspec
 
 from forewarn.errors import EventError
+from forewarn.records import Event as Event
+from forewarn.records import SegmentContext as SegmentContext
+from forewarn.records import SegmentMessage as SegmentMessage
 
 KINDS = ("track", "identify", "group", "page", "screen", "alias")
-
-
-class SegmentContext(msgspec.Struct, rename="camel"):
-    group_id: str | int | None = None
-
-
-class SegmentMessage(msgspec.Struct, rename="camel"):
-    """The fields of a Segment-spec message that Forewarn uses; others are ignored."""
-
-    type: str | None = None
-    event: str | None = None
-    name: str | None = None
-    user_id: str | int | None = None
-    anonymous_id: str | int | None = None
-    group_id: str | int | None = None
-    previous_id: str | int | None = None
-    properties: dict[str, Any] | None = None
-    traits: dict[str, Any] | None = None
-    context: SegmentContext | None = None
-    timestamp: str | int | None = None
-    original_timestamp: str | int | None = None
-    message_id: str | int | None = None
-
-
-class Event(msgspec.Struct, gc=False):
-    """One normalised event. Times are integer milliseconds since the Unix epoch, UTC."""
-
-    kind: str
-    name: str
-    user_id: str | None
-    anonymous_id: str | None
-    account_id: str | None
-    properties: dict[str, Any]
-    traits: dict[str, Any]
-    timestamp_ms: int
-    message_id: str = ""
-    previous_id: str | None = None
-
-    @property
-    def person(self) -> str | None:
-        """The user-scoped subject: the user id, else the anonymous id."""
-        return self.user_id if self.user_id is not None else self.anonymous_id
 
 
 _decoder = msgspec.json.Decoder(SegmentMessage)
 decode_message = _decoder.decode  # raises msgspec errors; decode_event says them in words
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
-_ONE_MS = timedelta(milliseconds=1)
 MAX_TIME_MS = 253_402_300_800_000  # 10000-01-01: times are kept within years 1970 to 9999
 # each kind as one shared string: a million events keep one copy, and compare by identity
 _KIND: dict[str | None, str] = {kind: kind for kind in KINDS}
@@ -92,7 +52,9 @@ def parse_time_ms(value: str | int | float) -> int:
             when = datetime.fromisoformat(text)
         if when.tzinfo is None:
             when = when.replace(tzinfo=UTC)
-        ms = (when - _EPOCH) // _ONE_MS  # exact, truncating below a millisecond
+        since = when - _EPOCH
+        # exact, truncating below a millisecond: since // 1 ms, without its big-integer division
+        ms = (since.days * 86_400 + since.seconds) * 1000 + since.microseconds // 1000
     elif isinstance(value, bool):
         raise ValueError("a boolean is not a time")
     elif isinstance(value, int):

@@ -276,6 +276,11 @@ ANSWERS: dict[str, Schema] = {
             "batches": INT,
             "checkpointed": BOOL,
             **{table: INT for table in FORGOTTEN_TABLES},
+            # the scale-out mode's: partitions dropped, their events queued to rebuild them, and
+            # the dead letters holding the person
+            "partitions": INT,
+            "requeued": INT,
+            "dead_letters": INT,
         },
         ("forgotten", "hash", "events", "batches", "checkpointed", *FORGOTTEN_TABLES),
     ),

@@ -294,15 +294,19 @@ class _Invalid(Exception):
         self.message = message
 
 
-class _Loader(yaml.CSafeLoader):
-    """YAML 1.2 booleans: only true/false. YAML 1.1 also reads yes/no/on/off as booleans, which
-    turns `country: NO` into false."""
-
-
-_Loader.yaml_implicit_resolvers = {
-    first: [(tag, regexp) for tag, regexp in resolvers if tag != "tag:yaml.org,2002:bool"]
-    for first, resolvers in yaml.CSafeLoader.yaml_implicit_resolvers.items()
-}
+# YAML 1.2 booleans: only true/false. YAML 1.1 also reads yes/no/on/off as booleans, which turns
+# `country: NO` into false. Made by `type`, not a class statement: compiled by mypyc (setup.py),
+# a class statement's class attributes would be fixed.
+_Loader: type[yaml.CSafeLoader] = type(
+    "_Loader",
+    (yaml.CSafeLoader,),
+    {
+        "yaml_implicit_resolvers": {
+            first: [(tag, regexp) for tag, regexp in resolvers if tag != "tag:yaml.org,2002:bool"]
+            for first, resolvers in yaml.CSafeLoader.yaml_implicit_resolvers.items()
+        }
+    },
+)
 _Loader.add_implicit_resolver(
     "tag:yaml.org,2002:bool", re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"), list("tTfF")
 )

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import sqlite3
 import struct
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -42,7 +43,7 @@ _encode = msgspec.json.Encoder().encode
 _pack = msgspec.msgpack.Encoder().encode
 _rows = msgspec.msgpack.Decoder(list[tuple[Any, ...]]).decode
 _HASH = struct.Struct("<q")
-_CHUNK = 2_000  # rows per delete of a purge: short write transactions, ingest goes on between
+CHUNK = 2_000  # rows per delete of a purge: short write transactions, ingest goes on between
 # the tables `forget` deletes rows from, as its answer counts them
 TABLES = (
     "outcomes",
@@ -105,7 +106,9 @@ def forget(
             events = _rewrite(conn, batch, subject, addresses)
             done.events += events
             done.batches += 1 if events else 0
-        done.removed = _delete_rows(conn, workspace, subject, addresses)
+        done.removed = delete_rows(
+            lambda sql, args: conn.execute(sql, args).rowcount, workspace, subject, addresses
+        )
         # the engine's state is rebuilt from the rewritten log, not restored from a snapshot
         conn.execute(
             "UPDATE engine SET snapshot = NULL, snapshot_tick = 0, playbooks = ''"
@@ -153,7 +156,7 @@ def _rewrite(conn: sqlite3.Connection, batch: int, subject: str, addresses: set[
     if not theirs:
         return 0  # the id is only mentioned, in someone else's event
     for i in theirs:
-        addresses.update(_emails(messages[i]))
+        addresses.update(emails_of(messages[i]))
     keep = [i for i in range(len(messages)) if i not in theirs]
     ids = [h for (h,) in _HASH.iter_unpack(row[2])]
     events = row[1]
@@ -175,7 +178,7 @@ def _rewrite(conn: sqlite3.Connection, batch: int, subject: str, addresses: set[
     return len(theirs)
 
 
-def _emails(message: dict[str, Any]) -> list[str]:
+def emails_of(message: dict[str, Any]) -> list[str]:
     found = []
     for holder in (message.get("traits"), (message.get("context") or {}).get("traits")):
         if isinstance(holder, dict) and isinstance(holder.get("email"), str):
@@ -183,15 +186,22 @@ def _emails(message: dict[str, Any]) -> list[str]:
     return found
 
 
-def _delete_rows(
-    conn: sqlite3.Connection, workspace: int, subject: str, addresses: set[str]
+def delete_rows(
+    execute: Callable[[str, tuple[Any, ...]], int],
+    workspace: int,
+    subject: str,
+    addresses: set[str],
+    tables: tuple[str, ...] = TABLES,
 ) -> dict[str, int]:
-    """Everything else kept about the person, table by table; returns the counts."""
+    """Everything else kept about the person, table by table, through `execute` (a statement
+    with `?` placeholders and its arguments -> the rows it changed: the SQL both stores read);
+    only `tables` (PostgreSQL has no subject index). Returns the counts."""
     ws_user = (workspace, subject)
     counts: dict[str, int] = {}
 
     def delete(name: str, sql: str, args: tuple[Any, ...] = ws_user) -> None:
-        counts[name] = counts.get(name, 0) + conn.execute(sql, args).rowcount
+        if name in tables:
+            counts[name] = counts.get(name, 0) + execute(sql, args)
 
     own = "workspace = ? AND scope = 'user' AND subject = ?"
     delete(
@@ -340,11 +350,11 @@ def _read_up_to(conn: sqlite3.Connection, workspace: int) -> int:
 
 
 def _in_chunks(conn: sqlite3.Connection, select: str, args: tuple[Any, ...], delete: str) -> int:
-    """Delete the rows `select` finds, `_CHUNK` at a time, each chunk its own transaction."""
+    """Delete the rows `select` finds, `CHUNK` at a time, each chunk its own transaction."""
     total = 0
     while True:
         with store_sqlite.transaction(conn):
-            ids = [row[0] for row in conn.execute(f"{select} LIMIT {_CHUNK}", args)]
+            ids = [row[0] for row in conn.execute(f"{select} LIMIT {CHUNK}", args)]
             if not ids:
                 return total
             conn.execute(delete.format(",".join("?" * len(ids))), ids)

@@ -88,6 +88,7 @@ class Runner:
         self.applied_ms = -1  # newest event timestamp applied: an older one is late
         self.late = 0
         self.events = 0
+        self.timers_run = 0  # timers that came due and were handed to the engine
         self._buffer: list[tuple[int, int, Event]] = []
         self._timers = TimerWheel()
         self._new_timers: list[Timer] = []
@@ -209,6 +210,7 @@ class Runner:
                 self.clock_ms = now
             else:
                 now = self.clock_ms
+            self.timers_run += 1
             engine.on_timer_into(state, timer, now, firings, new)
             if new:
                 for t in new:

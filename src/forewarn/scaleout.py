@@ -297,29 +297,17 @@ METRICS_TYPE = "text/plain; version=0.0.4"
 def pg_metrics(c: api.Counters, letters: dict[int, int], queued: dict[int, int]) -> str:
     """/metrics of an API process: its own ingest counters, and from PostgreSQL what every
     worker shares: the events queued and the dead letters, by workspace."""
-    lines = [
-        "# HELP forewarn_events_accepted_total Events committed to the log.",
-        "# TYPE forewarn_events_accepted_total counter",
-        f"forewarn_events_accepted_total {c.accepted}",
-        "# HELP forewarn_events_rejected_total Events refused with a reason.",
-        "# TYPE forewarn_events_rejected_total counter",
-        f"forewarn_events_rejected_total {c.rejected}",
-        "# HELP forewarn_events_duplicate_total Events already stored (a client's resend).",
-        "# TYPE forewarn_events_duplicate_total counter",
-        f"forewarn_events_duplicate_total {c.duplicates}",
-        "# HELP forewarn_events_flagged_total Events stamped over 23 h after their receipt.",
-        "# TYPE forewarn_events_flagged_total counter",
-        f"forewarn_events_flagged_total {c.flagged}",
-        "# HELP forewarn_queue_events Events accepted and not yet applied by a worker.",
-        "# TYPE forewarn_queue_events gauge",
-        *(f'forewarn_queue_events{{workspace="{w}"}} {n}' for w, n in sorted(queued.items())),
-        "# HELP forewarn_dead_letters Events and partition states the workers set aside.",
-        "# TYPE forewarn_dead_letters gauge",
-        *(f'forewarn_dead_letters{{workspace="{w}"}} {n}' for w, n in sorted(letters.items())),
-    ]
-    for source, n in sorted(c.requests.items()):
-        lines.append(f'forewarn_requests_total{{source="{source}"}} {n}')
-    return "\n".join(lines) + "\n"
+    return api.ingest_metrics(
+        c,
+        [
+            "# HELP forewarn_queue_events Events accepted and not yet applied by a worker.",
+            "# TYPE forewarn_queue_events gauge",
+            *(f'forewarn_queue_events{{workspace="{w}"}} {n}' for w, n in sorted(queued.items())),
+            "# HELP forewarn_dead_letters Events and partition states the workers set aside.",
+            "# TYPE forewarn_dead_letters gauge",
+            *(f'forewarn_dead_letters{{workspace="{w}"}} {n}' for w, n in sorted(letters.items())),
+        ],
+    )
 
 
 async def _unavailable(request: Request, exc: Exception) -> Response:
@@ -359,6 +347,33 @@ def run_worker(
             stop.wait(STALE_S)
         elif not done.parts and not done.dead:
             stop.wait(idle_s)
+
+
+PURGE_EVERY_S = 3600.0  # with a retention: at start, then every hour
+
+
+def run_purges(
+    pool: store_pg.Pool,
+    workspace: int,
+    keep_ms: int,
+    stop: threading.Event,
+    now_ms: Callable[[], int] = clock.now_ms,
+    every_s: float = PURGE_EVERY_S,
+) -> None:
+    """Purge what is older than the retention until `stop` is set: at once, then every
+    `every_s`. Each worker process runs this; the purge lock lets one at a time work, and the
+    others skip that round."""
+    from forewarn import privacy_pg
+
+    while not stop.is_set():
+        now = now_ms()
+        try:
+            counts = privacy_pg.purge(pool, workspace, now - keep_ms, "retention", now)
+            if counts is not None:
+                log.info("retention purge of workspace %d: %s", workspace, counts)
+        except Exception as exc:  # the purge must never stop the worker
+            log.warning("the retention purge failed, it will try again: %s", exc)
+        stop.wait(every_s)
 
 
 def composer_for(
@@ -425,16 +440,11 @@ def serve(
     )
     try:
         write_key, admin_key = settings.env("WRITE_KEY"), settings.env("ADMIN_KEY")
-        created = []
+        created: list[str] = []
         with pool.connection() as conn:
             known = store_pg.workspace_id(conn, workspace) is not None
-        if not known:
-            if not write_key:
-                write_key = store_sqlite.new_key_token("write")
-                created.append(f"write key: {write_key}")
-            if not admin_key:
-                admin_key = store_sqlite.new_key_token("admin")
-                created.append(f"admin key: {admin_key}")
+        if not known and sys.stdout.isatty():  # as `forewarn serve` embedded: see keys_to_make
+            write_key, admin_key, created = store_sqlite.keys_to_make(write_key, admin_key)
         ws = store_pg.ensure_workspace(pool, workspace, clock.now_ms(), write_key, admin_key)
         # the widget's settings, as the embedded server takes them when it starts
         identity = widget.identity_setting(settings.env("IDENTITY_SECRET"))
@@ -460,6 +470,14 @@ def serve(
                     "claims nothing until it runs the current playbooks",
                     flush=True,
                 )
+            retention = settings.retention_ms()
+            if retention:
+                threading.Thread(
+                    target=run_purges,
+                    args=(pool, ws, retention, stop),
+                    name="forewarn-purge",
+                    daemon=True,
+                ).start()
             if role == "worker":
                 print(f"Forewarn worker with {len(triggers)} triggers on PostgreSQL", flush=True)
                 signal.signal(signal.SIGTERM, lambda *_: stop.set())

@@ -378,6 +378,33 @@ MIGRATIONS: dict[int, str | Only] = {
     );
     """,
     ),
+    # privacy in the scale-out mode (see privacy_pg): the hashes of forgotten people, as on
+    # SQLite; and the partitions whose state a forget dropped, which workers rebuild from their
+    # events up to `upto` (but the ids in `fresh`, still unapplied then) without firing again,
+    # the policy's history kept in `state`
+    11: Only(
+        "postgresql",
+        """
+    CREATE TABLE forgotten (
+        id INTEGER PRIMARY KEY,
+        workspace INTEGER NOT NULL,
+        hash TEXT NOT NULL,
+        at_ms INTEGER NOT NULL,
+        UNIQUE (workspace, hash)
+    );
+    CREATE INDEX forgotten_mark ON forgotten (workspace, id);
+    CREATE TABLE rebuilds (
+        workspace INTEGER NOT NULL,
+        part TEXT NOT NULL,
+        upto INTEGER NOT NULL,
+        clock_ms INTEGER,
+        fresh INTEGER[] NOT NULL,
+        state BLOB NOT NULL,
+        playbooks TEXT NOT NULL,
+        PRIMARY KEY (workspace, part)
+    );
+    """,
+    ),
 }
 
 VERSION = max(MIGRATIONS)

@@ -80,9 +80,12 @@ def run(
     direction: str = "both",
     period_ms: int | None = None,
     kind: str = "auto",
-    err: IO[str] = sys.stderr,
+    err: IO[str] | None = None,
 ) -> int:
-    """Score every row; returns how many alarms were raised."""
+    """Score every row; returns how many alarms were raised. Rows not scored are named on `err`
+    (stderr as it is at the call, not as it was at import)."""
+    if err is None:
+        err = sys.stderr
     reader = csv.reader(source)
     try:
         header = next(reader)

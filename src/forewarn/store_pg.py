@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import threading
 import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -30,6 +31,7 @@ from psycopg_pool import ConnectionPool
 
 from forewarn import audit_pg, schema, settings
 from forewarn.errors import InputError
+from forewarn.forgotten import Forgotten, people_of, subject_hash
 from forewarn.model import Event, event_from_dict
 from forewarn.store_sqlite import (
     ENV_KEY_NAME,
@@ -305,8 +307,9 @@ def append_batches(pool: Pool, appends: Sequence[Append]) -> list[Appended]:
     learnt: dict[int, dict[str, str]] = {}
     with pool.connection() as conn, conn.transaction():
         db = _database(conn)
+        forgotten = _forgotten_in(conn, db, sorted({a.workspace for a in appends}))
         for a in appends:
-            results.append(_append(conn, a, learnt.setdefault(a.workspace, {})))
+            results.append(_append(conn, a, learnt.setdefault(a.workspace, {}), forgotten))
     if len(_HOMES) > _HOMES_MAX or time.monotonic() - _HOMES_SINCE[0] > HOMES_FOR_S:
         _HOMES.clear()
         _HOMES_SINCE[0] = time.monotonic()
@@ -315,13 +318,20 @@ def append_batches(pool: Pool, appends: Sequence[Append]) -> list[Appended]:
     return results
 
 
-def _append(conn: psycopg.Connection[Any], a: Append, learnt: dict[str, str]) -> Appended:
+def _append(
+    conn: psycopg.Connection[Any], a: Append, learnt: dict[str, str], forgotten: Forgotten
+) -> Appended:
     events = a.events if a.events is not None else [event_from_dict(m) for m in a.messages]
     hashes: list[int] = []
     order: list[int] = []  # indexes of the messages offered, each id once
     offered: set[int] = set()
     duplicates: list[int] = []
+    refused: list[int] = []
+    check = bool(forgotten.hashes.get(a.workspace))
     for i, mid in enumerate(a.ids):
+        if check and forgotten.holds(a.workspace, a.messages[i]):
+            refused.append(i)  # before deduplication, as on SQLite
+            continue
         h = id_hash(a.workspace, mid)
         if h in offered:
             duplicates.append(i)
@@ -349,8 +359,71 @@ def _append(conn: psycopg.Connection[Any], a: Append, learnt: dict[str, str]) ->
         duplicates + [i for h, i in zip(hashes, order, strict=True) if h not in stored]
     )
     if not kept:
-        return Appended(None, 0, duplicates)
-    return Appended(max(stored.values()), len(kept), duplicates, kept if duplicates else None)
+        return Appended(None, 0, duplicates, forgotten=refused)
+    partial = duplicates or refused
+    return Appended(max(stored.values()), len(kept), duplicates, kept if partial else None, refused)
+
+
+# Each append takes this workspace lock shared, and a forget takes it exclusive while it
+# records a person (privacy_pg): an append either commits before the forget's statements run,
+# or reads the person's hash after it committed.
+def forget_lock(workspace: int) -> int:
+    return lock_key(workspace, "forget")
+
+
+_LOCK_SHARED = """
+SELECT pg_advisory_xact_lock_shared(key) FROM (
+    SELECT key FROM unnest(%s::bigint[]) WITH ORDINALITY AS k(key, n) ORDER BY n
+) ordered
+"""
+_MARKS = """
+SELECT w, (SELECT coalesce(max(id), 0) FROM forgotten WHERE workspace = w)
+FROM unnest(%s::bigint[]) AS w
+"""
+
+
+class _Known:
+    """The forgotten hashes this process has read, per workspace, and the mark (the newest
+    row's id) they were read at: each append compares the marks, one index lookup per
+    workspace, and reads a workspace's hashes again only when its mark moved."""
+
+    def __init__(self) -> None:
+        self.people = Forgotten()
+        self.marks: dict[int, int] = {}
+        self.lock = threading.Lock()
+
+
+_FORGOTTEN: dict[str, _Known] = {}  # by database
+
+
+def _forgotten_in(conn: psycopg.Connection[Any], db: str, workspaces: list[int]) -> Forgotten:
+    """The forgotten people of these workspaces, as of this transaction: the lock first, in a
+    statement of its own, so that the marks are read after any forget holding it committed."""
+    conn.execute(_LOCK_SHARED, ([forget_lock(w) for w in workspaces],))
+    known = _FORGOTTEN.setdefault(db, _Known())
+    with known.lock:
+        for w, mark in conn.execute(_MARKS, (workspaces,)).fetchall():
+            if known.marks.get(int(w), 0) != int(mark):
+                rows = conn.execute("SELECT hash FROM forgotten WHERE workspace = %s", (w,))
+                known.people.load(int(w), {str(h) for (h,) in rows})
+                known.marks[int(w)] = int(mark)
+    return known.people
+
+
+def _forgotten_among(
+    conn: psycopg.Connection[Any], workspace: int, messages: Sequence[dict[str, Any]]
+) -> Forgotten:
+    """The forgotten hashes these messages' people have: a lookup per id, for the few events
+    Forewarn logs itself (delivery results)."""
+    found = Forgotten()
+    hashes = sorted({subject_hash(workspace, p) for m in messages for p in people_of(m)})
+    if hashes:
+        rows = conn.execute(
+            "SELECT hash FROM forgotten WHERE workspace = %s AND hash = ANY(%s)",
+            (workspace, hashes),
+        )
+        found.load(workspace, {str(h) for (h,) in rows})
+    return found
 
 
 _HOMES_SQL = """
@@ -510,5 +583,5 @@ def query_firings(
 
 def append_within(conn: psycopg.Connection[Any], a: Append) -> Appended:
     """Store one batch inside the caller's transaction (events Forewarn makes itself, such as
-    delivery results)."""
-    return _append(conn, a, {})
+    delivery results); those about a forgotten person are left out."""
+    return _append(conn, a, {}, _forgotten_among(conn, a.workspace, a.messages))

@@ -30,15 +30,17 @@ import struct
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import msgspec
 
 from forewarn import audit, schema
-from forewarn.dedup import SeenIds
 from forewarn.errors import ForewarnError, InputError
 from forewarn.forgotten import Forgotten, among
 from forewarn.model import Event
+
+if TYPE_CHECKING:
+    from forewarn.dedup import SeenIds
 
 SCHEMA_VERSION = schema.VERSION
 KEY_KINDS = ("write", "admin")
@@ -143,6 +145,20 @@ def hash_key(token: str) -> str:
 
 def new_key_token(kind: str) -> str:
     return _KEY_PREFIX[kind] + secrets.token_urlsafe(24)
+
+
+def keys_to_make(write_key: str | None, admin_key: str | None) -> tuple[str, str, list[str]]:
+    """A new workspace's keys: those given, and new ones for those not, each new one with a
+    line showing it (once: call this only where the lines go to a terminal, since printed
+    into a service's log a key would be kept there in plain text)."""
+    created: list[str] = []
+    if not write_key:
+        write_key = new_key_token("write")
+        created.append(f"write key: {write_key}")
+    if not admin_key:
+        admin_key = new_key_token("admin")
+        created.append(f"admin key: {admin_key}")
+    return write_key, admin_key, created
 
 
 def create_workspace(conn: sqlite3.Connection, name: str, now_ms: int) -> int:
@@ -303,11 +319,15 @@ def append_within(conn: sqlite3.Connection, a: Append) -> Appended:
     """Store one batch inside the caller's transaction, its message ids trusted to be new
     (events Forewarn makes itself, each with an id of its own); those about a forgotten
     person are left out."""
-    return _append(conn, a, SeenIds(), set(), among(conn, a.workspace, a.messages))[0]
+    return _append(conn, a, None, set(), among(conn, a.workspace, a.messages))[0]
 
 
 def _append(
-    conn: sqlite3.Connection, a: Append, seen: SeenIds, fresh: set[int], forgotten: Forgotten
+    conn: sqlite3.Connection,
+    a: Append,
+    seen: SeenIds | None,
+    fresh: set[int],
+    forgotten: Forgotten,
 ) -> tuple[Appended, list[int], list[int]]:
     """One request's messages into the log; also returns the hashes of the ids stored and
     their events' times, for `seen` to learn once committed."""
@@ -327,7 +347,7 @@ def _append(
         h = id_hash(a.workspace, mid)
         # an event Forewarn made itself has no event to time it by: its receipt does
         stamp = events[i].timestamp_ms if events is not None else received
-        if h in fresh or seen.seen(h, received, stamp, "sentAt" in message):
+        if h in fresh or (seen is not None and seen.seen(h, received, stamp, "sentAt" in message)):
             duplicates.append(i)
             continue
         fresh.add(h)

@@ -345,20 +345,26 @@ class Worker:
                     (self.workspace, parts),
                 )
             }
+            rebuilding = _rebuilds(conn, self.workspace, parts)
+            for name, redo in rebuilding.items():
+                if name not in stored:  # its state was dropped: start from the history kept
+                    stored[name] = (redo.state, redo.playbooks)
             loaded = [self._load(p, stored.get(p), claimed[p]) for p in parts]
             homes.send_home(conn, self.workspace, loaded)
             users = {p.name: p for p in loaded if p.name.startswith("user:")}
             modes = store_pg.trigger_overrides(conn, self.workspace)
             # users' own partitions first: a user an account adopts below brings all of it
             for p in users.values():
-                done.firings += self._run(conn, p, now_ms, modes, p.name in behind)
+                again = rebuilding.get(p.name)
+                done.firings += self._run(conn, p, now_ms, modes, p.name in behind, again)
             accounts = [p for p in loaded if p.name not in users]
             deferred = homes.adopt(
                 conn, self.workspace, self.playbooks, accounts, users, self._load
             )
             accounts = [p for p in accounts if p.name not in deferred]
             for p in accounts:
-                done.firings += self._run(conn, p, now_ms, modes, p.name in behind)
+                again = rebuilding.get(p.name)
+                done.firings += self._run(conn, p, now_ms, modes, p.name in behind, again)
             ran = [p for p in loaded if p.name not in deferred]
             done.parts = len(ran)
             done.events = sum(len(p.events) for p in ran)
@@ -423,22 +429,38 @@ class Worker:
         now_ms: int,
         modes: dict[str, str],
         behind: bool = False,
+        again: Rebuild | None = None,
     ) -> int:
         """Apply a partition's events and due timers, decide and record the firings; `behind`:
-        it has more events queued, so its timers run only up to the last event applied.
-        Returns the number of firings."""
+        it has more events queued, so its timers run only up to the last event applied;
+        `again`: it is being rebuilt, and the firings of what it had applied before are not
+        recorded again. Returns the number of firings."""
         runner, outreach, state = p.runner, p.outreach, p.runner.state
         firings: list[Firing] = []
+        replaying = False
+        past: list[Firing] = []  # a rebuild's: what it had applied before, fired before
         for qid, event in zip(p.ids, p.events, strict=True):
+            redone = again is not None and qid <= again.upto and qid not in again.fresh
             try:
-                runner._apply(event, firings)
+                runner._apply(event, past if redone else firings)
             except Exception as exc:
                 raise BadEvent(p.name, qid, exc) from exc
+        if again is not None:
+            replaying = behind and not (p.ids and p.ids[-1] >= again.upto)
+            if not replaying:
+                if again.clock_ms is not None:
+                    runner.advance(again.clock_ms)  # timers that had fired: not again
+                conn.execute(
+                    "DELETE FROM rebuilds WHERE workspace = %s AND part = %s",
+                    (self.workspace, p.name),
+                )
         last = p.ids[-1] if p.ids else 0
         until = now_ms
         if behind:
             until = min(now_ms, max((e.timestamp_ms for e in p.events), default=0))
-        firings.extend(runner.advance(until))
+        due = runner.advance(until)
+        if not replaying:  # (while replaying, only timers that had fired come due)
+            firings.extend(due)
         for t in self.triggers:
             spec = outreach.specs[t.id]
             mode = modes.get(t.id, t.mode)
@@ -524,6 +546,31 @@ class Worker:
                 done,
             ),
         )
+
+
+@dataclass(frozen=True)
+class Rebuild:
+    """A partition whose state a forget dropped (`privacy_pg`): its events up to `upto`, but
+    those in `fresh`, were applied before, and its clock had reached `clock_ms`."""
+
+    upto: int
+    fresh: frozenset[int]
+    clock_ms: int | None
+    state: bytes
+    playbooks: str
+
+
+def _rebuilds(
+    conn: psycopg.Connection[Any], workspace: int, parts: list[str]
+) -> dict[str, Rebuild]:
+    return {
+        str(p): Rebuild(int(u), frozenset(int(i) for i in f), c, bytes(s), str(b))
+        for p, u, f, c, s, b in conn.execute(
+            "SELECT part, upto, fresh, clock_ms, state, playbooks FROM rebuilds"
+            " WHERE workspace = %s AND part = ANY(%s)",
+            (workspace, parts),
+        )
+    }
 
 
 def _accounts(state: engine.State, scope: str, subject: str) -> list[str]:
