@@ -55,9 +55,7 @@ def _keys(args: argparse.Namespace) -> int:
                 pool.close()
         else:
             conn = store_sqlite.connect(args.db)
-            ws = store_sqlite.workspace_id(conn, args.workspace)
-            if ws is None:
-                ws = store_sqlite.ensure_workspace(conn, args.workspace, clock.now_ms())
+            ws = store_sqlite.ensure_workspace(conn, args.workspace, clock.now_ms())
             print(widget.identity_secret(conn, ws))
             conn.close()
         print(
@@ -88,9 +86,7 @@ def _keys(args: argparse.Namespace) -> int:
             pool.close()
     else:
         conn = store_sqlite.connect(args.db)
-        ws = store_sqlite.workspace_id(conn, args.workspace)
-        if ws is None:
-            ws = store_sqlite.ensure_workspace(conn, args.workspace, clock.now_ms())
+        ws = store_sqlite.ensure_workspace(conn, args.workspace, clock.now_ms())
         token = store_sqlite.add_key(conn, ws, args.kind, clock.now_ms(), name=args.name or "")
         conn.close()
     print(token)

@@ -28,6 +28,20 @@ class Only(NamedTuple):
 
 
 # Each entry brings the schema from the previous version to this one.
+# the audit log's table, the same on both stores (7 on SQLite, 8 on PostgreSQL)
+_AUDIT = """
+    CREATE TABLE audit (
+        id INTEGER PRIMARY KEY,
+        workspace INTEGER NOT NULL,
+        at_ms INTEGER NOT NULL,
+        actor TEXT NOT NULL,
+        action TEXT NOT NULL,
+        target TEXT NOT NULL,
+        detail TEXT NOT NULL
+    );
+    CREATE INDEX audit_workspace ON audit (workspace, id);
+"""
+
 MIGRATIONS: dict[int, str | Only] = {
     1: """
     CREATE TABLE workspaces (
@@ -297,16 +311,9 @@ MIGRATIONS: dict[int, str | Only] = {
         at_ms INTEGER NOT NULL,
         UNIQUE (workspace, hash)
     );
-    CREATE TABLE audit (
-        id INTEGER PRIMARY KEY,
-        workspace INTEGER NOT NULL,
-        at_ms INTEGER NOT NULL,
-        actor TEXT NOT NULL,
-        action TEXT NOT NULL,
-        target TEXT NOT NULL,
-        detail TEXT NOT NULL
-    );
-    CREATE INDEX audit_workspace ON audit (workspace, id);
+    """
+        + _AUDIT
+        + """
     CREATE TRIGGER audit_no_update BEFORE UPDATE ON audit
     BEGIN SELECT RAISE(ABORT, 'the audit log is append-only: its rows cannot be changed'); END;
     CREATE TRIGGER audit_no_delete BEFORE DELETE ON audit
@@ -317,17 +324,8 @@ MIGRATIONS: dict[int, str | Only] = {
     # refuses every UPDATE and DELETE
     8: Only(
         "postgresql",
-        """
-    CREATE TABLE audit (
-        id INTEGER PRIMARY KEY,
-        workspace INTEGER NOT NULL,
-        at_ms INTEGER NOT NULL,
-        actor TEXT NOT NULL,
-        action TEXT NOT NULL,
-        target TEXT NOT NULL,
-        detail TEXT NOT NULL
-    );
-    CREATE INDEX audit_workspace ON audit (workspace, id);
+        _AUDIT
+        + """
     CREATE FUNCTION audit_append_only() RETURNS trigger LANGUAGE plpgsql AS $$
     BEGIN
         RAISE EXCEPTION 'the audit log is append-only: its rows cannot be changed or deleted';
