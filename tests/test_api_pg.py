@@ -23,7 +23,6 @@ from forewarn import clock, openapi, outreach_pg, scaleout, store_pg
 from forewarn.forgotten import REASON
 from forewarn.sources import load_playbooks
 from forewarn.worker import Worker
-from tests import pg
 from tests import server as srv
 from tests.server import ADMIN_KEY, WRITE_KEY, free_port
 from tests.test_scaleout import _env, _healthy, _serve, _stop
@@ -109,11 +108,6 @@ def _playbooks(folder: Path, text: str = PLAYBOOK) -> str:
     folder.mkdir(exist_ok=True)
     (folder / "p.yaml").write_text(text)
     return str(folder)
-
-
-@pytest.fixture
-def url() -> Iterator[str]:
-    yield from pg.database()
 
 
 @contextlib.contextmanager

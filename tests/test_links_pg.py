@@ -34,7 +34,6 @@ from forewarn.worker import Worker
 from tests import server as srv
 from tests.server import ADMIN_KEY, WRITE_KEY
 from tests.test_api_pg import _playbooks, ago, api_process, batch
-from tests.test_api_pg import url as url  # the database fixture
 from tests.test_outreach_e2e import Catch
 from tests.test_scaleout import _env, _serve, _stop
 

@@ -13,7 +13,6 @@ import sys
 import threading
 import time
 from collections import Counter
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +20,6 @@ import httpx
 import pytest
 
 from forewarn import store_pg
-from tests import pg
 from tests.server import ADMIN_KEY, WRITE_KEY, free_port
 from tests.test_conformance import PLAYBOOK
 from tests.test_faults import _batch
@@ -43,11 +41,6 @@ def _cluster() -> tuple[str, str]:
         if port == "5432" and status.startswith("online"):
             return version, name
     pytest.skip("no online PostgreSQL cluster on port 5432 to restart")
-
-
-@pytest.fixture
-def url() -> Iterator[str]:
-    yield from pg.database()
 
 
 def test_a_postgresql_restart_mid_load_loses_and_repeats_nothing(url: str, tmp_path: Path) -> None:

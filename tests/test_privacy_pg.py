@@ -9,18 +9,15 @@ import os
 import subprocess
 import sys
 import threading
-from collections.abc import Iterator
 from typing import Any
 
 import msgspec
-import pytest
 
 from forewarn import live, partition, privacy_pg, scaleout, store_pg
 from forewarn.forgotten import REASON, subject_hash
 from forewarn.model import event_from_dict
 from forewarn.store_sqlite import Append, Appended
 from forewarn.worker import Worker
-from tests import pg
 from tests.factories import T0_MS, at, group, identify, message, ms, playbook, track
 from tests.test_conformance import TRIGGERS, UNTIL_MS, generate
 
@@ -31,18 +28,6 @@ triggers:
     action: {channel: in_app, message: Time to upgrade?}
 """)
 VICTIM = "victim-8c1e5a"
-
-
-@pytest.fixture
-def url() -> Iterator[str]:
-    yield from pg.database()
-
-
-@pytest.fixture
-def pool(url: str) -> Iterator[store_pg.Pool]:
-    pool = store_pg.connect(url)
-    yield pool
-    pool.close()
 
 
 def _ingest(

@@ -14,24 +14,16 @@ import subprocess
 import sys
 import time
 from collections import Counter
-from collections.abc import Iterator
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 import httpx
-import pytest
 
 from forewarn import store_pg
 from forewarn.model import event_from_dict, order_key, parse_time_ms
-from tests import pg
 from tests.server import ADMIN_KEY, WRITE_KEY, free_port
 from tests.test_conformance import PLAYBOOK, generate, reference
-
-
-@pytest.fixture
-def url() -> Iterator[str]:
-    yield from pg.database()
 
 
 def _env(url: str) -> dict[str, str]:

@@ -3,28 +3,13 @@ ingest path's dedup and queue."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-
 import psycopg
 import pytest
 
 from forewarn import audit_pg, schema, store_pg
 from forewarn.errors import InputError
 from forewarn.store_sqlite import ENV_KEY_NAME, Append, StoreError
-from tests import pg
 from tests.factories import T0_MS, at, events, group, track
-
-
-@pytest.fixture
-def url() -> Iterator[str]:
-    yield from pg.database()
-
-
-@pytest.fixture
-def pool(url: str) -> Iterator[store_pg.Pool]:
-    pool = store_pg.connect(url)
-    yield pool
-    pool.close()
 
 
 def test_migrates_to_the_schema_version_once(url: str) -> None:
