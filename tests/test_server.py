@@ -3,10 +3,9 @@ send to a running `forewarn serve`; the engine fires; the admin API reports it."
 
 from __future__ import annotations
 
-import time
-
 import gzip
 import json
+import time
 import uuid
 from pathlib import Path
 
