@@ -57,7 +57,7 @@ from forewarn.errors import ForewarnError
 from forewarn.model import Event
 from forewarn.partition import Part
 from forewarn.playbook import Trigger
-from forewarn.policy import POLICY_TRAITS, Outreach
+from forewarn.policy import Outreach
 from forewarn.runner import Runner
 
 log = logging.getLogger("forewarn.worker")
@@ -155,10 +155,8 @@ class Worker:
         self.by_id = {t.id: t for t in triggers}
         self.policy = policy or decide.Policy()
         self.compose = compose or live.plain_message
-        self.book = engine.Playbook(
-            triggers, keep=(POLICY_TRAITS + keep[0], POLICY_TRAITS + keep[1])
-        )
-        self.playbooks = live.fingerprint(triggers)
+        self.book = live.playbook(triggers, keep)
+        self.playbooks = live.fingerprint(triggers, keep)
         self.parts_per_step = parts_per_step
         self.events_per_step = events_per_step
         self.registered = False  # its playbooks recorded as a generation (`register`)
