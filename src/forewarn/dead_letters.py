@@ -112,25 +112,35 @@ class DeadLetter:
     state: bytes | None
     error: str
     at_ms: int
+    workspace: int
 
 
-def listed(conn: psycopg.Connection[Any], workspace: int, limit: int = 1000) -> list[DeadLetter]:
-    """The workspace's dead letters, oldest first."""
+def listed(
+    conn: psycopg.Connection[Any],
+    workspace: int | None,
+    limit: int | None = 1000,
+    ids: Sequence[int] | None = None,
+) -> list[DeadLetter]:
+    """The workspace's dead letters (every workspace's when None; those of `ids` only when
+    given), oldest first, at most `limit` (None: all)."""
+    chosen = None if ids is None else list(ids)
     rows = conn.execute(
-        "SELECT id, part, event, state, error, at_ms FROM dead_letters WHERE workspace = %s"
+        "SELECT id, part, event, state, error, at_ms, workspace FROM dead_letters"
+        " WHERE (%s::bigint IS NULL OR workspace = %s) AND (%s::bigint[] IS NULL OR id = ANY(%s))"
         " ORDER BY id LIMIT %s",
-        (workspace, limit),
+        (workspace, workspace, chosen, chosen, limit),
     ).fetchall()
     return [
         DeadLetter(
-            int(i),
-            str(p),
-            None if e is None else int(e),
-            None if s is None else bytes(s),
-            str(err),
-            int(at),
+            id=int(i),
+            part=str(p),
+            event=None if e is None else int(e),
+            state=None if s is None else bytes(s),
+            error=str(err),
+            at_ms=int(at),
+            workspace=int(w),
         )
-        for i, p, e, s, err, at in rows
+        for i, p, e, s, err, at, w in rows
     ]
 
 
