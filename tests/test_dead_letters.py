@@ -2,17 +2,21 @@
 line: `forewarn dead-letters list|replay|discard` over an event that poisons a worker step
 (listed, replayed once the cause is fixed, or discarded, each action in the audit log), a
 partition state set aside, ids that name no dead letter, and the embedded mode, which has
-none."""
+none. A partition whose step keeps hitting a real statement timeout is set aside after the
+retries, while a connection lost mid-step (PostgreSQL restarting) never is."""
 
 from __future__ import annotations
 
+import concurrent.futures
 import json
 import os
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from typing import Any
 
+import psycopg
 import pytest
 
 from forewarn import cli, dead_letters, store_pg
@@ -198,3 +202,117 @@ def test_the_embedded_mode_has_no_dead_letters(tmp_path: Any) -> None:
     assert done.returncode == 2 and done.stdout == ""
     assert "dead letters exist only in scale-out mode" in done.stderr
     assert "FOREWARN_DATABASE_URL" in done.stderr
+
+
+# --- timeouts -------------------------------------------------------------------------------
+
+
+def _locked(server: str, part: str) -> psycopg.Connection[Any]:
+    """Another connection holding the lock on a partition's state row (as a long
+    transaction of some other program would): a worker saving it waits, until its statement
+    timeout."""
+    holder = psycopg.connect(server)
+    assert holder.execute("SELECT 1 FROM parts WHERE part = %s FOR UPDATE", (part,)).fetchone()
+    return holder
+
+
+def _timeouts(pool: store_pg.Pool) -> list[int]:
+    with pool.connection() as conn:
+        return [int(n) for (n,) in conn.execute("SELECT timeouts FROM queue ORDER BY id")]
+
+
+def test_a_partition_that_times_out_alone_is_set_aside_after_the_retries(
+    server: str, pool: store_pg.Pool, capsys: pytest.CaptureFixture[str]
+) -> None:
+    slow = store_pg.connect(server + "?options=-c%20statement_timeout%3D300")
+    try:
+        ws = store_pg.ensure_workspace(pool, "default", T0_MS)
+        now = T0_MS + 3_600_000
+        Worker(slow, ws, LIMIT).run_until_idle(now)
+        _ingest(pool, ws, [track("Limit Hit", at(minutes=1), "u1", "acme")])
+        assert Worker(slow, ws, LIMIT).run_until_idle(now).events == 1
+        _ingest(pool, ws, [track("Limit Hit", at(minutes=2), "u1", "acme")])
+        _ingest(pool, ws, [track("Limit Hit", at(minutes=1), "u2", "beta")])
+        with _locked(server, "account:acme") as holder:
+            worker = Worker(slow, ws, LIMIT, timeout_retries=3)
+            first = worker.step(now)
+            # the step timed out as a whole; alone, beta went on and acme timed out once more
+            assert (first.events, first.dead) == (1, 0)
+            assert _timeouts(pool) == [1]
+            assert worker.step(now).dead == 0
+            assert _timeouts(pool) == [2]
+            restarted = Worker(slow, ws, LIMIT, timeout_retries=3)  # the count is kept
+            assert restarted.step(now).dead == 1
+            with pool.connection() as conn:
+                (letter,) = dead_letters.listed(conn, ws)
+                assert store_pg.pending(conn, ws) == 0
+            assert letter.part == "account:acme" and letter.event is not None
+            assert letter.error.startswith(
+                "QueryCanceled: canceling statement due to statement timeout"
+            )
+            assert restarted.step(now).parts == 0  # nothing left to burn the worker's time
+            holder.rollback()  # the cause gone, the event is replayed and applied
+        assert _cli(capsys, "replay", str(letter.id))[0] == 0
+        assert restarted.run_until_idle(now).events == 1
+        fired = sorted((f[1], f[2]) for f in _firings(pool, ws))
+        assert fired == [("acme", at(minutes=1)), ("acme", at(hours=1)), ("beta", at(minutes=1))]
+    finally:
+        slow.close()
+
+
+def test_the_timeout_retries_setting_is_checked(monkeypatch: pytest.MonkeyPatch) -> None:
+    from forewarn import settings
+    from forewarn.errors import InputError
+
+    monkeypatch.delenv("FOREWARN_PG_TIMEOUT_RETRIES", raising=False)
+    assert settings.pg_timeout_retries() == 3
+    monkeypatch.setenv("FOREWARN_PG_TIMEOUT_RETRIES", "5")
+    assert settings.pg_timeout_retries() == 5
+    for bad in ("0", "-1", "three", "2.5"):
+        monkeypatch.setenv("FOREWARN_PG_TIMEOUT_RETRIES", bad)
+        with pytest.raises(InputError, match=r"FOREWARN_PG_TIMEOUT_RETRIES=.*1 or more"):
+            settings.pg_timeout_retries()
+
+
+def test_a_database_connection_lost_mid_step_is_retried_and_never_set_aside(
+    server: str, pool: store_pg.Pool
+) -> None:
+    """A worker's connection ended under it (as a restart or failover of PostgreSQL does)
+    fails its step every time: the step is retried, nothing is counted or set aside."""
+    ws = store_pg.ensure_workspace(pool, "default", T0_MS)
+    worker = Worker(pool, ws, LIMIT, timeout_retries=1)
+    _ingest(pool, ws, [track("Limit Hit", at(minutes=1), "u1", "acme")])
+    worker.run_until_idle(T0_MS)
+    _ingest(pool, ws, [track("Limit Hit", at(minutes=2), "u1", "acme")])
+    with (
+        _locked(server, "account:acme") as holder,
+        psycopg.connect(server, autocommit=True) as admin,
+        concurrent.futures.ThreadPoolExecutor(1) as one,
+    ):
+        for _ in range(3):
+            stepping = one.submit(worker.step, T0_MS)
+            _terminate_waiting(admin)
+            with pytest.raises(psycopg.OperationalError) as failed:
+                stepping.result(timeout=30)
+            assert dead_letters.transient(failed.value)
+            assert not dead_letters.timed_out(failed.value)
+        assert _timeouts(pool) == [0]
+        with pool.connection() as conn:
+            assert dead_letters.listed(conn, ws) == []
+        holder.rollback()
+    assert worker.run_until_idle(T0_MS).events == 1
+
+
+def _terminate_waiting(admin: psycopg.Connection[Any]) -> None:
+    """End the connection of the backend waiting for a lock (the worker's)."""
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline:
+        row = admin.execute(
+            "SELECT pid FROM pg_stat_activity WHERE wait_event_type = 'Lock'"
+            " AND datname = current_database()"
+        ).fetchone()
+        if row:
+            admin.execute("SELECT pg_terminate_backend(%s)", (row[0],))
+            return
+        time.sleep(0.02)
+    raise AssertionError("no worker waited for the lock")
