@@ -293,6 +293,8 @@ class Worker:
         with self.pool.connection() as conn, conn.transaction():
             if timed_out(exc):
                 times = dead_letters.count_timeout(conn, self.workspace, part)
+                if not times:  # another worker holds it now, and meets the same
+                    return Stepped()
                 if times < self.timeout_retries:
                     log.warning(
                         "partition %s timed out on its own (%d of %d times in a row before "
