@@ -20,6 +20,7 @@ from forewarn.cli_args import (
     add_format,
     add_playbooks,
     add_store,
+    columns,
     count_arg,
     duration_arg,
     time_arg,
@@ -189,10 +190,8 @@ def _print_table(triggers: Sequence[Trigger], firings: list[engine.Firing], out:
                 suppressed or "0",
             )
         )
-    widths = [max(len(line[i]) for line in lines) for i in range(len(head))]
-    for line in lines:
-        out.write("  ".join(cell.ljust(w) for cell, w in zip(line, widths, strict=True)).rstrip())
-        out.write("\n")
+    for text in columns(lines):
+        out.write(text + "\n")
 
 
 def add_check(commands: Commands) -> None:
