@@ -6,7 +6,11 @@ workers then stop sending for it."""
 
 from __future__ import annotations
 
+import json
+import os
 import random
+import subprocess
+import sys
 import time
 import uuid
 from collections.abc import Iterator
@@ -153,10 +157,19 @@ def _finished(get: Any, job: int) -> dict[str, Any]:
         time.sleep(0.1)
 
 
+def _cli(command: list[str], env: dict[str, str]) -> Any:
+    done = subprocess.run(
+        [sys.executable, "-m", "forewarn", *command], env=env, capture_output=True, text=True
+    )
+    assert done.returncode == 0, done.stderr
+    return json.loads(done.stdout)
+
+
 def test_the_same_events_report_and_backtest_the_same_as_on_an_embedded_server(
-    scale_out: ScaleOut, tmp_path: Path
+    scale_out: ScaleOut, url: str, tmp_path: Path
 ) -> None:
     users = 24
+    playbooks = str(tmp_path / "playbooks")
     embedded = srv.start(
         tmp_path / "forewarn.db",
         env={"FOREWARN_DELIVERY": "off"},
@@ -192,6 +205,16 @@ def test_the_same_events_report_and_backtest_the_same_as_on_an_embedded_server(
         assert treated["failures"] + held["failures"] == users // 3
         assert treated["goals"] + held["goals"] == users // 4
         assert row["failure_lift"] is not None and "prevented" in row["failure_lift"]
+
+        # the commands read the same store as the processes
+        pg_env = {**_env(url), "FOREWARN_DB": ""}
+        sqlite_env = {**os.environ, "FOREWARN_DB": str(embedded.db), "FOREWARN_DATABASE_URL": ""}
+        command = ["report", "--playbooks", playbooks, "--format", "json"]
+        want_cli, got_cli = _cli(command, sqlite_env), _cli(command, pg_env)
+        assert _comparable(got_cli) == _comparable(want_cli) == _comparable(report)
+        command = ["backtest", "--playbooks", playbooks, "--since", "1h", "--format", "json"]
+        want_cli, got_cli = _cli(command, sqlite_env), _cli(command, pg_env)
+        assert got_cli == want_cli and got_cli["events"] == total
 
         body = {"since": "1h", "triggers": ["export-trouble"]}
         want_job = embedded.admin_post("/api/v1/backtests", body)
