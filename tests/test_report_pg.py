@@ -340,6 +340,10 @@ def test_the_guard_pauses_the_harmful_trigger_and_the_workers_stop_sending_for_i
     now = clock.now_ms()
     _population(pool, ws, worker, now)
     with pool.connection() as conn:
+        # with events kept 7 days, it judges only the firings of the last 7 days (none here):
+        # the tickets of older ones may have been pruned
+        assert guard_pg.run(conn, ws, worker.triggers, now, keep_events_ms=7 * DAY) == []
+        assert outreach_pg.trigger_overrides(conn, ws) == {}
         stopped = guard_pg.run(conn, ws, worker.triggers, now)
         assert [(s.trigger, s.mode) for s in stopped] == [("harmful", "paused")]
         assert "raises failures" in stopped[0].reason
@@ -388,7 +392,7 @@ def test_one_worker_process_runs_the_guard_on_its_own(
     ws, worker = _guarded(pool, playbooks)
     now = clock.now_ms()
     _population(pool, ws, worker, now)
-    env = {**_env(url), "FOREWARN_GUARD_EVERY": "1s", "FOREWARN_DELIVERY": "off"}
+    env = {**_env(url), "FOREWARN_GUARD_EVERY": "1s", "FOREWARN_PG_KEEP_EVENTS": "30d"}
     workers = [_serve("worker", env, Path(playbooks)) for _ in range(2)]
     try:
         deadline = time.monotonic() + 60

@@ -110,10 +110,11 @@ def run(
     state: State | None = None,
     result: dict[str, Any] | None = None,
     store: Store | None = None,
+    window_ms: int = WINDOW_MS,
 ) -> list[Judgement]:
     """Judge every guarded trigger; stop those that must be, and tell the team. `state`: the
     live engine's, for which accounts each user belongs to; `result`: the report of the last
-    `WINDOW_MS` already made (for these triggers or more), so the log is not read again;
+    `window_ms` already made (for these triggers or more), so the log is not read again;
     `store`: the embedded store's (`SQLITE`) unless another is given (`guard_pg.STORE`)."""
     store = store or SQLITE
     overrides = store.overrides(conn, workspace)
@@ -124,7 +125,7 @@ def run(
     ]
     if not watched:
         return []
-    since = now_ms - WINDOW_MS
+    since = now_ms - window_ms
     if result is None:
         result = store.report(conn, workspace, watched, since, now_ms, state=state)
     rows = {r["trigger"]: r for r in result["triggers"]}

@@ -63,14 +63,30 @@ def _stop(conn: Conn, workspace: int, found: guard.Judgement, now_ms: int, webho
 STORE = guard.Store(outreach_pg.trigger_overrides, report_pg.live_report, _unsubscribed, _stop)
 
 
+def window_ms(keep_events_ms: int) -> int:
+    """The period the guard judges: `guard.WINDOW_MS`, or less when the workers keep events
+    for less (`FOREWARN_PG_KEEP_EVENTS`; 0: for ever). A firing in it has all the events
+    that settle its outcome still in the log (they came after it); an older one's tickets
+    may have been pruned, and would read as none."""
+    return min(guard.WINDOW_MS, keep_events_ms) if keep_events_ms else guard.WINDOW_MS
+
+
 def run(
-    conn: Conn, workspace: int, triggers: list[Trigger], now_ms: int, webhook: bool = True
+    conn: Conn,
+    workspace: int,
+    triggers: list[Trigger],
+    now_ms: int,
+    webhook: bool = True,
+    keep_events_ms: int = 0,
 ) -> list[guard.Judgement]:
     """Record the outcomes whose windows have closed, then judge every guarded trigger and
-    stop those that must be (`guard.run`)."""
-    since = now_ms - guard.WINDOW_MS
+    stop those that must be (`guard.run`), over `window_ms(keep_events_ms)`."""
+    window = window_ms(keep_events_ms)
+    since = now_ms - window
     result = report_pg.live_report(conn, workspace, triggers, since, now_ms, record=True)
-    return guard.run(conn, workspace, triggers, now_ms, webhook, result=result, store=STORE)
+    return guard.run(
+        conn, workspace, triggers, now_ms, webhook, result=result, store=STORE, window_ms=window
+    )
 
 
 def due(conn: Conn, workspace: int, now_ms: int, every_ms: int) -> bool:
@@ -98,10 +114,12 @@ def run_guards(
     stop: threading.Event,
     current: Callable[[], bool] = lambda: True,
     now_ms: Callable[[], int] = clock.now_ms,
+    keep_events_ms: int = 0,
 ) -> None:
     """Run the guard when it is due, until `stop` is set. A worker whose playbooks are not
     the current ones (`current`) leaves it to those that are. The guard must never stop the
-    worker: a failure is logged, and tried again at the next look."""
+    worker: a failure is logged, and tried again at the next look. `keep_events_ms`: how
+    long the workers keep events (`window_ms`)."""
     look_s = min(every_ms, LOOK_MS) / 1000
     while not stop.wait(look_s):
         if not current():
@@ -111,7 +129,7 @@ def run_guards(
             with pool.connection() as conn:
                 if not due(conn, workspace, now, every_ms):
                     continue
-                for found in run(conn, workspace, triggers, now):
+                for found in run(conn, workspace, triggers, now, True, keep_events_ms):
                     log.warning("auto-guard: %s %s: %s", found.trigger, found.mode, found.reason)
         except Exception:
             log.exception("the auto-guard failed; it will try again")

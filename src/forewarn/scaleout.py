@@ -478,7 +478,7 @@ def serve(
                 threading.Thread(
                     target=guard_pg.run_guards,
                     args=(pool, ws, triggers, guard_every, stop),
-                    kwargs={"current": lambda: worker.current},
+                    kwargs={"current": lambda: worker.current, "keep_events_ms": prune[1]},
                     name="forewarn-guard",
                     daemon=True,
                 ).start()
