@@ -31,9 +31,10 @@ _RECORD = placeholders(report.RECORD)
 _NEW_BACKTEST = placeholders(report.NEW_BACKTEST) + " RETURNING id"
 _READ_BACKTEST = placeholders(report.READ_BACKTEST)
 _FINISH_BACKTEST = placeholders(report.FINISH_BACKTEST)
+# (the message, what the client sent, only for an event stored in another format)
 _EVENTS = """
-SELECT id, received_ms, event, message FROM events
-WHERE workspace = %s AND id > %s AND received_ms >= %s
+SELECT id, received_ms, event, CASE WHEN get_byte(event, 0) = %s THEN NULL ELSE message END
+FROM events WHERE workspace = %s AND id > %s AND received_ms >= %s
 ORDER BY id LIMIT %s
 """
 PAGE = 5_000  # events per statement: each is a short read, none holds a transaction open
@@ -64,9 +65,10 @@ def log_events(conn: Conn, workspace: int, since_ms: int, until_ms: int) -> list
     cursor = 0
     received = since_ms - report.RECEIVED_BEFORE_MS
     while True:
-        rows = conn.execute(_EVENTS, (workspace, cursor, received, PAGE)).fetchall()
+        args = (EVENTS_FORMAT[0], workspace, cursor, received, PAGE)
+        rows = conn.execute(_EVENTS, args).fetchall()
         for _, received_ms, raw, message in rows:
-            event = _event(bytes(raw), bytes(message))
+            event = _event(bytes(raw), message)
             if event is None:
                 continue
             if event.timestamp_ms > received_ms:  # as the worker applied it (a clock ahead)
@@ -80,16 +82,16 @@ def log_events(conn: Conn, workspace: int, since_ms: int, until_ms: int) -> list
     return out
 
 
-def _event(raw: bytes, message: bytes) -> Event | None:
+def _event(raw: bytes, message: bytes | None) -> Event | None:
     """An event row as the engine reads it; from its message when stored in another format,
     skipped when neither reads (as `live.events_of` does with a batch)."""
-    if raw[:1] == EVENTS_FORMAT:
+    if message is None:
         try:
             return Event(*_decode_fields(raw[1:]))
         except (TypeError, msgspec.DecodeError):
-            pass
+            return None  # (the worker sets such an event aside as a dead letter)
     try:
-        return event_from_dict(_decode_message(message))
+        return event_from_dict(_decode_message(bytes(message)))
     except (EventError, msgspec.DecodeError):
         return None
 
