@@ -21,7 +21,18 @@ from typing import Any
 import httpx
 import pytest
 
-from forewarn import clock, decide, guard_pg, outreach_pg, report_pg, scaleout, settings, store_pg
+from forewarn import (
+    clock,
+    decide,
+    guard_pg,
+    outreach_pg,
+    report_pg,
+    scaleout,
+    settings,
+    store_outbox,
+    store_pg,
+)
+from forewarn.schema import placeholders
 from forewarn.sources import load_playbooks
 from forewarn.store_sqlite import Append
 from forewarn.worker import Worker
@@ -419,3 +430,22 @@ def test_one_worker_process_runs_the_guard_on_its_own(
             assert late == [("suppressed", "paused", None)]
     finally:
         _stop(workers)
+
+
+def test_an_unsubscribe_counts_against_the_trigger_whose_message_came_last(
+    pool: store_pg.Pool,
+) -> None:
+    ws = store_pg.ensure_workspace(pool, "default", 0, WRITE_KEY, ADMIN_KEY)
+    message = store_outbox.Message(to="a@x.test")
+    enqueue = placeholders(store_outbox.ENQUEUE)
+    with pool.connection() as conn:
+        for i, (trig, done) in enumerate((("harmful", 100), ("helpful", 200))):
+            row = (ws, i + 1, f"k{i}", "email", trig, "user", "u1", message, 0, 0)
+            conn.execute(enqueue, store_outbox.enqueue_args(*row))
+            conn.execute(
+                "UPDATE outbox SET status = 'sent', done_ms = %s WHERE key = %s", (done, f"k{i}")
+            )
+        outreach_pg.unsubscribe(conn, ws, "user", "u1", "email", "link", 300)
+        assert guard_pg.STORE.unsubscribed(conn, ws, "helpful", 0) == 1
+        assert guard_pg.STORE.unsubscribed(conn, ws, "harmful", 0) == 0
+        assert guard_pg.STORE.unsubscribed(conn, ws, "helpful", 301) == 0  # before the period
