@@ -234,12 +234,12 @@ def test_the_same_events_report_and_backtest_the_same_as_on_an_embedded_server(
         assert {k: v for k, v in got_job.json().items() if k != "id"} == {
             k: v for k, v in want_job.items() if k != "id"
         }
-        want = _finished(embedded.admin, want_job["id"])
-        got = _finished(lambda p: scale_out.call("GET", p).json(), got_job.json()["id"])
-        assert got["status"] == want["status"] == "done", (got, want)
-        assert got["result"] == want["result"]
-        assert got["result"]["events"] == total
-        [backtested] = got["result"]["triggers"]
+        want_done = _finished(embedded.admin, want_job["id"])
+        got_done = _finished(lambda p: scale_out.call("GET", p).json(), got_job.json()["id"])
+        assert got_done["status"] == want_done["status"] == "done", (got_done, want_done)
+        assert got_done["result"] == want_done["result"]
+        assert got_done["result"]["events"] == total
+        [backtested] = got_done["result"]["triggers"]
         assert backtested["firings"] == users  # the replay fires for each user again
     finally:
         srv.stop(embedded)
