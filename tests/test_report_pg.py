@@ -449,3 +449,24 @@ def test_an_unsubscribe_counts_against_the_trigger_whose_message_came_last(
         assert guard_pg.STORE.unsubscribed(conn, ws, "helpful", 0) == 1
         assert guard_pg.STORE.unsubscribed(conn, ws, "harmful", 0) == 0
         assert guard_pg.STORE.unsubscribed(conn, ws, "helpful", 301) == 0  # before the period
+
+
+def test_one_process_at_a_time_finds_the_guard_due_once_per_interval(pool: store_pg.Pool) -> None:
+    ws = store_pg.ensure_workspace(pool, "default", 0, WRITE_KEY, ADMIN_KEY)
+    every = 3_600_000
+    with pool.connection() as a, pool.connection() as b:
+        assert not guard_pg.due(a, ws, 1_000, every)  # the first look starts the clock
+        assert not guard_pg.due(b, ws, 1_000 + every - 1, every)
+        # due an interval later: to the first process that looks, and then to no other
+        assert guard_pg.due(b, ws, 1_000 + every, every)
+        assert not guard_pg.due(a, ws, 1_000 + every, every)
+        assert not guard_pg.due(a, ws, 1_000 + 2 * every - 1, every)
+        # while a process holds the lock (its look not yet committed), the others find it busy
+        with a.transaction():
+            key = store_pg.lock_key(ws, guard_pg.GUARD)
+            a.execute("SELECT pg_advisory_xact_lock(%s)", (key,))
+            assert not guard_pg.due(b, ws, 1_000 + 3 * every, every)
+        assert guard_pg.due(b, ws, 1_000 + 3 * every, every)
+        # each workspace has its own clock
+        other = store_pg.ensure_workspace(pool, "other", 0)
+        assert not guard_pg.due(a, other, 1_000 + 3 * every, every)
