@@ -274,6 +274,9 @@ def test_only_what_is_served_is_described_and_the_rest_says_embedded_only(
         ("/api/v1/subjects/{subject}/why", "get"),
         ("/api/v1/subjects/{subject}", "delete"),
         ("/api/v1/audit", "get"),
+        ("/api/v1/reports", "get"),
+        ("/api/v1/backtests", "post"),
+        ("/api/v1/backtests/{id}", "get"),
         ("/v1/batch", "post"),
         ("/healthz", "get"),
     } <= described

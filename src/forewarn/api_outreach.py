@@ -127,7 +127,8 @@ Run = Callable[..., Awaitable[Any]]
 
 
 def sqlite_run(db: str) -> Run:
-    """Call `fn(conn, *args)` on a connection of its own to the embedded store, in a thread."""
+    """Call `fn(conn, *args)` on a connection of its own to the embedded store, in a thread
+    (a `Run`)."""
 
     def run(fn: Any, *args: Any) -> Awaitable[Any]:
         def job() -> Any:
@@ -221,13 +222,15 @@ def routes(app: Forewarn, run: Run | None = None) -> list[Route]:
                     + ", ".join(sorted(known))
                 )
             triggers = [t for t in triggers if t.id in chosen]
-        job = await start_backtest(db, key.workspace, triggers, since, since_ms, now)
+        job = await start_backtest(run, key.workspace, triggers, since, since_ms, now)
         return _json({"id": job, "status": "running", **_backtest_params(since, triggers)})
 
     async def get_backtest(request: Request) -> Response:
+        from forewarn import report
+
         key = app.admin_key(request)
         raw = request.path_params["id"]
-        found = await run(read_backtest, key.workspace, int(raw)) if raw.isdigit() else None
+        found = await run(report.read_backtest, key.workspace, int(raw)) if raw.isdigit() else None
         if found is None:
             raise NotFoundError(f"no backtest {raw}")
         return _json(found)
@@ -443,31 +446,6 @@ def routes(app: Forewarn, run: Run | None = None) -> list[Route]:
     ]
 
 
-def _new_backtest(conn: Any, workspace: int, params: dict[str, Any], now: int) -> int:
-    cur = conn.execute(
-        "INSERT INTO backtests (workspace, created_ms, status, params) VALUES (?, ?, 'running', ?)",
-        (workspace, now, msgspec.json.encode(params).decode()),
-    )
-    return int(cur.lastrowid or 0)
-
-
-def read_backtest(conn: Any, workspace: int, job: int) -> dict[str, Any] | None:
-    row = conn.execute(
-        "SELECT id, status, params, result, created_ms, done_ms FROM backtests"
-        " WHERE id = ? AND workspace = ?",
-        (job, workspace),
-    ).fetchone()
-    if row is None:
-        return None
-    out: dict[str, Any] = {"id": row[0], "status": row[1], **msgspec.json.decode(row[2])}
-    out["created"] = format_time(row[4])
-    if row[3] is not None:
-        out["result"] = msgspec.json.decode(row[3])
-    if row[5] is not None:
-        out["done"] = format_time(row[5])
-    return out
-
-
 # backtests run one at a time, on a thread of their own: a few long ones never hold the
 # threads that requests use, and never compete with each other for the CPU
 _BACKTESTS = ThreadPoolExecutor(max_workers=1, thread_name_prefix="forewarn-backtest")
@@ -479,21 +457,16 @@ def _backtest_params(since: str, triggers: list[Any]) -> dict[str, Any]:
 
 
 async def start_backtest(
-    db: str, workspace: int, triggers: list[Any], since: str, since_ms: int, now_ms: int
+    run: Run, workspace: int, triggers: list[Any], since: str, since_ms: int, now_ms: int
 ) -> int:
     """Record a backtest of `triggers` over the log from `since_ms` to now and start it (it
-    waits for the one before to finish); returns its id."""
+    waits for the one before to finish); returns its id. `run`: as `routes` takes it."""
+    from forewarn import report
 
-    def record() -> int:
-        conn = _conn(db)
-        try:
-            return _new_backtest(conn, workspace, _backtest_params(since, triggers), now_ms)
-        finally:
-            conn.close()
-
-    job = await asyncio.to_thread(record)
+    params = _backtest_params(since, triggers)
+    job = int(await run(report.new_backtest, workspace, params, now_ms))
     task = asyncio.get_running_loop().create_task(
-        _run_backtest(db, workspace, job, triggers, since_ms, now_ms)
+        _run_backtest(run, workspace, job, triggers, since_ms, now_ms)
     )
     _running.add(task)
     task.add_done_callback(_running.discard)
@@ -501,29 +474,30 @@ async def start_backtest(
 
 
 async def _run_backtest(
-    db: str, workspace: int, job: int, triggers: list[Any], since_ms: int, until_ms: int
+    run: Run, workspace: int, job: int, triggers: list[Any], since_ms: int, until_ms: int
 ) -> None:
-    """The server's own log over the period, through the playbooks and the policy."""
+    """The server's own log over the period, through the playbooks and the policy: read and
+    run on the backtests' one thread, so one backtest's events at a time are in memory."""
+    from forewarn import backtest, report, settings
+
+    loop = asyncio.get_running_loop()
+
+    async def called(fn: Any, *args: Any) -> Any:
+        return await run(fn, *args)
+
+    def call(fn: Any, *args: Any) -> Any:  # `run`, from the backtests' thread
+        return asyncio.run_coroutine_threadsafe(called(fn, *args), loop).result()
 
     def work() -> None:
-        from forewarn import backtest, report, settings
-
-        conn = store_sqlite.connect(db)
         try:
-            try:
-                events = report.log_events(conn, workspace, since_ms, until_ms)
-                result = backtest.run(triggers, events, settings.policy(), until_ms)
-                status, payload = "done", msgspec.json.encode(result).decode()
-            except Exception as exc:  # recorded for whoever asks, not lost in a log
-                status, payload = "failed", msgspec.json.encode({"error": str(exc)}).decode()
-            conn.execute(
-                "UPDATE backtests SET status = ?, result = ?, done_ms = ? WHERE id = ?",
-                (status, payload, clock.now_ms(), job),
-            )
-        finally:
-            conn.close()
+            events = call(report.log_events, workspace, since_ms, until_ms)
+            result = backtest.run(triggers, events, settings.policy(), until_ms)
+            status, payload = "done", msgspec.json.encode(result).decode()
+        except Exception as exc:  # recorded for whoever asks, not lost in a log
+            status, payload = "failed", msgspec.json.encode({"error": str(exc)}).decode()
+        call(report.finish_backtest, job, status, payload, clock.now_ms())
 
-    await asyncio.get_running_loop().run_in_executor(_BACKTESTS, work)
+    await loop.run_in_executor(_BACKTESTS, work)
 
 
 def _limit(text: str | None) -> int:

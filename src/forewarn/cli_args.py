@@ -8,11 +8,14 @@ import contextlib
 import sqlite3
 from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import TypeAlias
+from typing import TYPE_CHECKING, Any, TypeAlias
 
 from forewarn import settings
 from forewarn.errors import InputError
 from forewarn.model import parse_time_ms
+
+if TYPE_CHECKING:
+    from forewarn.report import Reads
 
 PLAYBOOKS_HELP = "a playbook file or folder"
 
@@ -105,18 +108,34 @@ def count_arg(text: str) -> int:
 
 
 @contextlib.contextmanager
-def workspace_db(db: str, workspace: str) -> Iterator[tuple[sqlite3.Connection, int]]:
-    """The server's database and the workspace's id in it, for commands that read them."""
-    from forewarn import store_sqlite
+def workspace_db(db: str, workspace: str) -> Iterator[tuple[Any, int, Reads]]:
+    """The server's database and the workspace's id in it, for the commands that read its
+    log and firings (`report`, `backtest --since`), with the reads of that store: PostgreSQL
+    when FOREWARN_DATABASE_URL is set, else the SQLite file."""
+    from forewarn import report, store_sqlite
 
+    url = env("DATABASE_URL")
+    if url:
+        from forewarn import report_pg, store_pg
+
+        pool = store_pg.connect(url, max_size=1)
+        try:
+            with pool.connection() as pg:
+                ws = store_pg.workspace_id(pg, workspace)
+                if ws is None:
+                    raise InputError(f"no workspace '{workspace}' in PostgreSQL: check --workspace")
+                yield pg, ws, report_pg.READS
+        finally:
+            pool.close()
+        return
     if not Path(db).exists():
         raise InputError(f"no database {db}: give the server's --db")
     conn = store_sqlite.connect(db)
     try:
-        ws = store_sqlite.workspace_id(conn, workspace)
-        if ws is None:
+        found = store_sqlite.workspace_id(conn, workspace)
+        if found is None:
             raise InputError(f"no workspace '{workspace}' in {db}")
-        yield conn, ws
+        yield conn, found, report.SQLITE
     finally:
         conn.close()
 

@@ -50,9 +50,9 @@ def _report(args: argparse.Namespace) -> int:
         known = ", ".join(t.id for t in triggers)
         raise InputError(f"no trigger '{args.trigger}' in the playbooks; they define: {known}")
     span = duration_arg("--since", args.since)
-    with workspace_db(args.db, args.workspace) as (conn, ws):
+    with workspace_db(args.db, args.workspace) as (conn, ws, reads):
         now = clock.now_ms()
-        result = report.live_report(conn, ws, triggers, now - span, now, args.trigger)
+        result = report.report_from(reads, conn, ws, triggers, now - span, now, args.trigger)
     if args.format == "json":
         sys.stdout.write(msgspec.json.encode(result).decode() + "\n")
     elif args.format == "csv":

@@ -263,12 +263,12 @@ def _backtest(args: argparse.Namespace) -> int:
 
 def _log_events(db: str, workspace: str, since: str) -> list[Event]:
     """The events of the server's log stamped within `since` of now."""
-    from forewarn import clock, report
+    from forewarn import clock
 
     span = duration_arg("--since", since)
-    with workspace_db(db, workspace) as (conn, ws):
+    with workspace_db(db, workspace) as (conn, ws, reads):
         now = clock.now_ms()
-        return report.log_events(conn, ws, now - span, now)
+        return reads.events(conn, ws, now - span, now)
 
 
 def add_detect(commands: Commands) -> None:

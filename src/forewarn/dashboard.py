@@ -345,7 +345,7 @@ def routes(app: Forewarn) -> list[Route]:
         now = clock.now_ms()
         span = min(span, now)  # longer than the epoch: the whole log
         job = await api_outreach.start_backtest(
-            db, viewer.workspace, chosen, since, now - span, now
+            api_outreach.sqlite_run(db), viewer.workspace, chosen, since, now - span, now
         )
         return RedirectResponse(f"/backtests/{job}", status_code=303)
 

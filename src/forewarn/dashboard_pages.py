@@ -12,7 +12,6 @@ from typing import TYPE_CHECKING, Any
 from starlette.requests import Request
 
 from forewarn import (
-    api_outreach,
     clock,
     dashboard_data,
     dashboard_more,
@@ -177,7 +176,7 @@ def backtest(
     app: Forewarn, request: Request, viewer: Viewer, conn: sqlite3.Connection
 ) -> dict[str, Any]:
     raw = request.path_params["id"].removesuffix(".json")
-    found = api_outreach.read_backtest(conn, viewer.workspace, int(raw)) if raw.isdigit() else None
+    found = report.read_backtest(conn, viewer.workspace, int(raw)) if raw.isdigit() else None
     if found is None:
         raise NotFoundError(f"no backtest {raw}: see /backtests")
     return found

@@ -14,12 +14,14 @@ last `WINDOW` (firings with their outcomes, read from the log):
 
 The trigger is then put in shadow or paused (`store_outbox.override_trigger`, by `auto-guard`),
 and the team webhook gets a message. A trigger already paused or in shadow is left as it is:
-a person resumes it.
+a person resumes it. The embedded server runs it in its engine loop; in the scale-out mode,
+the worker processes do, one at a time (`guard_pg`).
 """
 
 from __future__ import annotations
 
 import sqlite3
+from collections.abc import Callable
 from typing import Any, NamedTuple
 
 from forewarn import report, stats, store_outbox, store_sqlite
@@ -88,19 +90,34 @@ def judge(trigger: Trigger, row: dict[str, Any], unsubscribed: int) -> Judgement
     return None
 
 
+class Store(NamedTuple):
+    """What the guard reads and writes in one store: the triggers' overrides, the report, the
+    unsubscribes a trigger caused since a moment (`UNSUBSCRIBED`), and stopping a trigger
+    (its override, by `auto-guard`, and the team's message, in one transaction)."""
+
+    overrides: Callable[[Any, int], dict[str, Any]]
+    report: Callable[..., dict[str, Any]]
+    unsubscribed: Callable[[Any, int, str, int], int]
+    stop: Callable[[Any, int, Judgement, int, bool], None]
+
+
 def run(
-    conn: sqlite3.Connection,
+    conn: Any,
     workspace: int,
     triggers: list[Trigger],
     now_ms: int,
     webhook: bool = True,
     state: State | None = None,
     result: dict[str, Any] | None = None,
+    store: Store | None = None,
+    window_ms: int = WINDOW_MS,
 ) -> list[Judgement]:
     """Judge every guarded trigger; stop those that must be, and tell the team. `state`: the
     live engine's, for which accounts each user belongs to; `result`: the report of the last
-    `WINDOW_MS` already made (for these triggers or more), so the log is not read again."""
-    overrides = store_outbox.trigger_overrides(conn, workspace)
+    `window_ms` already made (for these triggers or more), so the log is not read again;
+    `store`: the embedded store's (`SQLITE`) unless another is given (`guard_pg.STORE`)."""
+    store = store or SQLITE
+    overrides = store.overrides(conn, workspace)
     watched = [
         t
         for t in triggers
@@ -108,41 +125,51 @@ def run(
     ]
     if not watched:
         return []
+    since = now_ms - window_ms
     if result is None:
-        since = now_ms - WINDOW_MS
-        result = report.live_report(conn, workspace, watched, since, now_ms, state=state)
+        result = store.report(conn, workspace, watched, since, now_ms, state=state)
     rows = {r["trigger"]: r for r in result["triggers"]}
     stopped = []
     for t in watched:
-        unsubscribed = _unsubscribed(conn, workspace, t.id, now_ms - WINDOW_MS)
+        unsubscribed = store.unsubscribed(conn, workspace, t.id, since)
         found = judge(t, rows.get(t.id, {}), unsubscribed)
         if found is None:
             continue
-        with store_sqlite.transaction(conn):
-            store_outbox.override_trigger(
-                conn, workspace, t.id, found.mode, found.reason, "auto-guard", now_ms
-            )
-            if webhook:
-                _tell_the_team(conn, workspace, found, now_ms)
+        store.stop(conn, workspace, found, now_ms, webhook)
         stopped.append(found)
     return stopped
 
 
+# Unsubscribes a trigger caused: those whose latest message before them (on that channel, or
+# any for an unsubscribe from everything) was the trigger's. (Both stores read it.)
+UNSUBSCRIBED = (
+    "SELECT count(*) FROM consent c WHERE c.workspace = ? AND c.at_ms >= ? AND ("
+    " SELECT o.trig FROM outbox o WHERE o.workspace = c.workspace AND o.scope = c.scope"
+    " AND o.subject = c.subject AND o.status = 'sent' AND o.done_ms <= c.at_ms"
+    " AND o.channel != 'webhook' AND (c.channel = '*' OR o.channel = c.channel)"
+    " ORDER BY o.done_ms DESC, o.id DESC LIMIT 1) = ?"
+)
+
+
 def _unsubscribed(conn: sqlite3.Connection, workspace: int, trigger: str, since_ms: int) -> int:
-    """Unsubscribes this trigger caused: those whose latest message before them (on that
-    channel, or any for an unsubscribe from everything) was the trigger's."""
-    row = conn.execute(
-        "SELECT count(*) FROM consent c WHERE c.workspace = ? AND c.at_ms >= ? AND ("
-        " SELECT o.trig FROM outbox o WHERE o.workspace = c.workspace AND o.scope = c.scope"
-        " AND o.subject = c.subject AND o.status = 'sent' AND o.done_ms <= c.at_ms"
-        " AND o.channel != 'webhook' AND (c.channel = '*' OR o.channel = c.channel)"
-        " ORDER BY o.done_ms DESC, o.id DESC LIMIT 1) = ?",
-        (workspace, since_ms, trigger),
-    ).fetchone()
+    row = conn.execute(UNSUBSCRIBED, (workspace, since_ms, trigger)).fetchone()
     return int(row[0])
 
 
-def _tell_the_team(conn: sqlite3.Connection, workspace: int, found: Judgement, now_ms: int) -> None:
+def _stop(
+    conn: sqlite3.Connection, workspace: int, found: Judgement, now_ms: int, webhook: bool
+) -> None:
+    with store_sqlite.transaction(conn):
+        store_outbox.override_trigger(
+            conn, workspace, found.trigger, found.mode, found.reason, "auto-guard", now_ms
+        )
+        if webhook:
+            store_outbox.enqueue(conn, *team_message(workspace, found, now_ms))
+
+
+def team_message(workspace: int, found: Judgement, now_ms: int) -> tuple[Any, ...]:
+    """The outbox row (as `store_outbox.enqueue` takes it, after the connection) of the
+    webhook telling the team a trigger was stopped."""
     verb = "put in shadow" if found.mode == "shadow" else "paused"
     text = f"Forewarn {verb} trigger '{found.trigger}': {found.reason}."
     key = f"guard:{workspace}:{found.trigger}:{now_ms}"
@@ -151,16 +178,7 @@ def _tell_the_team(conn: sqlite3.Connection, workspace: int, found: Judgement, n
         text=text,
         data={"payload": {"type": "trigger.guarded", "data": found._asdict()}},
     )
-    store_outbox.enqueue(
-        conn,
-        workspace,
-        0,
-        key,
-        "webhook",
-        found.trigger,
-        "account",
-        "team",
-        message,
-        now_ms,
-        now_ms,
-    )
+    return (workspace, 0, key, "webhook", found.trigger, "account", "team", message, now_ms, now_ms)
+
+
+SQLITE = Store(store_outbox.trigger_overrides, report.live_report, _unsubscribed, _stop)

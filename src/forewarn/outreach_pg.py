@@ -3,11 +3,12 @@ read and write, for a scale-out API process to serve them with the embedded cont
 
 Each function here is the twin of the `store_outbox` function of the same name, on the same
 tables (consent, suppressions, the outbox, inbox, push subscriptions, trigger overrides,
-secrets), with the same statements, rewritten for psycopg's placeholders (`schema.placeholders`,
-once, at import, but for the outreach list's, which is built per request), and the audit rows
-on PostgreSQL (`audit_pg`). What they write is what
-the workers' policy (`store_pg.standing`, `store_pg.trigger_overrides`) and the delivery
-processes (`outbox_pg`) read, so an unsubscribe or a pause takes effect as in the embedded mode.
+secrets; and reports and backtests, in `report_pg`), with the same statements, rewritten for
+psycopg's placeholders (`schema.placeholders`, once, at import, but for the outreach list's,
+which is built per request), and the audit rows on PostgreSQL (`audit_pg`). What they write
+is what the workers' policy (`store_pg.standing`, `store_pg.trigger_overrides`) and the
+delivery processes (`outbox_pg`) read, so an unsubscribe or a pause takes effect as in the
+embedded mode.
 `runner` gives `api_outreach.routes` its way of calling them.
 """
 
@@ -20,7 +21,7 @@ from typing import Any
 
 import psycopg
 
-from forewarn import audit, audit_pg, store_outbox, store_pg, widget
+from forewarn import audit, audit_pg, report, report_pg, store_outbox, store_pg, widget
 from forewarn.schema import placeholders
 from forewarn.store_outbox import PENDING, SUPPRESSED
 
@@ -250,6 +251,11 @@ TWINS: dict[Callable[..., Any], Callable[..., Any]] = {
     store_outbox.override_trigger: override_trigger,
     store_outbox.resume_trigger: resume_trigger,
     store_outbox.trigger_overrides: trigger_overrides,
+    report.live_report: report_pg.live_report,
+    report.log_events: report_pg.log_events,
+    report.new_backtest: report_pg.new_backtest,
+    report.finish_backtest: report_pg.finish_backtest,
+    report.read_backtest: report_pg.read_backtest,
 }
 
 # the routes of `api_outreach` these serve
@@ -260,6 +266,9 @@ PATHS = frozenset(
         "/c/{token}",
         "/e/{token}",
         "/api/v1/outreach",
+        "/api/v1/reports",
+        "/api/v1/backtests",
+        "/api/v1/backtests/{id}",
         "/api/v1/triggers/overrides",
         "/api/v1/triggers/{trigger}/pause",
         "/api/v1/triggers/{trigger}/resume",

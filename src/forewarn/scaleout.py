@@ -4,10 +4,12 @@
 - **api**: the ingest routes of the embedded server (Segment, PostHog, Sentry, ticket and
   billing webhooks), each request committed to PostgreSQL before it is answered, plus
   `/api/v1/firings`, `/healthz`, `/metrics`, the admin API's reads (`api_pg`), the outreach
-  routes, the signed links inside messages and the widget API (`api_outreach` and `widget`
-  over `outreach_pg`) and `/openapi.json`. It runs no engine.
+  routes, reports and backtests (`report_pg`), the signed links inside messages and the
+  widget API (`api_outreach` and `widget` over `outreach_pg`) and `/openapi.json`. It runs
+  no engine.
 - **worker**: steps a `worker.Worker` in a loop: claims what it can, commits, and waits a
-  moment only when there was nothing to claim.
+  moment only when there was nothing to claim. Beside it, pruning, the retention purge and
+  the auto-guard (`guard_pg`), each run by one worker at a time.
 - **delivery**: drains the outbox onto the channels (`deliver` over `outbox_pg`).
 - **all**: an API, a worker and a delivery worker in one process.
 
@@ -46,6 +48,7 @@ from forewarn import (
     clock,
     compose,
     dead_letters,
+    guard_pg,
     live,
     outreach_pg,
     pruning,
@@ -471,6 +474,15 @@ def serve(
                     "claims nothing until it runs the current playbooks",
                     flush=True,
                 )
+            guard_every = settings.guard_every_ms()
+            if guard_every:  # one worker at a time runs it (guard_pg)
+                threading.Thread(
+                    target=guard_pg.run_guards,
+                    args=(pool, ws, triggers, guard_every, stop),
+                    kwargs={"current": lambda: worker.current, "keep_events_ms": prune[1]},
+                    name="forewarn-guard",
+                    daemon=True,
+                ).start()
             retention = settings.retention_ms()
             if retention:
                 threading.Thread(

@@ -71,14 +71,34 @@ def enqueue(
     failed: str | None = None,
 ) -> None:
     """A message to send; or, with `failed` (why it could not be made), a dead letter."""
+    row = (workspace, firing, key, channel, trigger, scope, subject, message, due_ms, now_ms)
+    conn.execute(ENQUEUE, enqueue_args(*row, failed))
+
+
+def enqueue_args(
+    workspace: int,
+    firing: int,
+    key: str,
+    channel: str,
+    trigger: str,
+    scope: str,
+    subject: str,
+    message: Message,
+    due_ms: int,
+    now_ms: int,
+    failed: str | None = None,
+) -> tuple[Any, ...]:
+    """`ENQUEUE`'s arguments (`enqueue`'s)."""
     status, reason, done = (DEAD, "failed", now_ms) if failed is not None else (PENDING, None, None)
     row = (workspace, firing, key, channel, trigger, subject, scope, _encode(message), due_ms)
-    conn.execute(
-        "INSERT OR IGNORE INTO outbox (workspace, firing, key, channel, trig, subject, scope,"
-        " message, due_ms, created_ms, status, reason, detail, done_ms)"
-        " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-        (*row, now_ms, status, reason, failed, done),
-    )
+    return (*row, now_ms, status, reason, failed, done)
+
+
+ENQUEUE = (
+    "INSERT INTO outbox (workspace, firing, key, channel, trig, subject, scope,"
+    " message, due_ms, created_ms, status, reason, detail, done_ms)"
+    " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (workspace, key) DO NOTHING"
+)
 
 
 def displace(conn: sqlite3.Connection, firing_ids: Iterable[int], now_ms: int) -> None:
