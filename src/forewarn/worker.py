@@ -44,6 +44,7 @@ from forewarn import (
     dead_letters,
     decide,
     engine,
+    history_pg,
     homes,
     live,
     partition,
@@ -290,7 +291,18 @@ class Worker:
 
     def _step(self, now_ms: int, only: list[str] | None, limit: int) -> Stepped:
         """One transaction over the candidate partitions (or `only` those), claiming at most
-        `limit` events."""
+        `limit` events. A partition that is to decide for a person another worker is deciding
+        for at this moment (`history_pg`) is left for a later step: the transaction is rolled
+        back and run again without it."""
+        busy: set[str] = set()
+        while True:
+            try:
+                return self._claim(now_ms, only, limit, busy)
+            except history_pg.PersonBusy as exc:
+                log.info("%s: left for a later step", exc)
+                busy.add(exc.part)
+
+    def _claim(self, now_ms: int, only: list[str] | None, limit: int, busy: set[str]) -> Stepped:
         done = Stepped()
         with self.pool.connection() as conn, conn.transaction():
             if not self._current(conn.execute(_GENERATION, (self.workspace,)).fetchone()):
@@ -311,6 +323,7 @@ class Worker:
                         },
                     )
                 ]
+            candidates = [p for p in candidates if p not in busy]
             if not candidates:
                 return done
             keys = [store_pg.lock_key(self.workspace, p) for p in candidates]
@@ -482,6 +495,10 @@ class Worker:
             return s.unsubscribed, s.bounced, s.suppressed
 
         outreach.consent = consent
+        who = history_pg.people(firings)
+        if who:  # their outreach decided in every partition, under their locks
+            since = min(f.at_ms for f in firings) - self.policy.horizon_ms()
+            history_pg.take(conn, self.workspace, p.name, who, outreach, since)
         displaced: list[int] = []
         for f in firings:
             displaced.extend(int(d) for d in outreach.decide(f))
