@@ -66,15 +66,19 @@ def take(
     holds one of them."""
     names = ["person:" + p for p in who]
     keys = [store_pg.lock_key(workspace, n) for n in names]
-    got = {str(n) for (n,) in conn.execute(dead_letters.TRY_LOCKS, (names, keys))}
+    # the read is a statement of its own, after the locks: it sees what their last holder
+    # committed (the two are sent together, in one round trip). It is planned for its values
+    # each time: a prepared statement's generic plan, made while `firings` has no statistics
+    # yet (a new database), scans the workspace's whole horizon
+    with conn.pipeline():
+        locked = conn.execute(dead_letters.TRY_LOCKS, (names, keys))
+        read = conn.execute(_RECORDS, (workspace, who, since_ms), prepare=False)
+    got = {str(n) for (n,) in locked.fetchall()}
     busy = [p for p, n in zip(who, names, strict=True) if n not in got]
     if busy:
         raise PersonBusy(part, busy)
-    # a statement of its own, after the locks: it sees what their last holder committed
     records: dict[str, list[Any]] = {p: [] for p in who}
-    for subject, fid, trig, channel, at_ms, send_at in conn.execute(
-        _RECORDS, (workspace, who, since_ms)
-    ):
+    for subject, fid, trig, channel, at_ms, send_at in read.fetchall():
         records[str(subject)].append(
             outreach.stored(str(trig), str(channel), int(at_ms), int(send_at), int(fid))
         )
