@@ -10,14 +10,15 @@ A step, in one transaction:
 3. loads each partition's state (the engine's subjects, its clock and the policy's history),
    applies the events in log order, each after the timers due by its time, then the timers
    due by now;
-4. decides every firing, and writes the firings, the outbox rows of those to send, the new
+4. decides every firing (a user's from their outreach in every partition, read under their
+   lock: `history_pg`), and writes the firings, the outbox rows of those to send, the new
    state with its next due time, and deletes the claimed queue rows; then commits.
 
 The locks end with the transaction. A worker killed mid-step commits nothing: its partitions'
 events are still queued, and the next worker to try them gets the lock. Nothing is lost, and
 nothing is applied twice, because the state and the queue change in the same commit. No lock
-is ever waited for while others are held (a user's partition an account adopts is only tried
-too), so workers cannot deadlock.
+is ever waited for while others are held (a user's partition an account adopts, and a person
+decided for, are only tried too), so workers cannot deadlock.
 
 A step that fails on its data is retried a partition at a time, and what still fails is set
 aside (`dead_letters`). A worker claims only while its playbooks are the newest generation
