@@ -17,7 +17,7 @@ from forewarn.live import LiveEngine, firing_dict
 from forewarn.model import event_from_dict, order_key
 from forewarn.sources import load_playbooks
 
-from .factories import DAY, T0_MS, at, ms, replay, track
+from .factories import DAY, T0_MS, at, identify, ms, playbook, replay, track
 from .test_replay_properties import HORIZON_MS, TRIGGERS, run, streams
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -134,6 +134,38 @@ def test_other_playbooks_rebuild_from_the_log_without_firing_the_past(db):
     assert rebuilt.cursor == live.cursor
     assert len(rebuilt.runner.state.users) == len(live.runner.state.users)
     assert _firings(db) == recorded
+
+
+FREE_PLAN = playbook("""
+triggers:
+  - id: free-limit
+    when: {all: [{traits: {plan: free}}, {event: {name: Limit Hit}}]}
+    action: {channel: in_app, template: free-limit}
+""")
+
+
+def test_a_template_naming_another_trait_rebuilds_the_state_instead_of_misreading_it(db):
+    """The traits a message template names are kept in the state, in slots laid out with the
+    triggers' own: a template that names a new one moves them, so the snapshot taken before
+    cannot be read as it is."""
+    from forewarn.server import subject_state
+
+    live = LiveEngine(db, 1, FREE_PLAN, snapshot_every_ms=0)
+    _append(db, identify(at(), "u1", plan="free", first_name="Ada"), T0_MS)
+    live.step(T0_MS)
+    assert subject_state(live.runner.state, "u1")[0]["traits"] == {"plan": "free"}
+
+    # the template now says "Hi {{ traits.first_name }}": the engine keeps first_name too
+    named = LiveEngine(db, 1, FREE_PLAN, keep=(("first_name",), ()))
+    assert named.playbooks != live.playbooks
+    traits = subject_state(named.runner.state, "u1")[0]["traits"]
+    assert traits == {"plan": "free", "first_name": "Ada"}  # rebuilt from the log
+
+    # a template naming only what the triggers or the policy read already (plan, email)
+    # changes nothing: the snapshot is read as it is, not rebuilt
+    plan = LiveEngine(db, 1, FREE_PLAN, keep=(("plan", "email"), ()))
+    assert plan.playbooks == live.playbooks
+    assert subject_state(plan.runner.state, "u1")[0]["traits"] == {"plan": "free"}
 
 
 @settings(max_examples=25, deadline=None)

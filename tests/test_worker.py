@@ -368,3 +368,37 @@ def test_a_worker_with_older_playbooks_stops_claiming_instead_of_resetting_newer
     assert not Worker(pool, ws, FREE).register(T0_MS)
     new.run_until_idle(0)  # u2's traits, built by v2, are still there
     assert [(f[0], f[1]) for f in _firings(pool, ws)] == [("free-limit", "u2")]
+
+
+def test_a_template_naming_another_trait_is_other_playbooks_to_the_stored_states(
+    pool: store_pg.Pool,
+) -> None:
+    """The traits the messages name are kept in the partitions' states: a template that names
+    a new one lays the state out anew, so neither a worker nor an API process reads the
+    states stored before as they are (it would find plan where first_name now lives)."""
+    from forewarn import admin_pg
+
+    ws = store_pg.ensure_workspace(pool, "default", T0_MS)
+    old = Worker(pool, ws, FREE)
+    _ingest(pool, ws, [identify(at(minutes=1), "u1", plan="free", first_name="Ada")])
+    old.run_until_idle(0)
+
+    named = (("first_name",), ())  # the template now says "Hi {{ traits.first_name }}"
+    new = Worker(pool, ws, FREE, keep=named)
+    assert new.playbooks != old.playbooks
+    with pool.connection() as conn:
+        with pytest.raises(admin_pg.OtherPlaybooksError):
+            admin_pg.Reader(FREE, named).subject(conn, ws, "u1")
+        # naming a trait the trigger reads already lays out nothing anew: read as stored
+        (same,) = admin_pg.Reader(FREE, (("plan",), ())).subject(conn, ws, "u1")["as"]
+    assert same["traits"] == {"plan": "free"}
+
+    assert new.register(T0_MS)  # the workers restarted with the new template
+    _ingest(pool, ws, [identify(at(minutes=2), "u1", first_name="Ada", plan="free")])
+    new.run_until_idle(0)  # the partition starts afresh under the new layout
+    _ingest(pool, ws, [track("Limit Hit", at(minutes=3), "u1")])
+    new.run_until_idle(0)
+    with pool.connection() as conn:
+        (held,) = admin_pg.Reader(FREE, named).subject(conn, ws, "u1")["as"]
+    assert held["traits"] == {"plan": "free", "first_name": "Ada"}
+    assert [(f[0], f[1]) for f in _firings(pool, ws)] == [("free-limit", "u1")]

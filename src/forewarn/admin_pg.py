@@ -25,7 +25,6 @@ import psycopg
 from forewarn import engine, live, partition, server, store_pg
 from forewarn.errors import ForewarnError, NotFoundError
 from forewarn.playbook import Trigger
-from forewarn.policy import POLICY_TRAITS
 from forewarn.store_sqlite import _subjects_of  # which ids a logged message names
 
 RECENT_EVENTS = 50  # events in a subject's timeline, newest first (as the embedded server's)
@@ -77,10 +76,8 @@ class Reader:
     def __init__(
         self, triggers: list[Trigger], keep: tuple[tuple[str, ...], tuple[str, ...]] = ((), ())
     ) -> None:
-        self.book = engine.Playbook(
-            triggers, keep=(POLICY_TRAITS + keep[0], POLICY_TRAITS + keep[1])
-        )
-        self.playbooks = live.fingerprint(triggers)
+        self.book = live.playbook(triggers, keep)
+        self.playbooks = live.fingerprint(triggers, keep)
 
     # --- the routes' answers ------------------------------------------------------------
 

@@ -30,6 +30,8 @@ ACTIONS = (
     "subject.forget_requested",
     "subject.forgotten",
     "retention.purged",
+    "dead_letter.replayed",
+    "dead_letter.discarded",
 )
 
 

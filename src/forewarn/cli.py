@@ -2,8 +2,8 @@
 
 Each command lives with its group: `cli_replay` (check, replay, backtest, detect: offline, over
 recorded data), `cli_outcomes` (report, plan, simulate: measuring what outreach does),
-`cli_serve` (serve, migrate, deliver, demo) and `cli_admin` (keys, forget, purge); what they
-share is in `cli_args`.
+`cli_serve` (serve, migrate, deliver, demo) and `cli_admin` (keys, forget, purge,
+dead-letters); what they share is in `cli_args`.
 """
 
 from __future__ import annotations
@@ -24,6 +24,7 @@ COMMANDS = (
     cli_admin.add_keys,
     cli_admin.add_forget,
     cli_admin.add_purge,
+    cli_admin.add_dead_letters,
     cli_serve.add_deliver,
     cli_replay.add_backtest,
     cli_outcomes.add_report,
@@ -46,7 +47,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, rest = parser.parse_known_args(argv)
+    if rest:
+        _more(parser, args, rest)
     try:
         code: int = args.run(args)
     except ForewarnError as exc:
@@ -55,6 +59,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     except BrokenPipeError:
         return 0
     return code
+
+
+def _more(parser: argparse.ArgumentParser, args: argparse.Namespace, rest: list[str]) -> None:
+    """IDs given after an option (`discard --workspace w 3 4`), which argparse leaves over
+    once a list of them has matched nothing before the option: added to the command's list
+    (`more`, set by a command that takes one). Anything else left over is refused."""
+    into = getattr(args, "more", None)
+    if into is None or any(r.startswith("-") for r in rest):
+        parser.error(f"unrecognized arguments: {' '.join(rest)}")
+    for text in rest:
+        if not text.isdigit():
+            parser.error(f"argument {into.upper()}: invalid int value: {text!r}")
+        getattr(args, into).append(int(text))
 
 
 if __name__ == "__main__":

@@ -1,18 +1,21 @@
-"""The commands that keep a workspace: its keys, forgetting a person, and purging old data."""
+"""The commands that keep a workspace: its keys, forgetting a person, purging old data, and the
+scale-out workers' dead letters."""
 
 from __future__ import annotations
 
 import argparse
 import sys
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import msgspec
 
 from forewarn import settings
-from forewarn.cli_args import Commands, add_store, embedded, env
+from forewarn.cli_args import Commands, add_format, add_store, columns, embedded, env
 from forewarn.errors import InputError
 
 if TYPE_CHECKING:
+    import psycopg
+
     from forewarn.store_pg import Pool
 
 
@@ -215,3 +218,161 @@ def _purge(args: argparse.Namespace) -> int:
             conn.close()
     print(msgspec.json.encode(counts).decode())
     return 0
+
+
+def add_dead_letters(commands: Commands) -> None:
+    letters = commands.add_parser(
+        "dead-letters",
+        help="list, replay or discard what the scale-out workers set aside",
+        description="The events and partition states the scale-out workers could not apply "
+        "and set aside (FOREWARN_DATABASE_URL): list them, queue events again once the cause "
+        "is fixed, or discard them. Replays and discards are written to the audit log.",
+    )
+    letters.add_argument(
+        "action",
+        choices=("list", "replay", "discard"),
+        metavar="ACTION",
+        help="list (one line each), replay (queue events again) or discard (forget them)",
+    )
+    letters.add_argument(
+        "ids", nargs="*", type=int, metavar="ID", help="the dead letters to replay or discard"
+    )
+    letters.add_argument(
+        "--all", action="store_true", help="replay or discard every dead letter (of --workspace)"
+    )
+    letters.add_argument(
+        "--workspace", help="this workspace's dead letters only (default: every workspace's)"
+    )
+    add_format(letters, "table", "jsonl")
+    letters.set_defaults(run=_dead_letters, more="ids")
+
+
+def _dead_letters(args: argparse.Namespace) -> int:
+    from forewarn import store_pg
+
+    url = env("DATABASE_URL")
+    if not url:
+        raise InputError(
+            "dead letters exist only in scale-out mode, where the PostgreSQL workers set aside "
+            "what they cannot apply; the embedded server has none. Set FOREWARN_DATABASE_URL "
+            "to the workers' database"
+        )
+    if args.action == "list" and (args.ids or args.all):
+        raise InputError("list takes no ID and no --all: give --workspace to narrow it")
+    if args.action != "list" and bool(args.ids) == args.all:
+        raise InputError(f"{args.action}: give the dead letters' IDs (from list), or --all")
+    pool = store_pg.connect(url, max_size=1)
+    try:
+        with pool.connection() as conn:
+            names = {int(i): str(n) for i, n in conn.execute("SELECT id, name FROM workspaces")}
+            ws = None
+            if args.workspace is not None:
+                ws = store_pg.workspace_id(conn, args.workspace)
+                if ws is None:
+                    raise InputError(f"no workspace '{args.workspace}' in PostgreSQL")
+            if args.action == "list":
+                _list_dead_letters(conn, ws, names, args.format)
+            else:
+                _settle_dead_letters(conn, ws, names, args)
+    finally:
+        pool.close()
+    return 0
+
+
+LISTED = 10_000  # dead letters `list` prints at most
+
+
+def _list_dead_letters(
+    conn: psycopg.Connection[Any], ws: int | None, names: dict[int, str], form: str
+) -> None:
+    from forewarn import dead_letters
+    from forewarn.model import format_time
+
+    found = dead_letters.listed(conn, ws, LISTED)
+    rows = [
+        {
+            "workspace": names.get(d.workspace, str(d.workspace)),
+            "id": d.id,
+            "kind": "event" if d.event is not None else "state",
+            "partition": d.part,
+            "event": d.event,
+            "error": d.error,
+            "at": format_time(d.at_ms),
+        }
+        for d in found
+    ]
+    if form == "jsonl":
+        for row in rows:
+            print(msgspec.json.encode(row).decode())
+    elif rows:
+        head = ("workspace", "id", "kind", "partition", "event", "error", "at")
+        cells = [
+            tuple(
+                "-" if r[k] is None else str(r[k]).splitlines()[0] if k == "error" else str(r[k])
+                for k in head
+            )
+            for r in rows
+        ]
+        print("\n".join(columns([head, *cells])))
+    waiting = sum(n for w, n in dead_letters.count(conn).items() if ws is None or w == ws)
+    if waiting > len(found):
+        print(f"the first {len(found)} of {waiting} dead letters", file=sys.stderr)
+    elif not found:
+        print("no dead letters", file=sys.stderr)
+
+
+def _settle_dead_letters(
+    conn: psycopg.Connection[Any], ws: int | None, names: dict[int, str], args: argparse.Namespace
+) -> None:
+    """Replay or discard the dead letters named (or all), in one transaction with an audit
+    row per workspace; nothing is done when an ID names no dead letter."""
+    from forewarn import audit_pg, clock, dead_letters
+
+    replay = args.action == "replay"
+    where = f" in workspace '{args.workspace}'" if ws is not None else ""
+    with conn.transaction():
+        found = dead_letters.listed(conn, ws, None, args.ids or None)
+        missing = sorted(set(args.ids) - {d.id for d in found})
+        if missing:
+            raise InputError(
+                f"no dead letter {', '.join(map(str, missing))}{where}: "
+                "`forewarn dead-letters list` shows those there are (none was "
+                f"{'replayed' if replay else 'discarded'})"
+            )
+        states = [d.id for d in found if d.event is None]
+        if replay and states and args.ids:
+            raise InputError(
+                f"dead letter {', '.join(map(str, states))} is a partition's state, which is "
+                "never replayed (the partition started afresh): discard it"
+            )
+        chosen = [d for d in found if not (replay and d.event is None)]
+        done: list[int] = []
+        now = clock.now_ms()
+        for w in sorted({d.workspace for d in chosen}):
+            ids = [d.id for d in chosen if d.workspace == w]
+            act = dead_letters.replay if replay else dead_letters.discard
+            n = act(conn, w, ids)
+            left = {d.id for d in dead_letters.listed(conn, w, None, ids)}
+            settled = [i for i in ids if i not in left]
+            done.extend(settled)
+            action = "dead_letter.replayed" if replay else "dead_letter.discarded"
+            target = "all" if args.all else ",".join(map(str, ids))
+            audit_pg.record(conn, w, "cli", action, target, now, {"ids": settled, "count": n})
+    verb = "replayed" if replay else "discarded"
+    print(msgspec.json.encode({verb: len(done), "ids": done}).decode())
+    note = f"{verb} {len(done)} dead letter(s){where}"
+    if replay:
+        note += ": their events are queued again, for the workers to apply as late events"
+    print(note, file=sys.stderr)
+    stuck = [d.id for d in chosen if d.id not in done]
+    if stuck:
+        print(
+            f"dead letter {', '.join(map(str, stuck))} not {verb}: its event is no longer in "
+            "the log (a forget removed it); discard it",
+            file=sys.stderr,
+        )
+    if replay and states:
+        print(
+            f"{len(states)} partition state(s) set aside are not replayed: discard them",
+            file=sys.stderr,
+        )

@@ -6,7 +6,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import sqlite3
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import TypeAlias
 
@@ -61,6 +61,14 @@ def add_address(parser: argparse.ArgumentParser) -> None:
 def add_format(parser: argparse.ArgumentParser, *choices: str) -> None:
     """--format, the first choice by default."""
     parser.add_argument("--format", choices=choices, default=choices[0])
+
+
+def columns(lines: Sequence[Sequence[str]]) -> list[str]:
+    """Rows of cells (a header first) as text lines, each column as wide as its widest cell."""
+    widths = [max(len(line[i]) for line in lines) for i in range(len(lines[0]))]
+    return [
+        "  ".join(c.ljust(w) for c, w in zip(line, widths, strict=True)).rstrip() for line in lines
+    ]
 
 
 def time_arg(option: str, text: str | None) -> int | None:

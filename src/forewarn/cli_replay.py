@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 import argparse
-import bisect
 import gc
 import os
 import sys
 from collections import Counter, defaultdict
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import IO
 
@@ -21,6 +20,7 @@ from forewarn.cli_args import (
     add_format,
     add_playbooks,
     add_store,
+    columns,
     count_arg,
     duration_arg,
     time_arg,
@@ -31,7 +31,7 @@ from forewarn.model import Event
 from forewarn.playbook import Trigger
 from forewarn.policy import POLICY_TRAITS, Holding, Outreach
 from forewarn.runner import Runner
-from forewarn.sources import load_playbooks, read_events
+from forewarn.sources import EventBatch, OutOfOrder, load_playbooks, read_events, stream_events
 
 PROGRESS_MIN_BYTES = 8 << 20
 
@@ -85,54 +85,23 @@ def add_replay(commands: Commands) -> None:
 def _replay(args: argparse.Namespace) -> int:
     triggers = load_playbooks(args.playbooks)
     until_ms = time_arg("--until", args.until)
-    size = os.path.getsize(args.events) if args.events != "-" and Path(args.events).is_file() else 0
-    progress = Progress(f"reading {args.events}", size)
-    batch = read_events(args.events, progress)
-    progress.close()
-    gc.freeze()  # the events live to the end: keep the collector from re-scanning them
+    batch, firings, replayed = _replay_events(args.events, triggers, until_ms)
     for bad in batch.rejected[: args.show_rejected]:
         print(bad, file=sys.stderr)
     if len(batch.rejected) > args.show_rejected:
         more = len(batch.rejected) - args.show_rejected
         print(f"{args.events}: ... and {more} more invalid lines skipped", file=sys.stderr)
-
-    # the events are sorted, so nothing arrives late: apply each one as it comes
-    keep = (POLICY_TRAITS, POLICY_TRAITS)
-    runner = Runner(engine.State(engine.Playbook(triggers, keep=keep)), lateness_ms=0)
-    outreach = Outreach(runner.state, triggers, settings.policy())
+    if batch.after_until:
+        print(f"{batch.after_until} events after --until are not replayed", file=sys.stderr)
     out = sys.stdout
-    table = args.format == "table"
-    rows: dict[str, Counter[str]] = defaultdict(Counter)
-    subjects: dict[str, set[str]] = defaultdict(set)
-    encode = msgspec.json.Encoder().encode
-
-    def emit(f: engine.Firing) -> None:
-        if table:
-            rows[f.trigger]["firings"] += 1
-            decided = f"suppressed:{f.reason}" if f.decision == decide.SUPPRESSED else f.decision
-            rows[f.trigger][decided] += 1
-            subjects[f.trigger].add(f.subject)
-        else:
+    if args.format == "table":
+        _print_table(triggers, firings, out)
+    else:
+        encode = msgspec.json.Encoder().encode
+        for f in firings:
             out.write(encode(f.to_dict()).decode())
             out.write("\n")
-
-    replayed = batch.events
-    if until_ms is not None and replayed and replayed[-1].timestamp_ms > until_ms:
-        cut = bisect.bisect_right(replayed, until_ms, key=_timestamp)
-        print(f"{len(replayed) - cut} events after --until are not replayed", file=sys.stderr)
-        replayed = replayed[:cut]
-    last = replayed[-1].timestamp_ms if replayed else None
-    gc.disable()  # the engine makes no reference cycles: reference counting frees everything
-    try:
-        holding = Holding(outreach, emit)
-        runner.replay(replayed, until_ms if until_ms is not None else last, holding)
-        holding.release()
-    finally:
-        gc.enable()
-        gc.unfreeze()
-    if table:
-        _print_table(triggers, rows, subjects, out)
-    summary = f"replayed {runner.events} events"
+    summary = f"replayed {replayed} events"
     if batch.rejected:
         summary += f", skipped {len(batch.rejected)} invalid lines"
     if batch.duplicates:
@@ -141,16 +110,66 @@ def _replay(args: argparse.Namespace) -> int:
     return 0
 
 
-def _timestamp(event: Event) -> int:
-    return event.timestamp_ms
+def _replay_events(
+    path: str, triggers: list[Trigger], until_ms: int | None
+) -> tuple[EventBatch, list[engine.Firing], int]:
+    """Replay the events of `path` up to `until_ms`: the batch's counts, the firings decided in
+    order, and how many events were applied. Files in time order (the usual case) are replayed
+    as they are read, holding no events; others, and stdin, are read whole and sorted first."""
+    size = os.path.getsize(path) if path != "-" and Path(path).is_file() else 0
+    fired: list[engine.Firing] = []
+    if path != "-":
+        batch = EventBatch()
+        progress = Progress(f"replaying {path}", size)
+        try:
+            runner = _run(triggers, stream_events(path, batch, progress, until_ms), until_ms, fired)
+            return batch, fired, runner.events
+        except OutOfOrder:
+            fired.clear()  # and again, sorted
+        finally:
+            progress.close()
+    progress = Progress(f"reading {path}", size)
+    batch = read_events(path, progress, until_ms=until_ms)
+    progress.close()
+    gc.freeze()  # the events live to the end: keep the collector from re-scanning them
+    try:
+        runner = _run(triggers, batch.events, until_ms, fired)
+    finally:
+        gc.unfreeze()
+    return batch, fired, runner.events
 
 
-def _print_table(
-    triggers: Sequence[Trigger],
-    rows: dict[str, Counter[str]],
-    subjects: dict[str, set[str]],
-    out: IO[str],
-) -> None:
+def _run(
+    triggers: list[Trigger],
+    events: Iterable[Event],
+    until_ms: int | None,
+    fired: list[engine.Firing],
+) -> Runner:
+    """The events in order, then the timers up to `until_ms` (else the last event), with the
+    full policy; each firing decided goes to `fired` once no later one can displace it."""
+    keep = (POLICY_TRAITS, POLICY_TRAITS)
+    runner = Runner(engine.State(engine.Playbook(triggers, keep=keep)), lateness_ms=0)
+    holding = Holding(Outreach(runner.state, triggers, settings.policy()), fired.append)
+    gc.disable()  # the engine makes no reference cycles: reference counting frees everything
+    try:
+        runner.replay(events, None, holding)
+        # events come in order, so the clock now stands at the last one
+        for firing in runner.finish(until_ms if until_ms is not None else runner.clock_ms):
+            holding(firing)
+        holding.release()
+    finally:
+        gc.enable()
+    return runner
+
+
+def _print_table(triggers: Sequence[Trigger], firings: list[engine.Firing], out: IO[str]) -> None:
+    rows: dict[str, Counter[str]] = defaultdict(Counter)
+    subjects: dict[str, set[str]] = defaultdict(set)
+    for f in firings:
+        rows[f.trigger]["firings"] += 1
+        decided = f"suppressed:{f.reason}" if f.decision == decide.SUPPRESSED else f.decision
+        rows[f.trigger][decided] += 1
+        subjects[f.trigger].add(f.subject)
     head = ("trigger", "firings", "subjects", "send", "held_out", "suppressed")
     lines = [head]
     for t in triggers:
@@ -171,10 +190,8 @@ def _print_table(
                 suppressed or "0",
             )
         )
-    widths = [max(len(line[i]) for line in lines) for i in range(len(head))]
-    for line in lines:
-        out.write("  ".join(cell.ljust(w) for cell, w in zip(line, widths, strict=True)).rstrip())
-        out.write("\n")
+    for text in columns(lines):
+        out.write(text + "\n")
 
 
 def add_check(commands: Commands) -> None:

@@ -5,7 +5,9 @@ A worker step that fails on the data it claimed is tried again one partition at 
 (`worker`); what still fails alone comes here, in the transaction that takes it out of the
 queue (an event) or out of `parts` (a state: the partition then starts afresh). An event's
 row stays in the log, so once the cause is fixed it can be queued again (`replay`); a state is
-kept for inspection and can only be discarded.
+kept for inspection and can only be discarded. A partition whose step keeps hitting the
+statement timeout on its own is set aside in the same way after a few tries in a row
+(`count_timeout`), though a timeout is otherwise a failure of the database, retried.
 """
 
 from __future__ import annotations
@@ -41,13 +43,46 @@ class BadState(Exception):
 
 def transient(exc: BaseException) -> bool:
     """A failure of the database or of the connection to it (down, restarting, a timeout, a
-    deadlock, a schema it lacks): the step is retried as it was. Any other failure depends on
-    the data of the partitions the step claimed, and may be a poison one."""
+    deadlock, a schema it lacks): the step is retried as it was (a timeout is counted too:
+    `timed_out`). Any other failure depends on the data of the partitions the step claimed,
+    and may be a poison one."""
     if isinstance(exc, (BadEvent, BadState)):
         return False
     if isinstance(exc, (psycopg.DataError, psycopg.IntegrityError)):
         return False  # a value the database refuses: it comes from the partition's data
     return isinstance(exc, (psycopg.Error, PoolTimeout))
+
+
+def timed_out(exc: BaseException) -> bool:
+    """A statement cancelled by `statement_timeout` (or by an administrator): transient, but
+    a partition whose step times out on its own time after time may be slow because of its
+    data, so the worker counts these (`count_timeout`) instead of retrying for ever. A
+    database down or restarting fails otherwise (the connection is lost) and is never
+    counted."""
+    return isinstance(exc, psycopg.errors.QueryCanceled)
+
+
+def count_timeout(conn: psycopg.Connection[Any], workspace: int, part: str) -> int:
+    """In the caller's transaction, count one more timeout of `part` on its own, on what
+    `set_aside` would take (its oldest queued event, else its state); returns the count so
+    far, 0 when another worker holds the partition now or its row is locked (not counted:
+    this never waits for a lock)."""
+    if not conn.execute(TRY_LOCKS, ([part], [store_pg.lock_key(workspace, part)])).fetchall():
+        return 0
+    row = conn.execute(
+        "UPDATE queue SET timeouts = timeouts + 1 WHERE id = (SELECT id FROM queue"
+        " WHERE workspace = %s AND part = %s ORDER BY id LIMIT 1 FOR UPDATE SKIP LOCKED)"
+        " RETURNING timeouts",
+        (workspace, part),
+    ).fetchone()
+    if row is None:
+        row = conn.execute(
+            "UPDATE parts SET timeouts = timeouts + 1 WHERE (workspace, part) IN (SELECT"
+            " workspace, part FROM parts WHERE workspace = %s AND part = %s"
+            " FOR UPDATE SKIP LOCKED) RETURNING timeouts",
+            (workspace, part),
+        ).fetchone()
+    return int(row[0]) if row else 0
 
 
 # the given partitions whose lock this transaction got (never waiting for one)
@@ -112,25 +147,35 @@ class DeadLetter:
     state: bytes | None
     error: str
     at_ms: int
+    workspace: int
 
 
-def listed(conn: psycopg.Connection[Any], workspace: int, limit: int = 1000) -> list[DeadLetter]:
-    """The workspace's dead letters, oldest first."""
+def listed(
+    conn: psycopg.Connection[Any],
+    workspace: int | None,
+    limit: int | None = 1000,
+    ids: Sequence[int] | None = None,
+) -> list[DeadLetter]:
+    """The workspace's dead letters (every workspace's when None; those of `ids` only when
+    given), oldest first, at most `limit` (None: all)."""
+    chosen = None if ids is None else list(ids)
     rows = conn.execute(
-        "SELECT id, part, event, state, error, at_ms FROM dead_letters WHERE workspace = %s"
+        "SELECT id, part, event, state, error, at_ms, workspace FROM dead_letters"
+        " WHERE (%s::bigint IS NULL OR workspace = %s) AND (%s::bigint[] IS NULL OR id = ANY(%s))"
         " ORDER BY id LIMIT %s",
-        (workspace, limit),
+        (workspace, workspace, chosen, chosen, limit),
     ).fetchall()
     return [
         DeadLetter(
-            int(i),
-            str(p),
-            None if e is None else int(e),
-            None if s is None else bytes(s),
-            str(err),
-            int(at),
+            id=int(i),
+            part=str(p),
+            event=None if e is None else int(e),
+            state=None if s is None else bytes(s),
+            error=str(err),
+            at_ms=int(at),
+            workspace=int(w),
         )
-        for i, p, e, s, err, at in rows
+        for i, p, e, s, err, at, w in rows
     ]
 
 

@@ -70,11 +70,32 @@ _encode = msgspec.msgpack.Encoder().encode
 _decode_snapshot = msgspec.msgpack.Decoder(Snapshot).decode
 
 
-def fingerprint(triggers: list[Trigger]) -> str:
-    """Changes whenever the compiled state layout could: a snapshot is only reused under the
-    same playbooks."""
+Kept = tuple[tuple[str, ...], tuple[str, ...]]  # traits (user, account) kept for the messages
+
+
+def playbook(triggers: list[Trigger], keep: Kept = ((), ())) -> engine.Playbook:
+    """The triggers compiled as every host of the live engine runs them: keeping, besides the
+    traits they read, those the policy reads and those the messages name (`keep`)."""
+    return engine.Playbook(triggers, keep=(POLICY_TRAITS + keep[0], POLICY_TRAITS + keep[1]))
+
+
+def fingerprint(triggers: list[Trigger], keep: Kept = ((), ())) -> str:
+    """Changes whenever the state layout could: a snapshot is only reused under the same
+    fingerprint. The layout is the triggers' and the slots of the traits kept, which the
+    messages' templates change too (a template naming a trait no trigger reads moves the
+    others). Traits kept that change no slot (one a trigger reads already) leave the
+    fingerprint as the triggers alone make it, so editing a template's text rebuilds nothing."""
     text = repr(triggers)
+    if keep != ((), ()):
+        kept = _layout(playbook(triggers, keep))
+        if kept != _layout(playbook(triggers)):
+            text += repr(kept)
     return hashlib.blake2b(text.encode(), digest_size=16).hexdigest()
+
+
+def _layout(book: engine.Playbook) -> tuple[Any, ...]:
+    """Where a subject's state keeps each trait, per scope."""
+    return (book.trait_keys, book.date_slots, book.trait_width)
 
 
 class StateForgotten(Exception):
@@ -94,7 +115,7 @@ class LiveEngine:
         write_lock: contextlib.AbstractContextManager[Any] | None = None,
         policy: decide.Policy | None = None,
         compose: Compose | None = None,
-        keep: tuple[tuple[str, ...], tuple[str, ...]] = ((), ()),
+        keep: Kept = ((), ()),
     ) -> None:
         self.conn = conn
         # taken around each commit when another thread writes to the same file: waiting on it
@@ -102,10 +123,9 @@ class LiveEngine:
         self.write_lock = write_lock or contextlib.nullcontext()
         self.workspace = workspace
         self.triggers = triggers
-        self.playbooks = fingerprint(triggers)
+        self.playbooks = fingerprint(triggers, keep)
         self.snapshot_every_ms = snapshot_every_ms
-        keep = (POLICY_TRAITS + keep[0], POLICY_TRAITS + keep[1])
-        self.runner = Runner(engine.State(engine.Playbook(triggers, keep=keep)), lateness_ms=0)
+        self.runner = Runner(engine.State(playbook(triggers, keep)), lateness_ms=0)
         self.by_id = {t.id: t for t in triggers}
         self.outreach = Outreach(self.runner.state, triggers, policy, self._standing)
         self.compose = compose or plain_message

@@ -878,7 +878,11 @@ def parse_playbooks(sources: Iterable[tuple[str, str]]) -> list[Trigger]:
         except yaml.MarkedYAMLError as exc:
             mark = exc.problem_mark or exc.context_mark
             line = mark.line + 1 if mark is not None else 1
-            problems.append(Problem(file, line, None, f"not valid YAML: {exc.problem}"))
+            if exc.problem is not None and "maximum nesting depth" in exc.problem:
+                # libyaml's own limit (since 0.2.6), met before `_scan` sees as deep
+                problems.append(Problem(file, line, None, "the file is nested too deeply"))
+            else:
+                problems.append(Problem(file, line, None, f"not valid YAML: {exc.problem}"))
             continue
         except yaml.YAMLError as exc:
             problems.append(Problem(file, 1, None, f"not valid YAML: {exc}"))

@@ -462,7 +462,8 @@ def serve(
         delivery: subprocess.Popen[bytes] | None = None
         if role in ("worker", "all"):
             composer, keep = composer_for(pool, playbooks, triggers)
-            worker = Worker(pool, ws, triggers, policy, composer, keep)
+            retries = settings.pg_timeout_retries()
+            worker = Worker(pool, ws, triggers, policy, composer, keep, timeout_retries=retries)
             prune = (settings.pg_prune_every_ms(), settings.pg_keep_events_ms())
             if not worker.register(clock.now_ms()):
                 print(

@@ -403,6 +403,17 @@ MIGRATIONS: dict[int, str | Only] = {
     );
     """,
     ),
+    # the scale-out worker (dead_letters.timed_out): how many times in a row a partition's step
+    # hit the statement timeout on its own, kept on what it would set aside (its oldest queued
+    # event, else its state) so that a worker restart does not forget it, and applying the
+    # event (its row deleted) or saving the state (set to 0) ends the run
+    12: Only(
+        "postgresql",
+        """
+    ALTER TABLE queue ADD COLUMN timeouts SMALLINT NOT NULL DEFAULT 0;
+    ALTER TABLE parts ADD COLUMN timeouts SMALLINT NOT NULL DEFAULT 0;
+    """,
+    ),
 }
 
 VERSION = max(MIGRATIONS)

@@ -38,6 +38,8 @@ log = logging.getLogger("forewarn")
 
 GROUP_MAX = 256  # requests per transaction at most
 CHECKPOINT_EVERY_S = 0.25
+WAL_RESTART_FRAMES = 16_384  # pages: 64 MB of WAL
+RESTART_WAIT_MS = 20
 PURGE_EVERY_MS = 3_600_000  # with a retention: at start, then every hour
 MIN_STEP_MS = 10.0  # the engine steps at most this often: under load, steps gather commits
 
@@ -91,12 +93,23 @@ class Writer:
 
     def _checkpoints(self) -> None:
         """Copy the WAL back into the database every so often, in this thread alone: the copy
-        and its fsync then never delay an answer or a firing, and writers go on meanwhile."""
+        and its fsync then never delay an answer or a firing, and writers go on meanwhile.
+
+        Under steady load those copies never catch up with a moment when no reader is in the
+        WAL, so it would never start again from its beginning and would grow without end; and
+        every page read looks through the WAL's index, which grows with it. Past
+        `WAL_RESTART_FRAMES`, a checkpoint that makes it start again runs between two of the
+        writer's commits and waits up to `RESTART_WAIT_MS` for the readers (the engine's) to
+        move on."""
         conn = store_sqlite.connect(self.path, store_sqlite.NO_CHECKPOINT)
+        conn.execute(f"PRAGMA busy_timeout={RESTART_WAIT_MS}")
         failing = False  # said once when checkpoints start failing, once when they recover
         while not self._stopped.wait(CHECKPOINT_EVERY_S):
             try:
-                conn.execute("PRAGMA wal_checkpoint(PASSIVE)")
+                frames = conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()[1]
+                if frames >= WAL_RESTART_FRAMES:
+                    with self.write_lock:  # between two commits: only readers to wait for
+                        conn.execute("PRAGMA wal_checkpoint(RESTART)").fetchone()
             except sqlite3.Error as exc:
                 if not failing:
                     log.warning("checkpoints fail (%s): retrying until they work again", exc)

@@ -29,6 +29,7 @@ SETTINGS: dict[str, str] = {
     "DATABASE_URL": "",
     "ROLE": "all",
     "PG_STATEMENT_TIMEOUT": "30s",
+    "PG_TIMEOUT_RETRIES": "3",
     "PG_KEEPALIVE": "30s",
     "PG_KEEP_EVENTS": "7d",
     "PG_PRUNE_EVERY": "10m",
@@ -144,6 +145,18 @@ def pg_statement_timeout_ms() -> int:
     """The server-side timeout of one statement on PostgreSQL (twice it for a transaction left
     idle); 0 when Forewarn sets none."""
     return _span_ms("PG_STATEMENT_TIMEOUT", "e.g. 30s, or off")
+
+
+def pg_timeout_retries() -> int:
+    """How many times in a row a scale-out worker tries a partition whose step alone hits the
+    statement timeout before it sets the partition's oldest event aside as a dead letter."""
+    text = env("PG_TIMEOUT_RETRIES") or "3"
+    if not text.strip().isdigit() or int(text) < 1:
+        raise InputError(
+            f"{PREFIX}PG_TIMEOUT_RETRIES={text}: give a whole number of tries, 1 or more (3 "
+            "by default)"
+        )
+    return int(text)
 
 
 def pg_keepalive_s() -> int:

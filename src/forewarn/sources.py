@@ -14,7 +14,14 @@ from typing import IO
 import msgspec
 
 from forewarn.errors import EventError, InputError
-from forewarn.model import Event, decode_event, decode_message, from_message, order_key
+from forewarn.model import (
+    MAX_TIME_MS,
+    Event,
+    decode_event,
+    decode_message,
+    from_message,
+    order_key,
+)
 from forewarn.playbook import Trigger, parse_playbooks
 
 PLAYBOOK_SUFFIXES = (".yaml", ".yml")
@@ -60,6 +67,7 @@ class EventBatch:
     lines: int = 0
     duplicates: int = 0  # messages whose messageId was seen before: clients resend on retry
     in_order: bool = True  # already in `order_key` order as read
+    after_until: int = 0  # events after the time asked for: not kept
 
 
 def iter_lines(path: str | Path, progress: Callable[[int], None] | None = None) -> Iterator[bytes]:
@@ -104,18 +112,20 @@ def event_files(path: str | Path) -> list[Path]:
 
 
 def read_events(
-    path: str | Path, progress: Callable[[int], None] | None = None, sort: bool = True
+    path: str | Path,
+    progress: Callable[[int], None] | None = None,
+    sort: bool = True,
+    until_ms: int | None = None,
 ) -> EventBatch:
     """Decode every line of a file (or folder of files, or - for stdin); invalid lines are kept
-    as `rejected` with the reason, never fatal; a repeated messageId is counted, not replayed.
-    Sorted by `model.order_key`, stable."""
+    as `rejected` with the reason, never fatal; a repeated messageId is counted, not replayed,
+    as are events after `until_ms`. Sorted by `model.order_key`, stable."""
     batch = EventBatch()
     events = batch.events
-    files: list[str | Path] = ["-"] if str(path) == "-" else list(event_files(path))
     collecting = gc.isenabled()
     gc.disable()  # decoding makes millions of objects and no reference cycles
     try:
-        _read_into(batch, files, progress)
+        events.extend(_decoded(batch, path, progress, until_ms))
     finally:
         if collecting:
             gc.enable()
@@ -124,16 +134,56 @@ def read_events(
     return batch
 
 
-def _read_into(
-    batch: EventBatch, files: list[str | Path], progress: Callable[[int], None] | None
-) -> None:
-    events = batch.events
-    append = events.append
+class OutOfOrder(Exception):
+    """`stream_events` met an event earlier, in `order_key`, than one it had already given."""
+
+
+def stream_events(
+    path: str | Path,
+    batch: EventBatch,
+    progress: Callable[[int], None] | None = None,
+    until_ms: int | None = None,
+) -> Iterator[Event]:
+    """What `read_events` gives, for files in time order (as recorded streams mostly are), as
+    they are decoded, so that a replay holds none of them: `batch` counts lines, rejects and
+    repeats but keeps no events. Only the events of one moment are held, to be given in
+    `order_key` order. Raises `OutOfOrder` at the first event earlier than one before it; the
+    caller then starts again with `read_events`, which sorts."""
+    moment: list[Event] = []  # the events of the latest moment, in file order
+    at = -1
+    for event in _decoded(batch, path, progress, until_ms):
+        t = event.timestamp_ms
+        if t != at:
+            if t < at:
+                raise OutOfOrder(f"{path}: an event at {t} ms after one at {at} ms")
+            if len(moment) == 1:
+                yield moment[0]
+            else:
+                moment.sort(key=order_key)  # stable: as sorting the whole file would
+                yield from moment
+            moment.clear()
+            at = t
+        moment.append(event)
+    moment.sort(key=order_key)
+    yield from moment
+
+
+def _decoded(
+    batch: EventBatch,
+    path: str | Path,
+    progress: Callable[[int], None] | None,
+    until_ms: int | None,
+) -> Iterator[Event]:
+    """Each valid event not seen before and not after `until_ms`, in file order; clears
+    `batch.in_order` at the first one out of `order_key` order."""
+    files: list[str | Path] = ["-"] if str(path) == "-" else list(event_files(path))
     seen: set[str] = set()
     # one copy of each event name: a million events then hold a few dozen name strings
     names: dict[str, str] = {}
     intern = names.setdefault
     last_t = -1
+    last: Event | None = None
+    until = MAX_TIME_MS if until_ms is None else until_ms
     decode = decode_message
     for file in files:
         n = 0
@@ -155,11 +205,16 @@ def _read_into(
                     batch.duplicates += 1
                     continue
                 seen.add(message_id)
+            t = event.timestamp_ms
+            if t > until:
+                batch.after_until += 1
+                continue
+            if t <= last_t:
+                assert last is not None
+                if t < last_t or order_key(event) < order_key(last):
+                    batch.in_order = False
+            last_t, last = t, event
             name = event.name
             event.name = intern(name, name)
-            t = event.timestamp_ms
-            if t <= last_t and (t < last_t or order_key(event) < order_key(events[-1])):
-                batch.in_order = False
-            last_t = t
-            append(event)
+            yield event
         batch.lines += n

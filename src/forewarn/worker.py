@@ -53,19 +53,20 @@ from forewarn import (
     store_pg,
     store_sqlite,
 )
-from forewarn.dead_letters import BadEvent, BadState, transient
+from forewarn.dead_letters import BadEvent, BadState, timed_out, transient
 from forewarn.engine import Firing
 from forewarn.errors import ForewarnError
 from forewarn.model import Event
 from forewarn.partition import Part
 from forewarn.playbook import Trigger
-from forewarn.policy import POLICY_TRAITS, Outreach
+from forewarn.policy import Outreach
 from forewarn.runner import Runner
 
 log = logging.getLogger("forewarn.worker")
 
 PARTS_PER_STEP = 64
 EVENTS_PER_STEP = 2_000
+TIMEOUT_RETRIES = 3  # a partition timing out alone this many times in a row is set aside
 SCAN = 5_000  # queued events looked at to find candidate partitions
 GEN = "playbooks"  # the advisory lock under which a worker records its playbooks' generation
 
@@ -116,7 +117,7 @@ INSERT INTO parts (workspace, part, state, due_ms, playbooks)
 SELECT %(ws)s, part, state, due_ms, %(playbooks)s
 FROM unnest(%(part)s::text[], %(state)b::bytea[], %(due)s::bigint[]) AS s(part, state, due_ms)
 ON CONFLICT (workspace, part) DO UPDATE SET state = excluded.state, due_ms = excluded.due_ms,
-    playbooks = excluded.playbooks
+    playbooks = excluded.playbooks, timeouts = 0
 """
 
 _GENERATION = """
@@ -150,6 +151,7 @@ class Worker:
         keep: tuple[tuple[str, ...], tuple[str, ...]] = ((), ()),
         parts_per_step: int = PARTS_PER_STEP,
         events_per_step: int = EVENTS_PER_STEP,
+        timeout_retries: int = TIMEOUT_RETRIES,
     ) -> None:
         self.pool = pool
         self.workspace = workspace
@@ -157,12 +159,11 @@ class Worker:
         self.by_id = {t.id: t for t in triggers}
         self.policy = policy or decide.Policy()
         self.compose = compose or live.plain_message
-        self.book = engine.Playbook(
-            triggers, keep=(POLICY_TRAITS + keep[0], POLICY_TRAITS + keep[1])
-        )
-        self.playbooks = live.fingerprint(triggers)
+        self.book = live.playbook(triggers, keep)
+        self.playbooks = live.fingerprint(triggers, keep)
         self.parts_per_step = parts_per_step
         self.events_per_step = events_per_step
+        self.timeout_retries = timeout_retries
         self.registered = False  # its playbooks recorded as a generation (`register`)
         self.current = True  # its playbooks are the newest generation's
         self.dead_letters = 0  # set aside by this worker since it started
@@ -219,17 +220,20 @@ class Worker:
         event the engine cannot apply) is not retried as a whole: its partitions are tried
         again one at a time, so the healthy ones go on, and in a partition that fails alone
         the event at fault (or, failing that, its oldest one; or its state, when it is the
-        state that fails) is set aside as a dead letter. When every one of several
-        partitions fails alone, the fault is not in their data (a bug, an upgrade that reads
-        no state): nothing is set aside and the error is raised. A failure of the database
-        itself is raised, for the caller to retry the step."""
+        state that fails) is set aside as a dead letter. A step that hits the statement
+        timeout is tried a partition at a time too; a partition that still does, alone,
+        `timeout_retries` times in a row is set aside likewise, so that it does not take a
+        worker's time for ever. When every one of several partitions fails alone, the fault
+        is not in their data (a bug, an upgrade that reads no state, a database overloaded):
+        nothing is set aside and the error is raised. Any other failure of the database
+        itself (down, restarting) is raised, for the caller to retry the step."""
         if not self.registered:
             self.register(now_ms)
         self._tried = []
         try:
             return self._step(now_ms, None, self.events_per_step)
         except Exception as exc:
-            if transient(exc):
+            if transient(exc) and not timed_out(exc):
                 raise
             parts = list(self._tried)
             if not parts:
@@ -262,11 +266,12 @@ class Worker:
     def _alone(self, now_ms: int, part: str) -> tuple[Stepped, Exception | None]:
         """One partition on its own, after a step over several failed. If it fails again,
         and not on a known event or its state, its events are applied one per transaction
-        up to the one that fails. Returns what was done, and the failure that remains."""
+        up to the one that fails (the statement timeout included). Returns what was done, and
+        the failure that remains."""
         try:
             return self._step(now_ms, [part], self.events_per_step), None
         except Exception as exc:
-            if transient(exc):
+            if transient(exc) and not timed_out(exc):
                 raise
             if isinstance(exc, (BadEvent, BadState)):
                 return Stepped(), exc
@@ -275,7 +280,7 @@ class Worker:
             try:
                 one = self._step(now_ms, [part], 1)
             except Exception as exc:
-                if transient(exc):
+                if transient(exc) and not timed_out(exc):
                     raise
                 return done, exc
             done.add(one)
@@ -284,7 +289,24 @@ class Worker:
         return done, None
 
     def _dead_letter(self, part: str, exc: BaseException, now_ms: int) -> Stepped:
+        """Set aside what made `part` fail alone; after a timeout, only once it has timed out
+        alone `timeout_retries` times in a row (counted in the database, so a restart does
+        not start the count again)."""
         with self.pool.connection() as conn, conn.transaction():
+            if timed_out(exc):
+                times = dead_letters.count_timeout(conn, self.workspace, part)
+                if not times:  # another worker holds it now, and meets the same
+                    return Stepped()
+                if times < self.timeout_retries:
+                    log.warning(
+                        "partition %s timed out on its own (%d of %d times in a row before "
+                        "it is set aside): %s",
+                        part,
+                        times,
+                        self.timeout_retries,
+                        exc,
+                    )
+                    return Stepped()
             if not dead_letters.set_aside(conn, self.workspace, part, exc, now_ms):
                 return Stepped()
         self.dead_letters += 1
