@@ -1,6 +1,7 @@
 """A person's outreach across partitions in the scale-out mode, on a real PostgreSQL: a user of
 two accounts is decided for in two partitions, possibly by two workers at once, and the
-frequency caps still count every message to them, as in the embedded mode."""
+frequency caps still count every message to them (held-out ones included), as in the embedded
+mode; a worker never waits for a person another worker is deciding for."""
 
 from __future__ import annotations
 
@@ -81,6 +82,34 @@ def test_a_user_of_two_accounts_gets_no_more_than_the_caps_allow(pool: store_pg.
     with pool.connection() as conn:
         rows = conn.execute("SELECT scope, subject FROM outbox ORDER BY id").fetchall()
     assert Counter(rows) == Counter([("user", "u1"), ("account", "acme"), ("account", "beta")])
+
+
+HELD = playbook("""
+triggers:
+  - id: tip
+    when: {event: {name: Tip Wanted}}
+    action: {channel: in_app, message: A tip}
+    holdout: 0.99
+  - id: limit-hit
+    when: {event: {name: Limit Hit}}
+    action: {channel: in_app, message: You hit a limit}
+""")
+
+
+def test_a_held_out_firing_in_one_account_counts_in_the_caps_of_the_other(
+    pool: store_pg.Pool,
+) -> None:
+    assert decide.holdout_bucket("tip", "u1", decide.Policy().salt) < 0.99  # u1 is held out
+    ws = store_pg.ensure_workspace(pool, "default", T0_MS)
+    worker = Worker(pool, ws, HELD)
+    _ingest(pool, ws, [track("Tip Wanted", at(hours=10), "u1", "acme")])
+    worker.run_until_idle(0)
+    _ingest(pool, ws, [track("Limit Hit", at(hours=11), "u1", "beta")])
+    worker.run_until_idle(0)
+    assert [(d, r) for _, _, d, r in _decided(pool, ws, "user")] == [
+        ("held_out", None),
+        ("suppressed", "frequency_cap"),  # as if the tip had been sent: 1 a day
+    ]
 
 
 def test_a_partition_deciding_for_a_person_another_worker_decides_for_waits_its_turn(
