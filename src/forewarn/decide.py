@@ -169,6 +169,11 @@ class History:
         if records is not None and record in records:
             records.remove(record)
 
+    def reset(self, scope: str, subject: str, records: list[Record]) -> None:
+        """The subject's records are these, oldest first: for a host that keeps them elsewhere
+        too (the scale-out workers read a person's from every partition's firings)."""
+        self.by_subject[(scope, subject)] = records
+
     def of(self, scope: str, subject: str, now_ms: int) -> list[Record]:
         """The subject's records still inside the horizon (older ones are forgotten)."""
         records = self.by_subject.get((scope, subject))

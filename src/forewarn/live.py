@@ -349,16 +349,7 @@ class LiveEngine:
         for fid, trig, scope, subject, channel, at_ms, send_at in store_outbox.recent_outreach(
             self.conn, self.workspace, since
         ):
-            spec = self.outreach.specs.get(trig)
-            record = decide.Record(
-                trig,
-                channel,
-                spec.problem if spec else None,
-                spec.priority if spec else 0,
-                at_ms,
-                send_at,
-                fid,
-            )
+            record = self.outreach.stored(trig, channel, at_ms, send_at, fid)
             self.outreach.history.add(scope, subject, record)
 
     def _missing_before(self, batch_id: int) -> bool:

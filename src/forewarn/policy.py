@@ -52,6 +52,16 @@ class Outreach:
         self.specs = {t.id: spec_of(t) for t in triggers}
         self.consent = consent
 
+    def stored(
+        self, trigger: str, channel: str, at_ms: int, send_at_ms: int, ref: Any
+    ) -> decide.Record:
+        """The record of an outreach a host stored (a firing sent or held out): what the
+        policy reads of its trigger is today's (a trigger since removed: no problem, priority
+        0)."""
+        spec = self.specs.get(trigger)
+        problem, priority = (spec.problem, spec.priority) if spec else (None, 0)
+        return decide.Record(trigger, channel, problem, priority, at_ms, send_at_ms, ref)
+
     def apart(self, scope: str, subject: str) -> tuple[dict[str, Any], dict[str, Any]]:
         """The subject's own traits, and its (newest) account's; an account's are both."""
         state = self.state

@@ -122,6 +122,10 @@ def displace(conn: sqlite3.Connection, firing_ids: Iterable[int], now_ms: int) -
             )
 
 
+# the firings that count as outreach for the policy's history (caps, episodes, priority)
+OUTREACH = "decision IN ('send', 'held_out')"
+
+
 def recent_outreach(
     conn: sqlite3.Connection, workspace: int, since_ms: int
 ) -> list[tuple[int, str, str, str, str, int, int]]:
@@ -131,7 +135,7 @@ def recent_outreach(
         (int(i), str(t), str(sc), str(su), str(c), int(a), int(s if s is not None else a))
         for i, t, sc, su, c, a, s in conn.execute(
             "SELECT id, trig, scope, subject, channel, at_ms, send_at_ms FROM firings"
-            " WHERE workspace = ? AND at_ms >= ? AND decision IN ('send', 'held_out')"
+            f" WHERE workspace = ? AND at_ms >= ? AND {OUTREACH}"
             " ORDER BY at_ms, id",
             (workspace, since_ms),
         )

@@ -10,14 +10,15 @@ A step, in one transaction:
 3. loads each partition's state (the engine's subjects, its clock and the policy's history),
    applies the events in log order, each after the timers due by its time, then the timers
    due by now;
-4. decides every firing, and writes the firings, the outbox rows of those to send, the new
+4. decides every firing (a user's from their outreach in every partition, read under their
+   lock: `history_pg`), and writes the firings, the outbox rows of those to send, the new
    state with its next due time, and deletes the claimed queue rows; then commits.
 
 The locks end with the transaction. A worker killed mid-step commits nothing: its partitions'
 events are still queued, and the next worker to try them gets the lock. Nothing is lost, and
 nothing is applied twice, because the state and the queue change in the same commit. No lock
-is ever waited for while others are held (a user's partition an account adopts is only tried
-too), so workers cannot deadlock.
+is ever waited for while others are held (a user's partition an account adopts, and a person
+decided for, are only tried too), so workers cannot deadlock.
 
 A step that fails on its data is retried a partition at a time, and what still fails is set
 aside (`dead_letters`). A worker claims only while its playbooks are the newest generation
@@ -44,6 +45,7 @@ from forewarn import (
     dead_letters,
     decide,
     engine,
+    history_pg,
     homes,
     live,
     partition,
@@ -312,7 +314,18 @@ class Worker:
 
     def _step(self, now_ms: int, only: list[str] | None, limit: int) -> Stepped:
         """One transaction over the candidate partitions (or `only` those), claiming at most
-        `limit` events."""
+        `limit` events. A partition that is to decide for a person another worker is deciding
+        for at this moment (`history_pg`) is left for a later step: the transaction is rolled
+        back and run again without it."""
+        busy: set[str] = set()
+        while True:
+            try:
+                return self._claim(now_ms, only, limit, busy)
+            except history_pg.PersonBusy as exc:
+                log.info("%s: left for a later step", exc)
+                busy.add(exc.part)
+
+    def _claim(self, now_ms: int, only: list[str] | None, limit: int, busy: set[str]) -> Stepped:
         done = Stepped()
         with self.pool.connection() as conn, conn.transaction():
             if not self._current(conn.execute(_GENERATION, (self.workspace,)).fetchone()):
@@ -333,6 +346,7 @@ class Worker:
                         },
                     )
                 ]
+            candidates = [p for p in candidates if p not in busy]
             if not candidates:
                 return done
             keys = [store_pg.lock_key(self.workspace, p) for p in candidates]
@@ -504,6 +518,10 @@ class Worker:
             return s.unsubscribed, s.bounced, s.suppressed
 
         outreach.consent = consent
+        who = history_pg.people(firings)
+        if who:  # their outreach decided in every partition, under their locks
+            since = min(f.at_ms for f in firings) - self.policy.horizon_ms()
+            history_pg.take(conn, self.workspace, p.name, who, outreach, since)
         displaced: list[int] = []
         for f in firings:
             displaced.extend(int(d) for d in outreach.decide(f))
