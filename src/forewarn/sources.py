@@ -6,7 +6,7 @@ import gc
 import gzip
 import sys
 import zlib
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Generator, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO
@@ -70,7 +70,9 @@ class EventBatch:
     after_until: int = 0  # events after the time asked for: not kept
 
 
-def iter_lines(path: str | Path, progress: Callable[[int], None] | None = None) -> Iterator[bytes]:
+def iter_lines(
+    path: str | Path, progress: Callable[[int], None] | None = None
+) -> Generator[bytes, None, None]:
     """The lines of a JSONL file, gzip or plain; `progress` gets compressed bytes read."""
     file = Path(path)
     if str(path) == "-":
@@ -151,19 +153,23 @@ def stream_events(
     caller then starts again with `read_events`, which sorts."""
     moment: list[Event] = []  # the events of the latest moment, in file order
     at = -1
-    for event in _decoded(batch, path, progress, until_ms):
-        t = event.timestamp_ms
-        if t != at:
-            if t < at:
-                raise OutOfOrder(f"{path}: an event at {t} ms after one at {at} ms")
-            if len(moment) == 1:
-                yield moment[0]
-            else:
-                moment.sort(key=order_key)  # stable: as sorting the whole file would
-                yield from moment
-            moment.clear()
-            at = t
-        moment.append(event)
+    decoded = _decoded(batch, path, progress, until_ms)
+    try:
+        for event in decoded:
+            t = event.timestamp_ms
+            if t != at:
+                if t < at:
+                    raise OutOfOrder(f"{path}: an event at {t} ms after one at {at} ms")
+                if len(moment) == 1:
+                    yield moment[0]
+                else:
+                    moment.sort(key=order_key)  # stable: as sorting the whole file would
+                    yield from moment
+                moment.clear()
+                at = t
+            moment.append(event)
+    finally:
+        decoded.close()  # and with it the file, now rather than when collected
     moment.sort(key=order_key)
     yield from moment
 
@@ -173,7 +179,7 @@ def _decoded(
     path: str | Path,
     progress: Callable[[int], None] | None,
     until_ms: int | None,
-) -> Iterator[Event]:
+) -> Generator[Event, None, None]:
     """Each valid event not seen before and not after `until_ms`, in file order; clears
     `batch.in_order` at the first one out of `order_key` order."""
     files: list[str | Path] = ["-"] if str(path) == "-" else list(event_files(path))
@@ -187,34 +193,38 @@ def _decoded(
     decode = decode_message
     for file in files:
         n = 0
-        for line in iter_lines(file, progress):
-            n += 1
-            if len(line) < 8 and not line.strip():
-                continue  # a blank line (no message is this short)
-            try:
+        lines = iter_lines(file, progress)
+        try:
+            for line in lines:
+                n += 1
+                if len(line) < 8 and not line.strip():
+                    continue  # a blank line (no message is this short)
                 try:
-                    event = from_message(decode(line))  # decode_event, without its call
-                except (msgspec.DecodeError, UnicodeDecodeError, RecursionError):
-                    event = decode_event(line)  # once more, to say what was wrong
-            except EventError as exc:
-                batch.rejected.append(Rejected(str(file), n, exc.message))
-                continue
-            message_id = event.message_id
-            if message_id:
-                if message_id in seen:
-                    batch.duplicates += 1
+                    try:
+                        event = from_message(decode(line))  # decode_event, without its call
+                    except (msgspec.DecodeError, UnicodeDecodeError, RecursionError):
+                        event = decode_event(line)  # once more, to say what was wrong
+                except EventError as exc:
+                    batch.rejected.append(Rejected(str(file), n, exc.message))
                     continue
-                seen.add(message_id)
-            t = event.timestamp_ms
-            if t > until:
-                batch.after_until += 1
-                continue
-            if t <= last_t:
-                assert last is not None
-                if t < last_t or order_key(event) < order_key(last):
-                    batch.in_order = False
-            last_t, last = t, event
-            name = event.name
-            event.name = intern(name, name)
-            yield event
+                message_id = event.message_id
+                if message_id:
+                    if message_id in seen:
+                        batch.duplicates += 1
+                        continue
+                    seen.add(message_id)
+                t = event.timestamp_ms
+                if t > until:
+                    batch.after_until += 1
+                    continue
+                if t <= last_t:
+                    assert last is not None
+                    if t < last_t or order_key(event) < order_key(last):
+                        batch.in_order = False
+                last_t, last = t, event
+                name = event.name
+                event.name = intern(name, name)
+                yield event
+        finally:
+            lines.close()
         batch.lines += n

@@ -49,6 +49,7 @@ from forewarn import (
     homes,
     live,
     partition,
+    schema,
     store_outbox,
     store_pg,
     store_sqlite,
@@ -130,12 +131,7 @@ _FIRING = (
     " VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s) RETURNING id"
 )
 
-_OUTBOX = (
-    "INSERT INTO outbox (workspace, firing, key, channel, trig, subject, scope, message,"
-    " due_ms, created_ms, status, reason, detail, done_ms)"
-    " VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s)"
-    " ON CONFLICT (workspace, key) DO NOTHING"
-)
+_OUTBOX = schema.placeholders(store_outbox.ENQUEUE)
 
 
 class Worker:
@@ -563,29 +559,20 @@ class Worker:
             self.workspace, f.trigger, f.scope, f.subject, f.at_ms, f.channel
         )
         due = f.send_at_ms if f.send_at_ms is not None else f.at_ms
-        if failed is None:
-            status, reason, done = store_outbox.PENDING, None, None
-        else:
-            status, reason, done = store_outbox.DEAD, "failed", now_ms
-        conn.execute(
-            _OUTBOX,
-            (
-                self.workspace,
-                fid,
-                key,
-                f.channel,
-                f.trigger,
-                f.subject,
-                f.scope,
-                msgspec.json.encode(message),
-                due,
-                now_ms,
-                status,
-                reason,
-                failed,
-                done,
-            ),
+        args = store_outbox.enqueue_args(
+            self.workspace,
+            fid,
+            key,
+            f.channel,
+            f.trigger,
+            f.scope,
+            f.subject,
+            message,
+            due,
+            now_ms,
+            failed,
         )
+        conn.execute(_OUTBOX, args)
 
 
 @dataclass(frozen=True)
