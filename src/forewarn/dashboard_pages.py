@@ -1,10 +1,10 @@
-"""What each dashboard page loads, given the request, who is looking and a database
-connection: the dict its template renders and its JSON twin answers. Edge.
+"""What each dashboard page loads, given the request, who is looking and a connection to
+either store (`dashboard_store`): the dict its template renders and its JSON twin answers.
+Edge.
 """
 
 from __future__ import annotations
 
-import sqlite3
 import threading
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -20,6 +20,7 @@ from forewarn import (
     store_sqlite,
 )
 from forewarn.dashboard_auth import Viewer
+from forewarn.dashboard_store import call
 from forewarn.errors import InputError, NotFoundError
 from forewarn.playbook import Trigger, parse_duration
 
@@ -42,9 +43,7 @@ def period(request: Request) -> tuple[str, int]:
     return text, min(span, clock.now_ms())  # longer than the epoch: everything
 
 
-def report_of(
-    app: Forewarn, conn: sqlite3.Connection, workspace: int, span_ms: int
-) -> dict[str, Any]:
+def report_of(app: Forewarn, conn: Any, workspace: int, span_ms: int) -> dict[str, Any]:
     """The report of the loaded triggers over the last `span_ms`: the same as
     `GET /api/v1/reports`, kept for `REPORT_FOR_MS` (reading the log for it takes a second or
     two on a large one, and people move between the triggers and their pages)."""
@@ -55,7 +54,7 @@ def report_of(
     if kept is not None and clock.monotonic_ms() - kept[0] < REPORT_FOR_MS:
         return kept[1]
     now = clock.now_ms()
-    found = report.live_report(conn, workspace, triggers, now - span_ms, now)
+    found: dict[str, Any] = call(report.live_report, conn, workspace, triggers, now - span_ms, now)
     with _reports_lock:
         if len(_reports) > 64:
             _reports.clear()
@@ -71,9 +70,7 @@ def trigger_named(app: Forewarn, request: Request) -> Trigger:
     raise NotFoundError(f"no trigger '{name}' in the loaded playbooks: see /triggers")
 
 
-def overview(
-    app: Forewarn, request: Request, viewer: Viewer, conn: sqlite3.Connection
-) -> dict[str, Any]:
+def overview(app: Forewarn, request: Request, viewer: Viewer, conn: Any) -> dict[str, Any]:
     since, span = period(request)
     now = clock.now_ms()
     data = dashboard_data.overview(conn, viewer.workspace, now, now - span)
@@ -83,12 +80,10 @@ def overview(
     return data
 
 
-def triggers(
-    app: Forewarn, request: Request, viewer: Viewer, conn: sqlite3.Connection
-) -> dict[str, Any]:
+def triggers(app: Forewarn, request: Request, viewer: Viewer, conn: Any) -> dict[str, Any]:
     since, span = period(request)
     found = report_of(app, conn, viewer.workspace, span)
-    overrides = store_outbox.trigger_overrides(conn, viewer.workspace)
+    overrides = call(store_outbox.trigger_overrides, conn, viewer.workspace)
     now = clock.now_ms()
     per_day = dashboard_data.daily(conn, viewer.workspace, now - span, now)
     data = dashboard_data.triggers(app.engines.triggers, found, overrides, per_day)
@@ -96,14 +91,12 @@ def triggers(
     return data
 
 
-def trigger(
-    app: Forewarn, request: Request, viewer: Viewer, conn: sqlite3.Connection
-) -> dict[str, Any]:
+def trigger(app: Forewarn, request: Request, viewer: Viewer, conn: Any) -> dict[str, Any]:
     trigger = trigger_named(app, request)
     since, span = period(request)
     now = clock.now_ms()
     found = report_of(app, conn, viewer.workspace, span)
-    override = store_outbox.trigger_overrides(conn, viewer.workspace).get(trigger.id)
+    override = call(store_outbox.trigger_overrides, conn, viewer.workspace).get(trigger.id)
     data = dashboard_data.trigger_detail(
         conn, viewer.workspace, trigger, found, override, now, now - span
     )
@@ -111,9 +104,7 @@ def trigger(
     return data
 
 
-def customer(
-    app: Forewarn, request: Request, viewer: Viewer, conn: sqlite3.Connection
-) -> dict[str, Any]:
+def customer(app: Forewarn, request: Request, viewer: Viewer, conn: Any) -> dict[str, Any]:
     subject = request.path_params["subject"]
     if request.url.path.endswith(".json"):
         subject = subject.removesuffix(".json")
@@ -121,7 +112,7 @@ def customer(
         found = app.engines.subject_state(viewer.workspace, subject)
     except NotFoundError:
         found = []  # the engine has not started yet: the stored record still shows
-    events = store_sqlite.recent_events(conn, viewer.workspace, subject, 100)
+    events = call(store_sqlite.recent_events, conn, viewer.workspace, subject, 100)
     data = dashboard_data.customer(conn, viewer.workspace, subject, found, events)
     if not found and not data["timeline"]:
         raise NotFoundError(f"no customer '{subject}' in this workspace's events")
@@ -138,9 +129,7 @@ def customer(
     return data
 
 
-def outreach(
-    app: Forewarn, request: Request, viewer: Viewer, conn: sqlite3.Connection
-) -> dict[str, Any]:
+def outreach(app: Forewarn, request: Request, viewer: Viewer, conn: Any) -> dict[str, Any]:
     q = request.query_params
     status = q.get("status") or None
     allowed = (*store_outbox.STATUSES, "held_out")
@@ -153,15 +142,11 @@ def outreach(
     return data
 
 
-def outbox(
-    app: Forewarn, request: Request, viewer: Viewer, conn: sqlite3.Connection
-) -> dict[str, Any]:
+def outbox(app: Forewarn, request: Request, viewer: Viewer, conn: Any) -> dict[str, Any]:
     return dashboard_more.outbox(conn, viewer.workspace, clock.now_ms())
 
 
-def backtests(
-    app: Forewarn, request: Request, viewer: Viewer, conn: sqlite3.Connection
-) -> dict[str, Any]:
+def backtests(app: Forewarn, request: Request, viewer: Viewer, conn: Any) -> dict[str, Any]:
     data = dashboard_more.backtests(conn, viewer.workspace)
     data["triggers"] = [t.id for t in app.engines.triggers]
     books: dict[str, list[str]] = {}
@@ -172,23 +157,19 @@ def backtests(
     return data
 
 
-def backtest(
-    app: Forewarn, request: Request, viewer: Viewer, conn: sqlite3.Connection
-) -> dict[str, Any]:
+def backtest(app: Forewarn, request: Request, viewer: Viewer, conn: Any) -> dict[str, Any]:
     raw = request.path_params["id"].removesuffix(".json")
-    found = report.read_backtest(conn, viewer.workspace, int(raw)) if raw.isdigit() else None
+    found: dict[str, Any] | None = None
+    if raw.isdigit():
+        found = call(report.read_backtest, conn, viewer.workspace, int(raw))
     if found is None:
         raise NotFoundError(f"no backtest {raw}: see /backtests")
     return found
 
 
-def settings(
-    app: Forewarn, request: Request, viewer: Viewer, conn: sqlite3.Connection
-) -> dict[str, Any]:
+def settings(app: Forewarn, request: Request, viewer: Viewer, conn: Any) -> dict[str, Any]:
     return dashboard_more.settings_view(conn, viewer.workspace)
 
 
-def customers(
-    app: Forewarn, request: Request, viewer: Viewer, conn: sqlite3.Connection
-) -> dict[str, Any]:
+def customers(app: Forewarn, request: Request, viewer: Viewer, conn: Any) -> dict[str, Any]:
     return dashboard_more.recent_customers(conn, viewer.workspace)

@@ -1,0 +1,87 @@
+"""How the dashboard speaks to its store, SQLite (embedded) or PostgreSQL (scale-out): its
+pages are written once, over a connection to either. Edge.
+
+- Statements are written once, with SQLite's `?` placeholders; `execute` runs them on a
+  PostgreSQL connection through `schema.placeholders`. A statement that differs per store
+  is looked up by `dialect` (as `audit.SQL[dialect]`).
+- What another module does in a store (`store_outbox`, `report`, `store_sqlite`) is called
+  through `call`: the function itself on SQLite, its twin on PostgreSQL (`dashboard_pg.TWINS`,
+  which holds `outreach_pg`'s).
+- `transaction` is a write transaction that another one doing the same cannot interleave with:
+  SQLite's `BEGIN IMMEDIATE`, or a PostgreSQL transaction holding an advisory lock.
+
+The routes run their work through a `Run` (`sqlite_run` here, `dashboard_pg.runner` over a
+pool), as `api_outreach.routes` does.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import sqlite3
+from collections.abc import Awaitable, Callable, Iterator
+from functools import lru_cache
+from typing import Any
+
+from forewarn import store_sqlite
+from forewarn.schema import placeholders
+
+Run = Callable[..., Awaitable[Any]]
+
+
+def dialect(conn: Any) -> str:
+    """`sqlite` or `postgresql`: the store `conn` is a connection to."""
+    return "sqlite" if isinstance(conn, sqlite3.Connection) else "postgresql"
+
+
+@lru_cache(maxsize=256)
+def _postgresql(sql: str) -> str:
+    return placeholders(sql)
+
+
+def execute(conn: Any, sql: str, args: Any = ()) -> Any:
+    """`sql` (written with `?`) run on either store; its cursor."""
+    if isinstance(conn, sqlite3.Connection):
+        return conn.execute(sql, args)
+    return conn.execute(_postgresql(sql), args)
+
+
+def call(fn: Callable[..., Any], conn: Any, *args: Any) -> Any:
+    """`fn(conn, *args)`: on PostgreSQL, its twin there (a function the dashboard writes for
+    both stores is its own twin)."""
+    if isinstance(conn, sqlite3.Connection):
+        return fn(conn, *args)
+    from forewarn import dashboard_pg
+
+    return dashboard_pg.TWINS.get(fn, fn)(conn, *args)
+
+
+@contextlib.contextmanager
+def transaction(conn: Any, workspace: int, name: str) -> Iterator[None]:
+    """A write transaction; two of the same `name` in a workspace run one after the other
+    (on PostgreSQL under an advisory lock, since its reads do not wait for writers)."""
+    if isinstance(conn, sqlite3.Connection):
+        with store_sqlite.transaction(conn):
+            yield
+        return
+    from forewarn import store_pg
+
+    with conn.transaction():
+        conn.execute("SELECT pg_advisory_xact_lock(%s)", (store_pg.lock_key(workspace, name),))
+        yield
+
+
+def sqlite_run(db: str) -> Run:
+    """Call `fn(conn, *args)` on a connection of its own to the embedded store, in a thread."""
+
+    def run(fn: Callable[..., Any], *args: Any) -> Awaitable[Any]:
+        def job() -> Any:
+            conn = store_sqlite.connect(db)
+            try:
+                return fn(conn, *args)
+            finally:
+                conn.close()
+
+        return asyncio.to_thread(job)
+
+    return run
