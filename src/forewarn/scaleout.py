@@ -5,8 +5,8 @@
   billing webhooks), each request committed to PostgreSQL before it is answered, plus
   `/api/v1/firings`, `/healthz`, `/metrics`, the admin API's reads (`api_pg`), the outreach
   routes, reports and backtests (`report_pg`), the signed links inside messages and the
-  widget API (`api_outreach` and `widget` over `outreach_pg`) and `/openapi.json`. It runs
-  no engine.
+  widget API (`api_outreach` and `widget` over `outreach_pg`), the dashboard (`dashboard`
+  over `dashboard_pg`) and `/openapi.json`. It runs no engine.
 - **worker**: steps a `worker.Worker` in a loop: claims what it can, commits, and waits a
   moment only when there was nothing to claim. Beside it, pruning, the retention purge and
   the auto-guard (`guard_pg`), each run by one worker at a time.
@@ -47,6 +47,8 @@ from forewarn import (
     api_pg,
     clock,
     compose,
+    dashboard,
+    dashboard_pg,
     dead_letters,
     guard_pg,
     live,
@@ -57,7 +59,7 @@ from forewarn import (
     store_sqlite,
     widget,
 )
-from forewarn.errors import ForewarnError, InputError, NotFoundError
+from forewarn.errors import ForewarnError, InputError
 from forewarn.live import Committed
 from forewarn.playbook import Trigger
 from forewarn.server import GROUP_MAX, EngineStats, Writer, _fail, _Job, _resolve
@@ -129,10 +131,15 @@ class PgWriter(Writer):
 
 
 class Elsewhere:
-    """The `server.Engines` of an API process: the engines run in the worker processes."""
+    """The `server.Engines` of an API process: the engines run in the worker processes, and
+    what they know of a subject is read from the states they stored (`admin_pg.Reader`)."""
 
-    def __init__(self, triggers: list[Trigger]) -> None:
+    def __init__(
+        self, triggers: list[Trigger], pool: store_pg.Pool, reader: admin_pg.Reader
+    ) -> None:
         self.triggers = triggers
+        self.pool = pool
+        self.reader = reader
 
     def start(self) -> None:
         pass
@@ -150,10 +157,12 @@ class Elsewhere:
         )
 
     def subject_state(self, workspace: int, subject_id: str) -> list[dict[str, Any]]:
-        raise NotFoundError("subject state lives in the worker processes in scale-out mode")
+        with self.pool.connection() as conn:
+            return self.reader.states(conn, workspace, subject_id)
 
     def why(self, workspace: int, subject_id: str, trigger: str, now_ms: int) -> dict[str, Any]:
-        raise NotFoundError("subject state lives in the worker processes in scale-out mode")
+        with self.pool.connection() as conn:
+            return self.reader.why(conn, workspace, subject_id, trigger, now_ms)
 
     def stats_view(self) -> EngineStats:
         return EngineStats()
@@ -164,9 +173,9 @@ class IngestApp(api.Forewarn):
     also opens a SQLite database for its admin pages; here it is an empty one in memory.)"""
 
     def __init__(self, settings: api.Settings, pool: store_pg.Pool, triggers: list[Trigger]):
-        super().__init__(settings, PgWriter(pool), Elsewhere(triggers))
         self.pool = pool
         self.reader = admin_pg.Reader(triggers, kept_traits(settings.playbooks, triggers))
+        super().__init__(settings, PgWriter(pool), Elsewhere(triggers, pool, self.reader))
 
     def key(self, token: str | None) -> Key | None:
         if not token:
@@ -270,6 +279,7 @@ def build_api(app: IngestApp) -> Starlette:
                 Route("/metrics", metrics, methods=["GET"]),
                 *api_pg.routes(app, app.pool, app.reader),
                 *outreach_routes(app),
+                *dashboard.routes(app, dashboard_pg.runner(app.pool)),
             ],
         ),
         middleware=[Middleware(widget.Cors, origins=app.widget_origins)],
