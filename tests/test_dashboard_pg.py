@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import re
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -223,6 +224,23 @@ def test_a_session_from_one_api_process_is_honoured_by_another(scale_out: ScaleO
         "/triggers/export-trouble/resume", data={"csrf": "forged"}, headers=session
     )
     assert stale.status_code == 403
+
+    # a backtest started on one process runs there, and the other shows it
+    started = scale_out.a.post(
+        "/backtests",
+        data={"csrf": csrf, "since": "1h", "t:storage-85": "on"},
+        headers=session,
+    )
+    assert started.status_code == 303 and started.headers["location"].startswith("/backtests/")
+    job = started.headers["location"] + ".json"
+    deadline = time.monotonic() + 30
+    while (done := scale_out.b.get(job, headers=session).json())["status"] == "running":
+        assert time.monotonic() < deadline, done
+        time.sleep(0.1)
+    assert done["status"] == "done" and done["triggers"] == ["storage-85"], done
+    assert [t["firings"] for t in done["result"]["triggers"]] == [1]
+    listed = scale_out.b.get("/backtests.json", headers=session).json()["backtests"]
+    assert [b["id"] for b in listed] == [int(job.split("/")[-1].removesuffix(".json"))]
 
     # a key made on one process signs in on the other; revoked there, its session ends at once
     made = scale_out.b.post(
