@@ -13,17 +13,15 @@ import json
 import os
 import platform
 import statistics
-import sys
 import time
 from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 from typing import Any
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from bench.report_pg import DAY_MS, SERVER, TRIGGERS, load, scratch
-
 from forewarn import dashboard_data, dashboard_more, store_pg, store_sqlite
 from forewarn.dashboard_store import call
+from report_pg import DAY_MS, SERVER, TRIGGERS, load, scratch
 
 PAGES: dict[str, Callable[[Any, int, int], Any]] = {
     "overview 7d": lambda c, w, now: dashboard_data.overview(c, w, now, now - 7 * DAY_MS),
@@ -60,8 +58,8 @@ def run(url: str, folder: Path, events: int, firings: int) -> dict[str, Any]:
         with pool.connection() as pg_conn:
             pages = {
                 name: {
-                    "sqlite_ms": _median_ms(lambda p=page: p(conn, lite, now_ms)),
-                    "postgresql_ms": _median_ms(lambda p=page: p(pg_conn, pg, now_ms)),
+                    "sqlite_ms": _median_ms(partial(page, conn, lite, now_ms)),
+                    "postgresql_ms": _median_ms(partial(page, pg_conn, pg, now_ms)),
                 }
                 for name, page in PAGES.items()
             }
