@@ -66,9 +66,9 @@ def scale_out(url: str, tmp_path: Path) -> Iterator[ScaleOut]:
 
 # what differs between the modes for the same events: the moments each recorded (the
 # embedded engine applies an event when it takes it in, a worker at the event's own time),
-# the ids each store gave, and where scale-out keeps a state
+# the ids each store gave, where scale-out keeps a state, and what its engine's lag counts
 MOMENTS = {"at", "send_at", "done", "created", "due", "since", "until", "last_firing", "t"}
-IDS = {"firing", "id", "key", "partition", "episode_started"}
+IDS = {"firing", "id", "key", "partition", "episode_started", "lag_unit"}
 
 
 def _comparable(data: Any) -> Any:
@@ -126,6 +126,7 @@ def test_every_page_answers_the_same_as_on_an_embedded_server(
                 assert _comparable(got.json()) == _comparable(want.json()), path
             answers[path] = want.json()
         # what was compared is what happened
+        assert answers["/overview.json"]["engine"] == {"up": True, "lag": 0, "lag_unit": "batches"}
         counts = answers["/overview.json"]["counts"]
         assert counts["firings"] == USERS + 1 and counts["events"] == len(first) + len(then)
         assert counts["held_out"] and counts["firings"] - counts["held_out"] > 0
@@ -203,6 +204,13 @@ def test_a_session_from_one_api_process_is_honoured_by_another(scale_out: ScaleO
     session = _session(cookie)
     seen = scale_out.b.get("/overview.json", headers=session)
     assert seen.status_code == 200 and seen.json()["counts"]["firings"] == 5
+    assert seen.json()["engine"] == {"up": True, "lag": 0, "lag_unit": "events"}
+    # events the workers have not applied yet show as the engine's lag
+    r = scale_out.a.post("/v1/batch", json={"batch": moments(2)[1:]}, auth=(WRITE_KEY, ""))
+    assert r.status_code == 200, r.text
+    behind = scale_out.b.get("/", headers=session).text
+    assert "The engine is 2 events behind." in behind
+    scale_out.worker.run_until_idle(clock.now_ms())
 
     # a form posted to the other process acts on the shared store, and both see it
     r = scale_out.b.post(

@@ -76,7 +76,8 @@ def overview(app: Forewarn, request: Request, viewer: Viewer, conn: Any) -> dict
     data = dashboard_data.overview(conn, viewer.workspace, now, now - span)
     data["period"], data["periods"] = since, PERIODS
     stats = app.engines.stats_view()
-    data["engine"] = {"up": stats.up, "lag_batches": sum(stats.lag.values())}
+    lag = stats.lag.get(viewer.workspace, 0)
+    data["engine"] = {"up": stats.up, "lag": lag, "lag_unit": stats.lag_unit}
     return data
 
 

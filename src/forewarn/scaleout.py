@@ -165,7 +165,10 @@ class Elsewhere:
             return self.reader.why(conn, workspace, subject_id, trigger, now_ms)
 
     def stats_view(self) -> EngineStats:
-        return EngineStats()
+        """The events queued for the workers, per workspace (what they have yet to apply)."""
+        with self.pool.connection() as conn:
+            rows = conn.execute("SELECT workspace, count(*) FROM queue GROUP BY 1").fetchall()
+        return EngineStats(lag={int(w): int(n) for w, n in rows}, lag_unit="events")
 
 
 class IngestApp(api.Forewarn):
