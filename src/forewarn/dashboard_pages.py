@@ -75,9 +75,7 @@ def overview(app: Forewarn, request: Request, viewer: Viewer, conn: Any) -> dict
     now = clock.now_ms()
     data = dashboard_data.overview(conn, viewer.workspace, now, now - span)
     data["period"], data["periods"] = since, PERIODS
-    stats = app.engines.stats_view()
-    lag = stats.lag.get(viewer.workspace, 0)
-    data["engine"] = {"up": stats.up, "lag": lag, "lag_unit": stats.lag_unit}
+    data["engine"] = call(engine_lag, conn, app, viewer.workspace)
     return data
 
 
@@ -109,10 +107,7 @@ def customer(app: Forewarn, request: Request, viewer: Viewer, conn: Any) -> dict
     subject = request.path_params["subject"]
     if request.url.path.endswith(".json"):
         subject = subject.removesuffix(".json")
-    try:
-        found = app.engines.subject_state(viewer.workspace, subject)
-    except NotFoundError:
-        found = []  # the engine has not started yet: the stored record still shows
+    found = call(engine_states, conn, app, viewer.workspace, subject)
     events = call(store_sqlite.recent_events, conn, viewer.workspace, subject, 100)
     data = dashboard_data.customer(conn, viewer.workspace, subject, found, events)
     if not found and not data["timeline"]:
@@ -126,8 +121,33 @@ def customer(app: Forewarn, request: Request, viewer: Viewer, conn: Any) -> dict
     if asked:
         if asked not in data["triggers"]:
             raise InputError(f"why={asked!r}: no such trigger in the loaded playbooks")
-        data["why"] = app.engines.why(viewer.workspace, subject, asked, clock.now_ms())
+        data["why"] = call(engine_why, conn, app, viewer.workspace, subject, asked, clock.now_ms())
     return data
+
+
+# --- what the engine knows: asked of the embedded server's engine; in scale-out mode read on
+# the page's own connection from the states the workers stored (their twins in dashboard_pg)
+
+
+def engine_lag(conn: Any, app: Forewarn, workspace: int) -> dict[str, Any]:
+    """Whether the engine answers, and what it has yet to apply of the workspace's log."""
+    stats = app.engines.stats_view()
+    return {"up": stats.up, "lag": stats.lag.get(workspace, 0), "lag_unit": "batches"}
+
+
+def engine_states(conn: Any, app: Forewarn, workspace: int, subject: str) -> list[dict[str, Any]]:
+    """The subject's states (traits, trigger states), none when the engine has none."""
+    try:
+        return app.engines.subject_state(workspace, subject)
+    except NotFoundError:
+        return []  # the engine has not started yet: the stored record still shows
+
+
+def engine_why(
+    conn: Any, app: Forewarn, workspace: int, subject: str, trigger: str, now_ms: int
+) -> dict[str, Any]:
+    """Why `trigger` is or is not firing for the subject (`engine.explain`)."""
+    return app.engines.why(workspace, subject, trigger, now_ms)
 
 
 def outreach(app: Forewarn, request: Request, viewer: Viewer, conn: Any) -> dict[str, Any]:

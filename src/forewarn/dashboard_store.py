@@ -53,7 +53,12 @@ def call(fn: Callable[..., Any], conn: Any, *args: Any) -> Any:
         return fn(conn, *args)
     from forewarn import dashboard_pg
 
-    return dashboard_pg.TWINS.get(fn, fn)(conn, *args)
+    twin = dashboard_pg.TWINS.get(fn)
+    if twin is None:
+        if not fn.__module__.startswith("forewarn.dashboard"):  # a bug, not the caller's error
+            raise RuntimeError(f"{fn.__qualname__} has no PostgreSQL twin in dashboard_pg")
+        twin = fn
+    return twin(conn, *args)
 
 
 @contextlib.contextmanager

@@ -59,7 +59,7 @@ from forewarn import (
     store_sqlite,
     widget,
 )
-from forewarn.errors import ForewarnError, InputError
+from forewarn.errors import ForewarnError, InputError, NotFoundError
 from forewarn.live import Committed
 from forewarn.playbook import Trigger
 from forewarn.server import GROUP_MAX, EngineStats, Writer, _fail, _Job, _resolve
@@ -131,15 +131,10 @@ class PgWriter(Writer):
 
 
 class Elsewhere:
-    """The `server.Engines` of an API process: the engines run in the worker processes, and
-    what they know of a subject is read from the states they stored (`admin_pg.Reader`)."""
+    """The `server.Engines` of an API process: the engines run in the worker processes."""
 
-    def __init__(
-        self, triggers: list[Trigger], pool: store_pg.Pool, reader: admin_pg.Reader
-    ) -> None:
+    def __init__(self, triggers: list[Trigger]) -> None:
         self.triggers = triggers
-        self.pool = pool
-        self.reader = reader
 
     def start(self) -> None:
         pass
@@ -157,18 +152,13 @@ class Elsewhere:
         )
 
     def subject_state(self, workspace: int, subject_id: str) -> list[dict[str, Any]]:
-        with self.pool.connection() as conn:
-            return self.reader.states(conn, workspace, subject_id)
+        raise NotFoundError("subject state lives in the worker processes in scale-out mode")
 
     def why(self, workspace: int, subject_id: str, trigger: str, now_ms: int) -> dict[str, Any]:
-        with self.pool.connection() as conn:
-            return self.reader.why(conn, workspace, subject_id, trigger, now_ms)
+        raise NotFoundError("subject state lives in the worker processes in scale-out mode")
 
     def stats_view(self) -> EngineStats:
-        """The events queued for the workers, per workspace (what they have yet to apply)."""
-        with self.pool.connection() as conn:
-            rows = conn.execute("SELECT workspace, count(*) FROM queue GROUP BY 1").fetchall()
-        return EngineStats(lag={int(w): int(n) for w, n in rows}, lag_unit="events")
+        return EngineStats()
 
 
 class IngestApp(api.Forewarn):
@@ -176,9 +166,9 @@ class IngestApp(api.Forewarn):
     also opens a SQLite database for its admin pages; here it is an empty one in memory.)"""
 
     def __init__(self, settings: api.Settings, pool: store_pg.Pool, triggers: list[Trigger]):
+        super().__init__(settings, PgWriter(pool), Elsewhere(triggers))
         self.pool = pool
         self.reader = admin_pg.Reader(triggers, kept_traits(settings.playbooks, triggers))
-        super().__init__(settings, PgWriter(pool), Elsewhere(triggers, pool, self.reader))
 
     def key(self, token: str | None) -> Key | None:
         if not token:

@@ -189,9 +189,8 @@ class EngineStats:
     events: int = 0
     firings: int = 0
     errors: int = 0
-    lag: dict[int, int] = field(default_factory=dict)  # not yet applied, per workspace
+    lag: dict[int, int] = field(default_factory=dict)  # batches not yet applied, per workspace
     up: bool = True  # False: the engine did not answer
-    lag_unit: str = "batches"  # what `lag` counts: the scale-out queue holds events
     engines: dict[int, LiveEngine] = field(default_factory=dict)
 
 
