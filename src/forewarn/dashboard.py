@@ -30,12 +30,12 @@ from forewarn import (
     dashboard_auth,
     dashboard_more,
     dashboard_pages,
-    dashboard_store,
     store_outbox,
     store_sqlite,
 )
+from forewarn.api_outreach import Run
 from forewarn.dashboard_auth import Viewer
-from forewarn.dashboard_store import Run, call
+from forewarn.dashboard_store import call
 from forewarn.errors import ForewarnError, InputError, NotFoundError, TooLargeError
 from forewarn.playbook import parse_duration
 
@@ -143,7 +143,7 @@ PageData = Callable[["Forewarn", Request, Viewer, Any], dict[str, Any]]
 def routes(app: Forewarn, run: Run | None = None) -> list[Route]:
     """The pages; `run(fn, *args)` calls `fn` with a connection to the store (by default the
     embedded one; a scale-out API process gives `dashboard_pg.runner`)."""
-    store: Run = run or dashboard_store.sqlite_run(app.settings.db)
+    store: Run = run or api_outreach.sqlite_run(app.settings.db)
 
     def with_conn(fn: Callable[[Any], Any]) -> Awaitable[Any]:
         return store(fn)

@@ -66,7 +66,7 @@ TWINS: dict[Callable[..., Any], Callable[..., Any]] = {
 }
 
 
-def runner(pool: store_pg.Pool) -> dashboard_store.Run:
+def runner(pool: store_pg.Pool) -> Callable[..., Any]:
     """`dashboard.routes`' `run(fn, *args)`: `fn` (or its twin) on a connection of the pool,
     in a thread."""
 

@@ -4,29 +4,27 @@ pages are written once, over a connection to either. Edge.
 - Statements are written once, with SQLite's `?` placeholders; `execute` runs them on a
   PostgreSQL connection through `schema.placeholders`. A statement that differs per store
   is looked up by `dialect` (as `audit.SQL[dialect]`).
-- What another module does in a store (`store_outbox`, `report`, `store_sqlite`) is called
-  through `call`: the function itself on SQLite, its twin on PostgreSQL (`dashboard_pg.TWINS`,
-  which holds `outreach_pg`'s).
+- What another module does in a store (`store_outbox`, `report`, `store_sqlite`), and what
+  the embedded engine answers (`dashboard_pages.engine_*`), is called through `call`: the
+  function itself on SQLite, its twin on PostgreSQL (`dashboard_pg.TWINS`, which holds
+  `outreach_pg`'s).
 - `transaction` is a write transaction that another one doing the same cannot interleave with:
   SQLite's `BEGIN IMMEDIATE`, or a PostgreSQL transaction holding an advisory lock.
 
-The routes run their work through a `Run` (`sqlite_run` here, `dashboard_pg.runner` over a
-pool), as `api_outreach.routes` does.
+The routes run their work through a `run(fn, *args)`, as `api_outreach.routes` do: its
+`sqlite_run`, or `dashboard_pg.runner` over a pool.
 """
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import sqlite3
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Callable, Iterator
 from functools import lru_cache
 from typing import Any
 
 from forewarn import store_sqlite
 from forewarn.schema import placeholders
-
-Run = Callable[..., Awaitable[Any]]
 
 
 def dialect(conn: Any) -> str:
@@ -74,19 +72,3 @@ def transaction(conn: Any, workspace: int, name: str) -> Iterator[None]:
     with conn.transaction():
         conn.execute("SELECT pg_advisory_xact_lock(%s)", (store_pg.lock_key(workspace, name),))
         yield
-
-
-def sqlite_run(db: str) -> Run:
-    """Call `fn(conn, *args)` on a connection of its own to the embedded store, in a thread."""
-
-    def run(fn: Callable[..., Any], *args: Any) -> Awaitable[Any]:
-        def job() -> Any:
-            conn = store_sqlite.connect(db)
-            try:
-                return fn(conn, *args)
-            finally:
-                conn.close()
-
-        return asyncio.to_thread(job)
-
-    return run
