@@ -157,6 +157,7 @@ def test_every_page_answers_the_same_as_on_an_embedded_server(
             assert html.status_code == 200, (page, html.text)
             assert html.headers["content-type"].startswith("text/html")
             assert "script-src 'self'" in html.headers["content-security-policy"]
+        assert scale_out.b.get("/assets/dashboard.js").status_code == 200
         customer = scale_out.b.get("/customers/u0", headers=_session(cookie)).text
         assert "export-trouble" in customer and "Export Failed" in customer
     finally:
@@ -263,6 +264,13 @@ def test_a_session_from_one_api_process_is_honoured_by_another(scale_out: ScaleO
     (ops,) = [k for k in keys if k["name"] == "ops"]
     r = scale_out.a.post(f"/settings/keys/{ops['id']}/revoke", data={"csrf": csrf}, headers=session)
     assert r.status_code == 303, r.text
+    kept = [k for k in keys if k["name"] != "ops" and k["kind"] == "admin"]
+    refused = scale_out.b.post(
+        f"/settings/keys/{kept[0]['id']}/revoke",
+        data={"csrf": csrf},
+        headers={**session, "Accept": "application/json"},
+    )
+    assert refused.status_code == 409 and "FOREWARN_ADMIN_KEY" in refused.text, refused.text
     ended = scale_out.b.get("/overview.json", headers=_session(ops_cookie))
     assert ended.status_code == 401 and ended.json()["error"]["code"] == "unauthorized"
     audit = scale_out.b.get("/settings.json", headers=session).json()["audit"]
