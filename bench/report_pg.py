@@ -10,6 +10,7 @@ and events read per second on each store, and whether both gave the same report.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import platform
@@ -17,6 +18,7 @@ import statistics
 import tempfile
 import time
 import uuid
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -99,29 +101,36 @@ def _median_s(job: Any) -> tuple[float, Any]:
     return statistics.median(times), result
 
 
-def run(url: str, folder: Path, events: int, firings: int) -> dict[str, Any]:
-    now_ms = int(time.time() * 1000)
+def load(conn: Any, pool: store_pg.Pool, events: int, firings: int, now_ms: int) -> tuple[int, int]:
+    """The same events and firings stored in both stores; the workspace of each."""
     start_ms = now_ms - 20 * DAY_MS
     messages = _messages(events, start_ms, now_ms)
     rows = _firings(firings, start_ms, now_ms)
+    lite = store_sqlite.ensure_workspace(conn, "bench", now_ms)
+    pg = store_pg.ensure_workspace(pool, "bench", now_ms)
+    seen = SeenIds()
+    for first in range(0, events, PER_BATCH):
+        batch = messages[first : first + PER_BATCH]
+        ids = [m["messageId"] for m in batch]
+        evs = [event_from_dict(m) for m in batch]
+        store_sqlite.append_batches(conn, [Append(lite, "t", now_ms, batch, ids, evs)], seen)
+        store_pg.append_batches(pool, [Append(pg, "t", now_ms, batch, ids, evs)])
+    conn.executemany(FIRING, [(lite, *r) for r in rows])
+    with pool.connection() as pg_conn:
+        pg_conn.execute("DELETE FROM queue")  # as if applied
+        pg_conn.execute("ANALYZE events")  # as autovacuum does after such a load
+        with pg_conn.cursor() as cur:
+            cur.executemany(placeholders(FIRING), [(pg, *r) for r in rows])
+    return lite, pg
+
+
+def run(url: str, folder: Path, events: int, firings: int) -> dict[str, Any]:
+    now_ms = int(time.time() * 1000)
     conn = store_sqlite.connect(folder / "bench.db")
     pool = store_pg.connect(url)
     try:
-        lite = store_sqlite.ensure_workspace(conn, "bench", now_ms)
-        pg = store_pg.ensure_workspace(pool, "bench", now_ms)
-        seen = SeenIds()
-        for first in range(0, events, PER_BATCH):
-            batch = messages[first : first + PER_BATCH]
-            ids = [m["messageId"] for m in batch]
-            evs = [event_from_dict(m) for m in batch]
-            store_sqlite.append_batches(conn, [Append(lite, "t", now_ms, batch, ids, evs)], seen)
-            store_pg.append_batches(pool, [Append(pg, "t", now_ms, batch, ids, evs)])
-        conn.executemany(FIRING, [(lite, *r) for r in rows])
+        lite, pg = load(conn, pool, events, firings, now_ms)
         with pool.connection() as pg_conn:
-            pg_conn.execute("DELETE FROM queue")  # as if applied
-            pg_conn.execute("ANALYZE events")  # as autovacuum does after such a load
-            with pg_conn.cursor() as cur:
-                cur.executemany(placeholders(FIRING), [(pg, *r) for r in rows])
             since = now_ms - 30 * DAY_MS
             sqlite_s, want = _median_s(
                 lambda: report.live_report(conn, lite, TRIGGERS, since, now_ms)
@@ -144,22 +153,28 @@ def run(url: str, folder: Path, events: int, firings: int) -> dict[str, Any]:
     }
 
 
+@contextlib.contextmanager
+def scratch(server: str) -> Iterator[tuple[str, Path]]:
+    """A new PostgreSQL database on `server` and a folder, both removed afterwards."""
+    name = "forewarn_bench_" + uuid.uuid4().hex[:8]
+    with psycopg.connect(server, autocommit=True) as admin:
+        admin.execute(f'CREATE DATABASE "{name}"')
+    try:
+        with tempfile.TemporaryDirectory() as folder:
+            yield server.rsplit("/", 1)[0] + "/" + name, Path(folder)
+    finally:
+        with psycopg.connect(server, autocommit=True) as admin:
+            admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--events", type=int, default=200_000)
     parser.add_argument("--firings", type=int, default=5_000)
     parser.add_argument("--pg", default=SERVER)
     args = parser.parse_args()
-    name = "forewarn_bench_" + uuid.uuid4().hex[:8]
-    with psycopg.connect(args.pg, autocommit=True) as admin:
-        admin.execute(f'CREATE DATABASE "{name}"')
-    try:
-        with tempfile.TemporaryDirectory() as folder:
-            url = args.pg.rsplit("/", 1)[0] + "/" + name
-            result = run(url, Path(folder), args.events, args.firings)
-    finally:
-        with psycopg.connect(args.pg, autocommit=True) as admin:
-            admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+    with scratch(args.pg) as (url, folder):
+        result = run(url, folder, args.events, args.firings)
     result["machine"] = f"{platform.machine()}, {os.cpu_count()} cores"
     print(json.dumps(result, indent=2))
 

@@ -294,7 +294,8 @@ def test_only_what_is_served_is_described_and_the_rest_says_embedded_only(
     } >= set(links)
     embedded = {(p, m) for p, ops in openapi.OPENAPI["paths"].items() for m in ops}
     elsewhere = sorted(embedded - described)
-    assert ("/api/v1/playbooks/reload", "post") in elsewhere and len(elsewhere) >= 10
+    # the dashboard's JSON twins are served too: only the reload is the embedded server's
+    assert elsewhere == [("/api/v1/playbooks/reload", "post")]
     for path, method in elsewhere:
         target = path.replace("{subject}", "u1").replace("{trigger}", "storage-85")
         for name in ("token", "id", "project", "flavour"):

@@ -87,18 +87,20 @@ class Reader:
         """`GET /api/v1/subjects/{id}`: its states (`as`), its latest logged messages
         (`events`, newest first) and its first firings (`firings`, rows of `firings`)."""
         with _snapshot(conn):
-            people = self._person_parts(conn, workspace, subject)
-            held = self._held(conn, workspace, subject, [*people, "account:" + subject])
-            found: list[dict[str, Any]] = []
-            for h in held:
-                for entry in server.subject_state(h.state, subject):
-                    found.append({**entry, "partition": h.part})
+            people = _person_parts(conn, workspace, subject)
+            found = self._states(conn, workspace, subject, people)
             if not found:
                 raise NotFoundError(f"no subject '{subject}' in this workspace's events")
-            found.sort(key=lambda entry: entry["scope"] == "account")  # users first
-            events = self._timeline(conn, workspace, subject, people)
+            events = _timeline(conn, workspace, subject, people, RECENT_EVENTS)
             firings = store_pg.query_firings(conn, workspace, None, subject, RECENT_FIRINGS)
         return {"id": subject, "as": found, "events": events, "firings": firings}
+
+    def states(
+        self, conn: psycopg.Connection[Any], workspace: int, subject: str
+    ) -> list[dict[str, Any]]:
+        """The subject's states (`as` of `subject`), none when it has none."""
+        with _snapshot(conn):
+            return self._states(conn, workspace, subject, _person_parts(conn, workspace, subject))
 
     def why(
         self,
@@ -118,7 +120,7 @@ class Reader:
             if ct.account:
                 names = ["account:" + subject]
             else:
-                names = self._person_parts(conn, workspace, subject)
+                names = _person_parts(conn, workspace, subject)
             held = self._held(conn, workspace, subject, names)
         known = [
             (h.part, answer)
@@ -143,17 +145,17 @@ class Reader:
 
     # --- reading -------------------------------------------------------------------------
 
-    def _person_parts(self, conn: psycopg.Connection[Any], workspace: int, who: str) -> list[str]:
-        """The partitions a person's events went to, home first, then their own."""
-        names = {str(p) for (p,) in conn.execute(_PARTS_OF_PERSON, {"ws": workspace, "who": who})}
-        home = conn.execute(
-            "SELECT 'account:' || account FROM homes WHERE workspace = %s AND person = %s",
-            (workspace, who),
-        ).fetchone()
-        first = [str(home[0])] if home else []
-        own = "user:" + who
-        rest = sorted(names - {*first, own})
-        return [*first, own, *rest]
+    def _states(
+        self, conn: psycopg.Connection[Any], workspace: int, subject: str, people: list[str]
+    ) -> list[dict[str, Any]]:
+        held = self._held(conn, workspace, subject, [*people, "account:" + subject])
+        found = [
+            {**entry, "partition": h.part}
+            for h in held
+            for entry in server.subject_state(h.state, subject)
+        ]
+        found.sort(key=lambda entry: entry["scope"] == "account")  # users first
+        return found
 
     def _held(
         self, conn: psycopg.Connection[Any], workspace: int, subject: str, names: list[str]
@@ -193,32 +195,54 @@ class Reader:
         state.aliases, state.members, state.urgent = snap.aliases, snap.members, snap.urgent
         return state
 
-    def _timeline(
-        self, conn: psycopg.Connection[Any], workspace: int, subject: str, people: list[str]
-    ) -> list[dict[str, Any]]:
-        """The latest logged messages naming the subject (as a person, from each partition
-        their events went to; as an account, from its partition's latest), newest first."""
-        found = {
-            int(i): bytes(m)
-            for i, m in conn.execute(
-                _PERSON_EVENTS,
-                {"parts": people, "ws": workspace, "who": subject, "n": RECENT_EVENTS},
-            )
-        }
+
+def _person_parts(conn: psycopg.Connection[Any], workspace: int, who: str) -> list[str]:
+    """The partitions a person's events went to, home first, then their own."""
+    names = {str(p) for (p,) in conn.execute(_PARTS_OF_PERSON, {"ws": workspace, "who": who})}
+    home = conn.execute(
+        "SELECT 'account:' || account FROM homes WHERE workspace = %s AND person = %s",
+        (workspace, who),
+    ).fetchone()
+    first = [str(home[0])] if home else []
+    own = "user:" + who
+    rest = sorted(names - {*first, own})
+    return [*first, own, *rest]
+
+
+def _timeline(
+    conn: psycopg.Connection[Any], workspace: int, subject: str, people: list[str], limit: int
+) -> list[dict[str, Any]]:
+    """The latest logged messages naming the subject (as a person, from each partition
+    their events went to; as an account, from its partition's latest), newest first."""
+    found = {
+        int(i): bytes(m)
         for i, m in conn.execute(
-            "SELECT id, message FROM events WHERE workspace = %s AND part = %s"
-            " ORDER BY id DESC LIMIT %s",
-            (workspace, "account:" + subject, SCAN),
-        ):
-            found.setdefault(int(i), bytes(m))
-        messages = []
-        for i in sorted(found, reverse=True):
-            message = msgspec.json.decode(found[i])
-            if subject in _subjects_of(message):
-                messages.append(message)
-                if len(messages) == RECENT_EVENTS:
-                    break
-        return messages
+            _PERSON_EVENTS,
+            {"parts": people, "ws": workspace, "who": subject, "n": limit},
+        )
+    }
+    for i, m in conn.execute(
+        "SELECT id, message FROM events WHERE workspace = %s AND part = %s"
+        " ORDER BY id DESC LIMIT %s",
+        (workspace, "account:" + subject, SCAN),
+    ):
+        found.setdefault(int(i), bytes(m))
+    messages = []
+    for i in sorted(found, reverse=True):
+        message = msgspec.json.decode(found[i])
+        if subject in _subjects_of(message):
+            messages.append(message)
+            if len(messages) == limit:
+                break
+    return messages
+
+
+def recent_events(
+    conn: psycopg.Connection[Any], workspace: int, subject: str, limit: int
+) -> list[dict[str, Any]]:
+    """The subject's latest logged messages, newest first (`store_sqlite.recent_events`)."""
+    with _snapshot(conn):
+        return _timeline(conn, workspace, subject, _person_parts(conn, workspace, subject), limit)
 
 
 @contextlib.contextmanager

@@ -6,8 +6,8 @@ refusal for the rest.
   `/api/v1/subjects/{id}` and `/api/v1/subjects/{id}/why` (from the partitions' stored
   states, `admin_pg`), `DELETE /api/v1/subjects/{id}` (forgetting the person, `privacy_pg`),
   `/api/v1/audit` (`audit_pg`), beside the ingest routes, `/api/v1/firings` and `/healthz`
-  that `scaleout` serves, and the outreach routes, reports and backtests it mounts from
-  `api_outreach` over `outreach_pg` and `report_pg`.
+  that `scaleout` serves, the outreach routes, reports and backtests it mounts from
+  `api_outreach` over `outreach_pg` and `report_pg`, and the dashboard (`dashboard_pg`).
 - `POST /api/v1/playbooks/reload` is refused, saying what to do instead: the workers load the
   playbooks when they start, so a reload is a restart of the workers, then the API processes.
 - Every other route of the embedded server answers `501` with the code `embedded_only` (`405`,
@@ -53,8 +53,8 @@ RELOAD = (
 )
 ABOUT = (
     "A scale-out API process on PostgreSQL: the ingest routes, the admin API's reads, its "
-    "outreach routes, reports and backtests, the links inside messages and the widget API. The "
-    "embedded server's other routes answer 501 `embedded_only` here."
+    "outreach routes, reports and backtests, the links inside messages, the widget API and the "
+    "dashboard. The embedded server's other routes answer 501 `embedded_only` here."
 )
 OTHER_PLAYBOOKS = (
     "the subject's state was stored by workers running other playbooks than this process"

@@ -11,9 +11,7 @@ post with the session's CSRF token and answer with a redirect.
 
 from __future__ import annotations
 
-import asyncio
 import re
-import sqlite3
 from collections.abc import Awaitable, Callable
 from functools import lru_cache
 from importlib import resources
@@ -35,7 +33,9 @@ from forewarn import (
     store_outbox,
     store_sqlite,
 )
+from forewarn.api_outreach import Run
 from forewarn.dashboard_auth import Viewer
+from forewarn.dashboard_store import call
 from forewarn.errors import ForewarnError, InputError, NotFoundError, TooLargeError
 from forewarn.playbook import parse_duration
 
@@ -137,23 +137,18 @@ def _safe_next(target: str | None) -> str:
 
 
 Handler = Callable[[Request], Awaitable[Response]]
-PageData = Callable[["Forewarn", Request, Viewer, sqlite3.Connection], dict[str, Any]]
+PageData = Callable[["Forewarn", Request, Viewer, Any], dict[str, Any]]
 
 
-def routes(app: Forewarn) -> list[Route]:
-    db = app.settings.db
+def routes(app: Forewarn, run: Run | None = None) -> list[Route]:
+    """The pages; `run(fn, *args)` calls `fn` with a connection to the store (by default the
+    embedded one; a scale-out API process gives `dashboard_pg.runner`)."""
+    store: Run = run or api_outreach.sqlite_run(app.settings.db)
 
-    def with_conn(fn: Callable[[sqlite3.Connection], Any]) -> Awaitable[Any]:
-        def job() -> Any:
-            conn = store_sqlite.connect(db)
-            try:
-                return fn(conn)
-            finally:
-                conn.close()
+    def with_conn(fn: Callable[[Any], Any]) -> Awaitable[Any]:
+        return store(fn)
 
-        return asyncio.to_thread(job)
-
-    def viewer_of(conn: sqlite3.Connection, request: Request) -> Viewer | None:
+    def viewer_of(conn: Any, request: Request) -> Viewer | None:
         value = request.cookies.get(dashboard_auth.COOKIE)
         now_s = clock.now_ms() // 1000
         return dashboard_auth.read(conn, dashboard_auth.secret(conn), value, now_s)
@@ -273,7 +268,7 @@ def routes(app: Forewarn) -> list[Route]:
             raise StaleForm("the sign-in form is stale: reload /signin and try again")
         key = fields.get("key", "").strip()
 
-        def find(conn: sqlite3.Connection) -> tuple[str, str] | None:
+        def find(conn: Any) -> tuple[str, str] | None:
             found = dashboard_auth.admin_key_id(conn, key) if key else None
             if found is None:
                 return None
@@ -318,14 +313,22 @@ def routes(app: Forewarn) -> list[Route]:
         now = clock.now_ms()
         by = viewer.actor
 
-        def write(conn: sqlite3.Connection) -> None:
+        def write(conn: Any) -> None:
             if action == "resume":
-                store_outbox.resume_trigger(conn, viewer.workspace, trigger.id, by, now)
+                call(store_outbox.resume_trigger, conn, viewer.workspace, trigger.id, by, now)
                 return
             mode = "paused" if action == "pause" else "shadow"
             said = reason or f"{mode} by hand"
-            store_outbox.override_trigger(
-                conn, viewer.workspace, trigger.id, mode, said, "dashboard", now, by
+            call(
+                store_outbox.override_trigger,
+                conn,
+                viewer.workspace,
+                trigger.id,
+                mode,
+                said,
+                "dashboard",
+                now,
+                by,
             )
 
         await with_conn(write)
@@ -345,7 +348,7 @@ def routes(app: Forewarn) -> list[Route]:
         now = clock.now_ms()
         span = min(span, now)  # longer than the epoch: the whole log
         job = await api_outreach.start_backtest(
-            api_outreach.sqlite_run(db), viewer.workspace, chosen, since, now - span, now
+            store, viewer.workspace, chosen, since, now - span, now
         )
         return RedirectResponse(f"/backtests/{job}", status_code=303)
 
@@ -361,9 +364,10 @@ def routes(app: Forewarn) -> list[Route]:
         if name == store_sqlite.ENV_KEY_NAME:
             raise InputError(f"'{name}' names the keys set in the environment: choose another")
 
-        def make(conn: sqlite3.Connection) -> dict[str, Any]:
-            token = store_sqlite.add_key(
-                conn, viewer.workspace, kind, clock.now_ms(), name=name, actor=viewer.actor
+        def make(conn: Any) -> dict[str, Any]:
+            now = clock.now_ms()
+            token = call(
+                store_sqlite.add_key, conn, viewer.workspace, kind, now, None, name, viewer.actor
             )
             data = dashboard_more.settings_view(conn, viewer.workspace)
             return {**data, "created": {"kind": kind, "name": name, "token": token}}

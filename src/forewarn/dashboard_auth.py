@@ -4,8 +4,11 @@ form carries a CSRF token. Edge.
 The cookie holds the workspace, the id of the admin key used (never the key), a random CSRF
 token and an expiry, signed (HMAC-SHA256) with a secret kept in the database: sessions survive
 a restart, end after `SESSION_S`, and end at once when their key is revoked (it is looked up on
-every request). The sign-in form itself is protected by a double-submit token: a cookie and a
-hidden field that must match, so another site cannot sign a browser in with its own key.
+every request). Nothing of a session is kept in a process, so in the scale-out mode every API
+process honours a session another issued (the secret in PostgreSQL's `secrets`). The sign-in
+form itself is protected by a double-submit token: a cookie and a hidden field that must
+match, so another site cannot sign a browser in with its own key. The functions take a
+connection to either store (`dashboard_store`).
 """
 
 from __future__ import annotations
@@ -14,13 +17,13 @@ import base64
 import hashlib
 import hmac
 import secrets
-import sqlite3
 from dataclasses import dataclass
 from typing import Any
 
 import msgspec
 
 from forewarn import audit, store_outbox, store_sqlite
+from forewarn.dashboard_store import call, dialect, execute, transaction
 from forewarn.errors import NotFoundError
 
 COOKIE = "fw_session"
@@ -57,13 +60,14 @@ def _mac(secret: str, body: str) -> str:
     return _b64(hmac.new(secret.encode(), body.encode(), hashlib.sha256).digest())
 
 
-def secret(conn: sqlite3.Connection) -> str:
-    return store_outbox.secret(conn, SECRET_NAME)
+def secret(conn: Any) -> str:
+    return str(call(store_outbox.secret, conn, SECRET_NAME))
 
 
-def admin_key_id(conn: sqlite3.Connection, token: str) -> tuple[int, int, str] | None:
+def admin_key_id(conn: Any, token: str) -> tuple[int, int, str] | None:
     """(key id, workspace, prefix) of an admin key that is not revoked; None otherwise."""
-    row = conn.execute(
+    row = execute(
+        conn,
         "SELECT id, workspace, prefix FROM keys WHERE hash = ? AND kind = 'admin'"
         " AND revoked_ms IS NULL",
         (store_sqlite.hash_key(token),),
@@ -79,7 +83,7 @@ def issue(secret_: str, key_id: int, workspace: int, now_s: int) -> tuple[str, s
     return f"{body}.{_mac(secret_, body)}", csrf
 
 
-def read(conn: sqlite3.Connection, secret_: str, value: str | None, now_s: int) -> Viewer | None:
+def read(conn: Any, secret_: str, value: str | None, now_s: int) -> Viewer | None:
     """The session in a cookie value, if its signature holds, it has not expired and its key
     is still an admin key of that workspace."""
     if not value or value.count(".") != 1:
@@ -94,7 +98,8 @@ def read(conn: sqlite3.Connection, secret_: str, value: str | None, now_s: int) 
         return None
     if not isinstance(expires, int) or expires <= now_s:
         return None
-    row = conn.execute(
+    row = execute(
+        conn,
         "SELECT prefix FROM keys WHERE id = ? AND workspace = ? AND kind = 'admin'"
         " AND revoked_ms IS NULL",
         (key_id, workspace),
@@ -120,15 +125,14 @@ def new_token() -> str:
 ENV_KEY_NAME = store_sqlite.ENV_KEY_NAME
 
 
-def revoke(
-    conn: sqlite3.Connection, workspace: int, key_id: int, now_ms: int, actor: str = "cli"
-) -> str | None:
+def revoke(conn: Any, workspace: int, key_id: int, now_ms: int, actor: str = "cli") -> str | None:
     """Revoke a key of the workspace; None when done, else why it was not (the message says
     what to do). The last admin key is kept (nobody could sign in any more), and so is a key
     from the environment (the next start would add it again and fail). NotFoundError when the
     workspace has no such key."""
-    with store_sqlite.transaction(conn):  # two revokes at once cannot both pass the count
-        row = conn.execute(
+    with transaction(conn, workspace, "keys"):  # two revokes at once cannot both pass the count
+        row = execute(
+            conn,
             "SELECT kind, name, revoked_ms, prefix FROM keys WHERE id = ? AND workspace = ?",
             (key_id, workspace),
         ).fetchone()
@@ -143,13 +147,17 @@ def revoke(
                 " restart, then revoke it"
             )
         if kind == "admin":
-            admins = conn.execute(
+            admins = execute(
+                conn,
                 "SELECT count(*) FROM keys WHERE workspace = ? AND kind = 'admin'"
                 " AND revoked_ms IS NULL",
                 (workspace,),
             ).fetchone()[0]
             if admins <= 1:
                 return "this is the last admin key: create another first, or nobody can sign in"
-        conn.execute("UPDATE keys SET revoked_ms = ? WHERE id = ?", (now_ms, key_id))
-        audit.record(conn, workspace, actor, "key.revoked", str(prefix), now_ms, {"kind": kind})
+        execute(conn, "UPDATE keys SET revoked_ms = ? WHERE id = ?", (now_ms, key_id))
+        detail = {"kind": kind}
+        audit.record(
+            conn, workspace, actor, "key.revoked", str(prefix), now_ms, detail, dialect(conn)
+        )
         return None

@@ -1,18 +1,19 @@
 """What each dashboard page shows, as plain data: one function per page, reading the database
 (and the report and the engine's answers it is given). The HTML page and its JSON twin are
-both made from the dict these return, so they never disagree. Edge (reads the database).
+both made from the dict these return, so they never disagree. Edge (reads the database:
+either store, `dashboard_store`).
 
 Times come in as arguments (`now_ms`) and go out as ISO 8601 text.
 """
 
 from __future__ import annotations
 
-import sqlite3
 from typing import Any
 
 import msgspec
 
 from forewarn import describe, stats, store_outbox, store_sqlite
+from forewarn.dashboard_store import call, dialect, execute
 from forewarn.model import format_time, parse_time_ms
 from forewarn.playbook import Trigger
 
@@ -20,6 +21,12 @@ HOUR_MS = 3_600_000
 DAY_MS = 24 * HOUR_MS
 LATEST = 20  # firings in the overview's "latest" list
 EXAMPLES = 10  # example subjects on a trigger's page
+# the events received in a period: the embedded log holds batches, the scale-out log events
+EVENTS_RECEIVED = {
+    "sqlite": "SELECT coalesce(sum(count), 0) FROM batches"
+    " WHERE workspace = ? AND received_ms >= ?",
+    "postgresql": "SELECT count(*) FROM events WHERE workspace = ? AND received_ms >= ?",
+}
 
 
 def _time(ms: int | None) -> str | None:
@@ -39,18 +46,14 @@ def _iso(stamp: Any) -> str | None:
 # --- overview ---------------------------------------------------------------------------------
 
 
-def overview(
-    conn: sqlite3.Connection, workspace: int, now_ms: int, since_ms: int
-) -> dict[str, Any]:
+def overview(conn: Any, workspace: int, now_ms: int, since_ms: int) -> dict[str, Any]:
     """Counts over the period (events received, firings and their decisions, messages sent),
     firings per hour by decision, and the latest firings."""
-    events = conn.execute(
-        "SELECT coalesce(sum(count), 0) FROM batches WHERE workspace = ? AND received_ms >= ?",
-        (workspace, since_ms),
-    ).fetchone()[0]
+    events = execute(conn, EVENTS_RECEIVED[dialect(conn)], (workspace, since_ms)).fetchone()[0]
     decisions: dict[str, int] = {}
     suppressed: dict[str, int] = {}
-    for decision, reason, n in conn.execute(
+    for decision, reason, n in execute(
+        conn,
         "SELECT decision, reason, count(*) FROM firings WHERE workspace = ? AND at_ms >= ?"
         " GROUP BY decision, reason",
         (workspace, since_ms),
@@ -58,7 +61,8 @@ def overview(
         decisions[decision] = decisions.get(decision, 0) + n
         if decision == "suppressed":
             suppressed[reason or "unknown"] = n
-    sent = conn.execute(
+    sent = execute(
+        conn,
         "SELECT count(*) FROM outbox WHERE workspace = ? AND status = 'sent' AND created_ms >= ?",
         (workspace, since_ms),
     ).fetchone()[0]
@@ -73,16 +77,16 @@ def overview(
             "suppressed": decisions.get("suppressed", 0),
         },
         "decisions": dict(sorted(decisions.items())),
-        "suppressed_by_reason": dict(sorted(suppressed.items(), key=lambda kv: -kv[1])),
+        "suppressed_by_reason": dict(sorted(suppressed.items(), key=lambda kv: (-kv[1], kv[0]))),
         "per_hour": firings_series(conn, workspace, None, since_ms, now_ms, HOUR_MS),
         "latest": latest_firings(conn, workspace, LATEST),
     }
 
 
 def latest_firings(
-    conn: sqlite3.Connection, workspace: int, limit: int, trigger: str | None = None
+    conn: Any, workspace: int, limit: int, trigger: str | None = None
 ) -> list[dict[str, Any]]:
-    rows = store_outbox.query_outreach(conn, workspace, None, trigger, None, limit)
+    rows = call(store_outbox.query_outreach, conn, workspace, None, trigger, None, limit)
     return [_outreach_row(r) for r in rows]
 
 
@@ -94,7 +98,7 @@ def _outreach_row(row: dict[str, Any]) -> dict[str, Any]:
 
 
 def firings_series(
-    conn: sqlite3.Connection,
+    conn: Any,
     workspace: int,
     trigger: str | None,
     since_ms: int,
@@ -115,7 +119,8 @@ def firings_series(
     where, args = store_sqlite.filters(
         ("workspace = ?", workspace), ("trig = ?", trigger), ("at_ms >= ?", start)
     )
-    for bucket, decision, count in conn.execute(
+    for bucket, decision, count in execute(
+        conn,
         f"SELECT (at_ms - ?) / ?, decision, count(*) FROM firings WHERE {where} GROUP BY 1, 2",
         [start, step_ms, *args],
     ):
@@ -146,14 +151,13 @@ def _lift(row: dict[str, Any] | None) -> dict[str, Any] | None:
     return None
 
 
-def daily(
-    conn: sqlite3.Connection, workspace: int, since_ms: int, until_ms: int
-) -> dict[str, list[int]]:
+def daily(conn: Any, workspace: int, since_ms: int, until_ms: int) -> dict[str, list[int]]:
     """Firings per day of each trigger over the period (oldest day first), for sparklines."""
     start = since_ms - since_ms % DAY_MS
     n = max(1, (until_ms - start) // DAY_MS + 1)
     out: dict[str, list[int]] = {}
-    for trig, day, count in conn.execute(
+    for trig, day, count in execute(
+        conn,
         "SELECT trig, (at_ms - ?) / ?, count(*) FROM firings WHERE workspace = ? AND at_ms >= ?"
         " GROUP BY 1, 2",
         (start, DAY_MS, workspace, start),
@@ -237,7 +241,7 @@ def rates(row: dict[str, Any] | None, trigger: Trigger) -> list[dict[str, Any]]:
 
 
 def trigger_detail(
-    conn: sqlite3.Connection,
+    conn: Any,
     workspace: int,
     trigger: Trigger,
     report: dict[str, Any],
@@ -250,9 +254,10 @@ def trigger_detail(
     row = next((r for r in report.get("triggers", []) if r["trigger"] == trigger.id), None)
     reasons = {
         str(reason or "unknown"): n
-        for reason, n in conn.execute(
+        for reason, n in execute(
+            conn,
             "SELECT reason, count(*) FROM firings WHERE workspace = ? AND trig = ?"
-            " AND at_ms >= ? AND decision = 'suppressed' GROUP BY reason ORDER BY 2 DESC",
+            " AND at_ms >= ? AND decision = 'suppressed' GROUP BY reason ORDER BY 2 DESC, 1",
             (workspace, trigger.id, since_ms),
         )
     }
@@ -285,7 +290,7 @@ def trigger_detail(
 
 
 def customer(
-    conn: sqlite3.Connection,
+    conn: Any,
     workspace: int,
     subject: str,
     found: list[dict[str, Any]],
@@ -308,7 +313,8 @@ def customer(
                 "traits": m.get("traits") or {},
             }
         )
-    rows = conn.execute(
+    rows = execute(
+        conn,
         "SELECT f.id, f.trig, f.scope, f.at_ms, f.evidence, f.decision, f.reason, f.channel,"
         " o.status, o.done_ms, o.detail, o.message, oc.goal, oc.failure, oc.engaged, oc.closed_ms"
         " FROM firings f LEFT JOIN outbox o ON o.firing = f.id"
@@ -359,7 +365,8 @@ def customer(
                 }
             )
     # the assistant's side of chat conversations (the customer's side is its reply events)
-    for trig, author, text, at in conn.execute(
+    for trig, author, text, at in execute(
+        conn,
         "SELECT i.trig, c.author, c.text, c.at_ms FROM conversation_messages c"
         " JOIN inbox i ON i.id = c.conversation WHERE i.workspace = ? AND i.subject = ?"
         " AND c.author != 'user' ORDER BY c.id DESC LIMIT 200",
@@ -375,7 +382,8 @@ def customer(
         "timeline": timeline,
         "suppressions": [
             {"scope": s, "reason": r, "until": _time(u), "at": format_time(a)}
-            for s, r, u, a in conn.execute(
+            for s, r, u, a in execute(
+                conn,
                 "SELECT scope, reason, until_ms, at_ms FROM suppressions"
                 " WHERE workspace = ? AND subject = ?",
                 (workspace, subject),
@@ -383,7 +391,8 @@ def customer(
         ],
         "unsubscribed": [
             {"scope": s, "channel": c, "at": format_time(a), "source": src}
-            for s, c, a, src in conn.execute(
+            for s, c, a, src in execute(
+                conn,
                 "SELECT scope, channel, at_ms, source FROM consent"
                 " WHERE workspace = ? AND subject = ?",
                 (workspace, subject),
@@ -396,14 +405,14 @@ def customer(
 
 
 def outreach(
-    conn: sqlite3.Connection,
+    conn: Any,
     workspace: int,
     trigger: str | None,
     status: str | None,
     subject: str | None,
     limit: int,
 ) -> dict[str, Any]:
-    rows = store_outbox.query_outreach(conn, workspace, subject, trigger, status, limit)
+    rows = call(store_outbox.query_outreach, conn, workspace, subject, trigger, status, limit)
     return {
         "filters": {"trigger": trigger, "status": status, "subject": subject},
         "statuses": [*store_outbox.STATUSES, "held_out"],

@@ -1,6 +1,6 @@
 """The dashboard's other pages as plain data: the outbox (with the demo's captured emails), the
-backtests, the settings and the customers seen lately. Edge (reads the database, the
-environment and the demo's mail folder).
+backtests, the settings and the customers seen lately. Edge (reads the database, either
+store (`dashboard_store`), the environment and the demo's mail folder).
 """
 
 from __future__ import annotations
@@ -9,7 +9,6 @@ import email
 import email.policy
 import html
 import re
-import sqlite3
 from email.message import EmailMessage
 from pathlib import Path
 from typing import Any
@@ -19,6 +18,7 @@ import msgspec
 import nh3
 
 from forewarn import audit, settings, store_outbox
+from forewarn.dashboard_store import call, dialect, execute
 from forewarn.model import format_time
 
 MAILS = 50  # captured emails shown at most
@@ -33,17 +33,19 @@ def _time(ms: int | None) -> str | None:
 # --- the outbox -------------------------------------------------------------------------------
 
 
-def outbox(conn: sqlite3.Connection, workspace: int, now_ms: int) -> dict[str, Any]:
+def outbox(conn: Any, workspace: int, now_ms: int) -> dict[str, Any]:
     """Messages waiting or retrying, those that gave up (dead letters), the latest sent, and
     the emails the demo's mail sink captured (when FOREWARN_DEMO_MAILDIR is set)."""
     counts = {
         str(status): int(n)
-        for status, n in conn.execute(
+        for status, n in execute(
+            conn,
             "SELECT status, count(*) FROM outbox WHERE workspace = ? GROUP BY status",
             (workspace,),
         )
     }
-    rows = conn.execute(
+    rows = execute(
+        conn,
         "SELECT id, firing, channel, trig, subject, scope, status, reason, attempts, due_ms,"
         " created_ms, done_ms, detail, message FROM outbox WHERE workspace = ?"
         " ORDER BY (status = 'pending') DESC, id DESC LIMIT ?",
@@ -76,7 +78,7 @@ def outbox(conn: sqlite3.Connection, workspace: int, now_ms: int) -> dict[str, A
         )
     # the mail folder is one for the whole server and holds every workspace's mail: it is
     # shown to the first workspace only, the one a demo or a test server runs
-    first = conn.execute("SELECT min(id) FROM workspaces").fetchone()[0]
+    first = execute(conn, "SELECT min(id) FROM workspaces").fetchone()[0]
     folder = settings.env("DEMO_MAILDIR") if workspace == first else ""
     return {
         "counts": counts,
@@ -139,8 +141,9 @@ _BLOCK_END = re.compile(r"<br\s*/?>|</(?:p|div|li|tr|h[1-6]|blockquote|table)\s*
 # --- backtests --------------------------------------------------------------------------------
 
 
-def backtests(conn: sqlite3.Connection, workspace: int) -> dict[str, Any]:
-    rows = conn.execute(
+def backtests(conn: Any, workspace: int) -> dict[str, Any]:
+    rows = execute(
+        conn,
         "SELECT id, status, params, created_ms, done_ms FROM backtests WHERE workspace = ?"
         " ORDER BY id DESC LIMIT 50",
         (workspace,),
@@ -175,7 +178,7 @@ def _endpoint(url: str | None) -> str | None:
 SETTINGS_AUDIT_ROWS = 20
 
 
-def settings_view(conn: sqlite3.Connection, workspace: int) -> dict[str, Any]:
+def settings_view(conn: Any, workspace: int) -> dict[str, Any]:
     """Keys (their prefixes, never the keys), channels and whether each is configured, and the
     policy: caps, quiet hours, the holdout and the auto-guard. Secrets are never shown."""
     keys = [
@@ -187,7 +190,8 @@ def settings_view(conn: sqlite3.Connection, workspace: int) -> dict[str, Any]:
             "created": format_time(created),
             "revoked": _time(revoked),
         }
-        for i, kind, prefix, name, created, revoked in conn.execute(
+        for i, kind, prefix, name, created, revoked in execute(
+            conn,
             "SELECT id, kind, prefix, name, created_ms, revoked_ms FROM keys WHERE workspace = ?"
             " ORDER BY id",
             (workspace,),
@@ -234,11 +238,11 @@ def settings_view(conn: sqlite3.Connection, workspace: int) -> dict[str, Any]:
             "DELIVERY_ATTEMPTS",
         )
     }
-    suppressed = conn.execute(
-        "SELECT count(*) FROM suppressions WHERE workspace = ?", (workspace,)
+    suppressed = execute(
+        conn, "SELECT count(*) FROM suppressions WHERE workspace = ?", (workspace,)
     ).fetchone()[0]
-    unsubscribed = conn.execute(
-        "SELECT count(*) FROM consent WHERE workspace = ?", (workspace,)
+    unsubscribed = execute(
+        conn, "SELECT count(*) FROM consent WHERE workspace = ?", (workspace,)
     ).fetchone()[0]
     return {
         "keys": keys,
@@ -250,11 +254,11 @@ def settings_view(conn: sqlite3.Connection, workspace: int) -> dict[str, Any]:
         "unsubscribed": int(unsubscribed),
         "overrides": {
             t: {**o, "at": format_time(o["at_ms"])}
-            for t, o in store_outbox.trigger_overrides(conn, workspace).items()
+            for t, o in call(store_outbox.trigger_overrides, conn, workspace).items()
         },
         "audit": [
             {**row, "at": format_time(row.pop("at_ms"))}
-            for row in audit.read(conn, workspace, SETTINGS_AUDIT_ROWS)
+            for row in audit.read(conn, workspace, SETTINGS_AUDIT_ROWS, dialect=dialect(conn))
         ],
     }
 
@@ -262,11 +266,12 @@ def settings_view(conn: sqlite3.Connection, workspace: int) -> dict[str, Any]:
 # --- customers --------------------------------------------------------------------------------
 
 
-def recent_customers(conn: sqlite3.Connection, workspace: int) -> dict[str, Any]:
+def recent_customers(conn: Any, workspace: int) -> dict[str, Any]:
     """The subjects fired for most recently: where a look usually starts."""
-    rows = conn.execute(
+    rows = execute(
+        conn,
         "SELECT subject, scope, max(at_ms), count(*) FROM firings WHERE workspace = ?"
-        " GROUP BY subject, scope ORDER BY 3 DESC LIMIT 50",
+        " GROUP BY subject, scope ORDER BY 3 DESC, 1, 2 LIMIT 50",
         (workspace,),
     ).fetchall()
     return {

@@ -5,8 +5,8 @@
   billing webhooks), each request committed to PostgreSQL before it is answered, plus
   `/api/v1/firings`, `/healthz`, `/metrics`, the admin API's reads (`api_pg`), the outreach
   routes, reports and backtests (`report_pg`), the signed links inside messages and the
-  widget API (`api_outreach` and `widget` over `outreach_pg`) and `/openapi.json`. It runs
-  no engine.
+  widget API (`api_outreach` and `widget` over `outreach_pg`), the dashboard (`dashboard`
+  over `dashboard_pg`) and `/openapi.json`. It runs no engine.
 - **worker**: steps a `worker.Worker` in a loop: claims what it can, commits, and waits a
   moment only when there was nothing to claim. Beside it, pruning, the retention purge and
   the auto-guard (`guard_pg`), each run by one worker at a time.
@@ -47,6 +47,8 @@ from forewarn import (
     api_pg,
     clock,
     compose,
+    dashboard,
+    dashboard_pg,
     dead_letters,
     guard_pg,
     live,
@@ -270,6 +272,7 @@ def build_api(app: IngestApp) -> Starlette:
                 Route("/metrics", metrics, methods=["GET"]),
                 *api_pg.routes(app, app.pool, app.reader),
                 *outreach_routes(app),
+                *dashboard.routes(app, dashboard_pg.runner(app.pool)),
             ],
         ),
         middleware=[Middleware(widget.Cors, origins=app.widget_origins)],
