@@ -6,7 +6,7 @@ import gc
 import gzip
 import sys
 import zlib
-from collections.abc import Callable, Generator, Iterator
+from collections.abc import Callable, Generator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO
@@ -116,7 +116,6 @@ def event_files(path: str | Path) -> list[Path]:
 def read_events(
     path: str | Path,
     progress: Callable[[int], None] | None = None,
-    sort: bool = True,
     until_ms: int | None = None,
 ) -> EventBatch:
     """Decode every line of a file (or folder of files, or - for stdin); invalid lines are kept
@@ -127,17 +126,17 @@ def read_events(
     collecting = gc.isenabled()
     gc.disable()  # decoding makes millions of objects and no reference cycles
     try:
-        events.extend(_decoded(batch, path, progress, until_ms))
+        events.extend(_decoded(batch, path, progress, until_ms, strict=False))
     finally:
         if collecting:
             gc.enable()
-    if sort and not batch.in_order:
+    if not batch.in_order:
         events.sort(key=order_key)
     return batch
 
 
 class OutOfOrder(Exception):
-    """`stream_events` met an event earlier, in `order_key`, than one it had already given."""
+    """`stream_events` met an event earlier than one it had already given."""
 
 
 def stream_events(
@@ -145,33 +144,12 @@ def stream_events(
     batch: EventBatch,
     progress: Callable[[int], None] | None = None,
     until_ms: int | None = None,
-) -> Iterator[Event]:
+) -> Generator[Event, None, None]:
     """What `read_events` gives, for files in time order (as recorded streams mostly are), as
     they are decoded, so that a replay holds none of them: `batch` counts lines, rejects and
-    repeats but keeps no events. Only the events of one moment are held, to be given in
-    `order_key` order. Raises `OutOfOrder` at the first event earlier than one before it; the
-    caller then starts again with `read_events`, which sorts."""
-    moment: list[Event] = []  # the events of the latest moment, in file order
-    at = -1
-    decoded = _decoded(batch, path, progress, until_ms)
-    try:
-        for event in decoded:
-            t = event.timestamp_ms
-            if t != at:
-                if t < at:
-                    raise OutOfOrder(f"{path}: an event at {t} ms after one at {at} ms")
-                if len(moment) == 1:
-                    yield moment[0]
-                else:
-                    moment.sort(key=order_key)  # stable: as sorting the whole file would
-                    yield from moment
-                moment.clear()
-                at = t
-            moment.append(event)
-    finally:
-        decoded.close()  # and with it the file, now rather than when collected
-    moment.sort(key=order_key)
-    yield from moment
+    repeats but keeps no events. Raises `OutOfOrder` at the first event earlier than one
+    before it; the caller then starts again with `read_events`, which sorts."""
+    return _decoded(batch, path, progress, until_ms, strict=True)
 
 
 def _decoded(
@@ -179,18 +157,24 @@ def _decoded(
     path: str | Path,
     progress: Callable[[int], None] | None,
     until_ms: int | None,
+    strict: bool,
 ) -> Generator[Event, None, None]:
-    """Each valid event not seen before and not after `until_ms`, in file order; clears
-    `batch.in_order` at the first one out of `order_key` order."""
+    """Each valid event not seen before and not after `until_ms`, in file order but for the
+    events of one moment, which come in `order_key` order (as sorting the whole file would put
+    them: who-is-who first, else file order). At the first event earlier than one before it,
+    raises `OutOfOrder` if `strict`, else clears `batch.in_order`; the events after it are then
+    still given, so that they can be sorted."""
     files: list[str | Path] = ["-"] if str(path) == "-" else list(event_files(path))
     seen: set[str] = set()
     # one copy of each event name: a million events then hold a few dozen name strings
     names: dict[str, str] = {}
     intern = names.setdefault
-    last_t = -1
-    last: Event | None = None
     until = MAX_TIME_MS if until_ms is None else until_ms
     decode = decode_message
+    # the last event read is given once the next moment starts; `ties`: its moment's others
+    held: Event | None = None
+    ties: list[Event] | None = None
+    at = -1
     for file in files:
         n = 0
         lines = iter_lines(file, progress)
@@ -217,14 +201,29 @@ def _decoded(
                 if t > until:
                     batch.after_until += 1
                     continue
-                if t <= last_t:
-                    assert last is not None
-                    if t < last_t or order_key(event) < order_key(last):
-                        batch.in_order = False
-                last_t, last = t, event
                 name = event.name
                 event.name = intern(name, name)
-                yield event
+                if t == at:
+                    if ties is None:
+                        ties = [held] if held is not None else []
+                    ties.append(event)
+                    continue
+                if t < at:
+                    if strict:
+                        raise OutOfOrder(f"{file}:{n}: an event at {t} ms after one at {at} ms")
+                    batch.in_order = False
+                if ties is not None:
+                    ties.sort(key=order_key)
+                    yield from ties
+                    ties = None
+                elif held is not None:
+                    yield held
+                held, at = event, t
         finally:
             lines.close()
         batch.lines += n
+    if ties is not None:
+        ties.sort(key=order_key)
+        yield from ties
+    elif held is not None:
+        yield held
