@@ -1,4 +1,4 @@
-"""Reading recorded events: a file in time order is streamed, holding no events, and gives what
+"""Reading recorded events: a file in time order is streamed, a chunk at a time, and gives what
 reading it whole gives; anything out of order is found, so that replay can sort instead."""
 
 from __future__ import annotations
@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 
+from forewarn import sources
 from forewarn.cli import main
 from forewarn.model import format_time
 from forewarn.sources import EventBatch, OutOfOrder, read_events, stream_events
@@ -51,12 +52,15 @@ def test_a_file_in_order_streams_to_what_reading_it_whole_gives(tmp_path):
     assert counted.events == []  # the stream keeps none of them
 
 
-def test_the_stream_gives_each_event_before_reading_the_next(tmp_path):
-    lines = [_line(0, T0_MS + MINUTE), _line(1, T0_MS + 2 * MINUTE), _line(2, T0_MS)]
+def test_the_stream_holds_a_chunk_of_events_at_most(tmp_path, monkeypatch):
+    monkeypatch.setattr(sources, "CHUNK", 2)
+    times = [MINUTE, 2 * MINUTE, 3 * MINUTE, 0]
+    lines = [_line(i, T0_MS + t) for i, t in enumerate(times)]
     path = _write(tmp_path / "late.jsonl", lines)
     stream = stream_events(path, EventBatch())
-    assert next(stream).message_id == "m0"  # given once the next moment is read
-    with pytest.raises(OutOfOrder, match=r"late.jsonl:3: an event at \d+ ms after one at \d+"):
+    # given once a chunk is full, before the line out of order is read
+    assert [next(stream).message_id, next(stream).message_id] == ["m0", "m1"]
+    with pytest.raises(OutOfOrder, match=r"late.jsonl:4: an event at \d+ ms after one at \d+"):
         next(stream)
 
 

@@ -6,8 +6,9 @@ import gc
 import gzip
 import sys
 import zlib
-from collections.abc import Callable, Generator
+from collections.abc import Callable, Generator, Iterator
 from dataclasses import dataclass, field
+from itertools import chain
 from pathlib import Path
 from typing import IO
 
@@ -25,6 +26,7 @@ from forewarn.model import (
 from forewarn.playbook import Trigger, parse_playbooks
 
 PLAYBOOK_SUFFIXES = (".yaml", ".yml")
+CHUNK = 4_096  # events decoded at a time by `stream_events`
 
 
 def playbook_files(path: str | Path) -> list[Path]:
@@ -126,7 +128,8 @@ def read_events(
     collecting = gc.isenabled()
     gc.disable()  # decoding makes millions of objects and no reference cycles
     try:
-        events.extend(_decoded(batch, path, progress, until_ms, strict=False))
+        for chunk in _decoded(batch, path, progress, until_ms, strict=False):
+            events.extend(chunk)
     finally:
         if collecting:
             gc.enable()
@@ -144,12 +147,12 @@ def stream_events(
     batch: EventBatch,
     progress: Callable[[int], None] | None = None,
     until_ms: int | None = None,
-) -> Generator[Event, None, None]:
+) -> Iterator[Event]:
     """What `read_events` gives, for files in time order (as recorded streams mostly are), as
     they are decoded, so that a replay holds none of them: `batch` counts lines, rejects and
     repeats but keeps no events. Raises `OutOfOrder` at the first event earlier than one
     before it; the caller then starts again with `read_events`, which sorts."""
-    return _decoded(batch, path, progress, until_ms, strict=True)
+    return chain.from_iterable(_decoded(batch, path, progress, until_ms, strict=True))
 
 
 def _decoded(
@@ -158,8 +161,10 @@ def _decoded(
     progress: Callable[[int], None] | None,
     until_ms: int | None,
     strict: bool,
-) -> Generator[Event, None, None]:
-    """Each valid event not seen before and not after `until_ms`, in file order but for the
+) -> Generator[list[Event], None, None]:
+    """Lists of `CHUNK` events (decoding a stretch of them, then applying it, runs faster than
+    taking turns at each event): each valid event not seen before and not after `until_ms`,
+    in file order but for the
     events of one moment, which come in `order_key` order (as sorting the whole file would put
     them: who-is-who first, else file order). At the first event earlier than one before it,
     raises `OutOfOrder` if `strict`, else clears `batch.in_order`; the events after it are then
@@ -175,6 +180,7 @@ def _decoded(
     held: Event | None = None
     ties: list[Event] | None = None
     at = -1
+    out: list[Event] = []
     for file in files:
         n = 0
         lines = iter_lines(file, progress)
@@ -214,16 +220,20 @@ def _decoded(
                     batch.in_order = False
                 if ties is not None:
                     ties.sort(key=order_key)
-                    yield from ties
+                    out += ties
                     ties = None
                 elif held is not None:
-                    yield held
+                    out.append(held)
                 held, at = event, t
+                if len(out) >= CHUNK:
+                    yield out
+                    out = []
         finally:
             lines.close()
         batch.lines += n
     if ties is not None:
         ties.sort(key=order_key)
-        yield from ties
+        out += ties
     elif held is not None:
-        yield held
+        out.append(held)
+    yield out
