@@ -279,36 +279,18 @@ class LiveEngine:
         for f, fid in zip(firings, ids, strict=True):
             if f.decision != decide.SEND:
                 continue
-            trigger = self.by_id[f.trigger]
             own, account = self.outreach.apart(f.scope, f.subject)
-            failed = None
-            try:
-                message = self.compose(self.workspace, trigger, f, own, account)
-                accounts = self._accounts(f.scope, f.subject)
-                if accounts:  # so that suppressing an account stops its users' messages
-                    data = {**message.data, "accounts": accounts}
-                    message = msgspec.structs.replace(message, data=data)
-            except ForewarnError as exc:  # a template broken since it was checked
-                log.warning("trigger %s: cannot compose its message: %s", f.trigger, exc)
-                message, failed = store_outbox.Message(), exc.message
-            key = store_outbox.idempotency_key(
-                self.workspace, f.trigger, f.scope, f.subject, f.at_ms, f.channel
-            )
-            due = f.send_at_ms if f.send_at_ms is not None else f.at_ms
-            store_outbox.enqueue(
-                conn,
+            args = outbox_args(
                 self.workspace,
+                self.compose,
+                self.by_id[f.trigger],
+                f,
                 fid,
-                key,
-                f.channel,
-                f.trigger,
-                f.scope,
-                f.subject,
-                message,
-                due,
+                (own, account),
+                self._accounts(f.scope, f.subject),
                 now_ms,
-                failed,
             )
+            conn.execute(store_outbox.ENQUEUE, args)
         if displaced:
             store_outbox.displace(conn, displaced, now_ms)
 
@@ -461,3 +443,32 @@ def events_of(batch: store_sqlite.LogBatch) -> list[Event]:
         except EventError:
             continue
     return events
+
+
+def outbox_args(
+    workspace: int,
+    compose: Compose,
+    trigger: Trigger,
+    f: Firing,
+    fid: int,
+    traits: tuple[dict[str, Any], dict[str, Any]],
+    accounts: list[str],
+    now_ms: int,
+) -> tuple[Any, ...]:
+    """`store_outbox.ENQUEUE`'s arguments for a firing to send, in either store: its message
+    composed from the subject's own and account `traits`, naming the `accounts` it concerns
+    (so that suppressing an account stops its users' messages); or, if its template broke
+    since it was checked, a dead letter saying why."""
+    failed = None
+    try:
+        message = compose(workspace, trigger, f, *traits)
+        if accounts:
+            message = msgspec.structs.replace(message, data={**message.data, "accounts": accounts})
+    except ForewarnError as exc:
+        log.warning("trigger %s: cannot compose its message: %s", f.trigger, exc)
+        message, failed = store_outbox.Message(), exc.message
+    key = store_outbox.idempotency_key(workspace, f.trigger, f.scope, f.subject, f.at_ms, f.channel)
+    due = f.send_at_ms if f.send_at_ms is not None else f.at_ms
+    return store_outbox.enqueue_args(
+        workspace, fid, key, f.channel, f.trigger, f.scope, f.subject, message, due, now_ms, failed
+    )

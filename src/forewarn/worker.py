@@ -56,7 +56,6 @@ from forewarn import (
 )
 from forewarn.dead_letters import BadEvent, BadState, timed_out, transient
 from forewarn.engine import Firing
-from forewarn.errors import ForewarnError
 from forewarn.model import Event
 from forewarn.partition import Part
 from forewarn.playbook import Trigger
@@ -542,35 +541,15 @@ class Worker:
         now_ms: int,
     ) -> None:
         """The outbox row of a firing to send, in the step's transaction."""
-        trigger = self.by_id[f.trigger]
-        own, account = outreach.apart(f.scope, f.subject)
-        failed = None
-        try:
-            message = self.compose(self.workspace, trigger, f, own, account)
-            accounts = _accounts(state, f.scope, f.subject)
-            if accounts:  # so that suppressing an account stops its users' messages
-                message = msgspec.structs.replace(
-                    message, data={**message.data, "accounts": accounts}
-                )
-        except ForewarnError as exc:  # a template broken since it was checked
-            log.warning("trigger %s: cannot compose its message: %s", f.trigger, exc)
-            message, failed = store_outbox.Message(), exc.message
-        key = store_outbox.idempotency_key(
-            self.workspace, f.trigger, f.scope, f.subject, f.at_ms, f.channel
-        )
-        due = f.send_at_ms if f.send_at_ms is not None else f.at_ms
-        args = store_outbox.enqueue_args(
+        args = live.outbox_args(
             self.workspace,
+            self.compose,
+            self.by_id[f.trigger],
+            f,
             fid,
-            key,
-            f.channel,
-            f.trigger,
-            f.scope,
-            f.subject,
-            message,
-            due,
+            outreach.apart(f.scope, f.subject),
+            _accounts(state, f.scope, f.subject),
             now_ms,
-            failed,
         )
         conn.execute(_OUTBOX, args)
 
