@@ -115,7 +115,7 @@ def _replay_events(
 ) -> tuple[EventBatch, list[engine.Firing], int]:
     """Replay the events of `path` up to `until_ms`: the batch's counts, the firings decided in
     order, and how many events were applied. Files in time order (the usual case) are replayed
-    as they are read, holding no events; others, and stdin, are read whole and sorted first."""
+    as they are read, a chunk at a time; others, and stdin, are read whole and sorted first."""
     size = os.path.getsize(path) if path != "-" and Path(path).is_file() else 0
     fired: list[engine.Firing] = []
     if path != "-":
