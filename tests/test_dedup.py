@@ -4,6 +4,7 @@ the on-disk index beside the database, found again whichever way the message was
 from __future__ import annotations
 
 import sqlite3
+from array import array
 from pathlib import Path
 from typing import Any
 
@@ -137,6 +138,29 @@ def test_memory_holds_only_the_window_once_the_index_has_the_rest(tmp_path):
     window_minutes = MEMORY_MS // MINUTE_MS
     assert len(seen.slots) <= window_minutes + 1
     assert len(seen) <= 3 * (window_minutes + 1)
+
+
+def test_the_ids_held_are_out_of_the_cycle_collectors_sight(tmp_path):
+    """Millions of ids sit in memory under load; in a container the collector tracks, each of
+    them would be visited on every full pass, with the interpreter held meanwhile."""
+    import gc
+
+    conn, seen = _store(tmp_path)
+    for minute in range(3):
+        _filler(conn, seen, T0 + minute * MINUTE_MS, n=5)
+    waiting = []
+    while not seen._queue.empty():
+        waiting.append(seen._queue.get_nowait())
+    assert len(seen) == 15 and len(seen.slots) == 3 and len(waiting) == 15
+    assert not any(gc.is_tracked(ids) for ids in seen.slots.values())
+    for e in waiting:  # arrays: the collector visits the array, not its items
+        assert len(e.hashes) == 1 and gc.get_referents(e.hashes, e.stamps) == [array, array]
+    for e in waiting:
+        seen._queue.put(e)
+    _flush(seen)  # and what waited is written as before
+    index = seen.index.open()
+    assert index.execute("SELECT count(*) FROM ids_at").fetchone()[0] == 15
+    index.close()
 
 
 def test_ids_not_yet_on_disk_stay_in_memory(tmp_path):

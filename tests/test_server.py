@@ -8,6 +8,7 @@ import json
 import time
 import uuid
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -437,3 +438,52 @@ def test_the_wal_starts_again_under_steady_writes_and_reads(tmp_path, monkeypatc
     # without the restarts it holds every page written (over 40 MB, measured); with them its
     # file stops growing once they succeed, a fraction in
     assert largest < 16 << 20, f"the WAL grew to {largest} bytes"
+
+
+def _hold_write_lock(db: str, held: Any, release: Any) -> None:
+    from forewarn import server
+
+    with server.WriteLock(db):
+        held.set()
+        release.wait(30)
+
+
+def test_the_writer_waits_its_turn_behind_another_process_and_goes_on_when_it_is_done(
+    tmp_path,
+):
+    """The engine process and the writer take turns through `<db>.write.lock`: a batch
+    submitted while another process holds it is committed once that process lets go."""
+    import asyncio
+    import multiprocessing
+
+    from forewarn import server, store_sqlite
+
+    db = tmp_path / "forewarn.db"
+    conn = store_sqlite.connect(db)
+    ws = store_sqlite.ensure_workspace(conn, "default", 0, None, None)
+    ctx = multiprocessing.get_context("spawn")
+    held, release = ctx.Event(), ctx.Event()
+    holder = ctx.Process(target=_hold_write_lock, args=(str(db), held, release))
+    holder.start()
+    writer = server.Writer(db)
+    writer.start()
+    try:
+        assert held.wait(30)
+
+        async def submit() -> Any:
+            message = {"type": "track", "event": "Login", "userId": "u1", "messageId": "m-1"}
+            append = store_sqlite.Append(ws, "segment", 1_000, [message], ["m-1"], None)
+            pending = asyncio.ensure_future(writer.submit(append))
+            await asyncio.sleep(0.3)
+            assert not pending.done()  # waiting for the other process's turn to end
+            release.set()
+            return await asyncio.wait_for(pending, 10)
+
+        result = asyncio.run(submit())
+        assert result.batch is not None
+        assert conn.execute("SELECT count(*) FROM batches").fetchone()[0] == 1
+    finally:
+        release.set()
+        holder.join(30)
+        writer.stop()
+        conn.close()

@@ -31,6 +31,12 @@ the memory window: memory answers. Everything else is looked up on disk:
 
 Live traffic from the Segment, PostHog and Sentry clients carries `sentAt`, so it rarely
 touches the disk.
+
+Millions of ids are held at once (three minutes at 40,000 events a second is 7 million), and
+Python's cycle collector visits every item of every set and list it tracks, holding the
+interpreter for tens of milliseconds per pass over them: the server's slowest answers came
+from those passes. So memory holds its ids in dicts of ints to `None`, which the collector
+does not track, and the ids waiting for the index in arrays, whose items it does not visit.
 """
 
 from __future__ import annotations
@@ -42,6 +48,7 @@ import queue
 import sqlite3
 import struct
 import threading
+from array import array
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -98,12 +105,12 @@ def needs_disk(received_ms: int, stamp: int, sent: bool) -> bool:
     return not sent or not received_ms - (MEMORY_MS - JITTER_MS) <= stamp < received_ms
 
 
-@dataclass
+@dataclass(slots=True)
 class _Flush:
     batch: int
     received_ms: int
-    hashes: list[int]
-    stamps: list[int]
+    hashes: array[int]  # "q": the cycle collector does not visit its items
+    stamps: array[int]
 
 
 @dataclass
@@ -170,9 +177,10 @@ class Index:
     @staticmethod
     def write(conn: sqlite3.Connection, entries: list[_Flush]) -> None:
         """Add entries in one transaction and move `upto` to the last of their batches. The
-        hashes go in one statement per minute, as a sorted JSON array that SQLite reads
+        hashes go in one statement per minute, as a JSON array that SQLite reads and sorts
         itself: no Python work per row, the B-tree filled in order, and the lock on Python
-        released while it is."""
+        released while it is (sorting a million ints in Python would hold it for half a
+        second; the array is encoded in pieces, between which other threads run)."""
         by_minute: dict[int, list[int]] = {}
         only: list[int] = []
         only_days: list[int] = []
@@ -192,11 +200,9 @@ class Index:
                         hashes.append(h)
         with transaction(conn):
             for minute in sorted(by_minute):
-                hashes = by_minute[minute]
-                hashes.sort()
                 conn.execute(
-                    "INSERT OR IGNORE INTO ids_at SELECT ?, value FROM json_each(?)",
-                    (minute, _json(hashes).decode()),
+                    "INSERT OR IGNORE INTO ids_at SELECT ?, value FROM json_each(?) ORDER BY value",
+                    (minute, _json_array(by_minute[minute])),
                 )
             conn.executemany(
                 "INSERT OR IGNORE INTO ids_only VALUES (?, ?)", zip(only, only_days, strict=True)
@@ -229,8 +235,8 @@ class Index:
 class SeenIds:
     """The message-id hashes seen in the last `DEDUP_DAYS` days or more.
 
-    Without an index (`index=None`), all of them are kept in memory, about 60 bytes each, one
-    set per day of receipt: for tests and tools that hold a log briefly. With one, memory
+    Without an index (`index=None`), all of them are kept in memory, about 70 bytes each, one
+    dict per day of receipt: for tests and tools that hold a log briefly. With one, memory
     keeps `MEMORY_MS` of them and a thread writes them to the index (`start`, `stop`)."""
 
     def __init__(self, index: Index | None = None) -> None:
@@ -238,7 +244,8 @@ class SeenIds:
         self.slot_ms = MINUTE_MS if index is not None else DAY_MS
         # received before now minus this, a slot is dropped (if written to the index)
         self.keep_ms = MEMORY_MS if index is not None else (DEDUP_DAYS + 1) * DAY_MS
-        self.slots: dict[int, set[int]] = {}
+        # slot -> its ids, each to None: a dict of ints alone is not tracked by the collector
+        self.slots: dict[int, dict[int, None]] = {}
         self._pending = _Pending()
         self._queue: queue.SimpleQueue[_Flush] = queue.SimpleQueue()
         self._waiting: list[_Flush] = []  # taken from the queue, not yet written
@@ -273,13 +280,13 @@ class SeenIds:
         slot = received_ms // self.slot_ms
         known = self.slots.get(slot)
         if known is None:
-            known = self.slots[slot] = set()
+            known = self.slots[slot] = {}
             self._drop_old(received_ms)
-        known.update(hashes)
+        known |= dict.fromkeys(hashes)
         if self.index is not None:
             with self._pending.lock:
                 self._pending.minutes[slot] = self._pending.minutes.get(slot, 0) + 1
-            self._queue.put(_Flush(batch, received_ms, hashes, stamps))
+            self._queue.put(_Flush(batch, received_ms, array("q", hashes), array("q", stamps)))
 
     def _drop_old(self, now_ms: int) -> None:
         """Drop the slots wholly older than the memory window whose ids are on disk."""
@@ -302,8 +309,8 @@ class SeenIds:
         rows = conn.execute("SELECT received_ms, ids FROM batches WHERE id >= ?", (first,))
         for received_ms, ids in rows:
             if received_ms >= since:
-                slot = self.slots.setdefault(received_ms // self.slot_ms, set())
-                slot.update(h for (h,) in _HASH.iter_unpack(ids))
+                slot = self.slots.setdefault(received_ms // self.slot_ms, {})
+                slot |= dict.fromkeys(h for (h,) in _HASH.iter_unpack(ids))
 
     def _catch_up(self, conn: sqlite3.Connection, now_ms: int) -> None:
         assert self.index is not None
@@ -413,6 +420,14 @@ class SeenIds:
             conn.close()
 
 
+_PIECE = 8_192  # ids encoded at a time: well under a millisecond each
+
+
+def _json_array(values: list[int]) -> str:
+    pieces = (_json(values[i : i + _PIECE])[1:-1] for i in range(0, len(values), _PIECE))
+    return (b"[" + b",".join(pieces) + b"]").decode()
+
+
 def _since(now_ms: int, keep_ms: int, slot_ms: int) -> int:
     return (now_ms - keep_ms) // slot_ms * slot_ms
 
@@ -421,7 +436,7 @@ def _from_row(
     batch: int, received_ms: int, ids: bytes, events: bytes | None, messages: bytes
 ) -> _Flush:
     """A logged batch as an index entry: its id hashes with their events' times."""
-    hashes = [h for (h,) in _HASH.iter_unpack(ids)]
+    hashes = array("q", [h for (h,) in _HASH.iter_unpack(ids)])
     logged = LogBatch(batch, received_ms, messages, events)
     rows = logged.event_rows()
     stamps: list[int] | None = None
@@ -432,7 +447,7 @@ def _from_row(
             stamps = [parse_time_ms(m["timestamp"]) for m in logged.messages]
     if stamps is None or len(stamps) != len(hashes):  # by hash alone: found whatever its time
         stamps = [received_ms] * len(hashes)
-    return _Flush(batch, received_ms, hashes, stamps)
+    return _Flush(batch, received_ms, hashes, array("q", stamps))
 
 
 def _first_batch_at(conn: sqlite3.Connection, since_ms: int) -> int:
