@@ -166,3 +166,18 @@ def test_the_events_format_names_the_fields_it_was_made_for():
         "message_id",
         "previous_id",
     ]
+
+
+def test_message_id_hashes_stay_what_logs_and_indexes_already_hold():
+    """The hashes are stored (each batch's `ids`, the message-id index): however they are
+    computed, they must stay 64 bits of BLAKE2b salted with the workspace."""
+    import hashlib
+    import struct
+
+    pinned = struct.Struct("<q")
+    for workspace in (1, 2, 1_000):
+        for mid in ("m-1", "5aa91193-5c71-4990-963c-000000000001", "é"):
+            digest = hashlib.blake2b(mid.encode(), digest_size=8, salt=pinned.pack(workspace))
+            expected = pinned.unpack(digest.digest())[0]
+            assert store_sqlite.id_hash(workspace, mid) == expected
+    assert store_sqlite.id_hash(1, "m-1") != store_sqlite.id_hash(2, "m-1")
