@@ -86,7 +86,8 @@ compiled: $(CSTAMP)
 # can compile.
 CORE_TESTS := tests/test_conditions.py tests/test_runner.py tests/test_replay_properties.py \
   tests/test_model.py tests/test_records.py tests/test_expr.py tests/test_playbook.py \
-  tests/test_detect.py tests/test_adaptive.py tests/test_live.py tests/test_dataset_retail.py
+  tests/test_detect.py tests/test_adaptive.py tests/test_live.py tests/test_dataset_retail.py \
+  tests/test_ingest.py tests/test_fuzz_parsers.py
 STREAM := $(WHEELS)/stream.jsonl
 test-compiled: $(STAMP)
 	@if ! command -v cc >/dev/null 2>&1 || ! python3 -c 'import sys, sysconfig, os; \

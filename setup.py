@@ -14,10 +14,11 @@ import sys
 
 from setuptools import setup
 
-# The hot path of `forewarn replay` and of the engine in the server, in flow order. Never a
+# The hot paths of `forewarn replay`, of the server's ingest and of its engine, in flow order. Never a
 # module defining msgspec Structs (they live in `records`), nor one that anything subclasses or
 # patches at run time: compiled classes and functions are fixed.
 COMPILED = (
+    "ingest",
     "model",
     "sources",
     "expr",

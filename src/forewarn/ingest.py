@@ -25,6 +25,12 @@ import msgspec
 
 from forewarn.errors import EventError, InputError, TooLargeError
 from forewarn.model import MAX_TIME_MS, Event, SegmentMessage, from_message, parse_time_ms
+from forewarn.records import PostHogBody, SegmentBatch
+
+# An item of a body as sent: bytes, or the msgspec.Raw a body's list decodes to. Raw's stubs
+# call it a bytes, which it is not at run time: with that type, the compiled build would
+# refuse it.
+Item = Any
 
 MAX_EVENT_BYTES = 32 * 1024  # one message, as sent
 MAX_BATCH_BYTES = 500 * 1024  # one request body, after decompression
@@ -149,11 +155,12 @@ def _dict(value: object) -> dict[str, Any]:
     return value if type(value) is dict else {}
 
 
-def _fallback_id(raw: bytes | msgspec.Raw | None, msg: dict[str, Any]) -> str:
+def _fallback_id(raw: Item | None, msg: dict[str, Any]) -> str:
     """A message id for a client that sent none: a hash of the item as sent, so a retried
     request is still deduplicated."""
-    data = bytes(raw) if raw is not None else msgspec.json.encode(msg, order="deterministic")
-    return "fw-" + hashlib.blake2b(data, digest_size=16).hexdigest()
+    if raw is None:
+        raw = msgspec.json.encode(msg, order="deterministic")
+    return "fw-" + hashlib.blake2b(memoryview(raw), digest_size=16).hexdigest()
 
 
 def _accept(
@@ -163,7 +170,7 @@ def _accept(
     sent_ms: int | None,
     received_ms: int,
     received_at: str,
-    raw: bytes | msgspec.Raw | None = None,
+    raw: Item | None = None,
     sent_at: str | None = None,
 ) -> None:
     """Validate a Segment message, correct its time, complete it and add it to `out`; raises
@@ -210,7 +217,7 @@ def _accept(
 _NOT_JSON = (msgspec.DecodeError, UnicodeDecodeError)
 
 
-def _object(raw: bytes | msgspec.Raw, shape: str, limit: int = MAX_EVENT_BYTES) -> dict[str, Any]:
+def _object(raw: Item, shape: str, limit: int = MAX_EVENT_BYTES) -> dict[str, Any]:
     """One item of a batch as a dict; EventError if it is over `limit` bytes, not JSON, or
     not an object (`shape` says what to send instead)."""
     if len(raw) > limit:
@@ -254,7 +261,7 @@ def _fits(msg: dict[str, Any]) -> None:
         )
 
 
-def _too_big(raw: bytes | msgspec.Raw) -> EventError:
+def _too_big(raw: Item) -> EventError:
     return EventError(
         f"message is {len(raw)} bytes, over the {MAX_EVENT_BYTES}-byte limit: "
         "keep large data (logs, payloads) out of event properties"
@@ -262,13 +269,6 @@ def _too_big(raw: bytes | msgspec.Raw) -> EventError:
 
 
 # --- Segment ------------------------------------------------------------------------------------
-
-
-class _SegmentBatch(msgspec.Struct):
-    batch: list[msgspec.Raw]
-    sent_at: str | int | float | None = msgspec.field(default=None, name="sentAt")
-    write_key: str | None = msgspec.field(default=None, name="writeKey")
-    context: dict[str, Any] | None = None
 
 
 def segment(body: bytes, path_kind: str, received_ms: int) -> Parsed:
@@ -284,7 +284,7 @@ def segment(body: bytes, path_kind: str, received_ms: int) -> Parsed:
     out = Parsed()
     try:
         if path_kind == "batch":
-            envelope = msgspec.json.decode(body, type=_SegmentBatch)
+            envelope = msgspec.json.decode(body, type=SegmentBatch)
             items, context = envelope.batch, envelope.context
             _check_count(len(items), "the batch")
             out.write_key = envelope.write_key
@@ -333,15 +333,6 @@ def segment(body: bytes, path_kind: str, received_ms: int) -> Parsed:
 # --- PostHog ------------------------------------------------------------------------------------
 
 
-class _PostHogBody(msgspec.Struct):
-    """The parts of a capture body read before its events; a body without `batch` is one event."""
-
-    batch: list[msgspec.Raw] | None = None
-    api_key: Any = None
-    token: Any = None
-    sent_at: Any = None
-
-
 def posthog(
     body: bytes,
     received_ms: int,
@@ -360,7 +351,7 @@ def posthog(
             "send fewer events per request"
         )
     try:
-        data = msgspec.json.decode(body, type=list[msgspec.Raw] | _PostHogBody)
+        data = msgspec.json.decode(body, type=list[msgspec.Raw] | PostHogBody)
     except msgspec.ValidationError as exc:
         raise InputError(
             f'not a PostHog capture body ({exc}): send {{"api_key": ..., "batch": [events...]}}'
@@ -368,7 +359,7 @@ def posthog(
     except _NOT_JSON as exc:
         raise InputError(f"PostHog body is not valid JSON ({exc})") from None
     if isinstance(data, list):
-        top, items = _PostHogBody(), data
+        top, items = PostHogBody(), data
     else:
         top, items = data, data.batch if data.batch is not None else [msgspec.Raw(body)]
     _check_count(len(items), "the batch")

@@ -1,5 +1,6 @@
 """The engine's records as msgspec Structs: the event it reads (and the Segment message that
-becomes one), the state it keeps per subject, the firing it emits.
+becomes one, and the request bodies that carry them), the state it keeps per subject, the
+firing it emits.
 
 They live apart from the code that uses them so that this module is never compiled: the
 optional mypyc build (see docs/benchmarks.md) compiles `model`, `engine` and the other hot
@@ -35,6 +36,25 @@ class SegmentMessage(msgspec.Struct, rename="camel"):
     timestamp: str | int | None = None
     original_timestamp: str | int | None = None
     message_id: str | int | None = None
+
+
+class SegmentBatch(msgspec.Struct):
+    """A Segment `/v1/batch` body: its messages are decoded one by one (one bad message does
+    not sink the rest)."""
+
+    batch: list[msgspec.Raw]
+    sent_at: str | int | float | None = msgspec.field(default=None, name="sentAt")
+    write_key: str | None = msgspec.field(default=None, name="writeKey")
+    context: dict[str, Any] | None = None
+
+
+class PostHogBody(msgspec.Struct):
+    """The parts of a capture body read before its events; a body without `batch` is one event."""
+
+    batch: list[msgspec.Raw] | None = None
+    api_key: Any = None
+    token: Any = None
+    sent_at: Any = None
 
 
 class Event(msgspec.Struct, gc=False):
