@@ -181,3 +181,36 @@ def test_message_id_hashes_stay_what_logs_and_indexes_already_hold():
             expected = pinned.unpack(digest.digest())[0]
             assert store_sqlite.id_hash(workspace, mid) == expected
     assert store_sqlite.id_hash(1, "m-1") != store_sqlite.id_hash(2, "m-1")
+
+
+def test_a_request_prepared_before_its_turn_stores_only_the_messages_kept(tmp_path):
+    """The writer's thread receives requests with their hashes, events and messages already
+    encoded for the whole request; when some are duplicates, only the others are stored."""
+    import msgspec
+
+    from forewarn import ingest
+
+    conn = store_sqlite.connect(tmp_path / "forewarn.db")
+    ws = store_sqlite.ensure_workspace(conn, "default", 0, None, None)
+    seen = SeenIds()
+
+    def request(*ids: str) -> Append:
+        batch = [{"type": "track", "event": f"E-{i}", "userId": "u1", "messageId": i} for i in ids]
+        parsed = ingest.segment(msgspec.json.encode({"batch": batch}), "batch", 1_000)
+        append = Append(ws, "segment", 1_000, parsed.messages, list(ids), parsed.events)
+        return store_sqlite.prepare(append)
+
+    first = request("a", "b")
+    assert first.hashes == [store_sqlite.id_hash(ws, "a"), store_sqlite.id_hash(ws, "b")]
+    (done,) = store_sqlite.append_batches(conn, [first], seen)
+    assert done.stored == 2 and done.kept is None
+    second = request("b", "c")
+    (again,) = store_sqlite.append_batches(conn, [second], seen)
+    assert again.duplicates == [0] and again.kept == [1] and again.stored == 1
+    logged = store_sqlite.read_log(conn, ws, 0, 10)
+    assert [[m["event"] for m in b.messages] for b in logged] == [["E-a", "E-b"], ["E-c"]]
+    assert second.events is not None
+    parsed_c = second.events[1]
+    rows = logged[1].event_rows()
+    assert rows is not None and [row[:3] for row in rows] == [msgspec.structs.astuple(parsed_c)[:3]]
+    conn.close()

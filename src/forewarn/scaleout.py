@@ -62,8 +62,8 @@ from forewarn import (
 from forewarn.errors import ForewarnError, InputError, NotFoundError
 from forewarn.live import Committed
 from forewarn.playbook import Trigger
-from forewarn.server import GROUP_MAX, EngineStats, Writer, _fail, _Job, _resolve
-from forewarn.store_sqlite import Key, StoreError
+from forewarn.server import GROUP_MAX, EngineStats, Writer, _Job, settle
+from forewarn.store_sqlite import Append, Key, StoreError
 from forewarn.worker import Worker
 
 log = logging.getLogger("forewarn.scaleout")
@@ -90,6 +90,9 @@ class PgWriter(Writer):
             threading.Thread(target=self._run, name=f"forewarn-writer-{i}", daemon=True)
             for i in range(threads)
         ]
+
+    def prepare(self, append: Append) -> Append:
+        return append  # `store_pg.append_batches` hashes in its own threads
 
     def start(self) -> None:
         for thread in self._threads:
@@ -123,11 +126,9 @@ class PgWriter(Writer):
                 error = StoreError(
                     f"the database is unavailable ({exc}); nothing was stored, retry"
                 )
-                for j in jobs:
-                    j.loop.call_soon_threadsafe(_fail, j.future, error)
+                settle(jobs, [error] * len(jobs))
                 continue
-            for j, result in zip(jobs, results, strict=True):
-                j.loop.call_soon_threadsafe(_resolve, j.future, result)
+            settle(jobs, results)
 
 
 class Elsewhere:

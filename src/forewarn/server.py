@@ -23,7 +23,7 @@ import sqlite3
 import threading
 import time
 import weakref
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -151,8 +151,12 @@ class Writer:
     async def submit(self, append: Append) -> Appended:
         loop = asyncio.get_running_loop()
         future: asyncio.Future[Appended] = loop.create_future()
-        self._queue.put(_Job(append, future, loop))
+        self._queue.put(_Job(self.prepare(append), future, loop))
         return await future
+
+    def prepare(self, append: Append) -> Append:
+        """What needs no database, done in the request's thread before the writer's turn."""
+        return store_sqlite.prepare(append)
 
     def _run(self) -> None:
         conn = store_sqlite.connect(self.path, store_sqlite.NO_CHECKPOINT)
@@ -184,12 +188,11 @@ class Writer:
         except sqlite3.Error as exc:
             error = store_sqlite.unavailable(exc)
             log.error("could not commit %d requests: %s", len(jobs), exc)
-            for j in jobs:
-                j.loop.call_soon_threadsafe(_fail, j.future, error)
+            settle(jobs, [error] * len(jobs))
             return
+        settle(jobs, results)
         handed: list[tuple[int, Committed]] = []
         for j, result in zip(jobs, results, strict=True):
-            j.loop.call_soon_threadsafe(_resolve, j.future, result)
             events = j.append.events
             if result.batch is not None and events is not None:
                 if result.kept is not None:
@@ -201,14 +204,24 @@ class Writer:
             self.on_commit(handed)
 
 
-def _resolve(future: asyncio.Future[Appended], result: Appended) -> None:
-    if not future.done():
-        future.set_result(result)
+def settle(jobs: list[_Job], outcomes: Sequence[Appended | BaseException]) -> None:
+    """Answer the jobs' requests, with one wake of each event loop they wait in (a wake is a
+    system call, and a commit answers many requests)."""
+    by_loop: dict[asyncio.AbstractEventLoop, list[tuple[asyncio.Future[Appended], Any]]] = {}
+    for j, outcome in zip(jobs, outcomes, strict=True):
+        by_loop.setdefault(j.loop, []).append((j.future, outcome))
+    for loop, settled in by_loop.items():
+        loop.call_soon_threadsafe(_set, settled)
 
 
-def _fail(future: asyncio.Future[Appended], error: BaseException) -> None:
-    if not future.done():
-        future.set_exception(error)
+def _set(settled: list[tuple[asyncio.Future[Appended], Any]]) -> None:
+    for future, outcome in settled:
+        if future.done():
+            continue
+        if isinstance(outcome, BaseException):
+            future.set_exception(outcome)
+        else:
+            future.set_result(outcome)
 
 
 @dataclass

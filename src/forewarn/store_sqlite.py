@@ -257,6 +257,24 @@ class Append:
     messages: list[dict[str, Any]]
     ids: list[str]
     events: list[Any] | None = None  # the messages as events, handed to the engine after
+    # made by `prepare`, before the writer's turn: the ids' hashes, and the whole request's
+    # events packed and messages encoded (as stored when all of them are kept, the usual case)
+    hashes: list[int] | None = None
+    blobs: tuple[bytes | None, bytes] | None = None
+
+
+def prepare(a: Append) -> Append:
+    """Do for `a` what needs no database, before it waits for the writer: the writer's turn,
+    which everything written waits for, then only checks ids and inserts."""
+    a.hashes = [id_hash(a.workspace, mid) for mid in a.ids]
+    a.blobs = (_packed(a.events), _encode(a.messages))
+    return a
+
+
+def _packed(events: list[Any] | None) -> bytes | None:
+    if events is None:
+        return None
+    return EVENTS_FORMAT + _pack([msgspec.structs.astuple(e) for e in events])
 
 
 @dataclass
@@ -348,11 +366,12 @@ def _append(
     check = bool(forgotten.hashes.get(a.workspace))
     received = a.received_ms
     events = a.events
-    for i, (message, mid) in enumerate(zip(a.messages, a.ids, strict=True)):
-        if check and forgotten.holds(a.workspace, message):
+    ws = a.workspace
+    every = a.hashes if a.hashes is not None else [id_hash(ws, mid) for mid in a.ids]
+    for i, (message, h) in enumerate(zip(a.messages, every, strict=True)):
+        if check and forgotten.holds(ws, message):
             refused.append(i)
             continue
-        h = id_hash(a.workspace, mid)
         # an event Forewarn made itself has no event to time it by: its receipt does
         stamp = events[i].timestamp_ms if events is not None else received
         if h in fresh or (seen is not None and seen.seen(h, received, stamp, "sentAt" in message)):
@@ -366,10 +385,11 @@ def _append(
     whole = len(kept) == len(a.messages)
     if not keep:
         return Appended(None, 0, duplicates, forgotten=refused), hashes, stamps
-    packed = None
-    if events is not None:
-        kept_events = events if whole else [events[i] for i in kept]
-        packed = EVENTS_FORMAT + _pack([msgspec.structs.astuple(e) for e in kept_events])
+    if whole and a.blobs is not None:
+        packed, encoded = a.blobs
+    else:
+        packed = _packed(events if whole or events is None else [events[i] for i in kept])
+        encoded = _encode(keep)
     cur = conn.execute(
         "INSERT INTO batches (workspace, received_ms, source, count, ids, events, messages)"
         " VALUES (?, ?, ?, ?, ?, ?, ?)",
@@ -380,7 +400,7 @@ def _append(
             len(keep),
             struct.pack(f"<{len(hashes)}q", *hashes),
             packed,
-            _encode(keep),
+            encoded,
         ),
     )
     batch = int(cur.lastrowid or 0)
