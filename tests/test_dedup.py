@@ -158,6 +158,7 @@ def test_the_ids_held_are_out_of_the_cycle_collectors_sight(tmp_path):
     for e in waiting:
         seen._queue.put(e)
     _flush(seen)  # and what waited is written as before
+    assert seen.index is not None
     index = seen.index.open()
     assert index.execute("SELECT count(*) FROM ids_at").fetchone()[0] == 15
     index.close()
@@ -270,9 +271,9 @@ def test_a_lookup_sees_what_was_written_after_the_previous_lookup(tmp_path):
     index = Index(tmp_path / "ids")
     assert not index.holds(42, T0, sent=False)
     writer = index.open()
-    Index.write(writer, [dedup._Flush(1, T0 + 5, [42], [T0])])
+    Index.write(writer, [dedup._Flush(1, T0 + 5, array("q", [42]), array("q", [T0]))])
     assert index.holds(42, T0, sent=False)
-    Index.write(writer, [dedup._Flush(2, T0 + 5, [43], [T0])])
+    Index.write(writer, [dedup._Flush(2, T0 + 5, array("q", [43]), array("q", [T0]))])
     assert index.holds(43, T0, sent=True)
     writer.execute("PRAGMA wal_checkpoint(TRUNCATE)")
     assert (tmp_path / "ids-wal").stat().st_size == 0  # no lookup holds a snapshot open
