@@ -67,7 +67,6 @@ def add_serve(commands: Commands) -> None:
 
 
 def _serve(args: argparse.Namespace) -> int:
-
     import uvicorn
 
     from forewarn import api, clock, compose, store_sqlite
