@@ -14,9 +14,9 @@ import sys
 
 from setuptools import setup
 
-# The hot paths of `forewarn replay`, of the server's ingest and of its engine, in flow order. Never a
-# module defining msgspec Structs (they live in `records`), nor one that anything subclasses or
-# patches at run time: compiled classes and functions are fixed.
+# The hot paths of `forewarn replay`, of the server's ingest and of its engine, in flow order.
+# Never a module defining msgspec Structs (they live in `records`), nor one that anything
+# subclasses or patches at run time: compiled classes and functions are fixed.
 COMPILED = (
     "ingest",
     "model",

@@ -4,7 +4,6 @@ guided demo."""
 from __future__ import annotations
 
 import argparse
-import gc
 import os
 import sys
 from pathlib import Path
@@ -70,7 +69,14 @@ def _serve(args: argparse.Namespace) -> int:
     import uvicorn
 
     from forewarn import api, clock, compose, store_sqlite
-    from forewarn.server import EngineLoop, EngineProcess, Engines, WriteLock, Writer
+    from forewarn.server import (
+        EngineLoop,
+        EngineProcess,
+        Engines,
+        WriteLock,
+        Writer,
+        freeze_startup,
+    )
 
     url = env("DATABASE_URL")
     if url or args.role != "all":
@@ -171,10 +177,7 @@ def _serve(args: argparse.Namespace) -> int:
             flush=True,
         )
     web = api.build(app)
-    # what the server holds for its life (modules, routes, playbooks: some 50,000 objects) is
-    # kept out of the cycle collector's full passes, which took 20-35 ms each under load
-    gc.collect()
-    gc.freeze()
+    freeze_startup()
     try:
         uvicorn.run(
             web,
