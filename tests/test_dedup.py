@@ -4,6 +4,7 @@ the on-disk index beside the database, found again whichever way the message was
 from __future__ import annotations
 
 import sqlite3
+import time
 from array import array
 from pathlib import Path
 from typing import Any
@@ -140,6 +141,33 @@ def test_memory_holds_only_the_window_once_the_index_has_the_rest(tmp_path):
     assert len(seen) <= 3 * (window_minutes + 1)
 
 
+def test_minutes_dropped_from_memory_are_freed_by_the_index_thread(tmp_path, monkeypatch):
+    """Freeing a minute of ids holds the interpreter, so the writer leaves it to the index
+    thread, which must not let dropped minutes pile up."""
+    monkeypatch.setattr(dedup, "FLUSH_EVERY_S", 0.01)
+    conn, seen = _store(tmp_path)
+    seen.start()
+    try:
+        for minute in range(10):
+            _filler(conn, seen, T0 + minute * MINUTE_MS, n=3)
+            deadline = time.monotonic() + 10
+            while seen._pending.minutes and time.monotonic() < deadline:
+                time.sleep(0.005)  # the thread writes the minute to the index
+            assert not seen._pending.minutes
+        deadline = time.monotonic() + 10
+        while seen._dropped and time.monotonic() < deadline:
+            time.sleep(0.005)
+        assert seen._dropped == []
+        window_minutes = MEMORY_MS // MINUTE_MS
+        assert len(seen.slots) <= window_minutes + 1
+        # what memory dropped is still found, on disk
+        assert _send(
+            conn, seen, T0 + 9 * MINUTE_MS, _message("fill-" + str(T0) + "-0", T0 - 5, None)
+        ) == [0]
+    finally:
+        seen.stop()
+
+
 def test_the_ids_held_are_out_of_the_cycle_collectors_sight(tmp_path):
     """Millions of ids sit in memory under load; in a container the collector tracks, each of
     them would be visited on every full pass, with the interpreter held meanwhile."""
@@ -152,7 +180,9 @@ def test_the_ids_held_are_out_of_the_cycle_collectors_sight(tmp_path):
     while not seen._queue.empty():
         waiting.append(seen._queue.get_nowait())
     assert len(seen) == 15 and len(seen.slots) == 3 and len(waiting) == 15
-    assert not any(gc.is_tracked(ids) for ids in seen.slots.values())
+    assert not any(gc.is_tracked(ids) for slot in seen.slots.values() for ids in slot)
+    # a pass visits each minute's dicts, not the ids in them
+    assert all(len(gc.get_referents(slot)) == dedup.SHARDS for slot in seen.slots.values())
     for e in waiting:  # arrays: the collector visits the array, not its items
         assert len(e.hashes) == 1 and gc.get_referents(e.hashes, e.stamps) == [array, array]
     for e in waiting:
@@ -279,3 +309,46 @@ def test_a_lookup_sees_what_was_written_after_the_previous_lookup(tmp_path):
     assert (tmp_path / "ids-wal").stat().st_size == 0  # no lookup holds a snapshot open
     writer.close()
     index.close()
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    batches=st.lists(
+        st.lists(
+            st.one_of(
+                st.integers(-90_000, 90_000),  # near its receipt, in one minute or across two
+                st.just(0),  # no time of its own: its receipt
+                st.integers(-3 * DAY_MS, 3 * DAY_MS),  # far from it
+            ),
+            min_size=1,
+            max_size=6,
+        ),
+        min_size=1,
+        max_size=5,
+    )
+)
+def test_each_id_of_a_written_batch_is_found_at_its_events_time(batches):
+    """A batch whose events lie in one minute near their receipt is filed whole; the others
+    id by id: either way each id is found where a lookup for its event looks."""
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        index = Index(Path(tmp) / "ids")
+        writer = index.open()
+        entries: list[dedup._Flush] = []
+        written: list[tuple[int, int]] = []
+        h = 1
+        for b, offsets in enumerate(batches):
+            received = T0 + b * 7 * MINUTE_MS + 1_234
+            stamps = [received + offset for offset in offsets]
+            hashes = list(range(h, h + len(stamps)))
+            h += len(stamps)
+            entries.append(dedup._Flush(b + 1, received, array("q", hashes), array("q", stamps)))
+            written += zip(hashes, stamps, strict=True)
+        Index.write(writer, entries)
+        for hashed, stamp in written:
+            assert index.holds(hashed, stamp, sent=False), (hashed, stamp)
+        assert not index.holds(h, written[0][1], sent=False)  # never written
+        assert Index.upto(writer) == len(batches)
+        writer.close()
+        index.close()
