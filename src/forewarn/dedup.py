@@ -325,12 +325,12 @@ class SeenIds:
         for slot, members in dropped:
             self._evict(slot, members, 0.0)
 
-    def _free_dropped(self) -> None:
+    def _free_dropped(self, pause_s: float) -> None:
         """Take the ids of the slots dropped from memory out of it (the index thread)."""
         with self._pending.lock:
             dropped, self._dropped = self._dropped, []
         for slot, members in dropped:
-            self._evict(slot, members, EVICT_PAUSE_S)
+            self._evict(slot, members, pause_s)
 
     def _evict(self, slot: int, members: array[int], pause_s: float) -> None:
         """Take `slot`'s ids out of the map, `EVICT_CHUNK` at a time with `pause_s` after
@@ -420,7 +420,7 @@ class SeenIds:
         self._stop.set()
         self._thread.join(timeout=30)
         self._thread = None
-        self._free_dropped()  # what was dropped after the thread's last pass
+        self._free_dropped(0.0)  # dropped after the thread's last pass; no request waits now
         if self.index is not None:
             self.index.close()
 
@@ -454,7 +454,7 @@ class SeenIds:
         pruned_ms = clock.now_ms()
         while True:
             stopping = self._stop.wait(FLUSH_EVERY_S)
-            self._free_dropped()
+            self._free_dropped(EVICT_PAUSE_S)
             try:
                 if conn is None:
                     conn = self.index.open()
