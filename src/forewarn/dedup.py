@@ -211,7 +211,7 @@ class Index:
                 and (minute + 1) * MINUTE_MS <= received + NEAR_MS
                 and received not in stamps
             ):
-                _minute_of(by_minute, minute).extend(e.hashes)
+                _array_of(by_minute, minute).extend(e.hashes)
                 continue
             near, far = received - NEAR_MS, received + NEAR_MS
             for h, stamp in zip(e.hashes, stamps, strict=True):
@@ -219,7 +219,7 @@ class Index:
                     only.append(h)
                     only_days.append(received // DAY_MS)
                 else:
-                    _minute_of(by_minute, stamp // MINUTE_MS).append(h)
+                    _array_of(by_minute, stamp // MINUTE_MS).append(h)
         with transaction(conn):
             for minute in sorted(by_minute):
                 conn.execute(
@@ -299,18 +299,20 @@ class SeenIds:
     def add(self, received_ms: int, hashes: list[int], stamps: list[int], batch: int) -> None:
         """Learn the ids of a committed batch (`stamps`: their events' times)."""
         slot = received_ms // self.slot_ms
-        members = self.slots.get(slot)
-        if members is None:
-            members = self.slots[slot] = array("q")
+        if slot not in self.slots:  # a new minute: the oldest may leave memory
             self._drop_old(received_ms)
-        members.extend(hashes)
-        ids = self.ids
-        for h in hashes:
-            ids[h & _MASK][h] = slot
+        self._hold(slot, hashes)
         if self.index is not None:
             with self._pending.lock:
                 self._pending.minutes[slot] = self._pending.minutes.get(slot, 0) + 1
             self._queue.put(_Flush(batch, received_ms, array("q", hashes), array("q", stamps)))
+
+    def _hold(self, slot: int, hashes: list[int]) -> None:
+        """Hold `hashes` in memory as received in `slot`."""
+        _array_of(self.slots, slot).extend(hashes)
+        ids = self.ids
+        for h in hashes:
+            ids[h & _MASK][h] = slot
 
     def _drop_old(self, now_ms: int) -> None:
         """Drop the slots wholly older than the memory window whose ids are on disk."""
@@ -325,7 +327,7 @@ class SeenIds:
         for slot, members in dropped:
             self._evict(slot, members, 0.0)
 
-    def _free_dropped(self, pause_s: float) -> None:
+    def _take_out_dropped(self, pause_s: float) -> None:
         """Take the ids of the slots dropped from memory out of it (the index thread)."""
         with self._pending.lock:
             dropped, self._dropped = self._dropped, []
@@ -358,13 +360,7 @@ class SeenIds:
         rows = conn.execute("SELECT received_ms, ids FROM batches WHERE id >= ?", (first,))
         for received_ms, ids in rows:
             if received_ms >= since:
-                slot = received_ms // self.slot_ms
-                members = self.slots.get(slot)
-                if members is None:
-                    members = self.slots[slot] = array("q")
-                for (h,) in _HASH.iter_unpack(ids):
-                    members.append(h)
-                    self.ids[h & _MASK][h] = slot
+                self._hold(received_ms // self.slot_ms, [h for (h,) in _HASH.iter_unpack(ids)])
 
     def _catch_up(self, conn: sqlite3.Connection, now_ms: int) -> None:
         assert self.index is not None
@@ -420,7 +416,7 @@ class SeenIds:
         self._stop.set()
         self._thread.join(timeout=30)
         self._thread = None
-        self._free_dropped(0.0)  # dropped after the thread's last pass; no request waits now
+        self._take_out_dropped(0.0)  # dropped after the thread's last pass; no request waits now
         if self.index is not None:
             self.index.close()
 
@@ -454,7 +450,7 @@ class SeenIds:
         pruned_ms = clock.now_ms()
         while True:
             stopping = self._stop.wait(FLUSH_EVERY_S)
-            self._free_dropped(EVICT_PAUSE_S)
+            self._take_out_dropped(EVICT_PAUSE_S)
             try:
                 if conn is None:
                     conn = self.index.open()
@@ -494,10 +490,11 @@ def _yield_to_others() -> None:
         os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), NICE)
 
 
-def _minute_of(by_minute: dict[int, array[int]], minute: int) -> array[int]:
-    hashes = by_minute.get(minute)
+def _array_of(table: dict[int, array[int]], key: int) -> array[int]:
+    """`table`'s array of hashes at `key`, made empty if it has none."""
+    hashes = table.get(key)
     if hashes is None:
-        hashes = by_minute[minute] = array("q")
+        hashes = table[key] = array("q")
     return hashes
 
 
