@@ -22,7 +22,17 @@ import jwt
 import msgspec
 import pytest
 
-from forewarn import api, api_outreach, clock, compose, deliver, outreach_pg, scaleout, store_pg
+from forewarn import (
+    api,
+    api_outreach,
+    clock,
+    compose,
+    decide,
+    deliver,
+    outreach_pg,
+    scaleout,
+    store_pg,
+)
 from forewarn.audit import subject_target
 from forewarn.channels import Channel, MemoryChannel
 from forewarn.compose import Composer
@@ -135,7 +145,10 @@ def deployment(url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Ite
             assert ws is not None
             # the messages' links point at the API process, as FOREWARN_PUBLIC_URL would
             composer = Composer(Templates(templates), str(client.base_url), secret)
-            worker = Worker(pool, ws, triggers, compose=composer)
+            # the messages are decided on the wall clock: without this, the default quiet hours
+            # (21:00-08:00 UTC) would hold the mail the delivery process is meant to send
+            quiet_off = decide.Policy(quiet_start_min=0, quiet_end_min=0)
+            worker = Worker(pool, ws, triggers, compose=composer, policy=quiet_off)
             yield Deployment(client, pool, ws, worker, MemoryChannel("email"))
         finally:
             pool.close()
