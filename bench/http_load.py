@@ -10,6 +10,12 @@ Two runs against one server each:
 and, as the physical reference on the same server and connections, `noop`: `GET /healthz`
 (routing and the HTTP stack, no parsing, no storage) as fast as it answers.
 
+A p99 is usually made by a few episodes, not by every request being a little slow: each run
+also reports its `slow_episodes`, the stretches of `WINDOW_S` windows in which some answer took
+longer than `SLOW_MS` (when, for how long, the worst answer), and how idle the machine's cores
+were and how much time the hypervisor took from them (`cpu`, from /proc/stat, on Linux), so
+that a run on a busy or noisy machine can be told from a regression.
+
 Each event carries its `timestamp` and each batch its `sentAt`, as the Segment libraries send
 them. Each batch carries one `Payment Failed` for an account of its own, so each batch makes one
 firing; event→firing latency is when the firing was recorded minus when its event was received.
@@ -36,6 +42,8 @@ ROOT = Path(__file__).resolve().parent.parent
 WRITE_KEY = "fw_wk_bench-write-key-0123456789"
 ADMIN_KEY = "fw_ak_bench-admin-key-0123456789"
 BATCH = 100
+SLOW_MS = 50.0  # the acknowledgement target
+WINDOW_S = 0.25
 
 
 def bodies(count: int, run: str) -> list[bytes]:
@@ -119,6 +127,7 @@ async def _generate(
     port: int, reqs: list[bytes], rate: float | None, connections: int
 ) -> dict[str, Any]:
     latencies: list[float] = []
+    timed: list[tuple[float, float]] = []  # (due, seconds after the start; latency, ms)
     codes: dict[int, int] = {}
     sent_ms: list[float] = [0.0] * len(reqs)  # wall clock, to compare with the server's
     queue: asyncio.Queue[tuple[int, float]] = asyncio.Queue()
@@ -141,7 +150,9 @@ async def _generate(
             code = await _send(reader, writer, reqs[i])
             done = time.perf_counter()
             # open loop: latency counts from when the request was due, queueing included
-            latencies.append((done - (due or sent)) * 1000)
+            latency = (done - (due or sent)) * 1000
+            latencies.append(latency)
+            timed.append(((due or sent) - start, latency))
             codes[code] = codes.get(code, 0) + 1
         writer.close()
 
@@ -168,7 +179,65 @@ async def _generate(
         "ack_ms_p50": round(latencies[len(latencies) // 2], 1),
         "ack_ms_p99": round(latencies[int(len(latencies) * 0.99)], 1),
         "ack_ms_max": round(latencies[-1], 1),
+        "slow_episodes": slow_episodes(timed),
         "sent_ms": sent_ms,
+    }
+
+
+def slow_episodes(timed: list[tuple[float, float]], most: int = 10) -> dict[str, Any]:
+    """Runs of consecutive `WINDOW_S` windows each holding an answer slower than `SLOW_MS`:
+    how many, and the `most` worst (start and length in seconds, worst answer, answers)."""
+    worst: dict[int, float] = {}
+    count: dict[int, int] = {}
+    for at, latency in timed:
+        w = int(at / WINDOW_S)
+        worst[w] = max(worst.get(w, 0.0), latency)
+        count[w] = count.get(w, 0) + 1
+    episodes: list[dict[str, Any]] = []
+    for w in sorted(worst):
+        if worst[w] <= SLOW_MS:
+            continue
+        last = episodes[-1] if episodes else None
+        if last is not None and last["_end"] == w:
+            last["_end"] = w + 1
+            last["max_ms"] = max(last["max_ms"], round(worst[w], 1))
+            last["requests"] += count[w]
+        else:
+            episodes.append(
+                {"_start": w, "_end": w + 1, "max_ms": round(worst[w], 1), "requests": count[w]}
+            )
+    for e in episodes:
+        e["at_s"] = round(e.pop("_start") * WINDOW_S, 2)
+        e["seconds"] = round((e.pop("_end") * WINDOW_S) - e["at_s"], 2)
+    slow_s = sum(e["seconds"] for e in episodes)
+    return {
+        "over_ms": SLOW_MS,
+        "count": len(episodes),
+        "seconds": round(slow_s, 2),
+        "worst": sorted(episodes, key=lambda e: -e["max_ms"])[:most],
+    }
+
+
+def _cpu_ticks() -> list[int] | None:
+    try:
+        with open("/proc/stat") as f:
+            return [int(v) for v in f.readline().split()[1:]]
+    except (OSError, ValueError):
+        return None
+
+
+def _cpu_between(before: list[int] | None, after: list[int] | None) -> dict[str, float] | None:
+    """Idle and stolen time between two readings, in cores (of all the machine's)."""
+    if before is None or after is None:
+        return None
+    d = [b - a for a, b in zip(before, after, strict=False)]
+    total = sum(d) or 1
+    cores = os.cpu_count() or 1
+    steal = d[7] if len(d) > 7 else 0
+    return {
+        "cores": cores,
+        "idle": round(cores * d[3] / total, 2),
+        "steal": round(cores * steal / total, 3),
     }
 
 
@@ -177,6 +246,7 @@ def _generator(port: int, count: int, run: str, rate: float | None, conns: int, 
         reqs = [f"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n\r\n".encode()] * count
     else:
         reqs = [_request(port, b) for b in bodies(count, run)]
+    out.put("ready")
     out.put(asyncio.run(_generate(port, reqs, rate, conns)))
 
 
@@ -262,7 +332,10 @@ def run(seconds: float, rate: float, connections: int) -> dict[str, Any]:
                     target=_generator, args=(port, count, name, load_rate, conns, out)
                 )
                 gen.start()
+                assert out.get() == "ready"  # the bodies are built: the timed part starts
+                ticks = _cpu_ticks()
                 result = out.get()
+                result["cpu"] = _cpu_between(ticks, _cpu_ticks())
                 gen.join()
                 result["target_events_per_s"] = load_rate
                 sent_ms = result.pop("sent_ms")
