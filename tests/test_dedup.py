@@ -145,6 +145,7 @@ def test_minutes_dropped_from_memory_are_taken_out_by_the_index_thread(tmp_path,
     """Taking a minute of ids out of memory holds the interpreter, so the writer leaves it to
     the index thread, which must not let dropped minutes pile up."""
     monkeypatch.setattr(dedup, "FLUSH_EVERY_S", 0.01)
+    monkeypatch.setattr(dedup, "SHIP_EVERY_S", 0.01)
     conn, seen = _store(tmp_path)
     seen.start()
     try:
@@ -236,6 +237,88 @@ def test_the_index_forgets_what_is_older_than_the_window(tmp_path):
     index = seen.index.open()  # type: ignore[union-attr]
     assert Index.prune(index, T0 + 7 * DAY_MS) == 0  # the week is kept
     assert Index.prune(index, T0 + 11 * DAY_MS) == 2
+    index.close()
+
+
+def _on_disk(seen: SeenIds) -> set[int]:
+    assert seen.index is not None
+    index = seen.index.open()
+    try:
+        return {h for (h,) in index.execute("SELECT h FROM ids_at UNION SELECT h FROM ids_only")}
+    finally:
+        index.close()
+
+
+def _wait_for(condition: Any, timeout_s: float = 20.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.01)
+
+
+def test_the_index_process_writes_what_the_thread_hands_it_and_stop_writes_the_rest(
+    tmp_path, monkeypatch
+):
+    """The thread hands new ids to the index process; their minutes stay in memory until it
+    says they are written. At stop, what it holds is written before it exits."""
+    monkeypatch.setattr(dedup, "SHIP_EVERY_S", 0.01)
+    monkeypatch.setattr(dedup, "FLUSH_EVERY_S", 3600.0)  # only when asked: at stop
+    conn, seen = _store(tmp_path)
+    seen.start()
+    try:
+        _send(conn, seen, T0, _message("m-1", T0 - 5, T0 - 1), _message("m-2", None, None))
+        _wait_for(lambda: seen._shipped)  # handed over, not written
+        assert seen._pending.minutes == {T0 // MINUTE_MS: 1}
+        assert _on_disk(seen) == set()
+        process = seen._process
+        assert process is not None and process.alive()
+    finally:
+        seen.stop()
+    assert not process.alive()
+    assert _on_disk(seen) == {store_sqlite.id_hash(1, "m-1"), store_sqlite.id_hash(1, "m-2")}
+    assert seen._shipped == [] and seen._pending.minutes == {}
+
+
+def test_a_killed_index_process_is_replaced_and_handed_again_what_it_had_not_written(
+    tmp_path, monkeypatch
+):
+    import os
+    import signal
+
+    monkeypatch.setattr(dedup, "SHIP_EVERY_S", 0.01)
+    monkeypatch.setattr(dedup, "FLUSH_EVERY_S", 3600.0)
+    conn, seen = _store(tmp_path)
+    seen.start()
+    try:
+        _send(conn, seen, T0, _message("m-1", T0 - 5, T0 - 1))
+        _wait_for(lambda: seen._shipped)
+        first = seen._process
+        assert first is not None
+        os.kill(first._process.pid, signal.SIGKILL)  # type: ignore[arg-type]
+        monkeypatch.setattr(dedup, "FLUSH_EVERY_S", 0.01)  # the next one writes at once
+        _send(conn, seen, T0 + 1, _message("m-2", T0 - 5, T0 - 1))
+        _wait_for(lambda: not seen._pending.minutes)
+        assert seen._process is not first
+        assert _on_disk(seen) == {store_sqlite.id_hash(1, "m-1"), store_sqlite.id_hash(1, "m-2")}
+    finally:
+        seen.stop()
+
+
+def test_when_the_server_is_gone_the_index_process_writes_what_it_holds_and_exits(tmp_path):
+    """A server killed with -9 leaves its index process a closed pipe: the ids it was handed
+    are committed in the log, so it writes them rather than leave them to the next start."""
+    conn, seen = _store(tmp_path)
+    _send(conn, seen, T0, _message("m-1", T0 - 5, T0 - 1))
+    entries = seen._take_queued()
+    assert seen.index is not None
+    process = dedup._IndexProcess(seen.index.path)
+    process.hand(dedup._group(entries), dedup._KEEP)
+    process._pipe.close()  # as the server's death does
+    process._process.join(timeout=20)
+    assert process._process.exitcode == 0
+    assert _on_disk(seen) == {store_sqlite.id_hash(1, "m-1")}
+    index = seen.index.open()
+    assert Index.upto(index) == entries[0].batch
     index.close()
 
 

@@ -8,8 +8,9 @@ is what is compared.
 - **In memory**: the hashes received in the last `MEMORY_MS`, one set per minute of receipt,
   plus any not yet written to disk.
 - **On disk**: an index beside the database (`<database>-ids`, SQLite), written in bulk every
-  `FLUSH_EVERY_S` by a thread of its own. It is derived from the log, so it needs no fsync of
-  its own: it records the last batch it holds and catches up from the log when it starts.
+  `FLUSH_EVERY_S` by a process of its own, to which a thread of the server hands the newly
+  committed ids every `SHIP_EVERY_S`. It is derived from the log, so it needs no fsync of its
+  own: it records the last batch it holds and catches up from the log when it starts.
   Rows are keyed by the minute of the event's time, so each bulk write touches the few pages
   of the last minutes instead of a random page per id (a B-tree keyed by the hash alone costs
   a random page per event, which at a few thousand events a second outweighs everything
@@ -38,6 +39,15 @@ interpreter for tens of milliseconds per pass over them: the server's slowest an
 from those passes. So memory holds its ids in dicts of ints to ints, which the collector
 does not track, and the ids waiting for the index in arrays, whose items it does not visit.
 
+Why a process: a bulk write is SQLite sorting and inserting about a million ids, a second of a
+core. In a thread of the server, though SQLite runs it without the lock on Python, answers
+were slower all through it (up to 150-240 ms, against 50-65 without any write, at 50,000
+events/s); in a process of its own it does not delay them (measured in docs/benchmarks.md).
+The thread hands over raw arrays of ids, grouped as the index keys them, every second: a few
+milliseconds of the server's time. The process answers with the last batch it has written;
+until then memory keeps the ids, and the thread keeps them to hand to a new process if that
+one dies. When the server is gone, the process writes what it holds and exits.
+
 Memory is one map from each id held to the minute it was received in, so that asking costs
 one lookup whatever the number of minutes held (a dict per minute cost one lookup per minute,
 each a miss in the processor's cache: 1.9 µs an id for four minutes, against 0.3). A dict that
@@ -52,6 +62,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import multiprocessing
 import os
 import queue
 import sqlite3
@@ -60,6 +71,7 @@ import threading
 import time
 from array import array
 from dataclasses import dataclass, field
+from multiprocessing.connection import Connection
 from pathlib import Path
 
 import msgspec
@@ -76,6 +88,8 @@ MINUTE_MS = 60_000
 MEMORY_MS = 3 * MINUTE_MS
 JITTER_MS = MINUTE_MS
 FLUSH_EVERY_S = 30.0  # two bulk writes a minute: each fills a stretch of the B-tree in order
+SHIP_EVERY_S = 1.0  # the server hands the ids committed since to the index process
+STOP_WAIT_S = 30.0  # at stop, how long the server waits for the index process's last write
 PRUNE_EVERY_MS = 3_600_000
 # an event this far from its receipt is indexed by hash alone: its minute may be pruned first
 NEAR_MS = DAY_MS
@@ -125,6 +139,51 @@ class _Flush:
     received_ms: int
     hashes: array[int]  # "q": the cycle collector does not visit its items
     stamps: array[int]
+
+
+@dataclass(slots=True)
+class _Grouped:
+    """Ids as the index keys them: by the minute of their event's time, or by hash alone with
+    the day of their receipt; `upto`, the last batch they come from."""
+
+    at: dict[int, array[int]] = field(default_factory=dict)
+    only: dict[int, array[int]] = field(default_factory=dict)
+    upto: int = 0
+
+    def add(self, other: _Grouped) -> None:
+        for mine, theirs in ((self.at, other.at), (self.only, other.only)):
+            for key, hashes in theirs.items():
+                _array_of(mine, key).extend(hashes)
+        self.upto = max(self.upto, other.upto)
+
+
+def _group(entries: list[_Flush]) -> _Grouped:
+    """Sort entries' ids out the way the index keys them. Python looks at each id only in a
+    batch whose events span two minutes or lie far from its receipt: a batch whose events all
+    lie in one minute near it is sorted out whole."""
+    grouped = _Grouped()
+    by_minute, only = grouped.at, grouped.only
+    for e in entries:
+        grouped.upto = max(grouped.upto, e.batch)
+        received, stamps = e.received_ms, e.stamps
+        if not stamps:
+            continue
+        minute = min(stamps) // MINUTE_MS
+        if (
+            max(stamps) // MINUTE_MS == minute
+            and received - NEAR_MS <= minute * MINUTE_MS
+            and (minute + 1) * MINUTE_MS <= received + NEAR_MS
+            and received not in stamps
+        ):
+            _array_of(by_minute, minute).extend(e.hashes)
+            continue
+        near, far = received - NEAR_MS, received + NEAR_MS
+        for h, stamp in zip(e.hashes, stamps, strict=True):
+            if stamp == received or not near <= stamp < far:
+                _array_of(only, received // DAY_MS).append(h)
+            else:
+                _array_of(by_minute, stamp // MINUTE_MS).append(h)
+    return grouped
 
 
 @dataclass
@@ -190,50 +249,33 @@ class Index:
 
     @staticmethod
     def write(conn: sqlite3.Connection, entries: list[_Flush]) -> None:
-        """Add entries in one transaction and move `upto` to the last of their batches. The
-        hashes go in one statement per minute, as a JSON array that SQLite reads and sorts
-        itself: the B-tree filled in order, and the lock on Python released while it is
-        (sorting a million ints in Python would hold it for half a second; the array is
-        encoded in pieces, between which other threads run). Python looks at each id only in
-        a batch whose events span two minutes or lie far from its receipt: a batch whose
-        events all lie in one minute near it is sorted out whole."""
-        by_minute: dict[int, array[int]] = {}
-        only: list[int] = []
-        only_days: list[int] = []
-        for e in entries:
-            received, stamps = e.received_ms, e.stamps
-            if not stamps:
-                continue
-            minute = min(stamps) // MINUTE_MS
-            if (
-                max(stamps) // MINUTE_MS == minute
-                and received - NEAR_MS <= minute * MINUTE_MS
-                and (minute + 1) * MINUTE_MS <= received + NEAR_MS
-                and received not in stamps
-            ):
-                _array_of(by_minute, minute).extend(e.hashes)
-                continue
-            near, far = received - NEAR_MS, received + NEAR_MS
-            for h, stamp in zip(e.hashes, stamps, strict=True):
-                if stamp == received or not near <= stamp < far:
-                    only.append(h)
-                    only_days.append(received // DAY_MS)
-                else:
-                    _array_of(by_minute, stamp // MINUTE_MS).append(h)
+        """Add entries in one transaction and move `upto` to the last of their batches."""
+        Index.write_grouped(conn, _group(entries))
+
+    @staticmethod
+    def write_grouped(conn: sqlite3.Connection, grouped: _Grouped) -> None:
+        """Add grouped ids in one transaction and move `upto` to their last batch. The hashes
+        go in one statement per minute (and per day for those kept by hash alone), as a JSON
+        array that SQLite reads and sorts itself: the B-tree filled in order, and the lock on
+        Python released while it is (the array is encoded in pieces, between which other
+        threads run)."""
         with transaction(conn):
-            for minute in sorted(by_minute):
+            for minute in sorted(grouped.at):
                 conn.execute(
                     "INSERT OR IGNORE INTO ids_at SELECT ?, value FROM json_each(?) ORDER BY value",
-                    (minute, _json_array(by_minute[minute])),
+                    (minute, _json_array(grouped.at[minute])),
                 )
-            conn.executemany(
-                "INSERT OR IGNORE INTO ids_only VALUES (?, ?)", zip(only, only_days, strict=True)
-            )
-            if entries:
+            for day in sorted(grouped.only):
+                conn.execute(
+                    "INSERT OR IGNORE INTO ids_only SELECT value, ? FROM json_each(?)"
+                    " ORDER BY value",
+                    (day, _json_array(grouped.only[day])),
+                )
+            if grouped.upto:
                 conn.execute(
                     "INSERT INTO upto VALUES (1, ?) ON CONFLICT (one) DO UPDATE"
                     " SET batch = max(batch, excluded.batch)",
-                    (max(e.batch for e in entries),),
+                    (grouped.upto,),
                 )
 
     @staticmethod
@@ -276,6 +318,8 @@ class SeenIds:
         self._waiting: list[_Flush] = []  # taken from the queue, not yet written
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
+        self._process: _IndexProcess | None = None  # started with the first ids to write
+        self._shipped: list[_Flush] = []  # handed to the process, not yet written by it
         self.disk_lookups = 0  # how many ids memory could not settle
 
     # --- the writer's side: one thread asks and adds --------------------------------------
@@ -410,67 +454,234 @@ class SeenIds:
         self._thread.start()
 
     def stop(self) -> None:
-        """Write what is queued and stop the thread."""
+        """Have what is queued written and stop the thread and the index process."""
         if self._thread is None:
             return
         self._stop.set()
-        self._thread.join(timeout=30)
+        self._thread.join(timeout=STOP_WAIT_S + 10)
         self._thread = None
         self._take_out_dropped(0.0)  # dropped after the thread's last pass; no request waits now
         if self.index is not None:
             self.index.close()
 
     def flush(self, conn: sqlite3.Connection) -> None:
-        """Write the queued ids to the index now (the thread does every `FLUSH_EVERY_S`); on
-        an error they stay queued, and in memory."""
-        while True:
-            try:
-                self._waiting.append(self._queue.get_nowait())
-            except queue.Empty:
-                break
+        """Write the queued ids to the index now, in this process (the thread has the index
+        process do it); on an error they stay queued, and in memory."""
+        self._waiting += self._take_queued()
         if not self._waiting:
             return
         Index.write(conn, self._waiting)
+        self._written(self._waiting)
+        self._waiting = []
+
+    def _take_queued(self) -> list[_Flush]:
+        taken: list[_Flush] = []
+        while True:
+            try:
+                taken.append(self._queue.get_nowait())
+            except queue.Empty:
+                return taken
+
+    def _written(self, entries: list[_Flush]) -> None:
+        """The entries' ids are on disk: their minutes may leave memory."""
         with self._pending.lock:
             pending = self._pending.minutes
-            for e in self._waiting:
+            for e in entries:
                 slot = e.received_ms // self.slot_ms
                 left = pending.get(slot, 0) - 1
                 if left > 0:
                     pending[slot] = left
                 else:
                     pending.pop(slot, None)
-        self._waiting = []
 
     def _run(self) -> None:
         assert self.index is not None
         _yield_to_others()
-        conn: sqlite3.Connection | None = None
-        failing = False
-        pruned_ms = clock.now_ms()
         while True:
-            stopping = self._stop.wait(FLUSH_EVERY_S)
+            stopping = self._stop.wait(SHIP_EVERY_S)
             self._take_out_dropped(EVICT_PAUSE_S)
-            try:
-                if conn is None:
-                    conn = self.index.open()
-                self.flush(conn)
-                now = clock.now_ms()
-                if now - pruned_ms >= PRUNE_EVERY_MS:
-                    Index.prune(conn, now)
-                    pruned_ms = now
-            except sqlite3.Error as exc:  # a full disk, say: memory keeps the ids meanwhile
-                if not failing:
-                    log.warning("cannot write the message-id index (%s): retrying", exc)
-                failing = True
-            else:
-                if failing:
-                    log.warning("the message-id index is written again")
-                failing = False
+            self._ship(stopping)
             if stopping:
                 break
-        if conn is not None:
-            conn.close()
+
+    def _ship(self, stopping: bool) -> None:
+        """Hand the ids committed since the last call to the index process, and let memory
+        drop those it has written. A process that died is replaced, and handed again what it
+        had not written. At stop, wait for it to write everything and exit."""
+        assert self.index is not None
+        entries = self._take_queued()
+        process = self._process
+        if process is not None and not process.alive():
+            log.warning(
+                "the message-id index process exited (%s): starting another",
+                process.exitcode(),
+            )
+            process = self._process = None
+        if process is None:
+            if not entries and not self._shipped:
+                return
+            entries = self._shipped + entries
+            self._shipped = []
+            try:
+                process = self._process = _IndexProcess(self.index.path)
+            except OSError as exc:  # out of processes, say: memory keeps the ids meanwhile
+                log.warning("cannot start the message-id index process (%s): retrying", exc)
+                self._shipped = entries
+                return
+        grouped = _group(entries)
+        try:
+            process.hand(grouped, _STOP if stopping else _KEEP)
+        except OSError:  # it died: the next call starts another and hands all of it again
+            self._shipped += entries
+            return
+        self._shipped += entries
+        written = process.written(STOP_WAIT_S if stopping else 0.0, self._last_shipped())
+        if written:
+            done = 0
+            while done < len(self._shipped) and self._shipped[done].batch <= written:
+                done += 1
+            self._written(self._shipped[:done])
+            del self._shipped[:done]
+        if stopping:
+            process.join()
+            self._process = None
+
+    def _last_shipped(self) -> int:
+        return self._shipped[-1].batch if self._shipped else 0
+
+
+# --- the index process --------------------------------------------------------------------
+
+_KEEP, _STOP = 0, 1  # after a hand-over: write when due; write now and exit
+
+
+class _Handed(msgspec.Struct, array_like=True):
+    """What the server hands the index process: raw arrays of hashes ("q"), and what to do."""
+
+    upto: int
+    at: dict[int, bytes]
+    only: dict[int, bytes]
+    then: int
+
+
+_hand_encode = msgspec.msgpack.Encoder().encode
+_hand_decode = msgspec.msgpack.Decoder(_Handed).decode
+_WRITTEN = struct.Struct("<q")
+
+
+class _IndexProcess:
+    """The server's side of the index process: hands it ids, hears what it has written."""
+
+    def __init__(self, path: Path) -> None:
+        ctx = multiprocessing.get_context("spawn")
+        self._pipe, child = ctx.Pipe()
+        self._process = ctx.Process(
+            target=_index_main,
+            args=(str(path), child, FLUSH_EVERY_S, PRUNE_EVERY_MS),
+            name="forewarn-ids",
+            daemon=True,  # gone with the server, should it exit without stopping it
+        )
+        try:
+            self._process.start()
+        finally:
+            child.close()
+        self._written = 0
+
+    def alive(self) -> bool:
+        return self._process.is_alive()
+
+    def exitcode(self) -> int | None:
+        return self._process.exitcode
+
+    def hand(self, grouped: _Grouped, then: int) -> None:
+        if not grouped.at and not grouped.only and then == _KEEP:
+            return
+        handed = _Handed(
+            grouped.upto,
+            {k: v.tobytes() for k, v in grouped.at.items()},
+            {k: v.tobytes() for k, v in grouped.only.items()},
+            then,
+        )
+        self._pipe.send_bytes(_hand_encode(handed))
+
+    def written(self, wait_s: float, want: int) -> int:
+        """The last batch the process has written; waits up to `wait_s` for it to reach
+        `want`."""
+        deadline = time.monotonic() + wait_s
+        try:
+            while self._pipe.poll(
+                0 if self._written >= want else max(0.0, deadline - time.monotonic())
+            ):
+                (self._written,) = _WRITTEN.unpack(self._pipe.recv_bytes())
+        except (EOFError, OSError):
+            pass  # it exited: what it wrote last is known
+        return self._written
+
+    def join(self) -> None:
+        self._pipe.close()
+        self._process.join(timeout=STOP_WAIT_S)
+        if self._process.is_alive():
+            self._process.kill()
+
+
+def _index_main(path: str, pipe: Connection, flush_every_s: float, prune_every_ms: int) -> None:
+    """The index process: take what the server hands over, write it every `flush_every_s`
+    (or when asked), answer with the last batch written, prune hourly. When the server is
+    gone (its end of the pipe closed), write what is held and exit."""
+    logging.basicConfig(level=logging.WARNING)
+    with contextlib.suppress(OSError):
+        os.nice(NICE)  # the cores the requests leave idle
+    index = Index(path)
+    held = _Grouped()
+    written = 0
+    conn: sqlite3.Connection | None = None
+    failing = False
+    due = time.monotonic() + flush_every_s
+    pruned_ms = clock.now_ms()
+    then = _KEEP
+    while then != _STOP:
+        then = _KEEP
+        try:
+            if pipe.poll(max(0.0, due - time.monotonic())):
+                handed = _hand_decode(pipe.recv_bytes())
+                held.add(_ungrouped(handed))
+                then = handed.then
+                if then == _KEEP and time.monotonic() < due:
+                    continue
+        except (EOFError, OSError):
+            then = _STOP  # the server is gone
+        due = time.monotonic() + flush_every_s
+        try:
+            if conn is None:
+                conn = index.open()
+            if held.upto > written:
+                Index.write_grouped(conn, held)
+                written, held = held.upto, _Grouped(upto=held.upto)
+            now = clock.now_ms()
+            if now - pruned_ms >= prune_every_ms:
+                Index.prune(conn, now)
+                pruned_ms = now
+        except sqlite3.Error as exc:  # a full disk, say: what is held is written next time
+            if not failing:
+                log.warning("cannot write the message-id index (%s): retrying", exc)
+            failing = True
+        else:
+            if failing:
+                log.warning("the message-id index is written again")
+            failing = False
+        with contextlib.suppress(OSError):
+            pipe.send_bytes(_WRITTEN.pack(written))
+    if conn is not None:
+        conn.close()
+
+
+def _ungrouped(handed: _Handed) -> _Grouped:
+    grouped = _Grouped(upto=handed.upto)
+    for mine, theirs in ((grouped.at, handed.at), (grouped.only, handed.only)):
+        for key, raw in theirs.items():
+            hashes = mine[key] = array("q")
+            hashes.frombytes(raw)
+    return grouped
 
 
 _MASK = SHARDS - 1
