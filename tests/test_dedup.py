@@ -267,8 +267,13 @@ def test_the_index_process_writes_what_the_thread_hands_it_and_stop_writes_the_r
     seen.start()
     try:
         _send(conn, seen, T0, _message("m-1", T0 - 5, T0 - 1), _message("m-2", None, None))
-        _wait_for(lambda: seen._shipped)  # handed over, not written
+        _wait_for(lambda: seen._shipped and seen._process)  # handed over, not written
         assert seen._pending.minutes == {T0 // MINUTE_MS: 1}
+        # kept as handed, for half a minute: out of the cycle collector's sight
+        import gc
+
+        (shipped,) = seen._shipped
+        assert not gc.is_tracked(shipped.handed) and not gc.is_tracked(shipped.slots)
         assert _on_disk(seen) == set()
         process = seen._process
         assert process is not None and process.alive()
@@ -291,7 +296,7 @@ def test_a_killed_index_process_is_replaced_and_handed_again_what_it_had_not_wri
     seen.start()
     try:
         _send(conn, seen, T0, _message("m-1", T0 - 5, T0 - 1))
-        _wait_for(lambda: seen._shipped)
+        _wait_for(lambda: seen._shipped and seen._process)
         first = seen._process
         assert first is not None
         os.kill(first._process.pid, signal.SIGKILL)  # type: ignore[arg-type]
@@ -312,7 +317,7 @@ def test_when_the_server_is_gone_the_index_process_writes_what_it_holds_and_exit
     entries = seen._take_queued()
     assert seen.index is not None
     process = dedup._IndexProcess(seen.index.path)
-    process.hand(dedup._group(entries), dedup._KEEP)
+    process.hand(dedup._handed(dedup._group(entries)))
     process._pipe.close()  # as the server's death does
     process._process.join(timeout=20)
     assert process._process.exitcode == 0
