@@ -5,7 +5,6 @@ recorded, and an XSS payload in a trait stays text. A screenshot of the open cha
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import sqlite3
@@ -13,6 +12,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+
+from forewarn import store_sqlite
 
 from . import server as srv
 
@@ -62,7 +63,7 @@ def _events(db: Path, name: str) -> list[dict[str, Any]]:
     try:
         found = []
         for (raw,) in conn.execute("SELECT messages FROM batches"):
-            found += [m for m in json.loads(raw) if m.get("event") == name]
+            found += [m for m in store_sqlite.decode_messages(raw) if m.get("event") == name]
         return found
     finally:
         conn.close()
@@ -128,7 +129,11 @@ def _page_paths(db: Path) -> list[str]:
     try:
         paths = []
         for (raw,) in conn.execute("SELECT messages FROM batches"):
-            paths += [m["properties"]["path"] for m in json.loads(raw) if m.get("type") == "page"]
+            paths += [
+                m["properties"]["path"]
+                for m in store_sqlite.decode_messages(raw)
+                if m.get("type") == "page"
+            ]
         return paths
     finally:
         conn.close()

@@ -21,6 +21,8 @@ from typing import Any
 import httpx
 import pytest
 
+from forewarn import store_sqlite
+
 from . import server as srv
 from .server import ADMIN_KEY, WRITE_KEY
 
@@ -74,12 +76,10 @@ def _batch(b: int, n: int = 20, pad: int = 0) -> dict[str, Any]:
 def _stored_ids(db: Path) -> list[str]:
     conn = sqlite3.connect(db)
     try:
-        import json
-
         return [
             m["messageId"]
             for (blob,) in conn.execute("SELECT messages FROM batches")
-            for m in json.loads(blob)
+            for m in store_sqlite.decode_messages(blob)
         ]
     finally:
         conn.close()

@@ -19,6 +19,8 @@ import httpx
 import pytest
 import standardwebhooks
 
+from forewarn import store_sqlite
+
 from . import server as srv
 from .receiver import receiver
 
@@ -66,8 +68,8 @@ def _events(db: Path, name: str) -> list[bytes]:
     try:
         return [
             m
-            for (m,) in conn.execute("SELECT messages FROM batches WHERE source = 'forewarn'")
-            if name.encode() in m
+            for (raw,) in conn.execute("SELECT messages FROM batches WHERE source = 'forewarn'")
+            if name.encode() in (m := store_sqlite.plain_messages(raw))
         ]
     finally:
         conn.close()

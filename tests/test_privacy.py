@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import msgspec
 import pytest
 
 from forewarn import cli, forgotten, privacy, schema, store_outbox, store_sqlite
@@ -69,11 +70,19 @@ def _count(db: Path, sql: str, *args: Any) -> int:
 
 
 def _stored(db: Path) -> bytes:
-    """The database file and its WAL, after a checkpoint that empties the WAL."""
+    """The database file and its WAL, after a checkpoint that empties the WAL, and the log's
+    messages and events decompressed: compressed, an id in them would escape a byte search.
+    (What SQLite frees it overwrites, compressed or not: `secure_delete`.)"""
     conn = sqlite3.connect(db)
     conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+    logged = [
+        store_sqlite.plain_messages(messages)
+        + msgspec.msgpack.encode(store_sqlite.event_rows(events))
+        for messages, events in conn.execute("SELECT messages, events FROM batches")
+    ]
     conn.close()
-    return b"".join(p.read_bytes() for p in db.parent.iterdir() if p.name.startswith(db.name))
+    files = [p.read_bytes() for p in db.parent.iterdir() if p.name.startswith(db.name)]
+    return b"".join(files + logged)
 
 
 def test_forgetting_a_person_removes_them_from_the_file_and_refuses_their_events(

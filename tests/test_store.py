@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import json
 import sqlite3
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -147,13 +149,13 @@ def test_stored_events_read_back_as_their_messages_do(conn):
 
 
 def test_the_events_format_names_the_fields_it_was_made_for():
-    """Stored events are tuples of Event's fields; if these change, change EVENTS_FORMAT (a
-    batch in another format is then read from its messages)."""
+    """Stored events are tuples of Event's fields; if these change, change EVENTS_FORMAT and
+    EVENTS_FORMAT_PLAIN (a batch in another format is then read from its messages)."""
     import msgspec
 
     from forewarn.model import Event
 
-    assert store_sqlite.EVENTS_FORMAT == b"\x01"
+    assert (store_sqlite.EVENTS_FORMAT, store_sqlite.EVENTS_FORMAT_PLAIN) == (b"\x02", b"\x01")
     assert [f.name for f in msgspec.structs.fields(Event)] == [
         "kind",
         "name",
@@ -166,6 +168,72 @@ def test_the_events_format_names_the_fields_it_was_made_for():
         "message_id",
         "previous_id",
     ]
+
+
+def _example_batch() -> tuple[list[dict[str, Any]], list[Any], list[str]]:
+    from forewarn.model import event_from_dict
+
+    root = Path(__file__).resolve().parent.parent / "examples" / "events"
+    messages = [
+        json.loads(line)
+        for file in sorted(root.glob("*.jsonl"))
+        for line in file.read_text().splitlines()
+        if line
+    ][:200]
+    return messages, [event_from_dict(m) for m in messages], [str(m["messageId"]) for m in messages]
+
+
+def test_batches_are_stored_compressed_and_read_back_as_they_came(conn):
+    import msgspec
+
+    messages, events, ids = _example_batch()
+    store_sqlite.append_batches(conn, [Append(1, "t", 0, messages, ids, events)], SeenIds())
+    raw_messages, raw_events = conn.execute("SELECT messages, events FROM batches").fetchone()
+    assert raw_messages[:4] == b"\x28\xb5\x2f\xfd"  # a zstd frame
+    assert raw_events[:1] == store_sqlite.EVENTS_FORMAT
+    plain = msgspec.json.encode(messages)
+    assert len(raw_messages) * 4 < len(plain)
+    (batch,) = store_sqlite.read_log(conn, 1, 0, 10)
+    assert batch.messages == msgspec.json.decode(plain)
+    assert store_sqlite.plain_messages(raw_messages) == plain
+    assert batch.event_rows() == [msgspec.structs.astuple(e) for e in events]
+
+
+def test_batches_stored_uncompressed_by_an_earlier_version_are_read(conn):
+    """A database written before compression: its messages a plain JSON array, its events
+    msgpack after EVENTS_FORMAT_PLAIN. The engine, the timeline and forgetting read them."""
+    import msgspec
+
+    from forewarn import privacy
+
+    messages, events, _ = _example_batch()
+    rows = [msgspec.structs.astuple(e) for e in events]
+    conn.execute(
+        "INSERT INTO batches (workspace, received_ms, source, count, ids, events, messages)"
+        " VALUES (1, 0, 't', ?, ?, ?, ?)",
+        (
+            len(messages),
+            b"\0" * 8 * len(messages),
+            store_sqlite.EVENTS_FORMAT_PLAIN + msgspec.msgpack.encode(rows),
+            msgspec.json.encode(messages),
+        ),
+    )
+    (batch,) = store_sqlite.read_log(conn, 1, 0, 10)
+    assert batch.messages == msgspec.json.decode(msgspec.json.encode(messages))
+    assert [tuple(r) for r in msgspec.msgpack.decode(msgspec.msgpack.encode(rows))] == (
+        batch.event_rows()
+    )
+    subject = next(m["userId"] for m in messages if m.get("userId"))
+    theirs = [m for m in messages if subject in (m.get("userId"), m.get("anonymousId"))]
+    found = store_sqlite.recent_events(conn, 1, subject, limit=1000)
+    assert len(found) == len(theirs) > 0
+    done = privacy.forget(conn, 1, subject, "test", 1)
+    assert done.events == len(theirs)
+    (batch,) = store_sqlite.read_log(conn, 1, 0, 10)
+    assert len(batch.messages) == len(messages) - len(theirs)
+    assert subject not in {m.get("userId") for m in batch.messages}
+    assert batch.raw_messages[:4] == b"\x28\xb5\x2f\xfd"  # written again, compressed
+    assert len(batch.event_rows() or []) == len(batch.messages)
 
 
 def test_message_id_hashes_stay_what_logs_and_indexes_already_hold():

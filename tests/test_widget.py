@@ -15,6 +15,8 @@ import httpx
 import jwt
 import pytest
 
+from forewarn import store_sqlite
+
 from . import server as srv
 
 SECRET = "identity-secret-for-tests-0123456789"
@@ -74,7 +76,7 @@ def stored(live: Any, event: str) -> list[dict[str, Any]]:
     try:
         found = []
         for (raw,) in conn.execute("SELECT messages FROM batches"):
-            found += [m for m in json.loads(raw) if m.get("event") == event]
+            found += [m for m in store_sqlite.decode_messages(raw) if m.get("event") == event]
         return found
     finally:
         conn.close()

@@ -38,10 +38,7 @@ from forewarn.errors import InputError
 from forewarn.forgotten import PEOPLE_FIELDS as _PEOPLE_FIELDS
 from forewarn.forgotten import people_of, subject_hash
 
-_decode = msgspec.json.Decoder(list[dict[str, Any]]).decode
 _encode = msgspec.json.Encoder().encode
-_pack = msgspec.msgpack.Encoder().encode
-_rows = msgspec.msgpack.Decoder(list[tuple[Any, ...]]).decode
 _HASH = struct.Struct("<q")
 CHUNK = 2_000  # rows per delete of a purge: short write transactions, ingest goes on between
 # the tables `forget` deletes rows from, as its answer counts them
@@ -132,8 +129,10 @@ def _needles(subject: str) -> list[bytes]:
 def _holding(
     conn: sqlite3.Connection, workspace: int, needles: list[bytes], after: int, upto: int | None
 ) -> list[int]:
-    """The batches whose stored JSON holds one of the needles (a byte search: no decoding)."""
-    anywhere = " OR ".join("instr(messages, ?) > 0" for _ in needles)
+    """The batches whose stored JSON holds one of the needles (a byte search in the JSON,
+    decompressed: no decoding)."""
+    conn.create_function("plain_messages", 1, store_sqlite.plain_messages, deterministic=True)
+    anywhere = " OR ".join("instr(plain_messages(messages), ?) > 0" for _ in needles)
     return [
         int(i)
         for (i,) in conn.execute(
@@ -151,7 +150,7 @@ def _rewrite(conn: sqlite3.Connection, batch: int, subject: str, addresses: set[
     ).fetchone()
     if row is None:
         return 0
-    messages = _decode(row[0])
+    messages = store_sqlite.decode_messages(row[0])
     theirs = {i for i, m in enumerate(messages) if subject in people_of(m)}
     if not theirs:
         return 0  # the id is only mentioned, in someone else's event
@@ -160,16 +159,16 @@ def _rewrite(conn: sqlite3.Connection, batch: int, subject: str, addresses: set[
     keep = [i for i in range(len(messages)) if i not in theirs]
     ids = [h for (h,) in _HASH.iter_unpack(row[2])]
     events = row[1]
-    if events is not None and events[:1] == store_sqlite.EVENTS_FORMAT:
-        rows = _rows(events[1:])
-        events = store_sqlite.EVENTS_FORMAT + _pack([rows[i] for i in keep if i < len(rows)])
+    rows = store_sqlite.event_rows(events)
+    if rows is not None:
+        events = store_sqlite.pack_rows([rows[i] for i in keep if i < len(rows)])
     elif events is not None:
         events = None  # an older format: the engine reads the messages instead
     conn.execute(
         "UPDATE batches SET count = ?, messages = ?, events = ?, ids = ? WHERE id = ?",
         (
             len(keep),
-            _encode([messages[i] for i in keep]),
+            store_sqlite.encode_messages([messages[i] for i in keep]),
             events,
             struct.pack(f"<{len(keep)}q", *(ids[i] for i in keep if i < len(ids))),
             batch,

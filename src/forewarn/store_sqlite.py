@@ -9,6 +9,11 @@ What it keeps:
   normalised to Segment-spec JSON; the row id is the log position the engine reads by.
 - each batch also keeps its events as the engine reads them (`EVENTS_FORMAT`), five times
   cheaper to read back than the messages, and a 64-bit hash of each of its message ids.
+  Messages and events are stored compressed (zstd, level 1: about 60 µs for a batch of 100
+  events, a seventh of their size): at 50,000 events a second, writing them as they are was
+  about 25 MB a second to the database and twice that to its WAL, and the disk's slowing
+  fsyncs made the slowest answers. Batches stored uncompressed by earlier versions are read
+  as they are.
   `dedup.SeenIds` tells from them whether a message id was seen in the last `DEDUP_DAYS` days,
   so a client resending a batch after a timeout adds nothing.
 - `firings`: what the engine fired and the policy decided, with its evidence.
@@ -27,12 +32,14 @@ import hashlib
 import secrets
 import sqlite3
 import struct
+import threading
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import msgspec
+import zstandard
 
 from forewarn import audit, schema
 from forewarn.errors import ForewarnError, InputError
@@ -267,14 +274,65 @@ def prepare(a: Append) -> Append:
     """Do for `a` what needs no database, before it waits for the writer: the writer's turn,
     which everything written waits for, then only checks ids and inserts."""
     a.hashes = [id_hash(a.workspace, mid) for mid in a.ids]
-    a.blobs = (_packed(a.events), _encode(a.messages))
+    a.blobs = (_packed(a.events), encode_messages(a.messages))
     return a
 
 
 def _packed(events: list[Any] | None) -> bytes | None:
     if events is None:
         return None
-    return EVENTS_FORMAT + _pack([msgspec.structs.astuple(e) for e in events])
+    return pack_rows([msgspec.structs.astuple(e) for e in events])
+
+
+def encode_messages(messages: list[dict[str, Any]]) -> bytes:
+    """Messages as stored: their JSON array, compressed."""
+    return _zstd().compress(_encode(messages))
+
+
+def decode_messages(raw: bytes) -> list[dict[str, Any]]:
+    """Stored messages back as dicts."""
+    return _decode_messages(plain_messages(raw))
+
+
+def plain_messages(raw: bytes) -> bytes:
+    """Stored messages as their JSON array (what older versions stored)."""
+    return _unzstd().decompress(raw) if raw[:4] == _ZSTD_MAGIC else raw
+
+
+def pack_rows(rows: list[tuple[Any, ...]]) -> bytes:
+    """Events' field tuples as stored."""
+    return EVENTS_FORMAT + _zstd().compress(_pack(rows))
+
+
+def event_rows(raw: bytes | None) -> list[tuple[Any, ...]] | None:
+    """Stored events' field tuples; None if the batch has none in a format this version
+    reads (its messages are read instead)."""
+    if raw is None:
+        return None
+    if raw[:1] == EVENTS_FORMAT:
+        return _unpack_rows(_unzstd().decompress(raw[1:]))
+    if raw[:1] == EVENTS_FORMAT_PLAIN:
+        return _unpack_rows(raw[1:])
+    return None
+
+
+_codecs = threading.local()  # zstd contexts are not to be shared between threads
+
+
+def _zstd() -> zstandard.ZstdCompressor:
+    try:
+        return _codecs.compressor  # type: ignore[no-any-return]
+    except AttributeError:
+        _codecs.compressor = zstandard.ZstdCompressor(level=1)
+        return _codecs.compressor  # type: ignore[no-any-return]
+
+
+def _unzstd() -> zstandard.ZstdDecompressor:
+    try:
+        return _codecs.decompressor  # type: ignore[no-any-return]
+    except AttributeError:
+        _codecs.decompressor = zstandard.ZstdDecompressor()
+        return _codecs.decompressor  # type: ignore[no-any-return]
 
 
 @dataclass
@@ -289,9 +347,12 @@ class Appended:
 _encode = msgspec.json.Encoder().encode
 _pack = msgspec.msgpack.Encoder().encode
 _unpack_rows = msgspec.msgpack.Decoder(list[tuple[Any, ...]]).decode
-# A batch's events, each as the tuple of `model.Event`'s fields, after this byte. Change the byte
-# when those fields change: a batch written in another format is read from its messages.
-EVENTS_FORMAT = b"\x01"
+# A batch's events, each as the tuple of `model.Event`'s fields, msgpack, compressed, after this
+# byte (after `EVENTS_FORMAT_PLAIN`, as older versions stored them: not compressed). Change the
+# bytes when those fields change: a batch written in another format is read from its messages.
+EVENTS_FORMAT = b"\x02"
+EVENTS_FORMAT_PLAIN = b"\x01"
+_ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"  # a zstd frame starts with it; a JSON array with "["
 DAY_MS = 86_400_000
 _HASH = struct.Struct("<q")
 
@@ -389,7 +450,7 @@ def _append(
         packed, encoded = a.blobs
     else:
         packed = _packed(events if whole or events is None else [events[i] for i in kept])
-        encoded = _encode(keep)
+        encoded = encode_messages(keep)
     cur = conn.execute(
         "INSERT INTO batches (workspace, received_ms, source, count, ids, events, messages)"
         " VALUES (?, ?, ?, ?, ?, ?, ?)",
@@ -417,14 +478,11 @@ class LogBatch:
 
     @property
     def messages(self) -> list[dict[str, Any]]:
-        return _decode_messages(self.raw_messages)
+        return decode_messages(self.raw_messages)
 
     def event_rows(self) -> list[tuple[Any, ...]] | None:
-        """The events' field tuples, if the batch has them in the current format."""
-        raw = self.raw_events
-        if raw is None or raw[:1] != EVENTS_FORMAT:
-            return None
-        return _unpack_rows(raw[1:])
+        """The events' field tuples, if the batch has them in a format this version reads."""
+        return event_rows(self.raw_events)
 
 
 _decode_messages = msgspec.json.Decoder(list[dict[str, Any]]).decode
@@ -460,7 +518,7 @@ def recent_events(
             if batch in looked:
                 continue
             looked.add(batch)
-            for message in reversed(_decode_messages(blob)):
+            for message in reversed(decode_messages(blob)):
                 if subject in _subjects_of(message):
                     found.append(message)
                     if len(found) >= limit:
