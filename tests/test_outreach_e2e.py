@@ -69,7 +69,7 @@ def _events(db: Path, name: str) -> list[bytes]:
         return [
             m
             for (raw,) in conn.execute("SELECT messages FROM batches WHERE source = 'forewarn'")
-            if name.encode() in (m := store_sqlite.plain_messages(raw))
+            if name.encode() in (m := store_sqlite.uncompressed(raw))
         ]
     finally:
         conn.close()

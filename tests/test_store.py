@@ -57,6 +57,34 @@ def test_an_old_database_is_migrated_and_a_newer_one_refused(tmp_path):
         store_sqlite.connect(path)
 
 
+def test_an_engine_snapshot_moves_to_its_own_table_and_steps_leave_it_alone(tmp_path):
+    """Each engine step updates its `engine` row, which SQLite writes again whole: with the
+    snapshot (megabytes) in it, every step wrote the snapshot again."""
+    path = tmp_path / "old.db"
+    raw = sqlite3.connect(path, isolation_level=None)
+    for version in range(1, 13):
+        for statement in schema.statements(version, "sqlite"):
+            raw.execute(statement)
+    raw.execute("PRAGMA user_version=12")
+    raw.execute(
+        "INSERT INTO engine (workspace, cursor, clock_ms, tick, snapshot, snapshot_tick,"
+        " playbooks) VALUES (1, 7, 1000, 3, x'c0ffee', 2, 'pb')"
+    )
+    raw.close()
+    conn = store_sqlite.connect(path)
+    row = store_sqlite.load_engine(conn, 1)
+    assert row == store_sqlite.EngineRow(7, 1000, 3, b"\xc0\xff\xee", 2, "pb")
+    assert conn.execute("SELECT snapshot FROM engine").fetchall() == [(None,)]
+    store_sqlite.commit_step(conn, 1, 4, 9, 2000, [], "pb")  # a step without a snapshot
+    assert store_sqlite.load_engine(conn, 1) == store_sqlite.EngineRow(
+        9, 2000, 4, b"\xc0\xff\xee", 2, "pb"
+    )
+    store_sqlite.commit_step(conn, 1, 5, 10, 3000, [], "pb", snapshot=b"new")
+    assert store_sqlite.load_engine(conn, 1) == store_sqlite.EngineRow(10, 3000, 5, b"new", 5, "pb")
+    assert conn.execute("SELECT snapshot FROM engine").fetchall() == [(None,)]
+    assert conn.execute("SELECT count(*) FROM engine_snapshots").fetchone()[0] == 1
+
+
 def test_keys_are_stored_only_as_hashes(conn, tmp_path):
     token = store_sqlite.add_key(conn, 1, "admin", 0)
     assert token.startswith("fw_ak_") and len(token) > 30
@@ -195,7 +223,7 @@ def test_batches_are_stored_compressed_and_read_back_as_they_came(conn):
     assert len(raw_messages) * 4 < len(plain)
     (batch,) = store_sqlite.read_log(conn, 1, 0, 10)
     assert batch.messages == msgspec.json.decode(plain)
-    assert store_sqlite.plain_messages(raw_messages) == plain
+    assert store_sqlite.uncompressed(raw_messages) == plain
     assert batch.event_rows() == [msgspec.structs.astuple(e) for e in events]
 
 

@@ -154,7 +154,7 @@ class LiveEngine:
         else:
             first = 0
             if row.snapshot is not None:
-                self._restore(_decode_snapshot(row.snapshot))
+                self._restore(_decode_snapshot(store_sqlite.uncompressed(row.snapshot)))
                 first = row.snapshot_tick
             for _, cursor, clock_ms in store_sqlite.ticks_after(self.conn, self.workspace, first):
                 self.runner.advance(clock_ms)  # a step runs its timers, then its batches
@@ -354,17 +354,21 @@ class LiveEngine:
         return len(events)
 
     def _snapshot(self, cursor: int) -> bytes:
+        """The state, compressed: a busy workspace's is megabytes, written while the other
+        writers wait."""
         state = self.runner.state
-        return _encode(
-            Snapshot(
-                cursor,
-                self.runner.clock_ms,
-                self.runner.applied_ms,
-                state.users,
-                state.accounts,
-                state.aliases,
-                state.members,
-                state.urgent,
+        return store_sqlite.compressed(
+            _encode(
+                Snapshot(
+                    cursor,
+                    self.runner.clock_ms,
+                    self.runner.applied_ms,
+                    state.users,
+                    state.accounts,
+                    state.aliases,
+                    state.members,
+                    state.urgent,
+                )
             )
         )
 

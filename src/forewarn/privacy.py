@@ -108,10 +108,10 @@ def forget(
         )
         # the engine's state is rebuilt from the rewritten log, not restored from a snapshot
         conn.execute(
-            "UPDATE engine SET snapshot = NULL, snapshot_tick = 0, playbooks = ''"
-            " WHERE workspace = ?",
+            "UPDATE engine SET snapshot_tick = 0, playbooks = '' WHERE workspace = ?",
             (workspace,),
         )
+        conn.execute("DELETE FROM engine_snapshots WHERE workspace = ?", (workspace,))
         audit.record(conn, workspace, actor, "subject.forgotten", h, now_ms, done.to_dict())
     done.checkpointed = checkpoint(conn)
     return done
@@ -131,8 +131,8 @@ def _holding(
 ) -> list[int]:
     """The batches whose stored JSON holds one of the needles (a byte search in the JSON,
     decompressed: no decoding)."""
-    conn.create_function("plain_messages", 1, store_sqlite.plain_messages, deterministic=True)
-    anywhere = " OR ".join("instr(plain_messages(messages), ?) > 0" for _ in needles)
+    conn.create_function("uncompressed", 1, store_sqlite.uncompressed, deterministic=True)
+    anywhere = " OR ".join("instr(uncompressed(messages), ?) > 0" for _ in needles)
     return [
         int(i)
         for (i,) in conn.execute(
@@ -335,14 +335,16 @@ def _read_up_to(conn: sqlite3.Connection, workspace: int) -> int:
     """The last batch the engine no longer needs after a restart: what it has read, and not
     past its snapshot, from which a restart redoes the batches after it."""
     row = conn.execute(
-        "SELECT cursor, snapshot FROM engine WHERE workspace = ?", (workspace,)
+        "SELECT e.cursor, s.snapshot FROM engine e"
+        " LEFT JOIN engine_snapshots s ON s.workspace = e.workspace WHERE e.workspace = ?",
+        (workspace,),
     ).fetchone()
     if row is None:
         return 0
     cursor, snapshot = int(row[0]), row[1]
     if snapshot is not None:
         try:
-            cursor = min(cursor, _snapshot_cursor(snapshot).cursor)
+            cursor = min(cursor, _snapshot_cursor(store_sqlite.uncompressed(snapshot)).cursor)
         except msgspec.DecodeError:
             return 0
     return cursor

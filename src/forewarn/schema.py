@@ -414,6 +414,21 @@ MIGRATIONS: dict[int, str | Only] = {
     ALTER TABLE parts ADD COLUMN timeouts SMALLINT NOT NULL DEFAULT 0;
     """,
     ),
+    # the embedded engine's latest snapshot, apart from the `engine` row that each step updates:
+    # SQLite writes a row again whole when it is updated, and a snapshot of a busy workspace is
+    # megabytes (`engine.snapshot` stays, always NULL)
+    13: Only(
+        "sqlite",
+        """
+    CREATE TABLE engine_snapshots (
+        workspace INTEGER PRIMARY KEY,
+        snapshot BLOB NOT NULL
+    );
+    INSERT INTO engine_snapshots (workspace, snapshot)
+        SELECT workspace, snapshot FROM engine WHERE snapshot IS NOT NULL;
+    UPDATE engine SET snapshot = NULL WHERE snapshot IS NOT NULL;
+    """,
+    ),
 }
 
 VERSION = max(MIGRATIONS)

@@ -284,24 +284,29 @@ def _packed(events: list[Any] | None) -> bytes | None:
     return pack_rows([msgspec.structs.astuple(e) for e in events])
 
 
+def compressed(data: bytes) -> bytes:
+    """`data` as stored compressed (zstd, level 1)."""
+    return _zstd().compress(data)
+
+
+def uncompressed(raw: bytes) -> bytes:
+    """What `compressed` made, as it was; anything else (as older versions stored it) as is."""
+    return _unzstd().decompress(raw) if raw[:4] == _ZSTD_MAGIC else raw
+
+
 def encode_messages(messages: list[dict[str, Any]]) -> bytes:
     """Messages as stored: their JSON array, compressed."""
-    return _zstd().compress(_encode(messages))
+    return compressed(_encode(messages))
 
 
 def decode_messages(raw: bytes) -> list[dict[str, Any]]:
     """Stored messages back as dicts."""
-    return _decode_messages(plain_messages(raw))
-
-
-def plain_messages(raw: bytes) -> bytes:
-    """Stored messages as their JSON array (what older versions stored)."""
-    return _unzstd().decompress(raw) if raw[:4] == _ZSTD_MAGIC else raw
+    return _decode_messages(uncompressed(raw))
 
 
 def pack_rows(rows: list[tuple[Any, ...]]) -> bytes:
     """Events' field tuples as stored."""
-    return EVENTS_FORMAT + _zstd().compress(_pack(rows))
+    return EVENTS_FORMAT + compressed(_pack(rows))
 
 
 def event_rows(raw: bytes | None) -> list[tuple[Any, ...]] | None:
@@ -352,7 +357,7 @@ _unpack_rows = msgspec.msgpack.Decoder(list[tuple[Any, ...]]).decode
 # bytes when those fields change: a batch written in another format is read from its messages.
 EVENTS_FORMAT = b"\x02"
 EVENTS_FORMAT_PLAIN = b"\x01"
-_ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"  # a zstd frame starts with it; a JSON array with "["
+_ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"  # a zstd frame starts with it; JSON and msgpack do not
 DAY_MS = 86_400_000
 _HASH = struct.Struct("<q")
 
@@ -630,8 +635,9 @@ class EngineRow:
 
 def load_engine(conn: sqlite3.Connection, workspace: int) -> EngineRow | None:
     row = conn.execute(
-        "SELECT cursor, clock_ms, tick, snapshot, snapshot_tick, playbooks FROM engine"
-        " WHERE workspace = ?",
+        "SELECT e.cursor, e.clock_ms, e.tick, s.snapshot, e.snapshot_tick, e.playbooks"
+        " FROM engine e LEFT JOIN engine_snapshots s ON s.workspace = e.workspace"
+        " WHERE e.workspace = ?",
         (workspace,),
     ).fetchone()
     if row is None:
@@ -686,11 +692,14 @@ def commit_step(
         if snapshot is not None:
             conn.execute(
                 "INSERT INTO engine (workspace, cursor, clock_ms, tick, snapshot, snapshot_tick,"
-                " playbooks) VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT (workspace) DO UPDATE SET"
+                " playbooks) VALUES (?, ?, ?, ?, NULL, ?, ?) ON CONFLICT (workspace) DO UPDATE SET"
                 " cursor = excluded.cursor, clock_ms = excluded.clock_ms, tick = excluded.tick,"
-                " snapshot = excluded.snapshot, snapshot_tick = excluded.snapshot_tick,"
-                " playbooks = excluded.playbooks",
-                (workspace, cursor, clock_ms, tick, snapshot, tick, playbooks),
+                " snapshot_tick = excluded.snapshot_tick, playbooks = excluded.playbooks",
+                (workspace, cursor, clock_ms, tick, tick, playbooks),
+            )
+            conn.execute(
+                "INSERT OR REPLACE INTO engine_snapshots (workspace, snapshot) VALUES (?, ?)",
+                (workspace, snapshot),
             )
             conn.execute("DELETE FROM ticks WHERE workspace = ? AND tick <= ?", (workspace, tick))
         else:
