@@ -652,8 +652,7 @@ def _index_main(path: str, pipe: Connection, flush_every_s: float, prune_every_m
     (or when asked), answer with the last batch written, prune hourly. When the server is
     gone (its end of the pipe closed), write what is held and exit."""
     logging.basicConfig(level=logging.WARNING)
-    with contextlib.suppress(OSError):
-        os.nice(NICE)  # the cores the requests leave idle
+    _idle_priority()
     index = Index(path)
     held = _Grouped()
     written = 0
@@ -695,6 +694,16 @@ def _index_main(path: str, pipe: Connection, flush_every_s: float, prune_every_m
             pipe.send_bytes(_WRITTEN.pack(written))
     if conn is not None:
         conn.close()
+
+
+def _idle_priority() -> None:
+    """Run only on a core nothing else wants (Linux: `SCHED_IDLE`; elsewhere a high nice
+    value): a bulk write is a second of CPU, which at nice 10 still slowed the answers."""
+    try:
+        os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))
+    except (AttributeError, OSError):
+        with contextlib.suppress(OSError):
+            os.nice(19)
 
 
 def _ungrouped(handed: _Handed) -> _Grouped:
