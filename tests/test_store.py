@@ -153,10 +153,7 @@ def test_many_requests_share_one_transaction(conn):
     assert store_sqlite.log_end(conn, 1) == 2
 
 
-def test_stored_events_read_back_as_their_messages_do(conn):
-    import json
-
-    from forewarn.live import events_of
+def _example_batch() -> tuple[list[dict[str, Any]], list[Any], list[str]]:
     from forewarn.model import event_from_dict
 
     root = Path(__file__).resolve().parent.parent / "examples" / "events"
@@ -166,8 +163,13 @@ def test_stored_events_read_back_as_their_messages_do(conn):
         for line in file.read_text().splitlines()
         if line
     ]
-    events = [event_from_dict(m) for m in messages]
-    ids = [str(m["messageId"]) for m in messages]
+    return messages, [event_from_dict(m) for m in messages], [str(m["messageId"]) for m in messages]
+
+
+def test_stored_events_read_back_as_their_messages_do(conn):
+    from forewarn.live import events_of
+
+    messages, events, ids = _example_batch()
     store_sqlite.append_batches(conn, [Append(1, "t", 0, messages, ids, events)], SeenIds())
     (batch,) = store_sqlite.read_log(conn, 1, 0, 10)
     assert batch.event_rows() is not None
@@ -196,19 +198,6 @@ def test_the_events_format_names_the_fields_it_was_made_for():
         "message_id",
         "previous_id",
     ]
-
-
-def _example_batch() -> tuple[list[dict[str, Any]], list[Any], list[str]]:
-    from forewarn.model import event_from_dict
-
-    root = Path(__file__).resolve().parent.parent / "examples" / "events"
-    messages = [
-        json.loads(line)
-        for file in sorted(root.glob("*.jsonl"))
-        for line in file.read_text().splitlines()
-        if line
-    ][:200]
-    return messages, [event_from_dict(m) for m in messages], [str(m["messageId"]) for m in messages]
 
 
 def test_batches_are_stored_compressed_and_read_back_as_they_came(conn):
