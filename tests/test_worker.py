@@ -172,7 +172,7 @@ def _poison(pool: store_pg.Pool, ws: int, message: dict[str, Any]) -> int:
     import msgspec
 
     from forewarn.model import Event
-    from forewarn.store_sqlite import EVENTS_FORMAT
+    from forewarn.store_sqlite import EVENTS_FORMAT_PLAIN
 
     _ingest(pool, ws, [message])
     fields = list(msgspec.structs.astuple(event_from_dict(message)))
@@ -180,7 +180,7 @@ def _poison(pool: store_pg.Pool, ws: int, message: dict[str, Any]) -> int:
     with pool.connection() as conn:
         row = conn.execute(
             "UPDATE events SET event = %s WHERE id = (SELECT max(id) FROM events) RETURNING id",
-            (EVENTS_FORMAT + msgspec.msgpack.encode(fields),),
+            (EVENTS_FORMAT_PLAIN + msgspec.msgpack.encode(fields),),
         ).fetchone()
     assert row is not None
     return int(row[0])
@@ -244,9 +244,11 @@ def test_an_event_that_cannot_be_applied_is_set_aside_and_the_rest_go_on(
 def _stored_event(message: dict[str, Any]) -> bytes:
     import msgspec
 
-    from forewarn.store_sqlite import EVENTS_FORMAT
+    from forewarn.store_sqlite import EVENTS_FORMAT_PLAIN
 
-    return EVENTS_FORMAT + msgspec.msgpack.encode(msgspec.structs.astuple(event_from_dict(message)))
+    return EVENTS_FORMAT_PLAIN + msgspec.msgpack.encode(
+        msgspec.structs.astuple(event_from_dict(message))
+    )
 
 
 def test_a_state_that_no_longer_decodes_is_set_aside_and_its_partition_starts_afresh(

@@ -22,7 +22,7 @@ from forewarn.errors import EventError
 from forewarn.model import Event, event_from_dict
 from forewarn.playbook import Trigger
 from forewarn.schema import placeholders
-from forewarn.store_sqlite import EVENTS_FORMAT
+from forewarn.store_sqlite import EVENTS_FORMAT_PLAIN
 
 Conn = psycopg.Connection[Any]
 
@@ -65,7 +65,7 @@ def log_events(conn: Conn, workspace: int, since_ms: int, until_ms: int) -> list
     cursor = 0
     received = since_ms - report.RECEIVED_BEFORE_MS
     while True:
-        args = (EVENTS_FORMAT[0], workspace, cursor, received, PAGE)
+        args = (EVENTS_FORMAT_PLAIN[0], workspace, cursor, received, PAGE)
         rows = conn.execute(_EVENTS, args).fetchall()
         for _, received_ms, raw, message in rows:
             event = _event(bytes(raw), message)

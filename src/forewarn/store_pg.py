@@ -35,7 +35,7 @@ from forewarn.forgotten import Forgotten, people_of, subject_hash
 from forewarn.model import Event, event_from_dict
 from forewarn.store_sqlite import (
     ENV_KEY_NAME,
-    EVENTS_FORMAT,
+    EVENTS_FORMAT_PLAIN,
     FIRING_COLUMNS,
     KEY_KINDS,
     Append,
@@ -345,7 +345,9 @@ def _append(
         {
             "hash": hashes,
             "part": [partition(events[i], homes) for i in order],
-            "event": [EVENTS_FORMAT + _pack(msgspec.structs.astuple(events[i])) for i in order],
+            "event": [
+                EVENTS_FORMAT_PLAIN + _pack(msgspec.structs.astuple(events[i])) for i in order
+            ],
             "message": [_json(a.messages[i]) for i in order],
             "person": [person(events[i]) or None for i in order],
             "workspace": a.workspace,

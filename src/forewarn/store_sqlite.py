@@ -353,8 +353,9 @@ _encode = msgspec.json.Encoder().encode
 _pack = msgspec.msgpack.Encoder().encode
 _unpack_rows = msgspec.msgpack.Decoder(list[tuple[Any, ...]]).decode
 # A batch's events, each as the tuple of `model.Event`'s fields, msgpack, compressed, after this
-# byte (after `EVENTS_FORMAT_PLAIN`, as older versions stored them: not compressed). Change the
-# bytes when those fields change: a batch written in another format is read from its messages.
+# byte (after `EVENTS_FORMAT_PLAIN`, as older versions stored them: not compressed; PostgreSQL
+# keeps each event so, one per row). Change the bytes when those fields change: a batch written
+# in another format is read from its messages.
 EVENTS_FORMAT = b"\x02"
 EVENTS_FORMAT_PLAIN = b"\x01"
 _ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"  # a zstd frame starts with it; JSON and msgpack do not
