@@ -150,11 +150,12 @@ class _Grouped:
     only: dict[int, array[int]] = field(default_factory=dict)
     upto: int = 0
 
-    def add(self, other: _Grouped) -> None:
-        for mine, theirs in ((self.at, other.at), (self.only, other.only)):
-            for key, hashes in theirs.items():
-                _array_of(mine, key).extend(hashes)
-        self.upto = max(self.upto, other.upto)
+    def take(self, handed: _Handed) -> None:
+        """Add what the server handed over (raw arrays of hashes)."""
+        for mine, theirs in ((self.at, handed.at), (self.only, handed.only)):
+            for key, raw in theirs.items():
+                _array_of(mine, key).frombytes(raw)
+        self.upto = max(self.upto, handed.upto)
 
 
 def _group(entries: list[_Flush]) -> _Grouped:
@@ -665,7 +666,7 @@ def _index_main(path: str, pipe: Connection, flush_every_s: float, prune_every_m
         try:
             if pipe.poll(max(0.0, due - time.monotonic())):
                 handed = _hand_decode(pipe.recv_bytes())
-                held.add(_ungrouped(handed))
+                held.take(handed)
                 stop = handed.stop
                 if not stop and time.monotonic() < due:
                     continue
@@ -704,15 +705,6 @@ def _idle_priority() -> None:
     except (AttributeError, OSError):
         with contextlib.suppress(OSError):
             os.nice(19)
-
-
-def _ungrouped(handed: _Handed) -> _Grouped:
-    grouped = _Grouped(upto=handed.upto)
-    for mine, theirs in ((grouped.at, handed.at), (grouped.only, handed.only)):
-        for key, raw in theirs.items():
-            hashes = mine[key] = array("q")
-            hashes.frombytes(raw)
-    return grouped
 
 
 _MASK = SHARDS - 1
