@@ -185,7 +185,8 @@ def test_the_ids_held_are_out_of_the_cycle_collectors_sight(tmp_path):
     assert len(seen) == 15 and len(seen.slots) == 3 and len(waiting) == 15
     assert not any(gc.is_tracked(ids) for ids in seen.ids)
     # a pass visits the map's dicts, not the ids in them, and each minute's array alone
-    assert len(gc.get_referents(seen.ids)) == dedup.SHARDS
+    assert {id(d) for d in gc.get_referents(seen.ids)} == {id(d) for d in seen.shards}
+    assert len(seen.shards) == dedup.SHARDS
     assert all(gc.get_referents(members) == [array] for members in seen.slots.values())
     for e in waiting:  # arrays: the collector visits the array, not its items
         assert len(e.hashes) == 1 and gc.get_referents(e.hashes, e.stamps) == [array, array]
@@ -196,6 +197,29 @@ def test_the_ids_held_are_out_of_the_cycle_collectors_sight(tmp_path):
     index = seen.index.open()
     assert index.execute("SELECT count(*) FROM ids_at").fetchone()[0] == 15
     index.close()
+
+
+def test_the_maps_dicts_grow_a_few_at_a_time_never_all_together():
+    """A dict that grows copies itself whole, holding the interpreter. Shards of one size
+    would all grow within the same few thousand ids (at 50,000 events/s, 100 ms more work in
+    one second); spread over a doubling of sizes, a few grow in any thousand ids."""
+    import random
+    import sys
+
+    seen = SeenIds()
+    sizes = [sys.getsizeof(d) for d in seen.shards]
+    rng = random.Random(7)
+    most = 0
+    for chunk in range(600):
+        seen._hold(0, [rng.getrandbits(63) for _ in range(1_000)])
+        now = [sys.getsizeof(d) for d in seen.shards]
+        grew = sum(a != b for a, b in zip(sizes, now, strict=True))
+        if chunk >= 200:  # past the first few hundred ids each, where every dict is tiny
+            most = max(most, grew)
+        sizes = now
+    assert len(seen) == 600_000
+    # here 4-6 at most, about one a chunk on average; shards of one size: 15-17 at most
+    assert 0 < most <= 8
 
 
 def test_ids_not_yet_on_disk_stay_in_memory(tmp_path):

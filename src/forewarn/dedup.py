@@ -53,7 +53,12 @@ one lookup whatever the number of minutes held (a dict per minute cost one looku
 each a miss in the processor's cache: 1.9 µs an id for four minutes, against 0.3). A dict that
 grows is copied whole into a table twice its size without letting another thread run (213 ms
 at 2.8 million ids, in which no request is answered), so the map is spread over `SHARDS` dicts
-by the ids' low bits, each small enough to grow in a few milliseconds. Each minute also keeps
+by the ids' low bits, each small enough to grow in a few milliseconds. Shards of one size would
+fill alike and grow in the same second (at 5.6 million ids, all 256 within about a second:
+100 ms more work in it, and at 50,000 events/s a queue of answers up to 330 ms late), so the
+shards take shares of the `BUCKETS` low-bit values that grow by a constant factor from one to
+the next, from 1 to 2: their sizes spread over a doubling, they grow a few at a time, at any
+number of ids. Each minute also keeps
 its ids in an array; when the minute leaves memory, the index thread takes them out of the
 map `EVICT_CHUNK` at a time, pausing between chunks.
 """
@@ -95,6 +100,7 @@ PRUNE_EVERY_MS = 3_600_000
 NEAR_MS = DAY_MS
 INDEX_VERSION = 1
 SHARDS = 256  # dicts of the ids in memory: at 50,000 ids/s for five minutes, 59,000 in each
+BUCKETS = 16_384  # the ids' low-bit values, shared out among the shards unevenly
 EVICT_CHUNK = 16_384  # ids a minute leaving memory takes out of the map between two pauses
 EVICT_PAUSE_S = 0.005
 NICE = 10  # the index thread's nice value: it runs when the requests leave a core idle
@@ -310,7 +316,7 @@ class SeenIds:
         # received before now minus this, a slot is dropped (if written to the index)
         self.keep_ms = MEMORY_MS if index is not None else (DEDUP_DAYS + 1) * DAY_MS
         # each id held -> the slot it was received in, in the dict of its low bits
-        self.ids: tuple[dict[int, int], ...] = _shards()
+        self.shards, self.ids = _shards()
         # slot -> the ids received in it, to take out of `ids` when the slot is dropped
         self.slots: dict[int, array[int]] = {}
         self._dropped: list[tuple[int, array[int]]] = []  # for the index thread to take out
@@ -330,7 +336,7 @@ class SeenIds:
         return h in self.ids[h & _MASK]
 
     def __len__(self) -> int:
-        return sum(len(ids) for ids in self.ids)
+        return sum(len(shard) for shard in self.shards)
 
     def seen(self, h: int, received_ms: int, stamp: int, sent: bool) -> bool:
         """Whether `h` was seen before: in memory, else on disk where memory cannot tell."""
@@ -397,7 +403,7 @@ class SeenIds:
         """Bring the index up to the log's end (the batches it missed: the last seconds
         before a stop, or the whole window the first time) and memory to the window."""
         self.slots.clear()
-        self.ids = _shards()
+        self.shards, self.ids = _shards()
         since = _since(now_ms, self.keep_ms, self.slot_ms)
         if self.index is not None:
             self._catch_up(conn, now_ms)
@@ -707,13 +713,23 @@ def _idle_priority() -> None:
             os.nice(19)
 
 
-_MASK = SHARDS - 1
+_MASK = BUCKETS - 1
 
 
-def _shards() -> tuple[dict[int, int], ...]:
-    """The map of ids held: a dict of ints alone is not tracked by the collector, which
-    visits the tuple's dicts and not what they hold."""
-    return tuple({} for _ in range(SHARDS))
+def _shards() -> tuple[list[dict[int, int]], tuple[dict[int, int], ...]]:
+    """The map of ids held: its `SHARDS` dicts, and the dict of each of the `BUCKETS` low-bit
+    values. Shard i takes a run of buckets in proportion to 2 ** (i / SHARDS), so that no two
+    shards are the same size for long. A dict of ints alone is not tracked by the collector,
+    which visits the tuple's dicts and not what they hold."""
+    shards: list[dict[int, int]] = [{} for _ in range(SHARDS)]
+    weights = [2 ** (i / SHARDS) for i in range(SHARDS)]
+    total = sum(weights)
+    by_bucket: list[dict[int, int]] = []
+    edge = 0.0
+    for shard, weight in zip(shards, weights, strict=True):
+        edge += weight
+        by_bucket += [shard] * (round(edge / total * BUCKETS) - len(by_bucket))
+    return shards, tuple(by_bucket)
 
 
 def _yield_to_others() -> None:
