@@ -243,3 +243,25 @@ def test_a_subjects_timeline_reaches_past_the_latest_batches_through_the_index(d
     assert [m["event"] for m in store_sqlite.recent_events(db, 1, "early-bird", 10)] == [
         "Logout"
     ]  # batch 1 is beyond both the index and the 2,000 batches looked through
+
+
+def test_no_cycle_collection_runs_while_a_step_holds_the_write_lock(db):
+    """A full pass over a large engine state takes a tenth of a second: inside the write lock
+    it would hold every commit up. The step pauses the collector around the lock only."""
+    import gc
+
+    seen: list[tuple[str, bool]] = []
+
+    class Lock:
+        def __enter__(self) -> None:
+            seen.append(("taken", gc.isenabled()))
+
+        def __exit__(self, *exc: object) -> None:
+            seen.append(("let go", gc.isenabled()))
+
+    live = LiveEngine(db, 1, load_playbooks(PLAYBOOKS), write_lock=Lock())
+    _append(db, track("Feature Used", at(), feature="reports"), ms())
+    assert gc.isenabled()
+    live.step(ms())
+    assert seen == [("taken", False), ("let go", False)]
+    assert gc.isenabled()  # and on again after
