@@ -60,7 +60,10 @@ shards take shares of the `BUCKETS` low-bit values that grow by a constant facto
 the next, from 1 to 2: their sizes spread over a doubling, they grow a few at a time, at any
 number of ids. Each minute also keeps
 its ids in an array; when the minute leaves memory, the index thread takes them out of the
-map `EVICT_CHUNK` at a time, pausing between chunks.
+map `EVICT_CHUNK` at a time, spending at most `EVICT_SHARE` of each second on it per minute
+waiting: a minute at 50,000 events/s is 3 million ids, a second of the lock on Python, and
+taken out in two seconds (chunks with 5-ms pauses) it slowed the request process, then near
+a whole core, below the arrival rate, answers queueing for up to a second each minute.
 """
 
 from __future__ import annotations
@@ -99,10 +102,10 @@ PRUNE_EVERY_MS = 3_600_000
 # an event this far from its receipt is indexed by hash alone: its minute may be pruned first
 NEAR_MS = DAY_MS
 INDEX_VERSION = 1
-SHARDS = 256  # dicts of the ids in memory: at 50,000 ids/s for five minutes, 59,000 in each
+SHARDS = 256  # dicts of the ids in memory: at 50,000 ids/s for five minutes, 59,000 each on average
 BUCKETS = 16_384  # the ids' low-bit values, shared out among the shards unevenly
-EVICT_CHUNK = 16_384  # ids a minute leaving memory takes out of the map between two pauses
-EVICT_PAUSE_S = 0.005
+EVICT_CHUNK = 4_096  # ids taken out of the map at a time (1-2 ms), other threads run between
+EVICT_SHARE = 0.05  # of each second, the index thread's time taking ids out, per minute waiting
 NICE = 10  # the index thread's nice value: it runs when the requests leave a core idle
 CACHE_KIB = 16_384  # page cache per connection to the index
 _HASH = struct.Struct("<q")
@@ -320,6 +323,7 @@ class SeenIds:
         # slot -> the ids received in it, to take out of `ids` when the slot is dropped
         self.slots: dict[int, array[int]] = {}
         self._dropped: list[tuple[int, array[int]]] = []  # for the index thread to take out
+        self._leaving: list[_Leaving] = []  # the index thread's: being taken out
         self._pending = _Pending()
         self._queue: queue.SimpleQueue[_Flush] = queue.SimpleQueue()
         self._waiting: list[_Flush] = []  # taken from the queue, not yet written
@@ -376,26 +380,28 @@ class SeenIds:
                 self._dropped += dropped
                 return
         for slot, members in dropped:
-            self._evict(slot, members, 0.0)
+            _take_out(self.ids, slot, members)
 
-    def _take_out_dropped(self, pause_s: float) -> None:
-        """Take the ids of the slots dropped from memory out of it (the index thread)."""
+    def _take_out_dropped(self, share: float | None) -> None:
+        """Take the ids of the slots dropped from memory out of it (the index thread), for at
+        most `share` of a second per slot waiting (None: all of them now), `EVICT_CHUNK` at a
+        time, letting the other threads have the lock on Python between chunks."""
         with self._pending.lock:
-            dropped, self._dropped = self._dropped, []
-        for slot, members in dropped:
-            self._evict(slot, members, pause_s)
-
-    def _evict(self, slot: int, members: array[int], pause_s: float) -> None:
-        """Take `slot`'s ids out of the map, `EVICT_CHUNK` at a time with `pause_s` after
-        each chunk: a minute of ids is millions, and the lock on Python is held meanwhile."""
-        ids = self.ids
-        for start in range(0, len(members), EVICT_CHUNK):
-            for h in members[start : start + EVICT_CHUNK]:
-                shard = ids[h & _MASK]
-                if shard.get(h) == slot:
-                    del shard[h]
-            if pause_s:
-                time.sleep(pause_s)
+            self._leaving += (_Leaving(slot, members) for slot, members in self._dropped)
+            self._dropped = []
+        leaving = self._leaving
+        until = None if share is None else time.perf_counter() + share * len(leaving)
+        while leaving:
+            first = leaving[0]
+            end = first.at + EVICT_CHUNK
+            _take_out(self.ids, first.slot, first.members[first.at : end])
+            first.at = end
+            if end >= len(first.members):
+                leaving.pop(0)
+            if until is not None:
+                if time.perf_counter() >= until:
+                    return
+                time.sleep(0)
 
     # --- start: memory and index from the log ---------------------------------------------
 
@@ -467,7 +473,7 @@ class SeenIds:
         self._stop.set()
         self._thread.join(timeout=STOP_WAIT_S + 10)
         self._thread = None
-        self._take_out_dropped(0.0)  # dropped after the thread's last pass; no request waits now
+        self._take_out_dropped(None)  # what the thread left; no request waits now
         if self.index is not None:
             self.index.close()
 
@@ -506,7 +512,7 @@ class SeenIds:
         _yield_to_others()
         while True:
             stopping = self._stop.wait(SHIP_EVERY_S)
-            self._take_out_dropped(EVICT_PAUSE_S)
+            self._take_out_dropped(EVICT_SHARE * SHIP_EVERY_S)
             self._ship(stopping)
             if stopping:
                 break
@@ -730,6 +736,23 @@ def _shards() -> tuple[list[dict[int, int]], tuple[dict[int, int], ...]]:
         edge += weight
         by_bucket += [shard] * (round(edge / total * BUCKETS) - len(by_bucket))
     return shards, tuple(by_bucket)
+
+
+@dataclass
+class _Leaving:
+    """A slot dropped from memory, its ids taken out of the map up to `at`."""
+
+    slot: int
+    members: array[int]
+    at: int = 0
+
+
+def _take_out(ids: tuple[dict[int, int], ...], slot: int, members: array[int]) -> None:
+    """Take `members` out of the map, those it still holds as received in `slot`."""
+    for h in members:
+        shard = ids[h & _MASK]
+        if shard.get(h) == slot:
+            del shard[h]
 
 
 def _yield_to_others() -> None:
