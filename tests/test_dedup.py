@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 import msgspec
+import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -171,28 +172,92 @@ def test_minutes_dropped_from_memory_are_taken_out_by_the_index_thread(tmp_path,
     assert seen._dropped == [] and seen._leaving == []  # nor after it stops
 
 
-def test_a_minute_leaving_memory_is_taken_out_a_share_of_each_second_at_a_time():
-    """A minute at 50,000 events/s is 3 million ids, a second of the lock on Python: taken out
-    at once, it slowed the answers for seconds. Each pass of the index thread takes out only
-    what fits in its share of time; the passes after it go on where it stopped."""
+class _Clock:
+    """A monotonic clock that moves only when told: by a chunk taken out, by a pause."""
+
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def monotonic(self) -> float:
+        return self.now
+
+
+def _paced(monkeypatch, seen: SeenIds, chunk_s: float) -> tuple[_Clock, list[float], list[float]]:
+    """Have `seen`'s paced take-out run on a clock of its own, each chunk taking `chunk_s`;
+    record when each chunk starts, and the pauses instead of sleeping them."""
+    import types
+
+    clock = _Clock()
+    fake = types.SimpleNamespace(monotonic=clock.monotonic, perf_counter=time.perf_counter)
+    monkeypatch.setattr(dedup, "time", fake)
+    chunks: list[float] = []
+    pauses: list[float] = []
+    take = seen._take_out_chunk
+
+    def chunk() -> float:
+        chunks.append(clock.now)
+        take()
+        clock.now += chunk_s
+        return chunk_s
+
+    class Stop:  # the thread's stop event, never set
+        def wait(self, timeout: float) -> bool:
+            pauses.append(timeout)
+            clock.now += timeout
+            return False
+
+    monkeypatch.setattr(seen, "_take_out_chunk", chunk)
+    monkeypatch.setattr(seen, "_stop", Stop())
+    return clock, chunks, pauses
+
+
+def test_ids_leaving_memory_are_taken_out_in_chunks_spread_through_the_second(monkeypatch):
+    """A minute at 50,000 events/s is 3 million ids, a second of the lock on Python. Taken
+    out in chunks with `sleep(0)` between them, the requests still waited for the whole run
+    of chunks (55-65 ms each second in a soak): a thread that lets go of the lock and takes it
+    straight back keeps it, since each take restarts the others' wait for their turn. So each
+    chunk is followed by a pause in proportion, `EVICT_SHARE` of the time per minute waiting,
+    and the next passes go on where one stopped."""
     import random
 
     seen = SeenIds()
     rng = random.Random(3)
-    old = [rng.getrandbits(63) for _ in range(200_000)]
+    old = [rng.getrandbits(63) for _ in range(60_000)]
     new = [rng.getrandbits(63) for _ in range(1_000)]
     seen._hold(0, old)
     seen._hold(1, new)
     seen._dropped.append((0, seen.slots.pop(0)))
-    seen._take_out_dropped(0.001)
-    assert 0 < 201_000 - len(seen) < 200_000  # some taken out, not all
-    assert len(seen._leaving) == 1 and seen._dropped == []
+    clock, chunks, pauses = _paced(monkeypatch, seen, chunk_s=0.002)
+    assert seen._take_out_paced(0.2) is False
+    assert clock.now == pytest.approx(0.2)  # a pass lasts its time
+    # 2 ms of work, then 38: 5% of the time, spread through it
+    assert chunks == pytest.approx([0.0, 0.04, 0.08, 0.12, 0.16])
+    assert pauses[:5] == pytest.approx([0.002 * (1 - dedup.EVICT_SHARE) / dedup.EVICT_SHARE] * 5)
+    assert 61_000 - len(seen) == 5 * dedup.EVICT_CHUNK
     passes = 1
-    while seen._leaving:
-        seen._take_out_dropped(0.001)
+    while seen._leaving or seen._dropped:
+        chunks.clear()
+        seen._take_out_paced(1.0)
         passes += 1
-    assert passes > 1 and len(seen) == 1_000
-    assert all(h in seen for h in new) and not any(h in seen for h in old[::1000])
+    assert passes == 2 and len(chunks) == 10  # the rest, and the second's remainder idle
+    assert len(seen) == 1_000 and seen.slots.keys() == {1}
+    assert all(h in seen for h in new) and not any(h in seen for h in old[::100])
+
+
+def test_more_minutes_waiting_to_leave_memory_get_more_of_each_second(monkeypatch):
+    seen = SeenIds()
+    for slot in range(3):
+        seen._hold(slot, list(range(slot * 10**6, slot * 10**6 + 20_000)))
+        seen._dropped.append((slot, seen.slots.pop(slot)))
+    _, _, pauses = _paced(monkeypatch, seen, chunk_s=0.002)
+    seen._take_out_paced(1.0)
+    share = 3 * dedup.EVICT_SHARE
+    assert pauses[0] == pytest.approx(0.002 * (1 - share) / share)
+    for slot in range(12):  # however many wait, the thread never takes more than half
+        seen._dropped.append((100 + slot, array("q", [slot])))
+    pauses.clear()
+    seen._take_out_paced(1.0)
+    assert pauses[0] == pytest.approx(0.002)
 
 
 def test_the_ids_held_are_out_of_the_cycle_collectors_sight(tmp_path):

@@ -58,12 +58,15 @@ fill alike and grow in the same second (at 5.6 million ids, all 256 within about
 100 ms more work in it, and at 50,000 events/s a queue of answers up to 330 ms late), so the
 shards take shares of the `BUCKETS` low-bit values that grow by a constant factor from one to
 the next, from 1 to 2: their sizes spread over a doubling, they grow a few at a time, at any
-number of ids. Each minute also keeps
-its ids in an array; when the minute leaves memory, the index thread takes them out of the
-map `EVICT_CHUNK` at a time, spending at most `EVICT_SHARE` of each second on it per minute
-waiting: a minute at 50,000 events/s is 3 million ids, a second of the lock on Python, and
-taken out in two seconds (chunks with 5-ms pauses) it slowed the request process, then near
-a whole core, below the arrival rate, answers queueing for up to a second each minute.
+number of ids. Each minute also keeps its ids in an array; when the minute leaves memory, the
+index thread takes them out of the map `EVICT_CHUNK` at a time, spending at most `EVICT_SHARE`
+of the time on it per minute waiting, each chunk followed by a pause in proportion: a minute
+at 50,000 events/s is 3 million ids, a second of the lock on Python. Taken out in two seconds
+(chunks with 5-ms pauses), it slowed the request process, then near a whole core, below the
+arrival rate, answers queueing for up to a second each minute. In chunks with `sleep(0)`
+between them, 50 ms each second, the answers waiting meanwhile waited for all of them, 55-65 ms:
+a thread that lets go of the lock and takes it straight back keeps it, since each take restarts
+the wait after which the others ask for their turn.
 """
 
 from __future__ import annotations
@@ -104,9 +107,8 @@ NEAR_MS = DAY_MS
 INDEX_VERSION = 1
 SHARDS = 256  # dicts of the ids in memory: at 50,000 ids/s for five minutes, 59,000 each on average
 BUCKETS = 16_384  # the ids' low-bit values, shared out among the shards unevenly
-EVICT_CHUNK = 4_096  # ids taken out of the map at a time (1-2 ms), other threads run between
-EVICT_SHARE = 0.05  # of each second, the index thread's time taking ids out, per minute waiting
-NICE = 10  # the index thread's nice value: it runs when the requests leave a core idle
+EVICT_CHUNK = 4_096  # ids taken out of the map at a time (1-2 ms), each followed by a pause
+EVICT_SHARE = 0.05  # of its time, the index thread's taking ids out, per minute waiting (<= 1/2)
 CACHE_KIB = 16_384  # page cache per connection to the index
 _HASH = struct.Struct("<q")
 _CATCH_UP_BATCHES = 2_000  # batches read from the log per transaction while catching up
@@ -382,26 +384,44 @@ class SeenIds:
         for slot, members in dropped:
             _take_out(self.ids, slot, members)
 
-    def _take_out_dropped(self, share: float | None) -> None:
-        """Take the ids of the slots dropped from memory out of it (the index thread), for at
-        most `share` of a second per slot waiting (None: all of them now), `EVICT_CHUNK` at a
-        time, letting the other threads have the lock on Python between chunks."""
+    def _take_out_dropped(self) -> None:
+        """Take the ids of the slots dropped from memory out of it, all of them now (at stop,
+        when no request waits)."""
+        self._take_leaving()
+        while self._leaving:
+            self._take_out_chunk()
+
+    def _take_out_paced(self, seconds: float) -> bool:
+        """For `seconds` (the index thread), take the ids of the slots dropped from memory
+        out of it `EVICT_CHUNK` at a time, spending at most `EVICT_SHARE` of the time per
+        slot waiting (at most half), pausing after each chunk in proportion, so that the
+        chunks are spread through the second. Whether the thread was told to stop."""
+        deadline = time.monotonic() + seconds
+        while True:
+            self._take_leaving()
+            left = deadline - time.monotonic()
+            if not self._leaving or left <= 0:
+                return self._stop.wait(max(left, 0.0))
+            share = min(EVICT_SHARE * len(self._leaving), 0.5)
+            pause = self._take_out_chunk() * (1 - share) / share
+            if self._stop.wait(min(pause, max(deadline - time.monotonic(), 0.0))):
+                return True
+
+    def _take_leaving(self) -> None:
         with self._pending.lock:
             self._leaving += (_Leaving(slot, members) for slot, members in self._dropped)
             self._dropped = []
-        leaving = self._leaving
-        until = None if share is None else time.perf_counter() + share * len(leaving)
-        while leaving:
-            first = leaving[0]
-            end = first.at + EVICT_CHUNK
-            _take_out(self.ids, first.slot, first.members[first.at : end])
-            first.at = end
-            if end >= len(first.members):
-                leaving.pop(0)
-            if until is not None:
-                if time.perf_counter() >= until:
-                    return
-                time.sleep(0)
+
+    def _take_out_chunk(self) -> float:
+        """Take the next `EVICT_CHUNK` ids leaving out of the map; how long that took."""
+        start = time.perf_counter()
+        first = self._leaving[0]
+        end = first.at + EVICT_CHUNK
+        _take_out(self.ids, first.slot, first.members[first.at : end])
+        first.at = end
+        if end >= len(first.members):
+            self._leaving.pop(0)
+        return time.perf_counter() - start
 
     # --- start: memory and index from the log ---------------------------------------------
 
@@ -473,7 +493,7 @@ class SeenIds:
         self._stop.set()
         self._thread.join(timeout=STOP_WAIT_S + 10)
         self._thread = None
-        self._take_out_dropped(None)  # what the thread left; no request waits now
+        self._take_out_dropped()  # what the thread left
         if self.index is not None:
             self.index.close()
 
@@ -509,10 +529,8 @@ class SeenIds:
 
     def _run(self) -> None:
         assert self.index is not None
-        _yield_to_others()
         while True:
-            stopping = self._stop.wait(SHIP_EVERY_S)
-            self._take_out_dropped(EVICT_SHARE * SHIP_EVERY_S)
+            stopping = self._take_out_paced(SHIP_EVERY_S)
             self._ship(stopping)
             if stopping:
                 break
@@ -753,14 +771,6 @@ def _take_out(ids: tuple[dict[int, int], ...], slot: int, members: array[int]) -
         shard = ids[h & _MASK]
         if shard.get(h) == slot:
             del shard[h]
-
-
-def _yield_to_others() -> None:
-    """Lower this thread's scheduling priority (Linux: a thread's own nice value), so that
-    SQLite's sorting and inserting, which it does without the lock on Python, takes the
-    cores the requests and the engine leave idle rather than delaying them."""
-    with contextlib.suppress(AttributeError, OSError):  # not Linux, or not allowed
-        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), NICE)
 
 
 def _array_of(table: dict[int, array[int]], key: int) -> array[int]:
